@@ -1,0 +1,17 @@
+//! The heart of confab: identifiers, domain types, the traits every backend
+//! implements (`Store`, `RateLimiter`, `ChatProvider`) and the `ChatService`
+//! that owns the rules of who may read and write which chat.
+//!
+//! Nothing in here knows about HTTP or SQL; the server crate maps HTTP onto
+//! these types and the store crates map them onto their SQL dialect.
+
+pub mod ids;
+pub mod model;
+pub mod provider;
+pub mod ratelimit;
+pub mod service;
+pub mod store;
+
+pub use ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
+pub use model::*;
+pub use store::{Store, StoreError};

@@ -1,0 +1,445 @@
+//! Domain types. `New*` types are inputs (validated at construction), the
+//! plain names are stored rows as the stores return them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
+
+/// Longest accepted chat message, in Unicode scalar values (SPEC §5).
+pub const MAX_MESSAGE_CHARS: usize = 10_000;
+/// A new chat is titled with this many characters of its first message.
+pub const TITLE_FROM_MESSAGE_CHARS: usize = 50;
+/// Longest accepted chat title.
+pub const MAX_TITLE_CHARS: usize = 255;
+
+/// Why an input value was refused; the text is safe to show to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Invalid {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Invalid;
+            fn from_str(s: &str) -> Result<Self, Invalid> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(Invalid(format!(
+                        concat!("invalid ", stringify!($name), " {:?}: expected one of {}"),
+                        other,
+                        [$($text),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// A user's role inside their org.
+    Role { Owner => "owner", Admin => "admin", Member => "member" }
+);
+string_enum!(
+    /// Who wrote a message.
+    MessageRole { User => "user", Assistant => "assistant", System => "system" }
+);
+string_enum!(
+    /// Lifecycle of a message. User messages are always `complete`; an
+    /// assistant message is `streaming` until it reaches one of the others.
+    MessageStatus {
+        Streaming => "streaming",
+        Complete => "complete",
+        Cancelled => "cancelled",
+        Failed => "failed",
+        Interrupted => "interrupted",
+    }
+);
+
+impl Role {
+    /// Owners and admins may read (never write) every chat of their org.
+    pub const fn reads_whole_org(self) -> bool {
+        matches!(self, Role::Owner | Role::Admin)
+    }
+}
+
+/// Per-org override of the rate limit, stored with the org.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitOverride {
+    pub burst: u32,
+    pub per_second: f64,
+}
+
+impl RateLimitOverride {
+    pub fn new(burst: u32, per_second: f64) -> Result<Self, Invalid> {
+        if burst == 0 {
+            return Err(Invalid::new("burst must be at least 1"));
+        }
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return Err(Invalid::new("per-second refill must be a positive number"));
+        }
+        Ok(Self { burst, per_second })
+    }
+}
+
+/// An org slug: `^[a-z0-9-]+$`, at most 63 characters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slug(String);
+
+impl Slug {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(Invalid(format!(
+                "invalid slug {s:?}: use 1-63 characters of a-z, 0-9 and '-'"
+            )))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An email address, lower-cased; only the shape `local@domain` is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let s = s.trim();
+        let valid = s.len() <= 254
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+            && matches!(s.split_once('@'), Some((local, domain)) if !local.is_empty() && domain.contains('.') && !domain.contains('@') && !domain.starts_with('.') && !domain.ends_with('.'));
+        if valid {
+            Ok(Self(s.to_lowercase()))
+        } else {
+            Err(Invalid(format!("invalid email address {s:?}")))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A chat message as a client may send it: non-blank, at most
+/// [`MAX_MESSAGE_CHARS`] characters, no NUL (PostgreSQL cannot store it, and
+/// the original answered 500).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageText(String);
+
+impl MessageText {
+    pub fn parse(s: String) -> Result<Self, Invalid> {
+        if s.trim().is_empty() {
+            return Err(Invalid::new("message must not be empty"));
+        }
+        if s.contains('\0') {
+            return Err(Invalid::new("message must not contain NUL characters"));
+        }
+        if s.chars().count() > MAX_MESSAGE_CHARS {
+            return Err(Invalid(format!(
+                "message must be at most {MAX_MESSAGE_CHARS} characters"
+            )));
+        }
+        Ok(Self(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The title of a chat started by this message: its first
+    /// [`TITLE_FROM_MESSAGE_CHARS`] characters (never a split character).
+    pub fn title(&self) -> String {
+        let title: String = self.0.trim().chars().take(TITLE_FROM_MESSAGE_CHARS).collect();
+        title
+    }
+}
+
+/// A chat title: 1 to [`MAX_TITLE_CHARS`] characters after trimming, no NUL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatTitle(String);
+
+impl ChatTitle {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(Invalid::new("title must not be empty"));
+        }
+        if s.contains('\0') {
+            return Err(Invalid::new("title must not contain NUL characters"));
+        }
+        if s.chars().count() > MAX_TITLE_CHARS {
+            return Err(Invalid(format!(
+                "title must be at most {MAX_TITLE_CHARS} characters"
+            )));
+        }
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Org {
+    pub id: OrgId,
+    pub name: String,
+    pub slug: String,
+    pub metadata: serde_json::Value,
+    pub rate_limit: Option<RateLimitOverride>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewOrg {
+    pub id: OrgId,
+    pub name: String,
+    pub slug: Slug,
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct User {
+    pub id: UserId,
+    pub org_id: OrgId,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewUser {
+    pub id: UserId,
+    pub org_id: OrgId,
+    pub email: Email,
+    pub name: String,
+    pub role: Role,
+}
+
+/// Who is making a request, whichever authenticator found them. Every route
+/// and the rate limiter see only this.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Principal {
+    pub org_id: OrgId,
+    pub user_id: UserId,
+    pub email: String,
+    pub role: Role,
+    /// The org's own rate limit, when it has one.
+    pub rate_limit: Option<RateLimitOverride>,
+    /// Set when the request was authenticated by an API key.
+    pub api_key: Option<ApiKeyId>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiKey {
+    pub id: ApiKeyId,
+    pub org_id: OrgId,
+    pub user_id: UserId,
+    /// The public, non-secret start of the key (e.g. `cfb_1a2b3c4d`).
+    pub prefix: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewApiKey {
+    pub id: ApiKeyId,
+    pub org_id: OrgId,
+    pub user_id: UserId,
+    /// SHA-256 of the whole secret key; the secret itself is never stored.
+    pub hash: Vec<u8>,
+    pub prefix: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chat {
+    pub id: ChatId,
+    pub org_id: OrgId,
+    pub user_id: UserId,
+    pub title: String,
+    pub message_count: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub id: MessageId,
+    pub chat_id: ChatId,
+    pub org_id: OrgId,
+    pub role: MessageRole,
+    pub content: String,
+    pub status: MessageStatus,
+    pub token_count: Option<i64>,
+    /// Position in the chat, 1-based, gap-free, assigned at insert.
+    pub seq: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Keyset position in a user's chat list (most recently updated first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChatCursor {
+    pub updated_at: DateTime<Utc>,
+    pub id: ChatId,
+}
+
+/// Which chat a turn goes to.
+#[derive(Clone, Debug)]
+pub enum TurnChat {
+    /// An existing chat; the caller has already checked the user may write it.
+    Existing(ChatId),
+    /// A chat to create with this id and title.
+    New { id: ChatId, title: String },
+}
+
+/// A claimed `Idempotency-Key` (per user).
+#[derive(Clone, Debug)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    /// Hash of the request body, so a key reused for another request is refused.
+    pub request_hash: String,
+}
+
+/// The first half of a turn, stored in one transaction before the model is asked.
+#[derive(Clone, Debug)]
+pub struct NewTurn {
+    pub org: OrgId,
+    pub user: UserId,
+    pub chat: TurnChat,
+    pub user_message_id: MessageId,
+    pub content: String,
+    /// The assistant reply, created `streaming` with empty content.
+    pub assistant_message_id: MessageId,
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BegunTurn {
+    pub chat_id: ChatId,
+    pub user_message: Message,
+    pub assistant_message: Message,
+}
+
+/// The final state of an assistant message.
+#[derive(Clone, Debug)]
+pub struct FinishedMessage {
+    pub org: OrgId,
+    pub chat: ChatId,
+    pub id: MessageId,
+    pub content: String,
+    pub status: MessageStatus,
+    pub token_count: Option<i64>,
+    /// For an idempotent `POST /chat`: the response to replay for this key.
+    pub idempotent_response: Option<(UserId, String, serde_json::Value)>,
+}
+
+/// A stored idempotency key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdempotencyRecord {
+    pub request_hash: String,
+    /// `None` while the first request is still being served.
+    pub response: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// RFC 3339 in UTC with millisecond precision (`2026-11-26T04:12:06.123Z`),
+/// the timestamp format of every JSON body.
+pub mod rfc3339_millis {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn format(t: &DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_text_rules() {
+        assert!(MessageText::parse("hi".into()).is_ok());
+        assert!(MessageText::parse("   \n\t".into()).is_err());
+        assert!(MessageText::parse("a\0b".into()).is_err());
+        assert!(MessageText::parse("é".repeat(MAX_MESSAGE_CHARS)).is_ok());
+        assert!(MessageText::parse("é".repeat(MAX_MESSAGE_CHARS + 1)).is_err());
+    }
+
+    #[test]
+    fn title_never_splits_a_character() {
+        let text = MessageText::parse("ü".repeat(60)).unwrap();
+        assert_eq!(text.title().chars().count(), TITLE_FROM_MESSAGE_CHARS);
+        assert!(text.title().chars().all(|c| c == 'ü'));
+    }
+
+    #[test]
+    fn slug_rules() {
+        assert!(Slug::parse("acme-corp").is_ok());
+        assert!(Slug::parse("Acme").is_err());
+        assert!(Slug::parse("").is_err());
+        assert!(Slug::parse("a b").is_err());
+    }
+
+    #[test]
+    fn role_round_trips() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), *role);
+        }
+        assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn email_rules() {
+        assert_eq!(Email::parse("A@B.com").unwrap().as_str(), "a@b.com");
+        assert!(Email::parse("nope").is_err());
+        assert!(Email::parse("a@b").is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! The storage contract. Two implementations exist (SQLite, PostgreSQL); both
+//! pass the same contract tests. Tenant scoping is part of every chat method's
+//! signature: a chat or message of another org is simply `NotFound`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
+use crate::model::{
+    ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord, Message,
+    NewApiKey, NewOrg, NewTurn, NewUser, Org, Principal, RateLimitOverride, User,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row does not exist, is soft-deleted, or belongs to another org.
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule was hit; `constraint` names it (e.g. `orgs_slug_key`).
+    #[error("conflict on {constraint}")]
+    Conflict { constraint: String },
+    /// The database could not be reached or timed out; worth retrying later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+/// Everything confab keeps. All methods are safe to call concurrently from
+/// many tasks and, for PostgreSQL, from many processes.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+
+    /// One cheap round trip, for `/health`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Apply this backend's pending migrations (idempotent).
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Close the pool, waiting for connections in use to be returned.
+    async fn close(&self);
+
+    // ---- tenancy -------------------------------------------------------
+
+    /// `Conflict` when the id or slug is taken.
+    async fn create_org(&self, org: &NewOrg) -> Result<Org, StoreError>;
+    /// Orgs that are not deleted, oldest first.
+    async fn list_orgs(&self) -> Result<Vec<Org>, StoreError>;
+    /// By id or by slug; `NotFound` when deleted.
+    async fn find_org(&self, id_or_slug: &str) -> Result<Org, StoreError>;
+    /// Set or clear (`None`) the org's own rate limit.
+    async fn set_org_rate_limit(
+        &self,
+        org: OrgId,
+        limit: Option<RateLimitOverride>,
+    ) -> Result<(), StoreError>;
+    /// `NotFound` when the org does not exist; `Conflict` when the id or the
+    /// email (within the org) is taken.
+    async fn create_user(&self, user: &NewUser) -> Result<User, StoreError>;
+    /// Users of the org that are not deleted, oldest first.
+    async fn list_users(&self, org: OrgId) -> Result<Vec<User>, StoreError>;
+    /// Soft-delete a user: they can no longer authenticate.
+    async fn delete_user(&self, org: OrgId, user: UserId) -> Result<(), StoreError>;
+    /// Whether any org exists (demo seeding happens only on an empty database).
+    async fn has_orgs(&self) -> Result<bool, StoreError>;
+
+    // ---- authentication -------------------------------------------------
+
+    /// The principal for a user id, with the user's *own* org; `None` when the
+    /// user or their org is unknown or deleted. Header auth compares the org.
+    async fn find_principal(&self, user: UserId) -> Result<Option<Principal>, StoreError>;
+    /// `NotFound` when the user is not in that org; `Conflict` on a hash collision.
+    async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKey, StoreError>;
+    /// Keys of an org, revoked ones included, newest first.
+    async fn list_api_keys(&self, org: OrgId) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revoke a key (idempotent); `NotFound` when no such key exists.
+    async fn revoke_api_key(&self, id: ApiKeyId) -> Result<(), StoreError>;
+    /// The principal for a key hash; `None` when unknown, revoked, or its user
+    /// or org is deleted.
+    async fn find_principal_by_key(&self, hash: &[u8]) -> Result<Option<Principal>, StoreError>;
+    /// Record when keys were last used (batched by the caller).
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, DateTime<Utc>)]) -> Result<(), StoreError>;
+
+    // ---- chats ------------------------------------------------------------
+
+    /// A chat of this org that is not deleted.
+    async fn get_chat(&self, org: OrgId, chat: ChatId) -> Result<Chat, StoreError>;
+    /// The user's own chats, most recently updated first, strictly after `after`.
+    async fn list_chats(
+        &self,
+        org: OrgId,
+        user: UserId,
+        after: Option<ChatCursor>,
+        limit: u32,
+    ) -> Result<Vec<Chat>, StoreError>;
+    async fn rename_chat(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        title: &ChatTitle,
+    ) -> Result<Chat, StoreError>;
+    /// Soft-delete; afterwards every method treats the chat as `NotFound`.
+    async fn delete_chat(&self, org: OrgId, chat: ChatId) -> Result<(), StoreError>;
+    /// The newest `limit` messages with `seq < before` (all when `None`),
+    /// returned in conversation order (ascending `seq`).
+    async fn list_messages(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// In ONE transaction: drop the user's expired (> 24 h) idempotency key of
+    /// the same name, claim the new key if any (`Conflict { constraint:
+    /// "idempotency_keys" }` and nothing written when it is taken), create the
+    /// chat if new (`NotFound` if an existing one is gone), append the user
+    /// message (`complete`) and the assistant message (`streaming`, empty),
+    /// and bump the chat's `updated_at`.
+    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
+    /// Set an assistant message's final content and status, bump the chat's
+    /// `updated_at`, and store the idempotent response if given, in one transaction.
+    async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError>;
+    /// Save growing partial texts of many streaming messages at once (one
+    /// statement or one transaction). Rows no longer `streaming` are left alone.
+    async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError>;
+    /// Mark `streaming` messages whose last save is older than `older_than` as
+    /// `interrupted` (they belong to a dead process). Returns how many.
+    async fn interrupt_stale_streams(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    // ---- idempotency --------------------------------------------------------
+
+    /// The user's stored key, if any (expired ones included; the caller decides).
+    async fn get_idempotency(
+        &self,
+        user: UserId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// Forget a key whose request failed, so that a retry can run again.
+    async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError>;
+    /// Delete keys created before `older_than`. Returns how many.
+    async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,304 @@
+//! The simulated model: a deterministic reply that quotes the first 100
+//! characters of the user's message, streamed word by word with a per-token
+//! delay. Deterministic means tests and benchmarks can compare replies byte
+//! for byte, and the delays are reproducible too (seeded by the message).
+//!
+//! A message starting with `/fail` makes the model fail after a few tokens,
+//! so the `failed` path can be tried by hand and tested end to end.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_core::provider::{ChatProvider, Chunk, ChunkStream, PromptMessage, ProviderError};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+/// How many characters of the user's message the reply quotes verbatim.
+pub const QUOTED_CHARS: usize = 100;
+/// The marker that makes the simulated model fail mid-reply.
+pub const FAIL_MARKER: &str = "/fail";
+/// Tokens produced before a `/fail` message errors.
+const TOKENS_BEFORE_FAILURE: usize = 3;
+
+/// Per-token delay: a fixed value or an inclusive range in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenDelay {
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+impl TokenDelay {
+    pub const ZERO: TokenDelay = TokenDelay {
+        min_ms: 0,
+        max_ms: 0,
+    };
+}
+
+impl FromStr for TokenDelay {
+    type Err = String;
+    /// `"15"` or `"10-30"`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("expected milliseconds like 20 or 10-30, got {s:?}"))
+        };
+        let (min_ms, max_ms) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let v = parse(s)?;
+                (v, v)
+            }
+        };
+        if min_ms > max_ms {
+            return Err(format!("range {s:?} has its minimum above its maximum"));
+        }
+        if max_ms > 60_000 {
+            return Err(format!("{s:?} is longer than a minute per token"));
+        }
+        Ok(TokenDelay { min_ms, max_ms })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SimulatedModel {
+    delay: TokenDelay,
+    /// Pad replies to at least this many words (for long-stream benchmarks).
+    min_words: usize,
+}
+
+impl SimulatedModel {
+    pub fn new(delay: TokenDelay, min_words: usize) -> Self {
+        Self { delay, min_words }
+    }
+
+    /// The whole reply to `message`; the stream yields exactly this text.
+    pub fn reply_to(&self, message: &str) -> String {
+        let quoted: String = message.chars().take(QUOTED_CHARS).collect();
+        let seed = seed_of(message);
+        let mut rng = SplitMix64(seed);
+        const OPENERS: [&str; 4] = [
+            "Thanks for your message.",
+            "Good question.",
+            "Here is a simulated answer.",
+            "Let me think about that.",
+        ];
+        const FILLERS: [&str; 8] = [
+            "This reply comes from confab's simulated model, streamed one word at a time.",
+            "No real language model was asked, so the answer is deterministic.",
+            "Every token you see is stored as it arrives, so nothing is lost if you leave.",
+            "Real providers plug in behind the same interface.",
+            "The same message always produces the same reply.",
+            "Try the Stop button to see a partial answer kept as cancelled.",
+            "Rate limits, tenancy and persistence all apply to this reply.",
+            "Streaming uses Server-Sent Events with one event per token.",
+        ];
+        let mut text = format!(
+            "{} You said: \"{quoted}\"",
+            OPENERS[rng.below(OPENERS.len())]
+        );
+        let sentences = 2 + rng.below(3);
+        for _ in 0..sentences {
+            text.push(' ');
+            text.push_str(FILLERS[rng.below(FILLERS.len())]);
+        }
+        let mut words = text.split_whitespace().count();
+        while words < self.min_words {
+            let filler = FILLERS[rng.below(FILLERS.len())];
+            text.push(' ');
+            text.push_str(filler);
+            words += filler.split_whitespace().count();
+        }
+        text
+    }
+
+    fn delay_for(&self, rng: &mut SplitMix64) -> Duration {
+        let span = self.delay.max_ms - self.delay.min_ms;
+        let extra = if span == 0 { 0 } else { rng.next() % (span + 1) };
+        Duration::from_millis(self.delay.min_ms + extra)
+    }
+}
+
+/// Split into tokens that concatenate back to `text` exactly: each token is
+/// a word with the whitespace that follows it (leading whitespace joins the
+/// first token).
+pub fn tokenize(text: &str) -> Vec<String> {
+    let mut tokens = Vec::new();
+    let mut current = String::new();
+    let mut in_space = false;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            in_space = true;
+        } else if in_space && !current.trim().is_empty() {
+            tokens.push(std::mem::take(&mut current));
+            in_space = false;
+        } else {
+            in_space = false;
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        tokens.push(current);
+    }
+    tokens
+}
+
+fn seed_of(message: &str) -> u64 {
+    let digest = Sha256::digest(message.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// A tiny deterministic PRNG (SplitMix64): enough for picking sentences and
+/// delays reproducibly; not for anything secret.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn last_user_message(messages: &[PromptMessage]) -> Result<&str, ProviderError> {
+    messages
+        .last()
+        .map(|m| m.content.as_str())
+        .ok_or_else(|| ProviderError::Failed("empty prompt".into()))
+}
+
+#[async_trait]
+impl ChatProvider for SimulatedModel {
+    fn name(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn wants_history(&self) -> bool {
+        false
+    }
+
+    async fn stream(&self, messages: Vec<PromptMessage>) -> Result<ChunkStream, ProviderError> {
+        let message = last_user_message(&messages)?;
+        let fail = message.trim_start().starts_with(FAIL_MARKER);
+        let tokens = tokenize(&self.reply_to(message));
+        let model = self.clone();
+        let rng = SplitMix64(seed_of(message) ^ 0x5EED);
+        let total = tokens.len();
+        // Lazy: each token's delay is awaited only when the consumer polls,
+        // so dropping the stream stops the "generation" at once.
+        let stream = futures::stream::unfold(
+            (tokens.into_iter().enumerate(), rng, false),
+            move |(mut iter, mut rng, finished)| {
+                let model = model.clone();
+                async move {
+                    if finished {
+                        return None;
+                    }
+                    let Some((i, token)) = iter.next() else {
+                        return Some((Ok(Chunk::Finish("stop".into())), (iter, rng, true)));
+                    };
+                    let delay = model.delay_for(&mut rng);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if fail && i == TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1)) {
+                        return Some((
+                            Err(ProviderError::Failed("simulated failure".into())),
+                            (iter, rng, true),
+                        ));
+                    }
+                    Some((Ok(Chunk::Delta(token)), (iter, rng, false)))
+                }
+            },
+        );
+        Ok(stream.boxed())
+    }
+
+    async fn complete(&self, messages: Vec<PromptMessage>) -> Result<String, ProviderError> {
+        // POST /chat answers at once: the per-token pacing only makes sense
+        // for streams.
+        let message = last_user_message(&messages)?;
+        if message.trim_start().starts_with(FAIL_MARKER) {
+            return Err(ProviderError::Failed("simulated failure".into()));
+        }
+        Ok(self.reply_to(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confab_core::model::MessageRole;
+
+    fn prompt(text: &str) -> Vec<PromptMessage> {
+        vec![PromptMessage {
+            role: MessageRole::User,
+            content: text.into(),
+        }]
+    }
+
+    #[test]
+    fn reply_is_deterministic_and_quotes_the_message() {
+        let model = SimulatedModel::new(TokenDelay::ZERO, 0);
+        let msg = "x".repeat(150);
+        let a = model.reply_to(&msg);
+        assert_eq!(a, model.reply_to(&msg));
+        assert!(a.contains(&format!("\"{}\"", "x".repeat(100))));
+        assert!(!a.contains(&"x".repeat(101)));
+    }
+
+    #[test]
+    fn tokens_concatenate_to_the_text() {
+        for text in ["a b  c", "  lead", "trail  ", "one", "", "multi\nline\n\nend"] {
+            assert_eq!(tokenize(text).concat(), text);
+        }
+        assert_eq!(tokenize("a b c").len(), 3);
+    }
+
+    #[test]
+    fn min_words_pads_the_reply() {
+        let model = SimulatedModel::new(TokenDelay::ZERO, 300);
+        assert!(model.reply_to("hi").split_whitespace().count() >= 300);
+    }
+
+    #[test]
+    fn delay_parses() {
+        assert_eq!("10-30".parse(), Ok(TokenDelay { min_ms: 10, max_ms: 30 }));
+        assert_eq!("0".parse(), Ok(TokenDelay::ZERO));
+        assert!("30-10".parse::<TokenDelay>().is_err());
+        assert!("fast".parse::<TokenDelay>().is_err());
+    }
+
+    #[tokio::test]
+    async fn stream_yields_the_reply_then_finishes() {
+        let model = SimulatedModel::new(TokenDelay::ZERO, 0);
+        let mut stream = model.stream(prompt("hello")).await.unwrap();
+        let mut text = String::new();
+        let mut finished = false;
+        while let Some(chunk) = stream.next().await {
+            match chunk.unwrap() {
+                Chunk::Delta(d) => text.push_str(&d),
+                Chunk::Finish(_) => finished = true,
+                Chunk::Usage { .. } => {}
+            }
+        }
+        assert!(finished);
+        assert_eq!(text, model.reply_to("hello"));
+    }
+
+    #[tokio::test]
+    async fn fail_marker_fails_mid_stream() {
+        let model = SimulatedModel::new(TokenDelay::ZERO, 0);
+        let chunks: Vec<_> = model.stream(prompt("/fail now")).await.unwrap().collect().await;
+        assert!(chunks.iter().any(|c| c.is_err()));
+        assert!(chunks.iter().any(|c| matches!(c, Ok(Chunk::Delta(_)))));
+    }
+}

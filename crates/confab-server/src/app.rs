@@ -1,0 +1,280 @@
+//! Assembly and lifecycle: connect the store and limiter, migrate, seed,
+//! recover dead streams, start the background loops, serve, and shut down
+//! gracefully (SPEC §10).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use confab_core::Store;
+use confab_core::ratelimit::RateLimiter;
+use confab_core::service::ChatService;
+use confab_llm::SimulatedModel;
+use confab_ratelimit::{MemoryRateLimiter, RedisRateLimiter};
+use confab_store_postgres::PostgresStore;
+use confab_store_sqlite::SqliteStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+use crate::streaming::Flusher;
+
+/// How often `last_used_at` of API keys is written.
+const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
+/// How often expired idempotency keys are purged.
+const IDEMPOTENCY_PURGE: Duration = Duration::from_secs(3600);
+const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+
+/// Open the configured store (the URL scheme picks the backend) and migrate it.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let url = config.database_url.expose();
+    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(
+            SqliteStore::connect(url, config.db_pool_max)
+                .await
+                .with_context(|| format!("opening {}", config.database_url.redacted()))?,
+        )
+    } else {
+        Arc::new(
+            PostgresStore::connect(url, config.db_pool_max)
+                .await
+                .with_context(|| format!("connecting to {}", config.database_url.redacted()))?,
+        )
+    };
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
+pub async fn open_limiter(config: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {
+    Ok(match &config.redis_url {
+        None => Arc::new(MemoryRateLimiter::new()),
+        Some(url) => Arc::new(
+            RedisRateLimiter::connect(url.expose(), config.redis_timeout)
+                .with_context(|| format!("configuring Redis at {}", url.redacted()))?,
+        ),
+    })
+}
+
+/// A built application, ready to serve.
+pub struct App {
+    pub state: AppState,
+    /// Stops the background loops (after the streams are done).
+    background_stop: CancellationToken,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let config = Arc::new(config);
+        let store = open_store(&config).await?;
+        if config.seed_demo && !store.has_orgs().await? {
+            let created = crate::seed::seed_demo(store.as_ref()).await?;
+            tracing::info!(rows = created, "seeded the demo tenants");
+        }
+        let limiter = open_limiter(&config).await?;
+        let metrics = Arc::new(Metrics::new());
+        let provider = Arc::new(SimulatedModel::new(
+            config.token_delay,
+            config.simulated_min_words,
+        ));
+        let service = ChatService::new(store.clone(), provider);
+        let auth = Arc::new(Authenticator::new(
+            store.clone(),
+            config.auth_mode,
+            config.auth_cache_ttl,
+            metrics.clone(),
+        ));
+        let state = AppState {
+            config: config.clone(),
+            store: store.clone(),
+            limiter,
+            service,
+            auth,
+            metrics,
+            flusher: Flusher::default(),
+            hard_stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        recover_dead_streams(&state).await;
+        let app = App {
+            state,
+            background_stop: CancellationToken::new(),
+        };
+        app.start_background();
+        Ok(app)
+    }
+
+    fn start_background(&self) {
+        let s = &self.state;
+        let stop = self.background_stop.clone();
+        s.tasks.spawn(s.flusher.clone().run(
+            s.store.clone(),
+            s.metrics.clone(),
+            s.config.stream_flush_interval,
+            stop.clone(),
+        ));
+        let every = |period: Duration, state: AppState, stop: CancellationToken, job: Job| async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticker.tick() => job.run(&state).await,
+                }
+            }
+        };
+        s.tasks.spawn(every(
+            (s.config.stream_stale_after / 2).max(Duration::from_secs(1)),
+            s.clone(),
+            stop.clone(),
+            Job::RecoverStreams,
+        ));
+        s.tasks.spawn(every(KEY_USE_FLUSH, s.clone(), stop.clone(), Job::FlushKeyUses));
+        s.tasks.spawn(every(IDEMPOTENCY_PURGE, s.clone(), stop, Job::PurgeIdempotency));
+    }
+
+    pub fn router(&self) -> axum::Router {
+        crate::routes::router(self.state.clone())
+    }
+
+    /// Serve until `shutdown` resolves, then: stop accepting, give in-flight
+    /// requests and streams `SHUTDOWN_GRACE_SECONDS`, interrupt what is left
+    /// (error event + `interrupted`), stop background work, close the pool.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let grace = state.config.shutdown_grace;
+        let hard_stop = state.hard_stop.clone();
+        let draining = CancellationToken::new();
+        let draining_signal = draining.clone();
+        let graceful = async move {
+            shutdown.await;
+            tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: no new connections; waiting for requests and streams");
+            draining_signal.cancel();
+        };
+        // After the grace period, streams still running are interrupted.
+        let timer_stop = hard_stop.clone();
+        let drain_wait = draining.clone();
+        let grace_timer = tokio::spawn(async move {
+            drain_wait.cancelled().await;
+            tokio::time::sleep(grace).await;
+            tracing::warn!("shutdown grace period over: interrupting remaining streams");
+            timer_stop.cancel();
+        });
+
+        let server = axum::serve(
+            listener,
+            self.router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(graceful);
+        // The server future ends when every connection has closed; after the
+        // hard stop, streams close within a couple of seconds. A connection
+        // that still lingers (a client that never reads) must not keep the
+        // process alive forever.
+        let serve_result = tokio::select! {
+            r = server => r.context("HTTP server failed"),
+            _ = async {
+                hard_stop.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } => {
+                tracing::warn!("connections still open 5 s after the grace period; closing them");
+                Ok(())
+            }
+        };
+        grace_timer.abort();
+        // Streams and their final writes first, then the background loops.
+        hard_stop.cancel();
+        self.background_stop.cancel();
+        state.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("background tasks did not finish within 10 s of shutdown");
+        }
+        state.auth.flush_key_uses().await;
+        state.store.close().await;
+        tracing::info!("shutdown complete");
+        serve_result
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Job {
+    RecoverStreams,
+    FlushKeyUses,
+    PurgeIdempotency,
+}
+
+impl Job {
+    async fn run(self, state: &AppState) {
+        match self {
+            Job::RecoverStreams => recover_dead_streams(state).await,
+            Job::FlushKeyUses => state.auth.flush_key_uses().await,
+            Job::PurgeIdempotency => {
+                let cutoff = Utc::now() - chrono::Duration::hours(IDEMPOTENCY_TTL_HOURS);
+                match state.store.purge_idempotency(cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(keys = n, "purged expired idempotency keys"),
+                    Err(err) => tracing::warn!(error = %err, "could not purge idempotency keys"),
+                }
+            }
+        }
+    }
+}
+
+/// Mark `streaming` messages not saved for `STREAM_STALE_SECONDS` as
+/// `interrupted`: their process died. Fresh rows are left alone — another
+/// instance may be streaming them right now.
+async fn recover_dead_streams(state: &AppState) {
+    let Ok(stale) = chrono::Duration::from_std(state.config.stream_stale_after) else {
+        return;
+    };
+    match state.store.interrupt_stale_streams(Utc::now() - stale).await {
+        Ok(0) => {}
+        Ok(n) => {
+            state.metrics.streams_recovered.inc_by(n);
+            tracing::warn!(messages = n, "marked streams of a dead process as interrupted");
+        }
+        Err(err) => tracing::warn!(error = %err, "could not recover dead streams"),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!(signal = "SIGINT", "signal received"),
+        _ = term => tracing::info!(signal = "SIGTERM", "signal received"),
+    }
+}

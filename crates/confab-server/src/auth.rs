@@ -1,0 +1,262 @@
+//! Authentication (SPEC §3): the original's header auth (`x-org-id` +
+//! `x-user-id`) and API keys (`Authorization: Bearer cfb_…`). Both produce the
+//! same `Principal`, so routes and the rate limiter cannot tell them apart.
+//!
+//! Principals are cached for `AUTH_CACHE_TTL_SECONDS` so the hot path does not
+//! query the database on every request; a revoked key or deleted user is
+//! therefore refused within that TTL (per instance), not instantly.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use confab_core::{ApiKeyId, OrgId, Principal, Store, UserId};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::config::AuthMode;
+use crate::error::ApiError;
+use crate::metrics::{Metrics, ReasonLabels};
+
+/// Every key starts with this, so leaked keys are recognisable (secret scanners).
+pub const KEY_PREFIX: &str = "cfb_";
+/// Random bytes per key: 192 bits of entropy.
+const KEY_RANDOM_BYTES: usize = 24;
+/// How many characters after `cfb_` are kept as the key's public prefix.
+const PUBLIC_PREFIX_CHARS: usize = 8;
+
+pub const MISSING_HEADERS: &str = "Missing x-org-id or x-user-id headers";
+pub const NOT_IN_ORG: &str = "User does not belong to specified organization";
+
+/// A freshly generated key: the secret (shown once), its public prefix and its hash.
+pub struct GeneratedKey {
+    pub secret: String,
+    pub prefix: String,
+    pub hash: Vec<u8>,
+}
+
+/// Generate a new API key from the OS's CSPRNG.
+pub fn generate_key() -> GeneratedKey {
+    let mut bytes = [0u8; KEY_RANDOM_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let secret = format!("{KEY_PREFIX}{body}");
+    let prefix = secret[..KEY_PREFIX.len() + PUBLIC_PREFIX_CHARS].to_owned();
+    let hash = hash_key(&secret);
+    GeneratedKey {
+        secret,
+        prefix,
+        hash,
+    }
+}
+
+/// SHA-256 of the whole key. A plain fast hash is right here, unlike for
+/// passwords: the key carries 192 random bits, so there is no dictionary to
+/// try and brute force is out of reach however fast the hash; a slow hash
+/// (argon2, bcrypt) would only add ~100 ms to every request. Being
+/// deterministic, the hash is also the lookup key (a unique index).
+pub fn hash_key(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum CacheKey {
+    User(UserId),
+    Key(Vec<u8>),
+}
+
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+    mode: AuthMode,
+    cache: moka::sync::Cache<CacheKey, Principal>,
+    /// Keys used since the last flush, with the time of their last use:
+    /// `last_used_at` is written in batches, not once per request.
+    key_uses: Mutex<HashMap<ApiKeyId, DateTime<Utc>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn Store>, mode: AuthMode, ttl: Duration, metrics: Arc<Metrics>) -> Self {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(ttl.max(Duration::from_millis(1)))
+            .build();
+        Self {
+            store,
+            mode,
+            cache,
+            key_uses: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// The message for a request that sent no credentials at all.
+    pub fn missing_message(&self) -> &'static str {
+        if self.mode.headers {
+            MISSING_HEADERS
+        } else {
+            "Missing Authorization header: send Authorization: Bearer <API key>"
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, err: ApiError) -> ApiError {
+        self.metrics
+            .auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        err
+    }
+
+    /// The caller's principal; `Ok(None)` when the request carries no
+    /// credentials at all. A request with a key is judged by the key alone.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, ApiError> {
+        let authorization = headers.get(AUTHORIZATION);
+        if let Some(value) = authorization
+            && self.mode.api_key
+        {
+            return self.by_key(value.as_bytes()).await.map(Some);
+        }
+        let org = headers.get("x-org-id");
+        let user = headers.get("x-user-id");
+        if org.is_none() && user.is_none() {
+            if authorization.is_some() {
+                return Err(self.refuse(
+                    "disabled",
+                    ApiError::Unauthorized(
+                        "API key authentication is disabled on this server".into(),
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        if !self.mode.headers {
+            return Err(self.refuse(
+                "disabled",
+                ApiError::Unauthorized(
+                    "Header authentication is disabled; send Authorization: Bearer <API key>"
+                        .into(),
+                ),
+            ));
+        }
+        let (Some(org), Some(user)) = (org, user) else {
+            return Err(self.refuse("missing", ApiError::Unauthorized(MISSING_HEADERS.into())));
+        };
+        let (Some(org), Some(user)) = (header_id::<OrgId>(org), header_id::<UserId>(user)) else {
+            return Err(self.refuse(
+                "malformed",
+                ApiError::Unauthorized(
+                    "Invalid x-org-id or x-user-id header: each must be a UUID".into(),
+                ),
+            ));
+        };
+        let Some(principal) = self.lookup(CacheKey::User(user)).await? else {
+            return Err(self.refuse("unknown_user", ApiError::Unauthorized("Unknown user".into())));
+        };
+        if principal.org_id != org {
+            return Err(self.refuse("wrong_org", ApiError::Forbidden(NOT_IN_ORG.into())));
+        }
+        Ok(Some(principal))
+    }
+
+    async fn by_key(&self, header: &[u8]) -> Result<Principal, ApiError> {
+        let malformed = || {
+            self.refuse(
+                "malformed",
+                ApiError::Unauthorized(
+                    "Malformed Authorization header: expected 'Bearer <API key>'".into(),
+                ),
+            )
+        };
+        let text = std::str::from_utf8(header).map_err(|_| malformed())?;
+        let mut parts = text.split_whitespace();
+        let (Some(scheme), Some(key), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(malformed());
+        };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(malformed());
+        }
+        // Never say which part of a key was wrong: unknown, revoked and
+        // mistyped keys all get the same answer.
+        let invalid = || {
+            self.refuse(
+                "invalid_key",
+                ApiError::Unauthorized("Invalid or revoked API key".into()),
+            )
+        };
+        if !key.starts_with(KEY_PREFIX) || key.len() > 200 {
+            return Err(invalid());
+        }
+        let Some(principal) = self.lookup(CacheKey::Key(hash_key(key))).await? else {
+            return Err(invalid());
+        };
+        if let Some(id) = principal.api_key
+            && let Ok(mut uses) = self.key_uses.lock()
+        {
+            uses.insert(id, Utc::now());
+        }
+        Ok(principal)
+    }
+
+    async fn lookup(&self, key: CacheKey) -> Result<Option<Principal>, ApiError> {
+        if let Some(hit) = self.cache.get(&key) {
+            self.metrics.auth_cache_hits.inc();
+            return Ok(Some(hit));
+        }
+        self.metrics.auth_cache_misses.inc();
+        let found = match &key {
+            CacheKey::User(id) => self.store.find_principal(*id).await,
+            CacheKey::Key(hash) => self.store.find_principal_by_key(hash).await,
+        }
+        .map_err(ApiError::from)?;
+        // Only positive answers are cached, so a key or user created a moment
+        // ago works at once; unknown credentials cost a query each.
+        if let Some(principal) = &found {
+            self.cache.insert(key, principal.clone());
+        }
+        Ok(found)
+    }
+
+    /// Write the batched `last_used_at` times. Called periodically and at shutdown.
+    pub async fn flush_key_uses(&self) {
+        let uses: Vec<(ApiKeyId, DateTime<Utc>)> = match self.key_uses.lock() {
+            Ok(mut uses) => uses.drain().collect(),
+            Err(_) => return,
+        };
+        if uses.is_empty() {
+            return;
+        }
+        if let Err(err) = self.store.touch_api_keys(&uses).await {
+            tracing::warn!(error = %err, keys = uses.len(), "could not record API key use");
+        }
+    }
+}
+
+fn header_id<T: std::str::FromStr>(value: &axum::http::HeaderValue) -> Option<T> {
+    value.to_str().ok().and_then(|s| s.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_unique_prefixed_and_hashed() {
+        let a = generate_key();
+        let b = generate_key();
+        assert_ne!(a.secret, b.secret);
+        assert!(a.secret.starts_with(KEY_PREFIX));
+        assert!(a.secret.starts_with(&a.prefix));
+        assert_eq!(a.prefix.len(), KEY_PREFIX.len() + PUBLIC_PREFIX_CHARS);
+        assert_eq!(a.hash, hash_key(&a.secret));
+        assert_eq!(a.hash.len(), 32);
+        assert!(a.secret.len() >= KEY_PREFIX.len() + 32);
+    }
+}

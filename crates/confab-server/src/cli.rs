@@ -1,0 +1,431 @@
+//! The command line: one binary, `confab`, with `serve` (the default),
+//! `migrate`, `seed-demo`, and admin commands for orgs, users and API keys.
+//! Admin commands work against either backend (whatever `DATABASE_URL` says).
+
+#![allow(clippy::print_stdout)] // a CLI's output is its interface
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use confab_core::model::{Email, NewApiKey, NewOrg, NewUser, RateLimitOverride, Role, Slug};
+use confab_core::{ApiKeyId, OrgId, Store, StoreError, UserId};
+use tokio::net::TcpListener;
+
+use crate::app::{App, open_store, shutdown_signal};
+use crate::auth::generate_key;
+use crate::config::Config;
+use crate::seed;
+
+#[derive(Parser)]
+#[command(name = "confab", version, about = "Multi-tenant LLM chat service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Create the demo tenants (idempotent).
+    SeedDemo,
+    /// Manage organisations.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum OrgCommand {
+    /// Create an org.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Lower-case letters, digits and '-'.
+        #[arg(long)]
+        slug: String,
+        /// A fixed id (default: random).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List orgs.
+    List,
+    /// Set (or clear) an org's own rate limit.
+    SetLimit {
+        /// Org id or slug.
+        org: String,
+        #[arg(long, required_unless_present = "clear")]
+        burst: Option<u32>,
+        #[arg(long, required_unless_present = "clear")]
+        per_second: Option<f64>,
+        /// Go back to the server-wide default.
+        #[arg(long, conflicts_with_all = ["burst", "per_second"])]
+        clear: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user in an org.
+    Create {
+        /// Org id or slug.
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+        /// owner, admin or member.
+        #[arg(long, default_value = "member")]
+        role: String,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List the users of an org.
+    List {
+        /// Org id or slug.
+        #[arg(long)]
+        org: String,
+    },
+    /// Soft-delete a user (their keys stop working).
+    Delete {
+        /// Org id or slug.
+        #[arg(long)]
+        org: String,
+        user: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an API key for a user; the key is printed once.
+    Create(KeyCreate),
+    /// List an org's keys (never the secrets).
+    List {
+        /// Org id or slug.
+        #[arg(long)]
+        org: String,
+    },
+    /// Revoke a key by its id.
+    Revoke { id: String },
+}
+
+#[derive(Args)]
+struct KeyCreate {
+    /// The user the key acts as.
+    #[arg(long)]
+    user: String,
+    /// A label for the key.
+    #[arg(long, default_value = "default")]
+    name: String,
+}
+
+/// Parse the command line, run it, and turn errors into one line on stderr
+/// and a non-zero exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = dotenvy::dotenv()
+        && !err.not_found()
+    {
+        eprintln!("confab: cannot read .env: {err}");
+        return ExitCode::from(2);
+    }
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("confab: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("confab: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("confab: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let store = open_store(&config).await?;
+            println!("migrations applied ({})", store.backend());
+            store.close().await;
+            Ok(())
+        }
+        Command::SeedDemo => {
+            let store = open_store(&config).await?;
+            let n = seed::seed_demo(store.as_ref()).await?;
+            println!("demo tenants ready ({n} rows created)");
+            store.close().await;
+            Ok(())
+        }
+        Command::Org(cmd) => with_store(&config, |s| org(s, cmd)).await,
+        Command::User(cmd) => with_store(&config, |s| user(s, cmd)).await,
+        Command::Key(cmd) => with_store(&config, |s| key(s, cmd)).await,
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let _log_guard = crate::telemetry::init(&config.log_level, config.log_format);
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let app = App::build(config).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set PORT or HOST)"))?;
+    let local = listener.local_addr()?;
+    announce(&app, local);
+    app.serve(listener, shutdown_signal()).await
+}
+
+/// The start-up banner: where to click and what to paste.
+fn announce(app: &App, addr: std::net::SocketAddr) {
+    let cfg = &app.state.config;
+    let host = if addr.ip().is_unspecified() {
+        "localhost".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    let base = format!("http://{host}:{}", addr.port());
+    let curl = format!(
+        "curl -s {base}/chat -H 'content-type: application/json' -H 'x-org-id: {}' -H 'x-user-id: {}' -d '{{\"message\":\"Hello!\"}}'",
+        seed::ACME,
+        seed::ALICE
+    );
+    tracing::info!(
+        url = %base,
+        playground = %format!("{base}/playground"),
+        database = app.state.store.backend(),
+        rateLimiter = app.state.limiter.backend(),
+        authMode = %cfg.auth_mode,
+        env = %cfg.app_env,
+        "confab listening"
+    );
+    eprintln!("\nconfab is listening on {base}");
+    eprintln!("  playground: {base}/playground");
+    eprintln!(
+        "  database:   {} ({}), rate limiter: {}",
+        app.state.store.backend(),
+        cfg.database_url.redacted(),
+        app.state.limiter.backend()
+    );
+    if cfg.auth_mode.headers {
+        eprintln!("  try:        {curl}\n");
+    } else {
+        eprintln!(
+            "  header auth is off: create a key with `confab key create --user <id>` and send Authorization: Bearer <key>\n"
+        );
+    }
+}
+
+async fn with_store<F, Fut>(config: &Config, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let store = open_store(config).await?;
+    let result = f(store.clone()).await;
+    store.close().await;
+    result
+}
+
+fn parse_id<T: std::str::FromStr>(what: &str, s: &str) -> anyhow::Result<T> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow!("{what} {s:?} is not a UUID"))
+}
+
+fn conflict_message(err: StoreError, what: &str) -> anyhow::Error {
+    match err {
+        StoreError::Conflict { constraint } => anyhow!("{what} already exists ({constraint})"),
+        StoreError::NotFound => anyhow!("{what}: the org or user it refers to does not exist"),
+        other => anyhow!(other),
+    }
+}
+
+async fn find_org(store: &dyn Store, id_or_slug: &str) -> anyhow::Result<confab_core::Org> {
+    match store.find_org(id_or_slug.trim()).await {
+        Ok(org) => Ok(org),
+        Err(StoreError::NotFound) => bail!("no org {id_or_slug:?}"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn org(store: Arc<dyn Store>, cmd: OrgCommand) -> anyhow::Result<()> {
+    match cmd {
+        OrgCommand::Create { name, slug, id } => {
+            let slug = Slug::parse(&slug).map_err(|e| anyhow!(e.0))?;
+            if name.trim().is_empty() {
+                bail!("--name must not be empty");
+            }
+            let id = id.map(|s| parse_id::<OrgId>("--id", &s)).transpose()?;
+            let org = store
+                .create_org(&NewOrg {
+                    id: id.unwrap_or_default(),
+                    name: name.trim().to_owned(),
+                    slug,
+                    metadata: serde_json::json!({}),
+                })
+                .await
+                .map_err(|e| conflict_message(e, "an org with that slug or id"))?;
+            println!("{}\t{}\t{}", org.id, org.slug, org.name);
+        }
+        OrgCommand::List => {
+            for org in store.list_orgs().await? {
+                let limit = org
+                    .rate_limit
+                    .map(|l| format!("{}/{} per s", l.burst, l.per_second))
+                    .unwrap_or_else(|| "default".into());
+                println!("{}\t{}\t{}\trate limit: {limit}", org.id, org.slug, org.name);
+            }
+        }
+        OrgCommand::SetLimit {
+            org,
+            burst,
+            per_second,
+            clear,
+        } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            let limit = if clear {
+                None
+            } else {
+                let (Some(burst), Some(per_second)) = (burst, per_second) else {
+                    bail!("give --burst and --per-second, or --clear");
+                };
+                Some(RateLimitOverride::new(burst, per_second).map_err(|e| anyhow!(e.0))?)
+            };
+            store.set_org_rate_limit(org.id, limit).await?;
+            match limit {
+                Some(l) => println!(
+                    "{}: burst {} refill {}/s (takes effect within the auth cache TTL)",
+                    org.slug, l.burst, l.per_second
+                ),
+                None => println!("{}: server default rate limit", org.slug),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn user(store: Arc<dyn Store>, cmd: UserCommand) -> anyhow::Result<()> {
+    match cmd {
+        UserCommand::Create {
+            org,
+            email,
+            name,
+            role,
+            id,
+        } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            let email = Email::parse(&email).map_err(|e| anyhow!(e.0))?;
+            let role: Role = role.trim().parse().map_err(|e: confab_core::model::Invalid| anyhow!(e.0))?;
+            if name.trim().is_empty() {
+                bail!("--name must not be empty");
+            }
+            let id = id.map(|s| parse_id::<UserId>("--id", &s)).transpose()?;
+            let user = store
+                .create_user(&NewUser {
+                    id: id.unwrap_or_default(),
+                    org_id: org.id,
+                    email,
+                    name: name.trim().to_owned(),
+                    role,
+                })
+                .await
+                .map_err(|e| conflict_message(e, "a user with that email in this org (or that id)"))?;
+            println!("{}\t{}\t{}\t{}", user.id, user.email, user.role, org.slug);
+        }
+        UserCommand::List { org } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            for u in store.list_users(org.id).await? {
+                println!("{}\t{}\t{}\t{}", u.id, u.email, u.role, u.name);
+            }
+        }
+        UserCommand::Delete { org, user } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            let user = parse_id::<UserId>("user", &user)?;
+            match store.delete_user(org.id, user).await {
+                Ok(()) => println!("deleted {user}"),
+                Err(StoreError::NotFound) => bail!("no user {user} in {}", org.slug),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn key(store: Arc<dyn Store>, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create(KeyCreate { user, name }) => {
+            let user = parse_id::<UserId>("--user", &user)?;
+            let Some(principal) = store.find_principal(user).await? else {
+                bail!("no user {user}");
+            };
+            let generated = generate_key();
+            let key = store
+                .create_api_key(&NewApiKey {
+                    id: ApiKeyId::new(),
+                    org_id: principal.org_id,
+                    user_id: user,
+                    hash: generated.hash,
+                    prefix: generated.prefix,
+                    name: name.trim().to_owned(),
+                })
+                .await
+                .map_err(|e| conflict_message(e, "API key"))?;
+            println!("id:     {}", key.id);
+            println!("org:    {}", key.org_id);
+            println!("user:   {}", key.user_id);
+            println!("key:    {}", generated.secret);
+            eprintln!("Store the key now: it is shown only once (confab keeps only its hash).");
+        }
+        KeyCommand::List { org } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            for k in store.list_api_keys(org.id).await? {
+                let state = match k.revoked_at {
+                    Some(t) => format!("revoked {}", t.to_rfc3339()),
+                    None => "active".into(),
+                };
+                let used = k
+                    .last_used_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "never".into());
+                println!(
+                    "{}\t{}…\t{}\tuser {}\t{state}\tlast used {used}",
+                    k.id, k.prefix, k.name, k.user_id
+                );
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            let id = parse_id::<ApiKeyId>("key id", &id)?;
+            match store.revoke_api_key(id).await {
+                Ok(()) => println!("revoked {id}"),
+                Err(StoreError::NotFound) => bail!("no API key {id}"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}

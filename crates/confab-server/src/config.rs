@@ -1,0 +1,411 @@
+//! Typed configuration: compiled defaults, then `.env`, then the environment
+//! (SPEC §2). Parsed once at start-up; a bad value stops start-up with one
+//! line naming the variable.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use confab_core::ratelimit::Limit;
+use confab_llm::TokenDelay;
+
+/// The embedded default database: a file next to where confab runs.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://confab.db";
+
+/// A configuration value that must not appear in logs (it may hold a password).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    if userinfo.contains(':') {
+        format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+    } else {
+        url.to_owned()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Which authenticators are on (`AUTH_MODE`, comma-separated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthMode {
+    pub headers: bool,
+    pub api_key: bool,
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.headers, self.api_key) {
+            (true, true) => f.write_str("headers,api_key"),
+            (true, false) => f.write_str("headers"),
+            (false, true) => f.write_str("api_key"),
+            (false, false) => f.write_str("none"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub app_env: String,
+    pub database_url: Secret,
+    pub db_pool_max: u32,
+    pub redis_url: Option<Secret>,
+    /// Per-request timeout for Redis calls; past it the fail-open/closed policy applies.
+    pub redis_timeout: Duration,
+    pub rate_limit: Limit,
+    pub rate_limit_fail_open: bool,
+    pub auth_mode: AuthMode,
+    /// How long an authenticated principal is cached (revocation takes effect within it).
+    pub auth_cache_ttl: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub token_delay: TokenDelay,
+    /// The simulated model pads replies to at least this many words.
+    pub simulated_min_words: usize,
+    pub shutdown_grace: Duration,
+    pub max_body_bytes: usize,
+    /// Seed the demo tenants when the database has no org.
+    pub seed_demo: bool,
+    /// How often streaming replies' growing text is saved.
+    pub stream_flush_interval: Duration,
+    /// A `streaming` row not saved for this long belongs to a dead process.
+    pub stream_stale_after: Duration,
+    /// Keep-alive comment interval on idle streams.
+    pub sse_keepalive: Duration,
+    /// A client that accepts no event for this long is treated as gone.
+    pub stream_send_timeout: Duration,
+}
+
+/// One bad variable: `NAME=value: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn bad(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+struct Source<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Source<'_> {
+    /// A set, non-blank value.
+    fn get(&self, var: &str) -> Option<String> {
+        (self.lookup)(var).filter(|v| !v.trim().is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| bad(var, format!("{v:?} is not {what}"))),
+        }
+    }
+
+    fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(bad(var, format!("{v:?} is not true or false"))),
+            },
+        }
+    }
+
+    fn seconds(&self, var: &'static str, default: f64) -> Result<Duration, ConfigError> {
+        let secs: f64 = self.parse(var, default, "a number of seconds")?;
+        Duration::try_from_secs_f64(secs)
+            .map_err(|_| bad(var, format!("{secs} is not a non-negative number of seconds")))
+    }
+
+    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(self.parse(
+            var,
+            default,
+            "a whole number of milliseconds",
+        )?))
+    }
+}
+
+impl Config {
+    /// From the process environment (after `.env` has been loaded into it).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(&|var| std::env::var(var).ok())
+    }
+
+    /// From a map (tests).
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        Self::from_lookup(&|var| map.get(var).cloned())
+    }
+
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let src = Source { lookup };
+        let app_env = src
+            .get("APP_ENV")
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| "development".to_owned());
+        let production = app_env == "production";
+
+        let port: u16 = src.parse("PORT", 3000, "a port number (0-65535)")?;
+        let host: IpAddr = src.parse(
+            "HOST",
+            IpAddr::from([0, 0, 0, 0]),
+            "an IP address such as 0.0.0.0 or 127.0.0.1",
+        )?;
+
+        let database_url = src
+            .get("DATABASE_URL")
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        if !(database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://")
+            || database_url.starts_with("sqlite:"))
+        {
+            return Err(bad(
+                "DATABASE_URL",
+                format!(
+                    "{} must start with postgres://, postgresql:// or sqlite:",
+                    redact_url(&database_url)
+                ),
+            ));
+        }
+        let db_pool_max: u32 = src.parse("DB_POOL_MAX", 10, "a whole number")?;
+        if !(1..=1000).contains(&db_pool_max) {
+            return Err(bad("DB_POOL_MAX", "must be between 1 and 1000"));
+        }
+
+        let redis_url = src.get("REDIS_URL").map(|v| v.trim().to_owned());
+        if let Some(url) = &redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(bad(
+                "REDIS_URL",
+                format!("{} must start with redis:// or rediss://", redact_url(url)),
+            ));
+        }
+
+        let burst: u32 = src.parse("RATE_LIMIT_BURST", 20, "a whole number")?;
+        if burst == 0 {
+            return Err(bad("RATE_LIMIT_BURST", "must be at least 1"));
+        }
+        let per_second: f64 = src.parse("RATE_LIMIT_PER_SECOND", 1.0, "a number")?;
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return Err(bad("RATE_LIMIT_PER_SECOND", "must be a positive number"));
+        }
+
+        let auth_mode = match src.get("AUTH_MODE") {
+            None => AuthMode {
+                headers: !production,
+                api_key: true,
+            },
+            Some(v) => parse_auth_mode(&v)?,
+        };
+
+        let log_level = src
+            .get("LOG_LEVEL")
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(bad(
+                "LOG_LEVEL",
+                format!("{log_level:?} is not a level (error, warn, info, debug, trace) or filter"),
+            ));
+        }
+        let log_format = match src.get("LOG_FORMAT").map(|v| v.trim().to_ascii_lowercase()) {
+            None => LogFormat::Json,
+            Some(v) if v == "json" => LogFormat::Json,
+            Some(v) if v == "pretty" => LogFormat::Pretty,
+            Some(v) => return Err(bad("LOG_FORMAT", format!("{v:?} is not json or pretty"))),
+        };
+
+        let token_delay = match src.get("SIMULATED_TOKEN_DELAY_MS") {
+            None => TokenDelay {
+                min_ms: 10,
+                max_ms: 30,
+            },
+            Some(v) => v
+                .parse::<TokenDelay>()
+                .map_err(|e| bad("SIMULATED_TOKEN_DELAY_MS", e))?,
+        };
+
+        let max_body_bytes: usize = src.parse("MAX_BODY_BYTES", 65_536, "a number of bytes")?;
+        if max_body_bytes < 64 {
+            return Err(bad("MAX_BODY_BYTES", "must be at least 64"));
+        }
+
+        let stream_flush_interval = src.millis("STREAM_FLUSH_MS", 1000)?;
+        if stream_flush_interval.is_zero() || stream_flush_interval > Duration::from_secs(60) {
+            return Err(bad("STREAM_FLUSH_MS", "must be between 1 and 60000"));
+        }
+        let stream_stale_after = src.seconds("STREAM_STALE_SECONDS", 10.0)?;
+        if stream_stale_after < stream_flush_interval * 2 {
+            return Err(bad(
+                "STREAM_STALE_SECONDS",
+                "must be at least twice STREAM_FLUSH_MS, or live streams would be taken for dead ones",
+            ));
+        }
+
+        Ok(Config {
+            host,
+            port,
+            database_url: Secret::new(database_url),
+            db_pool_max,
+            redis_url: redis_url.map(Secret::new),
+            redis_timeout: src.millis("REDIS_TIMEOUT_MS", 250)?,
+            rate_limit: Limit { burst, per_second },
+            rate_limit_fail_open: src.bool("RATE_LIMIT_FAIL_OPEN", true)?,
+            auth_mode,
+            auth_cache_ttl: src.seconds("AUTH_CACHE_TTL_SECONDS", 5.0)?,
+            log_level,
+            log_format,
+            token_delay,
+            simulated_min_words: src.parse("SIMULATED_MIN_WORDS", 0, "a whole number")?,
+            shutdown_grace: src.seconds("SHUTDOWN_GRACE_SECONDS", 30.0)?,
+            max_body_bytes,
+            seed_demo: src.bool("SEED_DEMO", !production)?,
+            stream_flush_interval,
+            stream_stale_after,
+            sse_keepalive: src.seconds("SSE_KEEPALIVE_SECONDS", 15.0)?,
+            stream_send_timeout: src.seconds("STREAM_SEND_TIMEOUT_SECONDS", 30.0)?,
+            app_env,
+        })
+    }
+
+    pub fn is_production(&self) -> bool {
+        self.app_env == "production"
+    }
+}
+
+fn parse_auth_mode(v: &str) -> Result<AuthMode, ConfigError> {
+    let mut mode = AuthMode {
+        headers: false,
+        api_key: false,
+    };
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "headers" => mode.headers = true,
+            "api_key" | "api_keys" => mode.api_key = true,
+            other => {
+                return Err(bad(
+                    "AUTH_MODE",
+                    format!("{other:?} is not an authenticator (use headers, api_key or both)"),
+                ));
+            }
+        }
+    }
+    if !(mode.headers || mode.api_key) {
+        return Err(bad("AUTH_MODE", "at least one of headers, api_key is needed"));
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_development_setup() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.rate_limit, Limit { burst: 20, per_second: 1.0 });
+        assert!(c.auth_mode.headers && c.auth_mode.api_key);
+        assert!(c.seed_demo);
+        assert_eq!(c.max_body_bytes, 65_536);
+    }
+
+    #[test]
+    fn production_turns_off_header_auth_and_seeding() {
+        let c = cfg(&[("APP_ENV", "production")]).unwrap();
+        assert!(!c.auth_mode.headers && c.auth_mode.api_key);
+        assert!(!c.seed_demo);
+        let c = cfg(&[("APP_ENV", "production"), ("AUTH_MODE", "headers,api_key")]).unwrap();
+        assert!(c.auth_mode.headers);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("PORT", "http"),
+            ("DATABASE_URL", "mysql://x"),
+            ("REDIS_URL", "localhost:6379"),
+            ("RATE_LIMIT_BURST", "0"),
+            ("RATE_LIMIT_PER_SECOND", "-1"),
+            ("AUTH_MODE", "magic"),
+            ("LOG_FORMAT", "xml"),
+            ("SIMULATED_TOKEN_DELAY_MS", "30-10"),
+            ("RATE_LIMIT_FAIL_OPEN", "maybe"),
+            ("SHUTDOWN_GRACE_SECONDS", "-3"),
+        ] {
+            let err = cfg(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var, "{err}");
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        let s = Secret::new("postgres://app:hunter2@db:5432/confab");
+        assert_eq!(s.redacted(), "postgres://app:***@db:5432/confab");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

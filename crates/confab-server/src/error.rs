@@ -1,0 +1,137 @@
+//! One error type for the HTTP layer. Every error response — ours and the
+//! framework's — is `{"error": "<HTTP reason>", "message": "<what is wrong>"}`.
+//! 5xx details are logged (with the request id, from the request span) and
+//! answered generically.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use confab_core::StoreError;
+use confab_core::provider::ProviderError;
+use confab_core::service::ServiceError;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed; the message says how.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: missing or invalid credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: authenticated, but not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 405
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 409: e.g. an idempotent request still in progress.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 415
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed but refused (an Idempotency-Key reused for another request).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 502: the model failed.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 503: a dependency is down; retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: a bug or an unexpected failure; logged, answered generically.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn chat_not_found() -> Self {
+        ApiError::NotFound("Chat not found".into())
+    }
+}
+
+/// `{"error": reason, "message": message}` with the given status.
+pub fn error_body(status: StatusCode, message: &str) -> Response {
+    let reason = status.canonical_reason().unwrap_or("Error");
+    let mut response = (status, axum::Json(json!({ "error": reason, "message": message })))
+        .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                error_body(status, "Internal server error")
+            }
+            ApiError::Unavailable(detail) | ApiError::BadGateway(detail) => {
+                tracing::warn!(error = %detail, status = status.as_u16(), "dependency failure");
+                error_body(status, detail)
+            }
+            other => error_body(status, &other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound => ApiError::NotFound("Not found".into()),
+            StoreError::Conflict { constraint } => {
+                ApiError::Conflict(format!("Conflicts with existing data ({constraint})"))
+            }
+            StoreError::Unavailable(e) => {
+                ApiError::Unavailable(format!("Database unavailable, try again shortly ({e})"))
+            }
+            StoreError::Other(e) => ApiError::Internal(format!("database: {e}")),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(err: ServiceError) -> Self {
+        match err {
+            ServiceError::NotFound => ApiError::chat_not_found(),
+            ServiceError::Forbidden => ApiError::Forbidden(err.to_string()),
+            ServiceError::IdempotencyMismatch => ApiError::Unprocessable(err.to_string()),
+            ServiceError::IdempotencyInProgress => ApiError::Conflict(err.to_string()),
+            ServiceError::Store(e) => e.into(),
+            ServiceError::Provider(e) => e.into(),
+        }
+    }
+}
+
+impl From<ProviderError> for ApiError {
+    fn from(err: ProviderError) -> Self {
+        ApiError::BadGateway(format!("The model failed: {err}"))
+    }
+}

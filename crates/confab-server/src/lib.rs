@@ -1,0 +1,19 @@
+//! confab's HTTP service: configuration, telemetry, metrics, authentication,
+//! rate limiting, the chat and streaming routes, and the process lifecycle.
+//! `main.rs` is a thin CLI over [`cli::run`].
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod middleware;
+pub mod routes;
+pub mod seed;
+pub mod state;
+pub mod streaming;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;

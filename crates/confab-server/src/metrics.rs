@@ -1,0 +1,301 @@
+//! Prometheus metrics (SPEC §7). Labels are route templates and small fixed
+//! sets only — never tenant ids, never raw paths — so cardinality is bounded.
+
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The route label of every request that matched no route.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+const HTTP_BUCKETS_MS: [f64; 10] = [
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+];
+const FAST_BUCKETS_MS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub backend: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    pub http_in_progress: Family<RouteLabels, Gauge>,
+    pub streams_active: Gauge,
+    pub stream_ttft: Histogram,
+    pub stream_tokens: Counter,
+    pub stream_outcomes: Family<OutcomeLabels, Counter>,
+    pub stream_disconnect_detection: Histogram,
+    pub stream_flush_duration: Histogram,
+    pub stream_flush_rows: Counter,
+    pub stream_flush_errors: Counter,
+    pub streams_recovered: Counter,
+    pub ratelimit_decisions: Family<RateLimitLabels, Counter>,
+    pub ratelimit_duration: Histogram,
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    pub auth_cache_hits: Counter,
+    pub auth_cache_misses: Counter,
+    pub db_errors: Family<ReasonLabels, Counter>,
+    pub idempotent_replays: Counter,
+}
+
+fn http_histogram() -> Histogram {
+    Histogram::new(HTTP_BUCKETS_MS)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests served, by method, route template and status",
+            http_requests.clone(),
+        );
+        let http_duration: Family<HttpLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(http_histogram);
+        registry.register(
+            "http_request_duration_ms",
+            "HTTP request duration in milliseconds (until the response head for streams)",
+            http_duration.clone(),
+        );
+        let http_in_progress = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "http_requests_in_progress",
+            "HTTP requests being served",
+            http_in_progress.clone(),
+        );
+
+        let streams_active = Gauge::default();
+        registry.register(
+            "sse_active_streams",
+            "Streaming replies in progress",
+            streams_active.clone(),
+        );
+        let stream_ttft = Histogram::new(HTTP_BUCKETS_MS);
+        registry.register(
+            "sse_time_to_first_token_ms",
+            "Time from request to the first token event, in milliseconds",
+            stream_ttft.clone(),
+        );
+        let stream_tokens = Counter::default();
+        registry.register(
+            "sse_tokens_streamed",
+            "Token events sent to clients",
+            stream_tokens.clone(),
+        );
+        let stream_outcomes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "sse_streams",
+            "Finished streams by outcome: complete, cancelled (client went away), failed, interrupted",
+            stream_outcomes.clone(),
+        );
+        let stream_disconnect_detection = Histogram::new(FAST_BUCKETS_MS);
+        registry.register(
+            "sse_disconnect_detection_ms",
+            "Time from a client's disconnect being noticed to generation stopping, in milliseconds",
+            stream_disconnect_detection.clone(),
+        );
+        let stream_flush_duration = Histogram::new(FAST_BUCKETS_MS);
+        registry.register(
+            "sse_flush_duration_ms",
+            "Time to save one batch of partial replies, in milliseconds",
+            stream_flush_duration.clone(),
+        );
+        let stream_flush_rows = Counter::default();
+        registry.register(
+            "sse_flush_rows",
+            "Partial replies saved by the flusher",
+            stream_flush_rows.clone(),
+        );
+        let stream_flush_errors = Counter::default();
+        registry.register(
+            "sse_flush_errors",
+            "Failed batches of partial-reply saves",
+            stream_flush_errors.clone(),
+        );
+        let streams_recovered = Counter::default();
+        registry.register(
+            "sse_streams_recovered",
+            "Streaming messages of dead processes marked interrupted",
+            streams_recovered.clone(),
+        );
+
+        let ratelimit_decisions = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "ratelimit_decisions",
+            "Rate-limit decisions by backend and outcome: allowed, limited, error",
+            ratelimit_decisions.clone(),
+        );
+        let ratelimit_duration = Histogram::new(FAST_BUCKETS_MS);
+        registry.register(
+            "ratelimit_duration_ms",
+            "Time to take a rate-limit decision, in milliseconds",
+            ratelimit_duration.clone(),
+        );
+        let auth_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Refused authentications by reason",
+            auth_failures.clone(),
+        );
+        let auth_cache_hits = Counter::default();
+        registry.register(
+            "auth_cache_hits",
+            "Principals served from the auth cache",
+            auth_cache_hits.clone(),
+        );
+        let auth_cache_misses = Counter::default();
+        registry.register(
+            "auth_cache_misses",
+            "Principals looked up in the database",
+            auth_cache_misses.clone(),
+        );
+        let db_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "db_errors",
+            "Database errors seen while serving requests, by kind",
+            db_errors.clone(),
+        );
+        let idempotent_replays = Counter::default();
+        registry.register(
+            "idempotent_replays",
+            "POST /chat requests answered from a stored Idempotency-Key response",
+            idempotent_replays.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            http_in_progress,
+            streams_active,
+            stream_ttft,
+            stream_tokens,
+            stream_outcomes,
+            stream_disconnect_detection,
+            stream_flush_duration,
+            stream_flush_rows,
+            stream_flush_errors,
+            streams_recovered,
+            ratelimit_decisions,
+            ratelimit_duration,
+            auth_failures,
+            auth_cache_hits,
+            auth_cache_misses,
+            db_errors,
+            idempotent_replays,
+        }
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus scrapes natively).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+
+/// Process memory and CPU, read from `/proc/self` at scrape time.
+///
+/// Hand-written because prometheus-client has no process collector and the
+/// crates that do pull in far more than two small files' worth of parsing.
+/// On systems without `/proc` the metrics are simply absent.
+#[derive(Debug)]
+struct ProcessCollector;
+
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+const PAGE_SIZE_BYTES: u64 = 4096;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return Ok(());
+        };
+        // Fields after the parenthesised command name, which may contain spaces.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return Ok(());
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime are the 14th and 15th fields of the line (index 11, 12 here),
+        // rss in pages the 24th (index 21).
+        let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let cpu_seconds = (num(11) + num(12)) as f64 / CLOCK_TICKS_PER_SECOND;
+        let rss_bytes = num(21) * PAGE_SIZE_BYTES;
+        let threads = num(17);
+
+        let cpu = ConstCounter::new(cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let rss = ConstGauge::new(rss_bytes as i64);
+        rss.encode(encoder.encode_descriptor(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            None,
+            rss.metric_type(),
+        )?)?;
+        let thr = ConstGauge::new(threads as i64);
+        thr.encode(encoder.encode_descriptor(
+            "process_threads",
+            "OS threads",
+            None,
+            thr.metric_type(),
+        )?)?;
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            let fds = ConstGauge::new(dir.count() as i64);
+            fds.encode(encoder.encode_descriptor(
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                fds.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,331 @@
+//! Request-scoped plumbing: correlation ids, the per-request span and log
+//! line, HTTP metrics, authentication + rate limiting for protected routes,
+//! and turning any non-JSON error response into SPEC's JSON shape.
+
+use std::time::Instant;
+
+
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use confab_core::Principal;
+use confab_core::model::rfc3339_millis;
+use confab_core::ratelimit::{Decision, Limit};
+use serde_json::json;
+use tracing::Instrument;
+use tracing::field::Empty;
+use uuid::Uuid;
+
+use crate::error::{ApiError, error_body};
+use crate::metrics::{HttpLabels, RateLimitLabels, RouteLabels, UNMATCHED_ROUTE};
+use crate::state::AppState;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const RL_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const RL_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RL_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// The request's correlation id, available to handlers as an extension.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// A client's `X-Request-ID` is kept if it is 1–128 visible ASCII characters;
+/// anything else is replaced by a fresh UUID v4.
+pub fn request_id_from(headers: &HeaderMap) -> String {
+    headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+/// Bounded label values for the method.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Outermost layer: request id, span, metrics, and the one log line per
+/// finished request (SPEC §7). For streams "finished" means the response head
+/// was sent; the stream logs its own outcome when it ends.
+pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request_id_from(req.headers());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+    let method = method_label(req.method());
+    let url = req.uri().to_string();
+    let user_agent = req
+        .headers()
+        .get(USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+
+    let span = tracing::info_span!("request", requestId = %request_id, orgId = Empty, userId = Empty);
+    let route_labels = RouteLabels {
+        method: method.to_owned(),
+        route: route.clone(),
+    };
+    let in_progress = state.metrics.http_in_progress.get_or_create(&route_labels).clone();
+    in_progress.inc();
+    let mut response = next.run(req).instrument(span.clone()).await;
+    in_progress.dec();
+
+    let status = response.status().as_u16();
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let labels = HttpLabels {
+        method: method.to_owned(),
+        route: route.clone(),
+        status_code: status.to_string(),
+    };
+    state.metrics.http_requests.get_or_create(&labels).inc();
+    state
+        .metrics
+        .http_duration
+        .get_or_create(&labels)
+        .observe(duration_ms);
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            method,
+            url,
+            route,
+            status,
+            duration = (duration_ms * 1000.0).round() / 1000.0,
+            userAgent = user_agent,
+            "request completed"
+        );
+    });
+    response
+}
+
+/// Errors the framework produces (unknown route, wrong method, bad body) come
+/// as plain text or empty bodies; give them SPEC's JSON shape.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let message = match status {
+        StatusCode::NOT_FOUND => format!("Cannot {method} {path}"),
+        StatusCode::METHOD_NOT_ALLOWED => format!("Method {method} is not allowed on {path}"),
+        StatusCode::PAYLOAD_TOO_LARGE => "Request body is too large".to_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("Request failed")
+            .to_owned(),
+    };
+    let (mut parts, _) = response.into_parts();
+    let mut fresh = error_body(status, &message);
+    // Keep headers such as Allow, Retry-After and CORS; replace the body's type.
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    for (name, value) in fresh.headers().iter() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    *fresh.headers_mut() = parts.headers;
+    fresh
+}
+
+/// The authenticated caller, for handlers behind [`require_auth`].
+pub struct Auth(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Auth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(Auth)
+            .ok_or_else(|| ApiError::Internal("route is missing the auth layer".into()))
+    }
+}
+
+/// Credentials are optional (`/`, `/health`), but when sent they are checked
+/// like anywhere else. Takes no rate-limit token.
+pub struct MaybeAuth(pub Option<Principal>);
+
+impl FromRequestParts<AppState> for MaybeAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = state.auth.authenticate(&parts.headers).await?;
+        if let Some(p) = &principal {
+            record_principal(p);
+        }
+        Ok(MaybeAuth(principal))
+    }
+}
+
+fn record_principal(p: &Principal) {
+    let span = tracing::Span::current();
+    span.record("orgId", tracing::field::display(p.org_id));
+    span.record("userId", tracing::field::display(p.user_id));
+}
+
+/// The limit that applies to a principal's org.
+pub fn limit_for(state: &AppState, p: &Principal) -> Limit {
+    p.rate_limit
+        .map(|o| Limit {
+            burst: o.burst,
+            per_second: o.per_second,
+        })
+        .unwrap_or(state.config.rate_limit)
+}
+
+pub fn rate_limit_key(p: &Principal) -> String {
+    format!("org:{}", p.org_id)
+}
+
+/// Protected routes: authenticate, take one rate-limit token for the org,
+/// and put the rate-limit headers on whatever the route answers.
+pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let principal = match state.auth.authenticate(req.headers()).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            state
+                .metrics
+                .auth_failures
+                .get_or_create(&crate::metrics::ReasonLabels { reason: "missing" })
+                .inc();
+            return ApiError::Unauthorized(state.auth.missing_message().into()).into_response();
+        }
+        Err(err) => return err.into_response(),
+    };
+    record_principal(&principal);
+
+    let decision = match take_token(&state, &principal).await {
+        Ok(decision) => decision,
+        Err(response) => return response,
+    };
+    req.extensions_mut().insert(principal);
+    let mut response = next.run(req).await;
+    if let Some(decision) = decision {
+        set_rate_limit_headers(response.headers_mut(), &decision);
+    }
+    response
+}
+
+/// `Ok(Some)` when a token was taken, `Ok(None)` when the limiter is down and
+/// we fail open, `Err(response)` for 429 or (failing closed) 503.
+async fn take_token(state: &AppState, principal: &Principal) -> Result<Option<Decision>, Response> {
+    let limiter = &state.limiter;
+    let started = Instant::now();
+    let result = limiter
+        .acquire(&rate_limit_key(principal), limit_for(state, principal), 1)
+        .await;
+    state
+        .metrics
+        .ratelimit_duration
+        .observe(started.elapsed().as_secs_f64() * 1000.0);
+    let outcome = |outcome: &'static str| {
+        state
+            .metrics
+            .ratelimit_decisions
+            .get_or_create(&RateLimitLabels {
+                backend: limiter.backend(),
+                outcome,
+            })
+            .inc();
+    };
+    match result {
+        Ok(decision) if decision.allowed => {
+            outcome("allowed");
+            Ok(Some(decision))
+        }
+        Ok(decision) => {
+            outcome("limited");
+            tracing::info!(remaining = decision.remaining, "rate limit exceeded");
+            Err(too_many_requests(&decision))
+        }
+        Err(err) => {
+            outcome("error");
+            if state.config.rate_limit_fail_open {
+                tracing::warn!(error = %err, policy = "fail-open", "rate limiter unavailable; request allowed");
+                Ok(None)
+            } else {
+                tracing::error!(error = %err, policy = "fail-closed", "rate limiter unavailable; request refused");
+                let mut response = ApiError::Unavailable(
+                    "Rate limiting is temporarily unavailable; try again shortly".into(),
+                )
+                .into_response();
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(response)
+            }
+        }
+    }
+}
+
+fn reset_at(decision: &Decision) -> String {
+    let reset = Utc::now()
+        + chrono::Duration::from_std(decision.reset_after).unwrap_or(chrono::Duration::zero());
+    rfc3339_millis::format(&reset)
+}
+
+pub fn set_rate_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
+    headers.insert(RL_LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(RL_REMAINING, HeaderValue::from(decision.remaining));
+    if let Ok(v) = HeaderValue::from_str(&reset_at(decision)) {
+        headers.insert(RL_RESET, v);
+    }
+}
+
+/// The SPEC §4 429: `Retry-After` is the whole seconds until one token is
+/// available, rounded up, at least 1.
+fn too_many_requests(decision: &Decision) -> Response {
+    let retry_secs = decision
+        .retry_after
+        .map(|d| d.as_secs_f64().ceil() as u64)
+        .unwrap_or(1)
+        .max(1);
+    let reset = reset_at(decision);
+    let body = json!({
+        "error": "Too Many Requests",
+        "message": "Rate limit exceeded. Please try again later.",
+        "limit": decision.limit,
+        "remaining": 0,
+        "resetAt": reset,
+    });
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    set_rate_limit_headers(response.headers_mut(), decision);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_secs));
+    response
+}
+

@@ -1,0 +1,39 @@
+//! The playground page (SPEC §9), embedded in the binary: no build step, no
+//! external network, served from the server's own origin.
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::state::AppState;
+
+const HTML: &str = include_str!("../../assets/playground.html");
+const JS: &str = include_str!("../../assets/playground.js");
+const SSE_JS: &str = include_str!("../../assets/sse.js");
+
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/playground",
+            get(|| async { asset("text/html; charset=utf-8", HTML) }),
+        )
+        .route(
+            "/playground/playground.js",
+            get(|| async { asset("text/javascript; charset=utf-8", JS) }),
+        )
+        .route(
+            "/playground/sse.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SSE_JS) }),
+        )
+}

@@ -1,0 +1,116 @@
+//! `/`, `/health` and `/metrics`: unauthenticated, but credentials that are
+//! sent are validated and echoed (SPEC §3, §7).
+
+use std::time::Duration;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use confab_core::model::rfc3339_millis;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::middleware::{MaybeAuth, RequestId, limit_for, rate_limit_key};
+use crate::state::AppState;
+
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn now() -> String {
+    rfc3339_millis::format(&Utc::now())
+}
+
+pub async fn root(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    MaybeAuth(principal): MaybeAuth,
+) -> Json<Value> {
+    let mut body = json!({
+        "message": "confab: multi-tenant LLM chat service. Try GET /health, or open /playground",
+        "timestamp": now(),
+        "requestId": request_id,
+    });
+    if let Some(p) = principal {
+        body["org"] = json!(p.org_id);
+        body["user"] = json!({ "id": p.user_id, "email": p.email, "role": p.role });
+        // Peek: shows the headroom without taking a token.
+        match state.limiter.peek(&rate_limit_key(&p), limit_for(&state, &p)).await {
+            Ok(d) => {
+                let reset = Utc::now()
+                    + chrono::Duration::from_std(d.reset_after).unwrap_or(chrono::Duration::zero());
+                body["rateLimit"] = json!({
+                    "limit": d.limit,
+                    "remaining": d.remaining,
+                    "resetAt": rfc3339_millis::format(&reset),
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "rate limiter unavailable for GET /");
+                body["rateLimit"] = Value::Null;
+            }
+        }
+    }
+    Json(body)
+}
+
+pub async fn health(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    MaybeAuth(principal): MaybeAuth,
+) -> Response {
+    let db_ok = matches!(
+        tokio::time::timeout(HEALTH_TIMEOUT, state.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let redis = if state.config.redis_url.is_none() {
+        "not configured"
+    } else if matches!(
+        tokio::time::timeout(HEALTH_TIMEOUT, state.limiter.ping()).await,
+        Ok(Ok(()))
+    ) {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    let healthy = db_ok && redis != "disconnected";
+    let mut body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "env": state.config.app_env,
+        "timestamp": now(),
+        "requestId": request_id,
+        "services": {
+            "database": if db_ok { "connected" } else { "disconnected" },
+            "redis": redis,
+        },
+    });
+    if let Some(p) = principal {
+        body["org"] = json!(p.org_id);
+        body["user"] = json!({ "id": p.user_id, "email": p.email, "role": p.role });
+    }
+    if !healthy {
+        tracing::warn!(database = db_ok, redis, "health check degraded");
+    }
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .encode()
+        .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}

@@ -1,0 +1,432 @@
+//! The life of a streamed reply (SPEC §6), decoupled from the HTTP response:
+//!
+//! * a generator task drives the model and pushes events into a bounded
+//!   channel; the SSE body only reads the channel. When the client goes away
+//!   axum drops the body, the receiver goes with it, and the generator sees
+//!   `Sender::closed()` at once — even while the model is between tokens;
+//! * one [`StreamGuard`] owns the assistant message from `streaming` to its
+//!   final status, and every exit (complete, model error, disconnect, stalled
+//!   client, shutdown, even a panic) goes through it;
+//! * the growing text is not written per token nor per stream: the
+//!   [`Flusher`] saves every dirty stream's text in one statement per tick.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::response::sse::Event;
+use confab_core::model::{BegunTurn, MessageStatus};
+use confab_core::provider::Chunk;
+use confab_core::service::count_tokens;
+use confab_core::{MessageId, Principal, Store};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::state::AppState;
+
+/// Events buffered between the generator and a slow client. With the send
+/// timeout this bounds what one stalled client can make the server hold: at
+/// most this many events plus the socket buffers, plus the reply text itself.
+pub const CHANNEL_CAPACITY: usize = 32;
+
+/// The text of one live stream, shared between its generator and the flusher.
+#[derive(Default)]
+struct LiveText {
+    text: Mutex<String>,
+    dirty: AtomicBool,
+    last_saved: Mutex<Option<Instant>>,
+}
+
+/// Saves the partial text of every live stream, batched: one `save_partials`
+/// call per tick carries every stream that grew since the last one, plus a
+/// heartbeat for streams that have been quiet a while, so that a sibling
+/// instance's crash recovery never mistakes a live stream for a dead one.
+#[derive(Clone, Default)]
+pub struct Flusher {
+    live: Arc<Mutex<HashMap<MessageId, Arc<LiveText>>>>,
+}
+
+impl Flusher {
+    fn register(&self, id: MessageId) -> Arc<LiveText> {
+        let entry = Arc::new(LiveText::default());
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, entry.clone());
+        }
+        entry
+    }
+
+    fn unregister(&self, id: MessageId) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&id);
+        }
+    }
+
+    /// How many streams are registered (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One flush: the batch of dirty texts (and heartbeats older than
+    /// `heartbeat`), written at once.
+    pub async fn flush(&self, store: &dyn Store, metrics: &Metrics, heartbeat: Duration) {
+        let now = Instant::now();
+        let batch: Vec<(MessageId, String)> = {
+            let Ok(live) = self.live.lock() else { return };
+            live.iter()
+                .filter_map(|(id, entry)| {
+                    let stale = entry
+                        .last_saved
+                        .lock()
+                        .map(|t| t.is_none_or(|t| now.duration_since(t) >= heartbeat))
+                        .unwrap_or(true);
+                    if !(entry.dirty.swap(false, Ordering::AcqRel) || stale) {
+                        return None;
+                    }
+                    let text = entry.text.lock().map(|t| t.clone()).ok()?;
+                    if let Ok(mut saved) = entry.last_saved.lock() {
+                        *saved = Some(now);
+                    }
+                    Some((*id, text))
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        match store.save_partials(&batch).await {
+            Ok(()) => {
+                metrics.stream_flush_rows.inc_by(batch.len() as u64);
+            }
+            Err(err) => {
+                metrics.stream_flush_errors.inc();
+                tracing::error!(error = %err, streams = batch.len(), "could not save partial replies");
+                // Mark them dirty again so the next tick retries.
+                if let Ok(live) = self.live.lock() {
+                    for (id, _) in &batch {
+                        if let Some(entry) = live.get(id) {
+                            entry.dirty.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            }
+        }
+        metrics
+            .stream_flush_duration
+            .observe(started.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    /// Flush every `interval` until `stop` is cancelled.
+    pub async fn run(
+        self,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Quiet streams are re-saved this often; well under the staleness bound.
+        let heartbeat = interval * 3;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = ticker.tick() => self.flush(store.as_ref(), &metrics, heartbeat).await,
+            }
+        }
+    }
+}
+
+/// How a stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Complete,
+    /// The client went away (or stopped reading for too long).
+    Cancelled { stalled: bool },
+    Failed,
+    /// The shutdown grace period ran out.
+    Interrupted,
+}
+
+impl Outcome {
+    fn status(self) -> MessageStatus {
+        match self {
+            Outcome::Complete => MessageStatus::Complete,
+            Outcome::Cancelled { .. } => MessageStatus::Cancelled,
+            Outcome::Failed => MessageStatus::Failed,
+            Outcome::Interrupted => MessageStatus::Interrupted,
+        }
+    }
+}
+
+/// Owns a streaming assistant message until it has its final status. The
+/// normal path calls [`StreamGuard::finish`]; if the task is dropped without
+/// it (a panic, an abort), `Drop` stores the text as `failed` from a new task.
+struct StreamGuard {
+    state: AppState,
+    principal: Principal,
+    begun: BegunTurn,
+    live: Arc<LiveText>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn new(state: AppState, principal: Principal, begun: BegunTurn) -> Self {
+        let live = state.flusher.register(begun.assistant_message.id);
+        state.metrics.streams_active.inc();
+        Self {
+            state,
+            principal,
+            begun,
+            live,
+            finished: false,
+        }
+    }
+
+    fn push(&self, token: &str) {
+        if let Ok(mut text) = self.live.text.lock() {
+            text.push_str(token);
+        }
+        self.live.dirty.store(true, Ordering::Release);
+    }
+
+    fn text(&self) -> String {
+        self.live.text.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Store the final status and text; `Err` when the store refused.
+    async fn finish(mut self, outcome: Outcome) -> Result<String, String> {
+        self.finished = true;
+        let text = self.text();
+        // Stop the flusher first, so it cannot write a stale partial after
+        // the final text.
+        self.state.flusher.unregister(self.begun.assistant_message.id);
+        let label = match outcome {
+            Outcome::Complete => "complete",
+            Outcome::Cancelled { .. } => "cancelled",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+        };
+        self.state.metrics.streams_active.dec();
+        self.state
+            .metrics
+            .stream_outcomes
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .inc();
+        let stored = self
+            .state
+            .service
+            .finish(
+                &self.principal,
+                &self.begun,
+                text.clone(),
+                outcome.status(),
+                Some(count_tokens(&text)),
+            )
+            .await;
+        match stored {
+            Ok(_) => {
+                tracing::info!(
+                    outcome = label,
+                    messageId = %self.begun.assistant_message.id,
+                    chatId = %self.begun.chat_id,
+                    tokens = count_tokens(&text),
+                    stalled = matches!(outcome, Outcome::Cancelled { stalled: true }),
+                    "stream finished"
+                );
+                Ok(text)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, outcome = label, messageId = %self.begun.assistant_message.id, "could not store the final reply");
+                Err(err.to_string())
+            }
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.state.flusher.unregister(self.begun.assistant_message.id);
+        self.state.metrics.streams_active.dec();
+        self.state
+            .metrics
+            .stream_outcomes
+            .get_or_create(&OutcomeLabels { outcome: "failed" })
+            .inc();
+        tracing::error!(messageId = %self.begun.assistant_message.id, "stream task ended without finishing; storing it as failed");
+        let service = self.state.service.clone();
+        let principal = self.principal.clone();
+        let begun = self.begun.clone();
+        let text = self.text();
+        self.state.tasks.spawn(async move {
+            let tokens = count_tokens(&text);
+            let _ = service
+                .finish(&principal, &begun, text, MessageStatus::Failed, Some(tokens))
+                .await;
+        });
+    }
+}
+
+fn token_event(seq: u64, token: &str) -> Event {
+    Event::default()
+        .id(seq.to_string())
+        .data(json!({ "token": token, "done": false }).to_string())
+}
+
+fn error_event(seq: u64, message: &str) -> Event {
+    Event::default()
+        .id(seq.to_string())
+        .data(json!({ "error": "Stream failed", "message": message }).to_string())
+}
+
+/// Everything the generator needs.
+pub struct StreamJob {
+    pub state: AppState,
+    pub principal: Principal,
+    pub begun: BegunTurn,
+    pub tx: mpsc::Sender<Result<Event, Infallible>>,
+    /// When the request arrived, for time-to-first-token.
+    pub started: Instant,
+}
+
+/// Drive the model, forward tokens, and settle the message. Runs as its own
+/// task (tracked, so shutdown waits for it).
+pub async fn generate(job: StreamJob) {
+    let StreamJob {
+        state,
+        principal,
+        begun,
+        tx,
+        started,
+    } = job;
+    let send_timeout = state.config.stream_send_timeout;
+    let hard_stop = state.hard_stop.clone();
+    let guard = StreamGuard::new(state.clone(), principal.clone(), begun.clone());
+    let mut seq: u64 = 0;
+    let mut first_token_at: Option<Instant> = None;
+    let mut failure: Option<String> = None;
+    let mut disconnected_at: Option<Instant> = None;
+
+    let outcome = 'run: {
+        let prompt = match state.service.prompt(&principal, &begun).await {
+            Ok(p) => p,
+            Err(err) => {
+                failure = Some(format!("could not load the conversation: {err}"));
+                break 'run Outcome::Failed;
+            }
+        };
+        let mut chunks = match state.service.provider().stream(prompt).await {
+            Ok(s) => s,
+            Err(err) => {
+                failure = Some(err.to_string());
+                break 'run Outcome::Failed;
+            }
+        };
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                _ = hard_stop.cancelled() => break 'run Outcome::Interrupted,
+                _ = tx.closed() => {
+                    disconnected_at = Some(Instant::now());
+                    break 'run Outcome::Cancelled { stalled: false };
+                }
+                chunk = chunks.next() => chunk,
+            };
+            match chunk {
+                None | Some(Ok(Chunk::Finish(_))) => break 'run Outcome::Complete,
+                Some(Ok(Chunk::Usage { .. })) => {}
+                Some(Ok(Chunk::Delta(token))) => {
+                    if token.is_empty() {
+                        continue;
+                    }
+                    guard.push(&token);
+                    seq += 1;
+                    let sent = tokio::select! {
+                        biased;
+                        _ = hard_stop.cancelled() => break 'run Outcome::Interrupted,
+                        sent = tokio::time::timeout(send_timeout, tx.send(Ok(token_event(seq, &token)))) => sent,
+                    };
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            disconnected_at = Some(Instant::now());
+                            break 'run Outcome::Cancelled { stalled: false };
+                        }
+                        Err(_) => {
+                            disconnected_at = Some(Instant::now());
+                            break 'run Outcome::Cancelled { stalled: true };
+                        }
+                    }
+                    state.metrics.stream_tokens.inc();
+                    if first_token_at.is_none() {
+                        let now = Instant::now();
+                        first_token_at = Some(now);
+                        state
+                            .metrics
+                            .stream_ttft
+                            .observe(now.duration_since(started).as_secs_f64() * 1000.0);
+                    }
+                }
+                Some(Err(err)) => {
+                    failure = Some(err.to_string());
+                    break 'run Outcome::Failed;
+                }
+            }
+        }
+    };
+    // Dropping the model stream here (end of scope above) already stopped it.
+    if let Some(reason) = &failure {
+        tracing::warn!(error = %reason, "model failed mid-stream");
+    }
+    let stored = guard.finish(outcome).await;
+    if let Some(at) = disconnected_at {
+        state
+            .metrics
+            .stream_disconnect_detection
+            .observe(at.elapsed().as_secs_f64() * 1000.0);
+    }
+    seq += 1;
+    let last = match (outcome, stored) {
+        (Outcome::Complete, Ok(text)) => Some(
+            Event::default().id(seq.to_string()).data(
+                json!({
+                    "token": "",
+                    "done": true,
+                    "fullText": text,
+                    "chat_id": begun.chat_id,
+                    "message_id": begun.assistant_message.id,
+                })
+                .to_string(),
+            ),
+        ),
+        (Outcome::Cancelled { .. }, _) => None,
+        (Outcome::Complete, Err(_)) => Some(error_event(
+            seq,
+            "The reply could not be saved; it will show as interrupted",
+        )),
+        (Outcome::Failed, _) => Some(error_event(
+            seq,
+            "The model failed; the partial reply was saved",
+        )),
+        (Outcome::Interrupted, _) => Some(error_event(
+            seq,
+            "The server is shutting down; the partial reply was saved",
+        )),
+    };
+    if let Some(event) = last {
+        // Bounded: a client that stopped reading does not hold shutdown up.
+        let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Ok(event))).await;
+    }
+}

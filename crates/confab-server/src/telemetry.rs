@@ -1,0 +1,135 @@
+//! Logging: one JSON object per line on stdout (SPEC §7), written by a
+//! background thread so a slow terminal or pipe never blocks a request.
+//!
+//! Hand-written layer, because tracing-subscriber's JSON formatter nests span
+//! fields under `span`/`spans`, while existing log pipelines of the original
+//! service expect `requestId`, `orgId`, `userId` at the top level of every
+//! line. The layer flattens the fields of all enclosing spans into the line.
+
+use std::io::Write;
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::LogFormat;
+
+/// Install the global subscriber. Keep the guard alive until exit: dropping
+/// it flushes the lines still queued.
+pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry.with(JsonLayer { writer }).try_init(),
+        LogFormat::Pretty => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_target(false),
+            )
+            .try_init(),
+    };
+    // A second init (tests spawning several apps) keeps the first subscriber.
+    let _ = result;
+    guard
+}
+
+/// Writes each event as a JSON line: `timestamp`, `level`, `message`, then
+/// the fields of the enclosing spans (outermost first), then the event's own.
+pub struct JsonLayer {
+    writer: NonBlocking,
+}
+
+impl JsonLayer {
+    pub fn new(writer: NonBlocking) -> Self {
+        Self { writer }
+    }
+}
+
+/// Fields recorded on a span so far, kept in the span's extensions.
+struct SpanFields(Map<String, Value>);
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        let v = serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number);
+        self.0.insert(field.name().to_owned(), v);
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0
+            .insert(field.name().to_owned(), Value::from(value.to_string()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+    }
+}
+
+impl<S> Layer<S> for JsonLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = Map::new();
+        attrs.record(&mut JsonVisitor(&mut fields));
+        span.extensions_mut().insert(SpanFields(fields));
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut ext = span.extensions_mut();
+        if let Some(SpanFields(fields)) = ext.get_mut::<SpanFields>() {
+            values.record(&mut JsonVisitor(fields));
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            Value::from(confab_core::model::rfc3339_millis::format(&Utc::now())),
+        );
+        line.insert(
+            "level".into(),
+            Value::from(meta.level().as_str().to_ascii_lowercase()),
+        );
+        line.insert("message".into(), Value::from(""));
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
+                    line.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+        }
+        event.record(&mut JsonVisitor(&mut line));
+        line.insert("target".into(), Value::from(meta.target()));
+        let Ok(mut bytes) = serde_json::to_vec(&Value::Object(line)) else {
+            return;
+        };
+        bytes.push(b'\n');
+        let _ = self.writer.clone().write_all(&bytes);
+    }
+}

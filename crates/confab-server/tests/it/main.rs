@@ -1,0 +1,11 @@
+//! All integration tests in one binary (one link, many tests). Each module's
+//! test bodies are written once and expanded per backend by the macros in
+//! `support`: SQLite and PostgreSQL stores, in-process and Redis limiters.
+//! PostgreSQL and Redis are mandatory: a test fails, never skips, when they
+//! are unreachable (URLs from `CONFAB_TEST_POSTGRES_URL` / `CONFAB_TEST_REDIS_URL`,
+//! defaulting to the local services).
+
+mod support;
+
+mod ratelimit_contract;
+mod store_contract;

@@ -1,0 +1,1 @@
+//! Contract tests of `Store`, run against SQLite and PostgreSQL.

@@ -1,0 +1,789 @@
+//! The PostgreSQL implementation of [`confab_core::Store`], for production
+//! and for several confab instances sharing one database.
+//!
+//! Timestamps come from the database clock (`now()`, the start of the
+//! current transaction, i.e. of the statement for single statements), so
+//! instances with skewed clocks still agree, and every timestamp a method
+//! returns was read back from the row (`RETURNING`), so it round-trips
+//! exactly as a keyset cursor.
+//!
+//! The hot paths are single statements: a turn without an idempotency key is
+//! one CTE (one round trip, atomic on its own), finishing a message is one
+//! CTE, and the periodic batches (`save_partials`, `touch_api_keys`) are one
+//! `UPDATE … FROM unnest(…)` each, whatever their size.
+
+mod error;
+mod migrations;
+mod rows;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use confab_core::{
+    ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
+    IdempotencyRecord, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn, NewUser, Org,
+    OrgId, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
+};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::query::Query;
+use sqlx::{Connection, Row};
+use uuid::Uuid;
+
+use crate::error::map_err;
+use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
+
+/// How long a request waits for a pooled connection (or a new connection
+/// for the server to answer) before `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pooled connection idle for longer than this is pinged before use: it
+/// may have been cut by a server restart or a NAT timeout meanwhile. Busy
+/// connections skip the ping, which would otherwise double the round trips
+/// of every query.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
+
+/// [`Store`] on a PostgreSQL database. Cheap to clone (the pool is shared).
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connect to `url` (`postgres://user:pass@host:port/db?…`) with a pool of
+    /// up to `max_connections`, opening one connection right away so that a
+    /// wrong URL or a down server is reported at start-up.
+    ///
+    /// `Unavailable` when the server cannot be reached within ~5 s (the
+    /// message names host, port and database, never the password); `Other`
+    /// for a malformed URL or a refused login.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
+        // The URL may hold a password: it never goes into an error message.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
+        let target = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or(options.get_username())
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|e| match map_err(e) {
+                StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL at {target}: {msg}"
+                )),
+                StoreError::Other(msg) => {
+                    StoreError::Other(format!("cannot connect to PostgreSQL at {target}: {msg}"))
+                }
+                other => other,
+            })?;
+        Ok(PostgresStore { pool })
+    }
+}
+
+fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
+    id.into()
+}
+
+// ---- begin_turn --------------------------------------------------------------
+//
+// A turn is one statement. Parameters shared by both shapes:
+//   $1 chat id, $2 org, $3 user, $4 user message id, $5 assistant message id,
+//   $6 user message text, $7 idempotency key (NULL: none), $8 request hash,
+//   and for a new chat $9 its title.
+// The chat CTE yields the chat's new message_count (its last seq); the two
+// messages take count-1 and count. Without a key it runs on its own (one
+// round trip, atomic). With a key it runs in a transaction, because when
+// the key is claimed but the chat turns out to be gone the claim must be
+// rolled back too.
+
+/// Claims the idempotency key ($3, $7, $8) when $7 is not NULL. "Drop the
+/// user's expired key of that name, then claim it" is one upsert: a live key
+/// is left untouched and yields no row; an expired one is replaced. The
+/// unique index makes concurrent claims of one key wait for each other, so
+/// exactly one wins.
+macro_rules! claim_cte {
+    () => {
+        "claim AS ( \
+            INSERT INTO idempotency_keys (user_id, key, request_hash, created_at) \
+            SELECT $3::uuid, $7::text, $8::text, now() WHERE $7::text IS NOT NULL \
+            ON CONFLICT (user_id, key) DO UPDATE \
+               SET request_hash = EXCLUDED.request_hash, response = NULL, \
+                   created_at = EXCLUDED.created_at \
+             WHERE idempotency_keys.created_at < now() - interval '24 hours' \
+            RETURNING 1 \
+        ), "
+    };
+}
+
+/// Inserts both messages into the chat row produced by the `chat` CTE and
+/// reports whether the key was claimed. Always exactly one row: when no
+/// message was inserted (key taken, chat gone) the message columns are NULL.
+macro_rules! messages_and_result {
+    () => {
+        "msgs AS ( \
+            INSERT INTO messages \
+                (id, chat_id, org_id, role, content, status, seq, created_at, updated_at) \
+            SELECT $4::uuid, c.id, c.org_id, 'user', $6::text, 'complete', \
+                   c.message_count - 1, c.updated_at, c.updated_at FROM chat c \
+            UNION ALL \
+            SELECT $5::uuid, c.id, c.org_id, 'assistant', '', 'streaming', \
+                   c.message_count, c.updated_at, c.updated_at FROM chat c \
+            RETURNING id, chat_id, org_id, role, content, status, token_count, seq, \
+                      created_at, updated_at \
+        ) \
+        SELECT m.*, k.claimed \
+        FROM (SELECT count(*) AS claimed FROM claim) AS k LEFT JOIN msgs AS m ON true"
+    };
+}
+
+/// A turn that creates its chat, from the live user row so that a chat can
+/// only be created for a user of that org.
+const BEGIN_TURN_NEW_CHAT: &str = concat!(
+    "WITH ",
+    claim_cte!(),
+    "chat AS ( \
+        INSERT INTO chats (id, org_id, user_id, title, message_count, created_at, updated_at) \
+        SELECT $1::uuid, u.org_id, u.id, $9::text, 2, now(), now() FROM users u \
+        WHERE u.id = $3 AND u.org_id = $2 AND u.deleted_at IS NULL \
+          AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM claim)) \
+        RETURNING id, org_id, message_count, updated_at \
+    ), ",
+    messages_and_result!()
+);
+
+/// A turn on an existing chat. The UPDATE locks the chat row, so
+/// concurrent turns on one chat take consecutive sequence numbers.
+const BEGIN_TURN_EXISTING_CHAT: &str = concat!(
+    "WITH ",
+    claim_cte!(),
+    "chat AS ( \
+        UPDATE chats SET message_count = message_count + 2, updated_at = now() \
+        WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL \
+          AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM claim)) \
+        RETURNING id, org_id, message_count, updated_at \
+    ), ",
+    messages_and_result!()
+);
+
+fn begin_turn_query(turn: &NewTurn) -> Query<'static, Postgres, PgArguments> {
+    let (chat_id, sql) = match &turn.chat {
+        TurnChat::New { id, .. } => (*id, BEGIN_TURN_NEW_CHAT),
+        TurnChat::Existing(id) => (*id, BEGIN_TURN_EXISTING_CHAT),
+    };
+    let query = sqlx::query(sql)
+        .bind(uuid(chat_id))
+        .bind(uuid(turn.org))
+        .bind(uuid(turn.user))
+        .bind(uuid(turn.user_message_id))
+        .bind(uuid(turn.assistant_message_id))
+        .bind(turn.content.as_str())
+        .bind(turn.idempotency.as_ref().map(|c| c.key.as_str()))
+        .bind(turn.idempotency.as_ref().map(|c| c.request_hash.as_str()));
+    match &turn.chat {
+        TurnChat::New { title, .. } => query.bind(title.as_str()),
+        TurnChat::Existing(_) => query,
+    }
+}
+
+/// Interpret the result rows of a turn statement: `Conflict` when a key was
+/// asked for but not claimed, `NotFound` when no message was inserted.
+fn begun_turn(turn: &NewTurn, rows: &[PgRow]) -> Result<BegunTurn, StoreError> {
+    let claimed: i64 = match rows.first() {
+        Some(row) => row.try_get("claimed").map_err(map_err)?,
+        None => 0,
+    };
+    if turn.idempotency.is_some() && claimed == 0 {
+        return Err(StoreError::Conflict {
+            constraint: "idempotency_keys".into(),
+        });
+    }
+    let mut by_role: HashMap<MessageRole, Message> = HashMap::with_capacity(2);
+    for row in rows {
+        if row.try_get::<Option<Uuid>, _>("id").map_err(map_err)?.is_none() {
+            continue;
+        }
+        let message = rows::message(row)?;
+        by_role.insert(message.role, message);
+    }
+    let (Some(user_message), Some(assistant_message)) = (
+        by_role.remove(&MessageRole::User),
+        by_role.remove(&MessageRole::Assistant),
+    ) else {
+        return Err(StoreError::NotFound);
+    };
+    Ok(BegunTurn {
+        chat_id: user_message.chat_id,
+        user_message,
+        assistant_message,
+    })
+}
+
+/// Keep one entry per id (the last one for partial texts); `UPDATE … FROM`
+/// with duplicate ids would apply an arbitrary one of them.
+fn last_per_id<K: Copy + Eq + std::hash::Hash, V>(items: &[(K, V)]) -> Vec<(K, &V)> {
+    let mut position: HashMap<K, usize> = HashMap::with_capacity(items.len());
+    let mut out: Vec<(K, &V)> = Vec::with_capacity(items.len());
+    for (key, value) in items {
+        match position.get(key) {
+            Some(&i) => out[i].1 = value,
+            None => {
+                position.insert(*key, out.len());
+                out.push((*key, value));
+            }
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(map_err)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        migrations::migrator()
+            .run(&self.pool)
+            .await
+            .map_err(|e| map_err(sqlx::Error::Migrate(Box::new(e))))
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- tenancy -------------------------------------------------------
+
+    async fn create_org(&self, org: &NewOrg) -> Result<Org, StoreError> {
+        let row = sqlx::query(concat!(
+            "INSERT INTO orgs (id, name, slug, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, now(), now()) RETURNING ",
+            org_columns!()
+        ))
+        .bind(uuid(org.id))
+        .bind(&org.name)
+        .bind(org.slug.as_str())
+        .bind(&org.metadata)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows::org(&row)
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<Org>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            org_columns!(),
+            " FROM orgs WHERE deleted_at IS NULL ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(rows::org).collect()
+    }
+
+    async fn find_org(&self, id_or_slug: &str) -> Result<Org, StoreError> {
+        // A slug may itself look like a UUID; an id match wins.
+        let id = Uuid::parse_str(id_or_slug).ok();
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            org_columns!(),
+            " FROM orgs WHERE deleted_at IS NULL AND (id = $1 OR slug = $2) \
+             ORDER BY id = $1 DESC NULLS LAST LIMIT 1"
+        ))
+        .bind(id)
+        .bind(id_or_slug)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::org).ok_or(StoreError::NotFound)?
+    }
+
+    async fn set_org_rate_limit(
+        &self,
+        org: OrgId,
+        limit: Option<RateLimitOverride>,
+    ) -> Result<(), StoreError> {
+        let burst = limit
+            .map(|l| i32::try_from(l.burst))
+            .transpose()
+            .map_err(|_| StoreError::Other("rate-limit burst is too large".into()))?;
+        let done = sqlx::query(
+            "UPDATE orgs SET rate_limit_burst = $2, rate_limit_per_second = $3, updated_at = now() \
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(org))
+        .bind(burst)
+        .bind(limit.map(|l| l.per_second))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn create_user(&self, user: &NewUser) -> Result<User, StoreError> {
+        // INSERT … SELECT from the live org: an unknown *or deleted* org
+        // inserts nothing (→ NotFound); a foreign key alone would accept a
+        // deleted org.
+        let row = sqlx::query(concat!(
+            "INSERT INTO users (id, org_id, email, name, role, created_at, updated_at) \
+             SELECT $1::uuid, o.id, $3::text, $4::text, $5::text, now(), now() \
+             FROM orgs o WHERE o.id = $2 AND o.deleted_at IS NULL \
+             RETURNING ",
+            user_columns!()
+        ))
+        .bind(uuid(user.id))
+        .bind(uuid(user.org_id))
+        .bind(user.email.as_str())
+        .bind(&user.name)
+        .bind(user.role.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::user).ok_or(StoreError::NotFound)?
+    }
+
+    async fn list_users(&self, org: OrgId) -> Result<Vec<User>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE org_id = $1 AND deleted_at IS NULL ORDER BY created_at, id"
+        ))
+        .bind(uuid(org))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(rows::user).collect()
+    }
+
+    async fn delete_user(&self, org: OrgId, user: UserId) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET deleted_at = now(), updated_at = now() \
+             WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(uuid(user))
+        .bind(uuid(org))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn has_orgs(&self) -> Result<bool, StoreError> {
+        // Deleted orgs count: seeding is for a database nobody has used yet.
+        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM orgs) AS any_org")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.try_get::<bool, _>("any_org").map_err(map_err)
+    }
+
+    // ---- authentication -------------------------------------------------
+
+    async fn find_principal(&self, user: UserId) -> Result<Option<Principal>, StoreError> {
+        let row = sqlx::query(
+            "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
+                    o.rate_limit_burst, o.rate_limit_per_second \
+             FROM users u JOIN orgs o ON o.id = u.org_id \
+             WHERE u.id = $1 AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
+        )
+        .bind(uuid(user))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.map(|r| rows::principal(&r, false)).transpose()
+    }
+
+    async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKey, StoreError> {
+        // Only for a live user of that org (nothing inserted → NotFound).
+        let row = sqlx::query(concat!(
+            "INSERT INTO api_keys (id, org_id, user_id, key_hash, prefix, name, created_at) \
+             SELECT $1::uuid, u.org_id, u.id, $4::bytea, $5::text, $6::text, now() FROM users u \
+             WHERE u.id = $3 AND u.org_id = $2 AND u.deleted_at IS NULL \
+             RETURNING ",
+            api_key_columns!()
+        ))
+        .bind(uuid(key.id))
+        .bind(uuid(key.org_id))
+        .bind(uuid(key.user_id))
+        .bind(key.hash.as_slice())
+        .bind(&key.prefix)
+        .bind(&key.name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::api_key).ok_or(StoreError::NotFound)?
+    }
+
+    async fn list_api_keys(&self, org: OrgId) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE org_id = $1 ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(uuid(org))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(rows::api_key).collect()
+    }
+
+    async fn revoke_api_key(&self, id: ApiKeyId) -> Result<(), StoreError> {
+        // COALESCE keeps the first revocation time: revoking twice is a no-op.
+        let row = sqlx::query(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING id",
+        )
+        .bind(uuid(id))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.map(drop).ok_or(StoreError::NotFound)
+    }
+
+    async fn find_principal_by_key(&self, hash: &[u8]) -> Result<Option<Principal>, StoreError> {
+        let row = sqlx::query(
+            "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
+                    o.rate_limit_burst, o.rate_limit_per_second \
+             FROM api_keys k \
+             JOIN users u ON u.id = k.user_id AND u.org_id = k.org_id \
+             JOIN orgs o ON o.id = u.org_id \
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL \
+               AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.map(|r| rows::principal(&r, true)).transpose()
+    }
+
+    async fn touch_api_keys(&self, used: &[(ApiKeyId, DateTime<Utc>)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        // Latest use per key; GREATEST (which ignores NULL) never moves a
+        // key's last use backwards when batches arrive out of order.
+        let mut latest: HashMap<ApiKeyId, DateTime<Utc>> = HashMap::with_capacity(used.len());
+        for (id, at) in used {
+            let entry = latest.entry(*id).or_insert(*at);
+            *entry = (*entry).max(*at);
+        }
+        let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) =
+            latest.into_iter().map(|(id, at)| (uuid(id), at)).unzip();
+        sqlx::query(
+            "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, t.at) \
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) \
+             WHERE k.id = t.id",
+        )
+        .bind(ids)
+        .bind(times)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(map_err)
+    }
+
+    // ---- chats ------------------------------------------------------------
+
+    async fn get_chat(&self, org: OrgId, chat: ChatId) -> Result<Chat, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            chat_columns!(),
+            " FROM chats WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL"
+        ))
+        .bind(uuid(chat))
+        .bind(uuid(org))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::chat).ok_or(StoreError::NotFound)?
+    }
+
+    async fn list_chats(
+        &self,
+        org: OrgId,
+        user: UserId,
+        after: Option<ChatCursor>,
+        limit: u32,
+    ) -> Result<Vec<Chat>, StoreError> {
+        // Two fixed statements rather than one with `$3 IS NULL OR …`, so
+        // each gets a plan that walks `chats_user_recent` from the right spot.
+        let query = match after {
+            None => sqlx::query(concat!(
+                "SELECT ",
+                chat_columns!(),
+                " FROM chats WHERE org_id = $1 AND user_id = $2 AND deleted_at IS NULL \
+                 ORDER BY updated_at DESC, id DESC LIMIT $3"
+            ))
+            .bind(uuid(org))
+            .bind(uuid(user))
+            .bind(i64::from(limit)),
+            Some(cursor) => sqlx::query(concat!(
+                "SELECT ",
+                chat_columns!(),
+                " FROM chats WHERE org_id = $1 AND user_id = $2 AND deleted_at IS NULL \
+                   AND (updated_at, id) < ($4, $5) \
+                 ORDER BY updated_at DESC, id DESC LIMIT $3"
+            ))
+            .bind(uuid(org))
+            .bind(uuid(user))
+            .bind(i64::from(limit))
+            .bind(cursor.updated_at)
+            .bind(uuid(cursor.id)),
+        };
+        let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
+        rows.iter().map(rows::chat).collect()
+    }
+
+    async fn rename_chat(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        title: &ChatTitle,
+    ) -> Result<Chat, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE chats SET title = $3, updated_at = now() \
+             WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL RETURNING ",
+            chat_columns!()
+        ))
+        .bind(uuid(chat))
+        .bind(uuid(org))
+        .bind(title.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::chat).ok_or(StoreError::NotFound)?
+    }
+
+    async fn delete_chat(&self, org: OrgId, chat: ChatId) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE chats SET deleted_at = now(), updated_at = now() \
+             WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(uuid(chat))
+        .bind(uuid(org))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn list_messages(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        // Newest first through the (chat_id, seq) index, then reversed. The
+        // chat's org and liveness are part of the same query, so another
+        // org's chat yields nothing.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages \
+             WHERE chat_id = $1 AND org_id = $2 AND seq < $3 \
+               AND EXISTS (SELECT 1 FROM chats c \
+                           WHERE c.id = $1 AND c.org_id = $2 AND c.deleted_at IS NULL) \
+             ORDER BY seq DESC LIMIT $4"
+        ))
+        .bind(uuid(chat))
+        .bind(uuid(org))
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if rows.is_empty() {
+            // Nothing: an empty page of a readable chat, or no such chat.
+            self.get_chat(org, chat).await?;
+            return Ok(Vec::new());
+        }
+        let mut messages = rows.iter().map(rows::message).collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+        if turn.idempotency.is_none() {
+            // The hot path: one self-contained statement, one round trip.
+            let rows = begin_turn_query(turn)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
+            return begun_turn(turn, &rows);
+        }
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let rows = begin_turn_query(turn)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        match begun_turn(turn, &rows) {
+            Ok(begun) => {
+                tx.commit().await.map_err(map_err)?;
+                Ok(begun)
+            }
+            Err(err) => {
+                // Undo the claim when the chat was gone; nothing else was written.
+                tx.rollback().await.map_err(map_err)?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {
+        // One statement, hence one transaction: the message, its chat's
+        // updated_at and the idempotent response change together. The last
+        // two only when the message was found. $7/$8 are NULL without a
+        // response, which matches no key.
+        let (user, key, response) = match &msg.idempotent_response {
+            Some((user, key, response)) => (Some(uuid(*user)), Some(key.as_str()), Some(response)),
+            None => (None, None, None),
+        };
+        let row = sqlx::query(concat!(
+            "WITH m AS ( \
+                UPDATE messages \
+                   SET content = $4, status = $5, token_count = $6, updated_at = now() \
+                 WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
+                RETURNING ",
+            message_columns!(),
+            " ), c AS ( \
+                UPDATE chats SET updated_at = now() \
+                 WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
+            ), k AS ( \
+                UPDATE idempotency_keys SET response = $9 \
+                 WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
+            ) \
+            SELECT * FROM m"
+        ))
+        .bind(uuid(msg.id))
+        .bind(uuid(msg.org))
+        .bind(uuid(msg.chat))
+        .bind(&msg.content)
+        .bind(msg.status.as_str())
+        .bind(msg.token_count)
+        .bind(user)
+        .bind(key)
+        .bind(response)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::message).ok_or(StoreError::NotFound)?
+    }
+
+    async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError> {
+        if partials.is_empty() {
+            return Ok(());
+        }
+        let (ids, texts): (Vec<Uuid>, Vec<&str>) = last_per_id(partials)
+            .into_iter()
+            .map(|(id, text)| (uuid(id), text.as_str()))
+            .unzip();
+        // updated_at moves even when the text did not: it is the heartbeat
+        // that keeps a live stream from looking stale.
+        sqlx::query(
+            "UPDATE messages m SET content = p.content, updated_at = now() \
+             FROM unnest($1::uuid[], $2::text[]) AS p(id, content) \
+             WHERE m.id = p.id AND m.status = 'streaming'",
+        )
+        .bind(ids)
+        .bind(texts)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(map_err)
+    }
+
+    async fn interrupt_stale_streams(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE messages SET status = 'interrupted', updated_at = now() \
+             WHERE status = 'streaming' AND updated_at < $1",
+        )
+        .bind(older_than)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    // ---- idempotency --------------------------------------------------------
+
+    async fn get_idempotency(
+        &self,
+        user: UserId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT request_hash, response, created_at FROM idempotency_keys \
+             WHERE user_id = $1 AND key = $2",
+        )
+        .bind(uuid(user))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(rows::idempotency).transpose()
+    }
+
+    async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2")
+            .bind(uuid(user))
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(map_err)
+    }
+
+    async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(older_than)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_per_id_keeps_the_last_value_in_first_seen_order() {
+        let items = [(1, "a"), (2, "b"), (1, "c")];
+        assert_eq!(last_per_id(&items), vec![(1, &"c"), (2, &"b")]);
+    }
+}

@@ -1,0 +1,205 @@
+//! Row ⇄ domain mapping and the SQLite encodings of time and JSON.
+//!
+//! Columns are read by name with `Row::try_get`; the SELECT lists live next
+//! to the mapping functions (as macros, so they can be `concat!`ed into
+//! `&'static str` queries) to keep the two in step.
+
+use chrono::{DateTime, Utc};
+use confab_core::{
+    ApiKey, Chat, IdempotencyRecord, Message, Org, Principal, RateLimitOverride, StoreError, User,
+};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+use uuid::Uuid;
+
+use crate::error::{corrupt, map_err};
+
+/// Columns read by [`org`].
+macro_rules! org_columns {
+    () => {
+        "id, name, slug, metadata, rate_limit_burst, rate_limit_per_second, created_at, updated_at"
+    };
+}
+/// Columns read by [`user`].
+macro_rules! user_columns {
+    () => {
+        "id, org_id, email, name, role, created_at, updated_at"
+    };
+}
+/// Columns read by [`chat`].
+macro_rules! chat_columns {
+    () => {
+        "id, org_id, user_id, title, message_count, created_at, updated_at"
+    };
+}
+/// Columns read by [`message`].
+macro_rules! message_columns {
+    () => {
+        "id, chat_id, org_id, role, content, status, token_count, seq, created_at, updated_at"
+    };
+}
+/// Columns read by [`api_key`].
+macro_rules! api_key_columns {
+    () => {
+        "id, org_id, user_id, prefix, name, created_at, last_used_at, revoked_at"
+    };
+}
+pub(crate) use {api_key_columns, chat_columns, message_columns, org_columns, user_columns};
+
+/// Timestamps are stored as microseconds since the epoch: PostgreSQL's
+/// precision, so both backends return the same values, and an integer so
+/// that comparisons and keyset cursors are exact.
+pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// The current time as stored: truncated to microseconds, so the value a
+/// method returns is exactly the value a later read sees.
+pub(crate) fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+pub(crate) fn time(us: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| corrupt("timestamp", us))
+}
+
+fn get<'r, T>(row: &'r SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(column).map_err(map_err)
+}
+
+fn get_time(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
+    time(get(row, column)?)
+}
+
+fn get_opt_time(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    get::<Option<i64>>(row, column)?.map(time).transpose()
+}
+
+fn get_id<T: From<Uuid>>(row: &SqliteRow, column: &str) -> Result<T, StoreError> {
+    Ok(T::from(get::<Uuid>(row, column)?))
+}
+
+fn parse<T>(row: &SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let text: String = get(row, column)?;
+    text.parse().map_err(|e| corrupt(column, e))
+}
+
+/// JSON is stored as text.
+pub(crate) fn json_text(value: &serde_json::Value) -> String {
+    value.to_string()
+}
+
+fn get_json(row: &SqliteRow, column: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    get::<Option<String>>(row, column)?
+        .map(|text| serde_json::from_str(&text).map_err(|e| corrupt(column, e)))
+        .transpose()
+}
+
+/// The org's override when both columns are set (a CHECK keeps them paired).
+fn rate_limit(row: &SqliteRow) -> Result<Option<RateLimitOverride>, StoreError> {
+    let burst: Option<i64> = get(row, "rate_limit_burst")?;
+    let per_second: Option<f64> = get(row, "rate_limit_per_second")?;
+    let (Some(burst), Some(per_second)) = (burst, per_second) else {
+        return Ok(None);
+    };
+    let burst = u32::try_from(burst).map_err(|e| corrupt("rate_limit_burst", e))?;
+    RateLimitOverride::new(burst, per_second)
+        .map(Some)
+        .map_err(|e| corrupt("rate limit", e))
+}
+
+pub(crate) fn org(row: &SqliteRow) -> Result<Org, StoreError> {
+    Ok(Org {
+        id: get_id(row, "id")?,
+        name: get(row, "name")?,
+        slug: get(row, "slug")?,
+        metadata: get_json(row, "metadata")?.unwrap_or(serde_json::Value::Null),
+        rate_limit: rate_limit(row)?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+    })
+}
+
+pub(crate) fn user(row: &SqliteRow) -> Result<User, StoreError> {
+    Ok(User {
+        id: get_id(row, "id")?,
+        org_id: get_id(row, "org_id")?,
+        email: get(row, "email")?,
+        name: get(row, "name")?,
+        role: parse(row, "role")?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+    })
+}
+
+/// A principal from a users ⋈ orgs row: `user_id, org_id, email, role,
+/// rate_limit_burst, rate_limit_per_second` and, for key lookups, `api_key_id`.
+pub(crate) fn principal(row: &SqliteRow, api_key: bool) -> Result<Principal, StoreError> {
+    Ok(Principal {
+        org_id: get_id(row, "org_id")?,
+        user_id: get_id(row, "user_id")?,
+        email: get(row, "email")?,
+        role: parse(row, "role")?,
+        rate_limit: rate_limit(row)?,
+        api_key: if api_key {
+            Some(get_id(row, "api_key_id")?)
+        } else {
+            None
+        },
+    })
+}
+
+pub(crate) fn api_key(row: &SqliteRow) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: get_id(row, "id")?,
+        org_id: get_id(row, "org_id")?,
+        user_id: get_id(row, "user_id")?,
+        prefix: get(row, "prefix")?,
+        name: get(row, "name")?,
+        created_at: get_time(row, "created_at")?,
+        last_used_at: get_opt_time(row, "last_used_at")?,
+        revoked_at: get_opt_time(row, "revoked_at")?,
+    })
+}
+
+pub(crate) fn chat(row: &SqliteRow) -> Result<Chat, StoreError> {
+    Ok(Chat {
+        id: get_id(row, "id")?,
+        org_id: get_id(row, "org_id")?,
+        user_id: get_id(row, "user_id")?,
+        title: get(row, "title")?,
+        message_count: get(row, "message_count")?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+    })
+}
+
+pub(crate) fn message(row: &SqliteRow) -> Result<Message, StoreError> {
+    Ok(Message {
+        id: get_id(row, "id")?,
+        chat_id: get_id(row, "chat_id")?,
+        org_id: get_id(row, "org_id")?,
+        role: parse(row, "role")?,
+        content: get(row, "content")?,
+        status: parse(row, "status")?,
+        token_count: get(row, "token_count")?,
+        seq: get(row, "seq")?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+    })
+}
+
+pub(crate) fn idempotency(row: &SqliteRow) -> Result<IdempotencyRecord, StoreError> {
+    Ok(IdempotencyRecord {
+        request_hash: get(row, "request_hash")?,
+        response: get_json(row, "response")?,
+        created_at: get_time(row, "created_at")?,
+    })
+}
