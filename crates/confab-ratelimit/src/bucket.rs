@@ -199,7 +199,10 @@ mod tests {
         assert_eq!(d.remaining, 3);
         assert_eq!(d.retry_after, None);
         assert!(close(d.reset_after, 0.65));
-        assert_eq!(decision(FIVE_PER_TWO, 0, true, 5.0).reset_after, Duration::ZERO);
+        assert_eq!(
+            decision(FIVE_PER_TWO, 0, true, 5.0).reset_after,
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -165,7 +165,12 @@ impl RateLimiter for MemoryRateLimiter {
         "memory"
     }
 
-    async fn acquire(&self, key: &str, limit: Limit, cost: u32) -> Result<Decision, RateLimitError> {
+    async fn acquire(
+        &self,
+        key: &str,
+        limit: Limit,
+        cost: u32,
+    ) -> Result<Decision, RateLimitError> {
         if cost == 0 {
             return self.peek(key, limit).await;
         }
@@ -232,7 +237,11 @@ mod tests {
             limiter.acquire(&format!("k{i}"), limit, 1).await.unwrap();
         }
         // The insert that reached MIN_SWEEP_LEN swept the refilled half.
-        assert!(limiter.len() <= MIN_SWEEP_LEN / 2 + 1, "len {}", limiter.len());
+        assert!(
+            limiter.len() <= MIN_SWEEP_LEN / 2 + 1,
+            "len {}",
+            limiter.len()
+        );
         assert!(limiter.sweep_at.load(Ordering::Relaxed) >= MIN_SWEEP_LEN);
     }
 

@@ -231,7 +231,12 @@ impl RateLimiter for RedisRateLimiter {
         "redis"
     }
 
-    async fn acquire(&self, key: &str, limit: Limit, cost: u32) -> Result<Decision, RateLimitError> {
+    async fn acquire(
+        &self,
+        key: &str,
+        limit: Limit,
+        cost: u32,
+    ) -> Result<Decision, RateLimitError> {
         self.step(key, limit, cost).await
     }
 
@@ -277,9 +282,8 @@ impl WarnThrottle {
     fn warn(&self, operation: &'static str, error: &dyn std::fmt::Display) {
         let now_ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         let quiet_until = self.quiet_until_ms.load(Ordering::Relaxed);
-        let next = now_ms.saturating_add(
-            u64::try_from(WARN_INTERVAL.as_millis()).unwrap_or(u64::MAX),
-        );
+        let next =
+            now_ms.saturating_add(u64::try_from(WARN_INTERVAL.as_millis()).unwrap_or(u64::MAX));
         if now_ms < quiet_until
             || self
                 .quiet_until_ms

@@ -29,9 +29,7 @@ pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
         sqlx::Error::PoolTimedOut => {
             StoreError::Unavailable("timed out waiting for a PostgreSQL connection".into())
         }
-        sqlx::Error::PoolClosed => {
-            StoreError::Unavailable("the PostgreSQL pool is closed".into())
-        }
+        sqlx::Error::PoolClosed => StoreError::Unavailable("the PostgreSQL pool is closed".into()),
         sqlx::Error::Io(e) => StoreError::Unavailable(format!("PostgreSQL I/O error: {e}")),
         sqlx::Error::Tls(e) => StoreError::Unavailable(format!("PostgreSQL TLS error: {e}")),
         sqlx::Error::Database(db) => match db.kind() {

@@ -214,7 +214,11 @@ fn begun_turn(turn: &NewTurn, rows: &[PgRow]) -> Result<BegunTurn, StoreError> {
     }
     let mut by_role: HashMap<MessageRole, Message> = HashMap::with_capacity(2);
     for row in rows {
-        if row.try_get::<Option<Uuid>, _>("id").map_err(map_err)?.is_none() {
+        if row
+            .try_get::<Option<Uuid>, _>("id")
+            .map_err(map_err)?
+            .is_none()
+        {
             continue;
         }
         let message = rows::message(row)?;
@@ -441,7 +445,9 @@ impl Store for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
-        row.as_ref().map(rows::api_key).ok_or(StoreError::NotFound)?
+        row.as_ref()
+            .map(rows::api_key)
+            .ok_or(StoreError::NotFound)?
     }
 
     async fn list_api_keys(&self, org: OrgId) -> Result<Vec<ApiKey>, StoreError> {
@@ -631,7 +637,10 @@ impl Store for PostgresStore {
             self.get_chat(org, chat).await?;
             return Ok(Vec::new());
         }
-        let mut messages = rows.iter().map(rows::message).collect::<Result<Vec<_>, _>>()?;
+        let mut messages = rows
+            .iter()
+            .map(rows::message)
+            .collect::<Result<Vec<_>, _>>()?;
         messages.reverse();
         Ok(messages)
     }
@@ -700,7 +709,9 @@ impl Store for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
-        row.as_ref().map(rows::message).ok_or(StoreError::NotFound)?
+        row.as_ref()
+            .map(rows::message)
+            .ok_or(StoreError::NotFound)?
     }
 
     async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError> {

@@ -18,7 +18,11 @@ const NAMED_UNIQUE_RULES: &[(&str, &[&str], &str)] = &[
     ("chats", &["id"], "chats_pkey"),
     ("messages", &["id"], "messages_pkey"),
     ("api_keys", &["id"], "api_keys_pkey"),
-    ("idempotency_keys", &["user_id", "key"], "idempotency_keys_pkey"),
+    (
+        "idempotency_keys",
+        &["user_id", "key"],
+        "idempotency_keys_pkey",
+    ),
 ];
 
 // Primary result codes (the low byte of an extended code) that mean "the

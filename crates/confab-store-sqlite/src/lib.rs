@@ -312,7 +312,9 @@ impl Store for SqliteStore {
         .fetch_optional(&self.write)
         .await
         .map_err(map_err)?;
-        row.as_ref().map(rows::api_key).ok_or(StoreError::NotFound)?
+        row.as_ref()
+            .map(rows::api_key)
+            .ok_or(StoreError::NotFound)?
     }
 
     async fn list_api_keys(&self, org: OrgId) -> Result<Vec<ApiKey>, StoreError> {
@@ -500,7 +502,10 @@ impl Store for SqliteStore {
             self.get_chat(org, chat).await?;
             return Ok(Vec::new());
         }
-        let mut messages = rows.iter().map(rows::message).collect::<Result<Vec<_>, _>>()?;
+        let mut messages = rows
+            .iter()
+            .map(rows::message)
+            .collect::<Result<Vec<_>, _>>()?;
         messages.reverse();
         Ok(messages)
     }
@@ -600,7 +605,10 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
-        let messages = rows.iter().map(rows::message).collect::<Result<Vec<_>, _>>()?;
+        let messages = rows
+            .iter()
+            .map(rows::message)
+            .collect::<Result<Vec<_>, _>>()?;
         tx.commit().await.map_err(map_err)?;
         begun_turn(chat_id, messages)
     }
@@ -635,13 +643,15 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         if let Some((user, key, response)) = &msg.idempotent_response {
-            sqlx::query("UPDATE idempotency_keys SET response = ?3 WHERE user_id = ?1 AND key = ?2")
-                .bind(uuid(*user))
-                .bind(key)
-                .bind(json_text(response))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            sqlx::query(
+                "UPDATE idempotency_keys SET response = ?3 WHERE user_id = ?1 AND key = ?2",
+            )
+            .bind(uuid(*user))
+            .bind(key)
+            .bind(json_text(response))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(message)

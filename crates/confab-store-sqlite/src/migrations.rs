@@ -13,7 +13,8 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 /// `(version, description, sql)`, oldest first. The file for an entry is
 /// `migrations/{version:04}_{description}.sql`; a unit test checks that the
 /// folder and this list agree. Never edit an applied migration: add one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
 
 /// The migrator for this backend's schema.
 pub(crate) fn migrator() -> Migrator {

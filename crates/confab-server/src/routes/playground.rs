@@ -11,6 +11,7 @@ use crate::state::AppState;
 const HTML: &str = include_str!("../../assets/playground.html");
 const JS: &str = include_str!("../../assets/playground.js");
 const SSE_JS: &str = include_str!("../../assets/sse.js");
+const CSS: &str = include_str!("../../assets/playground.css");
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     (
@@ -31,6 +32,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/playground/playground.js",
             get(|| async { asset("text/javascript; charset=utf-8", JS) }),
+        )
+        .route(
+            "/playground/playground.css",
+            get(|| async { asset("text/css; charset=utf-8", CSS) }),
         )
         .route(
             "/playground/sse.js",

@@ -7,5 +7,9 @@
 
 mod support;
 
+mod api_chats;
+mod api_foundation;
+mod api_stream;
+
 mod ratelimit_contract;
 mod store_contract;

@@ -1,1 +1,1347 @@
 //! Contract tests of `Store`, run against SQLite and PostgreSQL.
+//!
+//! Each body is written once against `Arc<dyn Store>` and expanded per
+//! backend by `per_store!`; every test gets a fresh, migrated database. Where
+//! a test needs time to pass (expired idempotency keys, stale streams) it
+//! moves the stored timestamps back with a direct SQL UPDATE instead of
+//! sleeping.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use confab_core::provider::{ChatProvider, Chunk, ChunkStream, PromptMessage, ProviderError};
+use confab_core::service::{Access, ChatService, ServiceError, TurnStart};
+use confab_core::{ApiKeyId, Principal};
+use confab_core::{
+    BegunTurn, ChatCursor, ChatId, ChatTitle, Email, FinishedMessage, IdempotencyClaim, Message,
+    MessageId, MessageRole, MessageStatus, MessageText, NewApiKey, NewOrg, NewTurn, NewUser, Org,
+    OrgId, RateLimitOverride, Role, Slug, Store, StoreError, TurnChat, User, UserId,
+};
+use confab_store_postgres::PostgresStore;
+use confab_store_sqlite::SqliteStore;
+use futures::StreamExt;
+use sqlx::{Connection, PgConnection, SqliteConnection};
+
+use crate::per_store;
+use crate::support::{Db, TestDb};
+
+per_store!(
+    migrating_twice_is_a_no_op,
+    orgs_are_created_listed_and_found,
+    user_emails_are_unique_within_an_org_only,
+    deleted_users_have_no_principal,
+    api_keys_authenticate_until_revoked,
+    org_rate_limit_override_round_trips,
+    begin_turn_creates_a_chat_then_appends_to_it,
+    finish_message_stores_the_final_state,
+    chat_list_pages_return_every_chat_once_in_order,
+    message_history_pages_back_over_every_message_once,
+    an_org_can_never_read_or_change_another_orgs_chats,
+    deleted_chat_is_not_found,
+    idempotency_key_is_claimed_once_and_a_loser_writes_nothing,
+    idempotent_response_is_stored_and_a_released_key_can_be_claimed_again,
+    expired_idempotency_key_is_replaced,
+    purge_removes_only_old_idempotency_keys,
+    save_partials_updates_streaming_messages_only,
+    interrupt_stale_streams_marks_only_stale_streams,
+    concurrent_turns_with_one_idempotency_key_admit_exactly_one,
+    concurrent_turns_on_one_chat_get_gap_free_sequence_numbers,
+    chat_service_lets_only_the_owner_write_and_admins_read,
+);
+
+// ---- harness ------------------------------------------------------------------
+
+/// A migrated store on a fresh database. The `TestDb` must outlive the
+/// store: dropping it deletes the database.
+async fn open(kind: Db) -> (TestDb, Arc<dyn Store>) {
+    let db = TestDb::new(kind).await;
+    let store: Arc<dyn Store> = match kind {
+        Db::Sqlite => Arc::new(SqliteStore::connect(&db.url, 4).await.unwrap()),
+        Db::Postgres => Arc::new(PostgresStore::connect(&db.url, 4).await.unwrap()),
+    };
+    store.migrate().await.unwrap();
+    (db, store)
+}
+
+/// What the store returns for "now": microsecond precision.
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+}
+
+async fn new_org(store: &dyn Store, slug: &str) -> Org {
+    store
+        .create_org(&NewOrg {
+            id: OrgId::new(),
+            name: format!("Org {slug}"),
+            slug: Slug::parse(slug).unwrap(),
+            metadata: serde_json::json!({ "plan": "test", "seats": 3 }),
+        })
+        .await
+        .unwrap()
+}
+
+fn new_user_input(org: OrgId, email: &str, role: Role) -> NewUser {
+    NewUser {
+        id: UserId::new(),
+        org_id: org,
+        email: Email::parse(email).unwrap(),
+        name: email.split('@').next().unwrap().to_owned(),
+        role,
+    }
+}
+
+async fn new_user(store: &dyn Store, org: OrgId, email: &str, role: Role) -> User {
+    store
+        .create_user(&new_user_input(org, email, role))
+        .await
+        .unwrap()
+}
+
+fn turn(user: &User, chat: TurnChat, text: &str) -> NewTurn {
+    NewTurn {
+        org: user.org_id,
+        user: user.id,
+        chat,
+        user_message_id: MessageId::new(),
+        content: text.to_owned(),
+        assistant_message_id: MessageId::new(),
+        idempotency: None,
+    }
+}
+
+fn new_chat(title: &str) -> TurnChat {
+    TurnChat::New {
+        id: ChatId::new(),
+        title: title.to_owned(),
+    }
+}
+
+fn claim(key: &str, request_hash: &str) -> Option<IdempotencyClaim> {
+    Some(IdempotencyClaim {
+        key: key.to_owned(),
+        request_hash: request_hash.to_owned(),
+    })
+}
+
+async fn start_chat(store: &dyn Store, user: &User, text: &str) -> BegunTurn {
+    store
+        .begin_turn(&turn(user, new_chat(text), text))
+        .await
+        .unwrap()
+}
+
+async fn add_turn(store: &dyn Store, user: &User, chat: ChatId, text: &str) -> BegunTurn {
+    store
+        .begin_turn(&turn(user, TurnChat::Existing(chat), text))
+        .await
+        .unwrap()
+}
+
+fn finished(
+    user: &User,
+    begun: &BegunTurn,
+    content: &str,
+    status: MessageStatus,
+) -> FinishedMessage {
+    FinishedMessage {
+        org: user.org_id,
+        chat: begun.chat_id,
+        id: begun.assistant_message.id,
+        content: content.to_owned(),
+        status,
+        token_count: Some(content.split_whitespace().count() as i64),
+        idempotent_response: None,
+    }
+}
+
+async fn all_messages(store: &dyn Store, org: OrgId, chat: ChatId) -> Vec<Message> {
+    store.list_messages(org, chat, None, 10_000).await.unwrap()
+}
+
+fn is_not_found<T: std::fmt::Debug>(result: Result<T, StoreError>) -> bool {
+    matches!(result, Err(StoreError::NotFound))
+}
+
+fn conflict_on<T: std::fmt::Debug>(result: Result<T, StoreError>) -> String {
+    match result {
+        Err(StoreError::Conflict { constraint }) => constraint,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+// Direct SQL, behind the store's back, to make time pass. SQLite stores
+// microseconds since the epoch; PostgreSQL timestamptz.
+
+const HOUR_MICROS: i64 = 3_600_000_000;
+
+async fn age_message(db: &TestDb, id: MessageId, hours: i32) {
+    let id = *id.as_uuid();
+    match db.kind {
+        Db::Sqlite => {
+            let mut conn = SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("UPDATE messages SET updated_at = updated_at - ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(i64::from(hours) * HOUR_MICROS)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            conn.close().await.unwrap();
+        }
+        Db::Postgres => {
+            let mut conn = PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query(
+                "UPDATE messages SET updated_at = updated_at - make_interval(hours => $2) \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(hours)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+        }
+    }
+}
+
+async fn age_idempotency_key(db: &TestDb, user: UserId, key: &str, hours: i32) {
+    let user = *user.as_uuid();
+    match db.kind {
+        Db::Sqlite => {
+            let mut conn = SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query(
+                "UPDATE idempotency_keys SET created_at = created_at - ?3 \
+                 WHERE user_id = ?1 AND key = ?2",
+            )
+            .bind(user)
+            .bind(key)
+            .bind(i64::from(hours) * HOUR_MICROS)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+        }
+        Db::Postgres => {
+            let mut conn = PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query(
+                "UPDATE idempotency_keys SET created_at = created_at - make_interval(hours => $3) \
+                 WHERE user_id = $1 AND key = $2",
+            )
+            .bind(user)
+            .bind(key)
+            .bind(hours)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+        }
+    }
+}
+
+async fn applied_migrations(db: &TestDb) -> Vec<i64> {
+    const SQL: &str = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
+    match db.kind {
+        Db::Sqlite => {
+            let mut conn = SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(SQL).fetch_all(&mut conn).await.unwrap()
+        }
+        Db::Postgres => {
+            let mut conn = PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(SQL).fetch_all(&mut conn).await.unwrap()
+        }
+    }
+}
+
+// ---- schema and tenancy -------------------------------------------------------
+
+async fn migrating_twice_is_a_no_op(db: Db) {
+    let (t, store) = open(db).await;
+    assert_eq!(
+        store.backend(),
+        if db == Db::Sqlite {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    );
+    // The first migration ran on the fresh database (the original skipped it).
+    assert_eq!(applied_migrations(&t).await, vec![1]);
+    let org = new_org(&*store, "acme").await;
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(applied_migrations(&t).await, vec![1]);
+    // Data survives, and a second store on the same database sees it.
+    assert_eq!(store.find_org("acme").await.unwrap(), org);
+    store.ping().await.unwrap();
+    store.close().await;
+}
+
+async fn orgs_are_created_listed_and_found(db: Db) {
+    let (_t, store) = open(db).await;
+    assert!(!store.has_orgs().await.unwrap());
+
+    let acme = new_org(&*store, "acme-corp").await;
+    let tech = new_org(&*store, "tech-startup").await;
+    assert!(store.has_orgs().await.unwrap());
+    assert_eq!(acme.slug, "acme-corp");
+    assert_eq!(
+        acme.metadata,
+        serde_json::json!({ "plan": "test", "seats": 3 })
+    );
+    assert_eq!(acme.rate_limit, None);
+
+    // Returned rows equal stored rows exactly, timestamps included.
+    assert_eq!(store.find_org(&acme.id.to_string()).await.unwrap(), acme);
+    assert_eq!(store.find_org("tech-startup").await.unwrap(), tech);
+    assert_eq!(store.list_orgs().await.unwrap(), vec![acme.clone(), tech]);
+    assert!(is_not_found(store.find_org("nope").await));
+    assert!(is_not_found(
+        store.find_org(&OrgId::new().to_string()).await
+    ));
+
+    let taken_slug = store
+        .create_org(&NewOrg {
+            id: OrgId::new(),
+            name: "Another Acme".into(),
+            slug: Slug::parse("acme-corp").unwrap(),
+            metadata: serde_json::json!({}),
+        })
+        .await;
+    assert_eq!(conflict_on(taken_slug), "orgs_slug_key");
+    let taken_id = store
+        .create_org(&NewOrg {
+            id: acme.id,
+            name: "Acme again".into(),
+            slug: Slug::parse("acme-2").unwrap(),
+            metadata: serde_json::json!({}),
+        })
+        .await;
+    assert_eq!(conflict_on(taken_id), "orgs_pkey");
+    assert_eq!(store.list_orgs().await.unwrap().len(), 2);
+}
+
+async fn user_emails_are_unique_within_an_org_only(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let tech = new_org(&*store, "tech").await;
+
+    let alice = new_user(&*store, acme.id, "Alice@Acme.com", Role::Admin).await;
+    assert_eq!(alice.email, "alice@acme.com");
+    assert_eq!(alice.role, Role::Admin);
+    assert_eq!(alice.org_id, acme.id);
+
+    let duplicate = store
+        .create_user(&new_user_input(acme.id, "alice@acme.com", Role::Member))
+        .await;
+    assert_eq!(conflict_on(duplicate), "users_org_email");
+    // The same address in another org is another person.
+    let other_alice = new_user(&*store, tech.id, "alice@acme.com", Role::Owner).await;
+    assert_eq!(other_alice.org_id, tech.id);
+
+    let mut same_id = new_user_input(acme.id, "bob@acme.com", Role::Member);
+    same_id.id = alice.id;
+    assert_eq!(conflict_on(store.create_user(&same_id).await), "users_pkey");
+
+    let unknown_org = store
+        .create_user(&new_user_input(OrgId::new(), "carol@x.com", Role::Member))
+        .await;
+    assert!(is_not_found(unknown_org));
+
+    let bob = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+    assert_eq!(
+        store.list_users(acme.id).await.unwrap(),
+        vec![alice.clone(), bob.clone()]
+    );
+    assert_eq!(store.list_users(tech.id).await.unwrap(), vec![other_alice]);
+
+    // A deleted user frees their address, and is gone from the list.
+    store.delete_user(acme.id, alice.id).await.unwrap();
+    assert!(is_not_found(store.delete_user(acme.id, alice.id).await));
+    assert_eq!(store.list_users(acme.id).await.unwrap(), vec![bob.clone()]);
+    new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    // Deleting through the wrong org does nothing.
+    assert!(is_not_found(store.delete_user(tech.id, bob.id).await));
+}
+
+async fn deleted_users_have_no_principal(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Owner).await;
+
+    let principal = store.find_principal(alice.id).await.unwrap().unwrap();
+    assert_eq!(
+        principal,
+        Principal {
+            org_id: acme.id,
+            user_id: alice.id,
+            email: "alice@acme.com".into(),
+            role: Role::Owner,
+            rate_limit: None,
+            api_key: None,
+        }
+    );
+    assert_eq!(store.find_principal(UserId::new()).await.unwrap(), None);
+
+    store.delete_user(acme.id, alice.id).await.unwrap();
+    assert_eq!(store.find_principal(alice.id).await.unwrap(), None);
+}
+
+async fn api_keys_authenticate_until_revoked(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let tech = new_org(&*store, "tech").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Admin).await;
+    let bob = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+    let new_key = |user: &User, hash: &[u8]| NewApiKey {
+        id: ApiKeyId::new(),
+        org_id: user.org_id,
+        user_id: user.id,
+        hash: hash.to_vec(),
+        prefix: "cfb_1a2b3c4d".into(),
+        name: "laptop".into(),
+    };
+
+    let key = store
+        .create_api_key(&new_key(&alice, &[1; 32]))
+        .await
+        .unwrap();
+    assert_eq!((key.org_id, key.user_id), (acme.id, alice.id));
+    assert_eq!((key.last_used_at, key.revoked_at), (None, None));
+    assert_eq!(key.prefix, "cfb_1a2b3c4d");
+
+    let principal = store
+        .find_principal_by_key(&[1; 32])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(principal.user_id, alice.id);
+    assert_eq!(principal.org_id, acme.id);
+    assert_eq!(principal.role, Role::Admin);
+    assert_eq!(principal.api_key, Some(key.id));
+    assert_eq!(store.find_principal_by_key(&[2; 32]).await.unwrap(), None);
+
+    assert_eq!(
+        conflict_on(store.create_api_key(&new_key(&bob, &[1; 32])).await),
+        "api_keys_key_hash_key"
+    );
+    // A user is only in their own org.
+    let mut elsewhere = new_key(&alice, &[3; 32]);
+    elsewhere.org_id = tech.id;
+    assert!(is_not_found(store.create_api_key(&elsewhere).await));
+    let mut nobody = new_key(&alice, &[3; 32]);
+    nobody.user_id = UserId::new();
+    assert!(is_not_found(store.create_api_key(&nobody).await));
+
+    // Touch: the latest use wins, an older report never moves it back.
+    let used = now();
+    store.touch_api_keys(&[]).await.unwrap();
+    store
+        .touch_api_keys(&[(key.id, used - Duration::seconds(5)), (key.id, used)])
+        .await
+        .unwrap();
+    store
+        .touch_api_keys(&[(key.id, used - Duration::minutes(1))])
+        .await
+        .unwrap();
+    let listed = store.list_api_keys(acme.id).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_used_at, Some(used));
+
+    // Newest first.
+    let bobs = store
+        .create_api_key(&new_key(&bob, &[4; 32]))
+        .await
+        .unwrap();
+    let ids: Vec<ApiKeyId> = store
+        .list_api_keys(acme.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(ids, vec![bobs.id, key.id]);
+    assert!(store.list_api_keys(tech.id).await.unwrap().is_empty());
+
+    // Revoked: unknown to authentication, still listed, revoking is idempotent.
+    store.revoke_api_key(key.id).await.unwrap();
+    assert_eq!(store.find_principal_by_key(&[1; 32]).await.unwrap(), None);
+    let revoked_at = store.list_api_keys(acme.id).await.unwrap()[1].revoked_at;
+    assert!(revoked_at.is_some());
+    store.revoke_api_key(key.id).await.unwrap();
+    assert_eq!(
+        store.list_api_keys(acme.id).await.unwrap()[1].revoked_at,
+        revoked_at
+    );
+    assert!(is_not_found(store.revoke_api_key(ApiKeyId::new()).await));
+
+    // The key of a deleted user no longer authenticates.
+    assert!(
+        store
+            .find_principal_by_key(&[4; 32])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    store.delete_user(acme.id, bob.id).await.unwrap();
+    assert_eq!(store.find_principal_by_key(&[4; 32]).await.unwrap(), None);
+}
+
+async fn org_rate_limit_override_round_trips(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    store
+        .create_api_key(&NewApiKey {
+            id: ApiKeyId::new(),
+            org_id: acme.id,
+            user_id: alice.id,
+            hash: vec![7; 32],
+            prefix: "cfb_x".into(),
+            name: "ci".into(),
+        })
+        .await
+        .unwrap();
+
+    let limit = RateLimitOverride::new(5, 2.5).unwrap();
+    store
+        .set_org_rate_limit(acme.id, Some(limit))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_org("acme").await.unwrap().rate_limit,
+        Some(limit)
+    );
+    let principal = store.find_principal(alice.id).await.unwrap().unwrap();
+    assert_eq!(principal.rate_limit, Some(limit));
+    let by_key = store
+        .find_principal_by_key(&[7; 32])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_key.rate_limit, Some(limit));
+
+    store.set_org_rate_limit(acme.id, None).await.unwrap();
+    assert_eq!(store.find_org("acme").await.unwrap().rate_limit, None);
+    let principal = store.find_principal(alice.id).await.unwrap().unwrap();
+    assert_eq!(principal.rate_limit, None);
+
+    assert!(is_not_found(
+        store.set_org_rate_limit(OrgId::new(), Some(limit)).await
+    ));
+}
+
+// ---- chats and messages -------------------------------------------------------
+
+async fn begin_turn_creates_a_chat_then_appends_to_it(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+
+    let first = start_chat(&*store, &alice, "Hello there").await;
+    let (user_msg, reply) = (&first.user_message, &first.assistant_message);
+    assert_eq!((user_msg.seq, reply.seq), (1, 2));
+    assert_eq!(user_msg.role, MessageRole::User);
+    assert_eq!(user_msg.status, MessageStatus::Complete);
+    assert_eq!(user_msg.content, "Hello there");
+    assert_eq!(reply.role, MessageRole::Assistant);
+    assert_eq!(reply.status, MessageStatus::Streaming);
+    assert_eq!(reply.content, "");
+    assert_eq!(reply.token_count, None);
+    assert_eq!(
+        (user_msg.chat_id, user_msg.org_id),
+        (first.chat_id, acme.id)
+    );
+
+    let chat = store.get_chat(acme.id, first.chat_id).await.unwrap();
+    assert_eq!(chat.title, "Hello there");
+    assert_eq!(chat.message_count, 2);
+    assert_eq!((chat.org_id, chat.user_id), (acme.id, alice.id));
+    assert_eq!(chat.updated_at, user_msg.created_at);
+    // What begin_turn returned is exactly what was stored.
+    assert_eq!(
+        all_messages(&*store, acme.id, first.chat_id).await,
+        vec![user_msg.clone(), reply.clone()]
+    );
+
+    let second = add_turn(&*store, &alice, first.chat_id, "And again").await;
+    assert_eq!(second.chat_id, first.chat_id);
+    assert_eq!(
+        (second.user_message.seq, second.assistant_message.seq),
+        (3, 4)
+    );
+    let chat = store.get_chat(acme.id, first.chat_id).await.unwrap();
+    assert_eq!(chat.message_count, 4);
+    assert_eq!(chat.title, "Hello there");
+    assert!(chat.updated_at >= second.user_message.created_at);
+    let seqs: Vec<i64> = all_messages(&*store, acme.id, first.chat_id)
+        .await
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+
+    // A new chat for a user of another org, or an unknown chat: nothing stored.
+    let tech = new_org(&*store, "tech").await;
+    let mut foreign = turn(&alice, new_chat("x"), "x");
+    foreign.org = tech.id;
+    assert!(is_not_found(store.begin_turn(&foreign).await));
+    let unknown = turn(&alice, TurnChat::Existing(ChatId::new()), "x");
+    assert!(is_not_found(store.begin_turn(&unknown).await));
+    assert_eq!(
+        store
+            .list_chats(acme.id, alice.id, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Reusing a message id is a conflict, and the turn is rolled back whole.
+    let mut reused = turn(&alice, TurnChat::Existing(first.chat_id), "dup");
+    reused.user_message_id = first.user_message.id;
+    assert_eq!(
+        conflict_on(store.begin_turn(&reused).await),
+        "messages_pkey"
+    );
+    assert_eq!(
+        store
+            .get_chat(acme.id, first.chat_id)
+            .await
+            .unwrap()
+            .message_count,
+        4
+    );
+}
+
+async fn finish_message_stores_the_final_state(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let begun = start_chat(&*store, &alice, "Tell me a story").await;
+    let before = store.get_chat(acme.id, begun.chat_id).await.unwrap();
+
+    let done = store
+        .finish_message(&finished(
+            &alice,
+            &begun,
+            "Once upon a time",
+            MessageStatus::Complete,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(done.id, begun.assistant_message.id);
+    assert_eq!(done.content, "Once upon a time");
+    assert_eq!(done.status, MessageStatus::Complete);
+    assert_eq!(done.token_count, Some(4));
+    assert_eq!(done.seq, 2);
+    assert_eq!(done.created_at, begun.assistant_message.created_at);
+    assert!(done.updated_at >= begun.assistant_message.updated_at);
+
+    let stored = all_messages(&*store, acme.id, begun.chat_id).await;
+    assert_eq!(stored[1], done);
+    let after = store.get_chat(acme.id, begun.chat_id).await.unwrap();
+    assert!(after.updated_at >= before.updated_at);
+    assert_eq!(after.message_count, 2);
+
+    let mut unknown = finished(&alice, &begun, "x", MessageStatus::Failed);
+    unknown.id = MessageId::new();
+    assert!(is_not_found(store.finish_message(&unknown).await));
+}
+
+async fn chat_list_pages_return_every_chat_once_in_order(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let bob = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            start_chat(&*store, &alice, &format!("chat {i}"))
+                .await
+                .chat_id,
+        );
+    }
+    // Activity reorders the list; someone else's and deleted chats are not in it.
+    add_turn(&*store, &alice, ids[2], "bump").await;
+    start_chat(&*store, &bob, "bob's").await;
+    let deleted = start_chat(&*store, &alice, "deleted").await.chat_id;
+    store.delete_chat(acme.id, deleted).await.unwrap();
+
+    let mut expected = Vec::new();
+    for id in &ids {
+        expected.push(store.get_chat(acme.id, *id).await.unwrap());
+    }
+    expected.sort_by(|a, b| (b.updated_at, b.id).cmp(&(a.updated_at, a.id)));
+    assert_eq!(expected[0].id, ids[2]);
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<ChatCursor> = None;
+    let mut page_sizes = Vec::new();
+    loop {
+        let page = store
+            .list_chats(acme.id, alice.id, cursor, 3)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        page_sizes.push(page.len());
+        cursor = page.last().map(|c| ChatCursor {
+            updated_at: c.updated_at,
+            id: c.id,
+        });
+        seen.extend(page);
+        assert!(page_sizes.len() <= 3, "pagination does not end");
+    }
+    assert_eq!(page_sizes, vec![3, 3, 1]);
+    assert_eq!(seen, expected);
+}
+
+async fn message_history_pages_back_over_every_message_once(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let chat = start_chat(&*store, &alice, "turn 0").await.chat_id;
+    for i in 1..125 {
+        add_turn(&*store, &alice, chat, &format!("turn {i}")).await;
+    }
+    assert_eq!(
+        store.get_chat(acme.id, chat).await.unwrap().message_count,
+        250
+    );
+
+    let newest = store.list_messages(acme.id, chat, None, 100).await.unwrap();
+    assert_eq!(newest.first().unwrap().seq, 151);
+    assert_eq!(newest.last().unwrap().seq, 250);
+
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .list_messages(acme.id, chat, before, 100)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = Some(page[0].seq);
+        pages.push(page);
+        assert!(pages.len() <= 3, "paging does not end");
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![100, 100, 50]);
+    let all: Vec<Message> = pages.into_iter().rev().flatten().collect();
+    let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=250).collect::<Vec<i64>>());
+    for message in &all {
+        let expected_role = if message.seq % 2 == 1 {
+            MessageRole::User
+        } else {
+            MessageRole::Assistant
+        };
+        assert_eq!(message.role, expected_role);
+    }
+    assert_eq!(all[0].content, "turn 0");
+    assert_eq!(all[248].content, "turn 124");
+    let unique: HashSet<MessageId> = all.iter().map(|m| m.id).collect();
+    assert_eq!(unique.len(), 250);
+
+    // Before the first message there is nothing; an empty chat page is not an error.
+    assert!(
+        store
+            .list_messages(acme.id, chat, Some(1), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn an_org_can_never_read_or_change_another_orgs_chats(db: Db) {
+    let (_t, store) = open(db).await;
+    let a = new_org(&*store, "org-a").await;
+    let b = new_org(&*store, "org-b").await;
+    let a_admin = new_user(&*store, a.id, "admin@a.com", Role::Owner).await;
+    let b_user = new_user(&*store, b.id, "user@b.com", Role::Member).await;
+
+    let begun = start_chat(&*store, &b_user, "B's secret").await;
+    let b_chat = begun.chat_id;
+    let chat_before = store.get_chat(b.id, b_chat).await.unwrap();
+    let messages_before = all_messages(&*store, b.id, b_chat).await;
+
+    assert!(is_not_found(store.get_chat(a.id, b_chat).await));
+    let title = ChatTitle::parse("pwned").unwrap();
+    assert!(is_not_found(store.rename_chat(a.id, b_chat, &title).await));
+    assert!(is_not_found(store.delete_chat(a.id, b_chat).await));
+    assert!(is_not_found(
+        store.list_messages(a.id, b_chat, None, 100).await
+    ));
+    assert!(is_not_found(
+        store.list_messages(a.id, b_chat, Some(2), 100).await
+    ));
+    let intrusion = turn(&a_admin, TurnChat::Existing(b_chat), "hi from A");
+    assert!(is_not_found(store.begin_turn(&intrusion).await));
+    let mut finish = finished(&a_admin, &begun, "overwritten", MessageStatus::Complete);
+    finish.chat = b_chat;
+    assert!(is_not_found(store.finish_message(&finish).await));
+    // A's org id with B's user id lists nothing.
+    assert!(
+        store
+            .list_chats(a.id, b_user.id, None, 50)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Creating a chat in A for B's user is refused too.
+    let mut smuggled = turn(&b_user, new_chat("x"), "x");
+    smuggled.org = a.id;
+    assert!(is_not_found(store.begin_turn(&smuggled).await));
+
+    assert_eq!(store.get_chat(b.id, b_chat).await.unwrap(), chat_before);
+    assert_eq!(all_messages(&*store, b.id, b_chat).await, messages_before);
+    assert_eq!(
+        store.list_chats(b.id, b_user.id, None, 50).await.unwrap(),
+        vec![chat_before]
+    );
+}
+
+async fn deleted_chat_is_not_found(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let chat = start_chat(&*store, &alice, "short-lived").await.chat_id;
+
+    let renamed = store
+        .rename_chat(acme.id, chat, &ChatTitle::parse("Renamed").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(renamed.title, "Renamed");
+    assert_eq!(store.get_chat(acme.id, chat).await.unwrap(), renamed);
+
+    store.delete_chat(acme.id, chat).await.unwrap();
+    assert!(is_not_found(store.get_chat(acme.id, chat).await));
+    assert!(is_not_found(store.delete_chat(acme.id, chat).await));
+    assert!(is_not_found(
+        store
+            .rename_chat(acme.id, chat, &ChatTitle::parse("x").unwrap())
+            .await
+    ));
+    assert!(is_not_found(
+        store.list_messages(acme.id, chat, None, 10).await
+    ));
+    let late = turn(&alice, TurnChat::Existing(chat), "anyone?");
+    assert!(is_not_found(store.begin_turn(&late).await));
+    assert!(
+        store
+            .list_chats(acme.id, alice.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+// ---- idempotency --------------------------------------------------------------
+
+async fn idempotency_key_is_claimed_once_and_a_loser_writes_nothing(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let bob = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+
+    let mut first = turn(&alice, new_chat("hi"), "hi");
+    first.idempotency = claim("key-1", "hash-1");
+    let begun = store.begin_turn(&first).await.unwrap();
+
+    // Same key again, for a new chat: refused, and no chat or message written.
+    let mut again = turn(&alice, new_chat("hi"), "hi");
+    again.idempotency = claim("key-1", "hash-1");
+    assert_eq!(
+        conflict_on(store.begin_turn(&again).await),
+        "idempotency_keys"
+    );
+    let TurnChat::New { id: lost_chat, .. } = again.chat else {
+        unreachable!()
+    };
+    assert!(is_not_found(store.get_chat(acme.id, lost_chat).await));
+    assert_eq!(
+        store
+            .list_chats(acme.id, alice.id, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Same key again, on the existing chat: refused, the chat is unchanged.
+    let chat_before = store.get_chat(acme.id, begun.chat_id).await.unwrap();
+    let mut append = turn(&alice, TurnChat::Existing(begun.chat_id), "more");
+    append.idempotency = claim("key-1", "hash-2");
+    assert_eq!(
+        conflict_on(store.begin_turn(&append).await),
+        "idempotency_keys"
+    );
+    assert_eq!(
+        store.get_chat(acme.id, begun.chat_id).await.unwrap(),
+        chat_before
+    );
+    assert_eq!(all_messages(&*store, acme.id, begun.chat_id).await.len(), 2);
+
+    // The stored record is the first request's; keys are per user.
+    let record = store
+        .get_idempotency(alice.id, "key-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.request_hash, "hash-1");
+    assert_eq!(record.response, None);
+    assert!(record.created_at <= now());
+    let mut bobs = turn(&bob, new_chat("hi"), "hi");
+    bobs.idempotency = claim("key-1", "hash-1");
+    store.begin_turn(&bobs).await.unwrap();
+    assert_eq!(
+        store.get_idempotency(alice.id, "other").await.unwrap(),
+        None
+    );
+}
+
+async fn idempotent_response_is_stored_and_a_released_key_can_be_claimed_again(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+
+    let mut first = turn(&alice, new_chat("hi"), "hi");
+    first.idempotency = claim("k", "h");
+    let begun = store.begin_turn(&first).await.unwrap();
+    let response = serde_json::json!({ "chat_id": begun.chat_id, "reply": "hello" });
+    let mut done = finished(&alice, &begun, "hello", MessageStatus::Complete);
+    done.idempotent_response = Some((alice.id, "k".into(), response.clone()));
+    store.finish_message(&done).await.unwrap();
+
+    let record = store.get_idempotency(alice.id, "k").await.unwrap().unwrap();
+    assert_eq!(record.response, Some(response));
+    assert_eq!(record.request_hash, "h");
+
+    store.release_idempotency(alice.id, "k").await.unwrap();
+    assert_eq!(store.get_idempotency(alice.id, "k").await.unwrap(), None);
+    // Releasing an unknown key is fine.
+    store.release_idempotency(alice.id, "k").await.unwrap();
+
+    let mut retry = turn(&alice, TurnChat::Existing(begun.chat_id), "hi again");
+    retry.idempotency = claim("k", "h2");
+    let again = store.begin_turn(&retry).await.unwrap();
+    assert_eq!(again.user_message.seq, 3);
+    let record = store.get_idempotency(alice.id, "k").await.unwrap().unwrap();
+    assert_eq!(
+        (record.request_hash.as_str(), record.response),
+        ("h2", None)
+    );
+}
+
+async fn expired_idempotency_key_is_replaced(db: Db) {
+    let (t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+
+    let mut first = turn(&alice, new_chat("hi"), "hi");
+    first.idempotency = claim("old", "hash-1");
+    let begun = store.begin_turn(&first).await.unwrap();
+    let mut done = finished(&alice, &begun, "hello", MessageStatus::Complete);
+    done.idempotent_response = Some((alice.id, "old".into(), serde_json::json!({ "n": 1 })));
+    store.finish_message(&done).await.unwrap();
+
+    // 23 hours old: still live.
+    age_idempotency_key(&t, alice.id, "old", 23).await;
+    let mut early = turn(&alice, new_chat("hi"), "hi");
+    early.idempotency = claim("old", "hash-2");
+    assert_eq!(
+        conflict_on(store.begin_turn(&early).await),
+        "idempotency_keys"
+    );
+
+    // 25 hours old: expired, so a new request takes the key over.
+    age_idempotency_key(&t, alice.id, "old", 2).await;
+    let expired = store
+        .get_idempotency(alice.id, "old")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(expired.created_at < now() - Duration::hours(24));
+    let mut late = turn(&alice, new_chat("hi"), "hi");
+    late.idempotency = claim("old", "hash-3");
+    store.begin_turn(&late).await.unwrap();
+    let record = store
+        .get_idempotency(alice.id, "old")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.request_hash, "hash-3");
+    assert_eq!(record.response, None);
+    assert!(record.created_at > now() - Duration::hours(1));
+}
+
+async fn purge_removes_only_old_idempotency_keys(db: Db) {
+    let (t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    for key in ["stale", "fresh"] {
+        let mut claimed = turn(&alice, new_chat(key), key);
+        claimed.idempotency = claim(key, "h");
+        store.begin_turn(&claimed).await.unwrap();
+    }
+    age_idempotency_key(&t, alice.id, "stale", 25).await;
+
+    let purged = store
+        .purge_idempotency(now() - Duration::hours(24))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(
+        store.get_idempotency(alice.id, "stale").await.unwrap(),
+        None
+    );
+    assert!(
+        store
+            .get_idempotency(alice.id, "fresh")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store
+            .purge_idempotency(now() - Duration::hours(24))
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+// ---- streaming persistence ----------------------------------------------------
+
+async fn save_partials_updates_streaming_messages_only(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let streaming = start_chat(&*store, &alice, "one").await;
+    let other = start_chat(&*store, &alice, "two").await;
+    let done = start_chat(&*store, &alice, "three").await;
+    store
+        .finish_message(&finished(&alice, &done, "final", MessageStatus::Complete))
+        .await
+        .unwrap();
+
+    store.save_partials(&[]).await.unwrap();
+    store
+        .save_partials(&[
+            (streaming.assistant_message.id, "Once".into()),
+            (done.assistant_message.id, "must not land".into()),
+            (other.assistant_message.id, "Hi".into()),
+            (streaming.assistant_message.id, "Once upon".into()),
+            (MessageId::new(), "nobody".into()),
+        ])
+        .await
+        .unwrap();
+
+    let reply = |messages: Vec<Message>| messages.into_iter().nth(1).unwrap();
+    let saved = reply(all_messages(&*store, acme.id, streaming.chat_id).await);
+    assert_eq!(saved.content, "Once upon");
+    assert_eq!(saved.status, MessageStatus::Streaming);
+    assert!(saved.updated_at >= streaming.assistant_message.updated_at);
+    assert_eq!(
+        reply(all_messages(&*store, acme.id, other.chat_id).await).content,
+        "Hi"
+    );
+    let untouched = reply(all_messages(&*store, acme.id, done.chat_id).await);
+    assert_eq!(untouched.content, "final");
+    assert_eq!(untouched.status, MessageStatus::Complete);
+
+    // The same text again is a heartbeat: updated_at still moves.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    store
+        .save_partials(&[(streaming.assistant_message.id, "Once upon".into())])
+        .await
+        .unwrap();
+    let beat = reply(all_messages(&*store, acme.id, streaming.chat_id).await);
+    assert_eq!(beat.content, "Once upon");
+    assert!(beat.updated_at > saved.updated_at);
+}
+
+async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
+    let (t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let stale = start_chat(&*store, &alice, "left by a dead process").await;
+    let live = start_chat(&*store, &alice, "still streaming").await;
+    let finished_long_ago = start_chat(&*store, &alice, "done").await;
+    store
+        .finish_message(&finished(
+            &alice,
+            &finished_long_ago,
+            "done",
+            MessageStatus::Complete,
+        ))
+        .await
+        .unwrap();
+    age_message(&t, stale.assistant_message.id, 1).await;
+    age_message(&t, stale.user_message.id, 1).await;
+    age_message(&t, finished_long_ago.assistant_message.id, 1).await;
+
+    let cutoff = now() - Duration::minutes(10);
+    assert_eq!(store.interrupt_stale_streams(cutoff).await.unwrap(), 1);
+    assert_eq!(store.interrupt_stale_streams(cutoff).await.unwrap(), 0);
+
+    let stale_now = all_messages(&*store, acme.id, stale.chat_id).await;
+    assert_eq!(stale_now[0].status, MessageStatus::Complete);
+    assert_eq!(stale_now[1].status, MessageStatus::Interrupted);
+    assert!(stale_now[1].updated_at > cutoff);
+    let live_now = all_messages(&*store, acme.id, live.chat_id).await;
+    assert_eq!(live_now[1].status, MessageStatus::Streaming);
+    let done_now = all_messages(&*store, acme.id, finished_long_ago.chat_id).await;
+    assert_eq!(done_now[1].status, MessageStatus::Complete);
+
+    // An interrupted message no longer takes partial saves.
+    store
+        .save_partials(&[(stale.assistant_message.id, "late tokens".into())])
+        .await
+        .unwrap();
+    let after = all_messages(&*store, acme.id, stale.chat_id).await;
+    assert_eq!(after[1].content, "");
+}
+
+// ---- races --------------------------------------------------------------------
+
+async fn concurrent_turns_with_one_idempotency_key_admit_exactly_one(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let existing = start_chat(&*store, &alice, "existing").await.chat_id;
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let barrier = Arc::clone(&barrier);
+            // Half start a chat, half append to one: both shapes race for the key.
+            let chat = if i % 2 == 0 {
+                new_chat("race")
+            } else {
+                TurnChat::Existing(existing)
+            };
+            let mut attempt = turn(&alice, chat, "race");
+            attempt.idempotency = claim("same-key", "same-hash");
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.begin_turn(&attempt).await
+            })
+        })
+        .collect();
+
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => winners += 1,
+            Err(StoreError::Conflict { constraint }) => assert_eq!(constraint, "idempotency_keys"),
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+
+    // Exactly one turn's worth of writes.
+    let chats = store
+        .list_chats(acme.id, alice.id, None, 100)
+        .await
+        .unwrap();
+    let messages: usize = {
+        let mut total = 0;
+        for chat in &chats {
+            total += all_messages(&*store, acme.id, chat.id).await.len();
+        }
+        total
+    };
+    assert_eq!(messages, 2 + 2);
+    assert!(chats.len() <= 2);
+}
+
+async fn concurrent_turns_on_one_chat_get_gap_free_sequence_numbers(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let chat = start_chat(&*store, &alice, "busy").await.chat_id;
+
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let attempt = turn(&alice, TurnChat::Existing(chat), &format!("turn {i}"));
+            tokio::spawn(async move { store.begin_turn(&attempt).await })
+        })
+        .collect();
+    for task in tasks {
+        let begun = task.await.unwrap().unwrap();
+        assert_eq!(begun.assistant_message.seq, begun.user_message.seq + 1);
+    }
+    assert_eq!(
+        store.get_chat(acme.id, chat).await.unwrap().message_count,
+        42
+    );
+    let seqs: Vec<i64> = all_messages(&*store, acme.id, chat)
+        .await
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, (1..=42).collect::<Vec<i64>>());
+}
+
+// ---- the rules on top of the store --------------------------------------------
+
+/// A model that answers "echo: <last message>" in one chunk.
+struct EchoProvider;
+
+#[async_trait]
+impl ChatProvider for EchoProvider {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    async fn stream(&self, messages: Vec<PromptMessage>) -> Result<ChunkStream, ProviderError> {
+        let last = messages
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let chunks = vec![
+            Ok(Chunk::Delta(format!("echo: {last}"))),
+            Ok(Chunk::Finish("stop".into())),
+        ];
+        Ok(futures::stream::iter(chunks).boxed())
+    }
+}
+
+async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
+    let (_t, store) = open(db).await;
+    let service = ChatService::new(Arc::clone(&store), Arc::new(EchoProvider));
+    let acme = new_org(&*store, "acme").await;
+    let tech = new_org(&*store, "tech").await;
+    let principal = |user: User| {
+        let store = Arc::clone(&store);
+        async move { store.find_principal(user.id).await.unwrap().unwrap() }
+    };
+    let admin = principal(new_user(&*store, acme.id, "admin@acme.com", Role::Admin).await).await;
+    let owner = principal(new_user(&*store, acme.id, "bob@acme.com", Role::Member).await).await;
+    let colleague =
+        principal(new_user(&*store, acme.id, "carol@acme.com", Role::Member).await).await;
+    let outsider =
+        principal(new_user(&*store, tech.id, "founder@tech.com", Role::Owner).await).await;
+
+    // The creator writes, with an idempotency key that replays the reply.
+    let text = MessageText::parse("Hello service".into()).unwrap();
+    let TurnStart::Begun(begun) = service
+        .begin_turn(&owner, &text, None, claim("svc-key", "svc-hash"))
+        .await
+        .unwrap()
+    else {
+        panic!("a first request must begin a turn")
+    };
+    let reply = service
+        .complete_turn(&owner, &begun, Some("svc-key"))
+        .await
+        .unwrap();
+    assert_eq!(reply.reply, "echo: Hello service");
+    let chat = begun.chat_id;
+    match service
+        .begin_turn(&owner, &text, None, claim("svc-key", "svc-hash"))
+        .await
+        .unwrap()
+    {
+        TurnStart::Replay(stored) => {
+            assert_eq!(stored, serde_json::to_value(&reply).unwrap())
+        }
+        TurnStart::Begun(_) => panic!("a retried request must replay"),
+    }
+    assert!(matches!(
+        service
+            .begin_turn(&owner, &text, None, claim("svc-key", "other-hash"))
+            .await,
+        Err(ServiceError::IdempotencyMismatch)
+    ));
+    let history = service.history(&owner, chat, 100, None).await.unwrap();
+    assert_eq!(history.messages.len(), 2);
+    assert_eq!(history.messages[1].status, MessageStatus::Complete);
+    assert_eq!(history.older, None);
+    let title = ChatTitle::parse("Mine").unwrap();
+    service.rename(&owner, chat, &title).await.unwrap();
+
+    // A colleague cannot even see it.
+    for access in [Access::Read, Access::Write] {
+        assert!(matches!(
+            service.chat_for(&colleague, chat, access).await,
+            Err(ServiceError::NotFound)
+        ));
+    }
+    assert!(matches!(
+        service.history(&colleague, chat, 100, None).await,
+        Err(ServiceError::NotFound)
+    ));
+    assert!(matches!(
+        service
+            .begin_turn(&colleague, &text, Some(chat), None)
+            .await,
+        Err(ServiceError::NotFound)
+    ));
+
+    // An admin of the org reads it but cannot change it.
+    assert_eq!(
+        service
+            .chat_for(&admin, chat, Access::Read)
+            .await
+            .unwrap()
+            .id,
+        chat
+    );
+    assert_eq!(
+        service
+            .history(&admin, chat, 100, None)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        2
+    );
+    assert!(matches!(
+        service.chat_for(&admin, chat, Access::Write).await,
+        Err(ServiceError::Forbidden)
+    ));
+    assert!(matches!(
+        service
+            .rename(&admin, chat, &ChatTitle::parse("Admin's").unwrap())
+            .await,
+        Err(ServiceError::Forbidden)
+    ));
+    assert!(matches!(
+        service.delete(&admin, chat).await,
+        Err(ServiceError::Forbidden)
+    ));
+    assert!(matches!(
+        service.begin_turn(&admin, &text, Some(chat), None).await,
+        Err(ServiceError::Forbidden)
+    ));
+
+    // Another org's owner: indistinguishable from a missing chat.
+    for access in [Access::Read, Access::Write] {
+        assert!(matches!(
+            service.chat_for(&outsider, chat, access).await,
+            Err(ServiceError::NotFound)
+        ));
+    }
+    assert!(matches!(
+        service.delete(&outsider, chat).await,
+        Err(ServiceError::NotFound)
+    ));
+
+    // Nothing above changed the chat; the creator can still delete it.
+    let stored = store.get_chat(acme.id, chat).await.unwrap();
+    assert_eq!((stored.title.as_str(), stored.message_count), ("Mine", 2));
+    service.delete(&owner, chat).await.unwrap();
+    assert!(matches!(
+        service.chat_for(&owner, chat, Access::Read).await,
+        Err(ServiceError::NotFound)
+    ));
+}

@@ -20,6 +20,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A stand-in that owns nothing (used when a database is moved out).
+    pub fn placeholder() -> TestDb {
+        TestDb {
+            kind: Db::Sqlite,
+            url: String::new(),
+            name: String::new(),
+        }
+    }
+
     /// Create a fresh, empty (not migrated) database.
     pub async fn new(kind: Db) -> TestDb {
         let name = format!("confab_test_{}", Uuid::new_v4().simple());
@@ -71,6 +80,9 @@ pub fn with_database(url: &str, name: &str) -> String {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         match self.kind {
             Db::Sqlite => {
                 let path = std::env::temp_dir().join(format!("{}.db", self.name));

@@ -1,9 +1,12 @@
 //! Shared test support: fresh databases per test, backend selection macros.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub mod app;
 pub mod db;
+pub mod sse;
 
+pub use app::{As, TestApp, assert_error, spawn_app, spawn_app_with, spawn_on};
 pub use db::{Db, TestDb};
 
 /// PostgreSQL server the tests create their databases on.

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Make sure the local PostgreSQL and Redis the tests use are running; start
+# them (Debian packages, as on the CI machine) when they are not. Fails loudly
+# when either cannot be reached: the PostgreSQL/Redis tests are never skipped.
+set -euo pipefail
+
+pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = "PONG" ]; }
+
+wait_for() {
+  local what=$1 check=$2
+  for _ in $(seq 1 60); do
+    if $check; then echo "$what is up"; return 0; fi
+    sleep 0.5
+  done
+  echo "ERROR: $what did not come up" >&2
+  return 1
+}
+
+if ! pg_up; then
+  echo "starting PostgreSQL"
+  if ! command -v pg_ctlcluster >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+fi
+wait_for PostgreSQL pg_up
+
+if ! redis_up; then
+  echo "starting Redis"
+  if ! command -v redis-server >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  fi
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+wait_for Redis redis_up
