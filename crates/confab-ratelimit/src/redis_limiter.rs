@@ -208,9 +208,11 @@ impl RedisRateLimiter {
                 invocation.invoke_async(&mut conn).await
             })
             .await?;
-        let tokens: f64 = tokens.parse().map_err(|_| {
-            RateLimitError::Unavailable(format!("unexpected token count from Redis: {tokens:?}"))
-        })?;
+        let Ok(tokens) = tokens.parse::<f64>() else {
+            let message = format!("unexpected token count from Redis: {tokens:?}");
+            self.warnings.warn("acquire", &message);
+            return Err(RateLimitError::Unavailable(message));
+        };
         Ok(bucket::decision(limit, cost, allowed == 1, tokens))
     }
 }

@@ -10,6 +10,7 @@ mod support;
 mod api_chats;
 mod api_foundation;
 mod api_stream;
+mod lifecycle;
 
 mod ratelimit_contract;
 mod store_contract;

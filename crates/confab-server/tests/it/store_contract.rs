@@ -7,7 +7,8 @@
 //! sleeping.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -23,6 +24,8 @@ use confab_store_postgres::PostgresStore;
 use confab_store_sqlite::SqliteStore;
 use futures::StreamExt;
 use sqlx::{Connection, PgConnection, SqliteConnection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::per_store;
 use crate::support::{Db, TestDb};
@@ -49,6 +52,7 @@ per_store!(
     concurrent_turns_with_one_idempotency_key_admit_exactly_one,
     concurrent_turns_on_one_chat_get_gap_free_sequence_numbers,
     chat_service_lets_only_the_owner_write_and_admins_read,
+    connecting_to_an_unreachable_database_is_unavailable,
 );
 
 // ---- harness ------------------------------------------------------------------
@@ -1344,4 +1348,135 @@ async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
         service.chat_for(&owner, chat, Access::Read).await,
         Err(ServiceError::NotFound)
     ));
+}
+
+// ---- availability -------------------------------------------------------------
+
+async fn connecting_to_an_unreachable_database_is_unavailable(db: Db) {
+    let started = std::time::Instant::now();
+    let result = match db {
+        Db::Sqlite => SqliteStore::connect("sqlite:///no-such-confab-dir/sub/x.db", 2)
+            .await
+            .map(drop),
+        Db::Postgres => {
+            // A port that was just free: connections are refused.
+            let port = TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let url = format!("postgres://postgres:s3cret@127.0.0.1:{port}/confab");
+            PostgresStore::connect(&url, 2).await.map(drop)
+        }
+    };
+    let Err(StoreError::Unavailable(message)) = result else {
+        panic!("expected Unavailable, got {result:?}");
+    };
+    assert!(!message.contains("s3cret"), "{message}");
+    let names_the_target = match db {
+        Db::Sqlite => message.contains("no-such-confab-dir"),
+        Db::Postgres => message.contains("127.0.0.1"),
+    };
+    assert!(names_the_target, "{message}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A TCP relay in front of the PostgreSQL server, which a test can cut (as
+/// if the server went away) and start again on the same address.
+struct Relay {
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(bind: SocketAddr, upstream: String) -> Relay {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let tracked = Arc::clone(&connections);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap().push(relay.abort_handle());
+            }
+        });
+        Relay {
+            addr,
+            accept,
+            connections,
+        }
+    }
+
+    /// Stop listening and drop every relayed connection.
+    fn cut(self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+/// Split `postgres://[userinfo@]host[:port]/db…` into `host:port` (default
+/// port 5432), the userinfo (may be empty) and the rest from the `/` on.
+fn split_postgres_url(url: &str) -> (String, &str, &str) {
+    let rest = url.split_once("://").unwrap().1;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (userinfo, host_port) = authority.rsplit_once('@').unwrap_or(("", authority));
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    (host_port, userinfo, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_reports_a_lost_server_as_unavailable_and_recovers() {
+    let t = TestDb::new(Db::Postgres).await;
+    let (upstream, user, path) = split_postgres_url(&t.url);
+    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), upstream.clone()).await;
+    let addr = relay.addr;
+    let via_relay = if user.is_empty() {
+        format!("postgres://{addr}{path}")
+    } else {
+        format!("postgres://{user}@{addr}{path}")
+    };
+    let store = PostgresStore::connect(&via_relay, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    store.ping().await.unwrap();
+
+    relay.cut();
+    // Every call fails with Unavailable (the pooled connection is dead, a new
+    // one is refused) within the acquire timeout; none hangs.
+    for _ in 0..3 {
+        let result = tokio::time::timeout(std::time::Duration::from_secs(15), store.ping())
+            .await
+            .expect("a call hung while the database was down");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+
+    // The server is back: the same store serves again.
+    let relay = Relay::start(addr, upstream).await;
+    let result = tokio::time::timeout(std::time::Duration::from_secs(15), store.ping())
+        .await
+        .expect("a call hung after the database came back");
+    assert!(result.is_ok(), "{result:?}");
+    let acme = new_org(&store, "acme").await;
+    assert_eq!(store.find_org("acme").await.unwrap(), acme);
+    store.close().await;
+    relay.cut();
 }

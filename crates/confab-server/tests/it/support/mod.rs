@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod db;
+pub mod process;
 pub mod sse;
 
 pub use app::{As, TestApp, assert_error, spawn_app, spawn_app_with, spawn_on};
