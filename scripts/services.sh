@@ -37,3 +37,12 @@ if ! redis_up; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
 fi
 wait_for Redis redis_up
+
+# The browser end-to-end test (tests/it/browser.rs) drives Debian's Chromium
+# through chromedriver; install both when either is missing.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "installing chromium and chromium-driver"
+  apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+/usr/bin/chromium --version
+/usr/bin/chromedriver --version

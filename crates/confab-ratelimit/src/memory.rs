@@ -57,7 +57,7 @@ impl Bucket {
 ///
 /// Memory is bounded by sweeping: whenever an insert grows the map to
 /// `sweep_at` entries, that caller removes every bucket that has refilled to
-/// full (see [`Bucket::is_forgettable`]) and sets the next threshold to twice
+/// full (or idle for a year when it never refills) and sets the next threshold to twice
 /// the surviving size. The cost is amortised O(1) per insert, and the map
 /// never holds more than about twice the buckets that are actually not full.
 /// We chose this over a timer task because a task would need an owner to stop

@@ -195,6 +195,7 @@ impl RedisRateLimiter {
 
     /// One script step; `cost` 0 is a peek.
     async fn step(&self, key: &str, limit: Limit, cost: u32) -> Result<Decision, RateLimitError> {
+        let what = if cost == 0 { "peek" } else { "acquire" };
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(format!("{KEY_PREFIX}{key}"))
@@ -204,13 +205,13 @@ impl RedisRateLimiter {
             .arg(bucket::epsilon(limit))
             .arg(u64::try_from(bucket::MAX_WAIT.as_millis()).unwrap_or(u64::MAX));
         let (allowed, tokens): (i64, String) = self
-            .run("acquire", |mut conn| async move {
+            .run(what, |mut conn| async move {
                 invocation.invoke_async(&mut conn).await
             })
             .await?;
         let Ok(tokens) = tokens.parse::<f64>() else {
             let message = format!("unexpected token count from Redis: {tokens:?}");
-            self.warnings.warn("acquire", &message);
+            self.warnings.warn(what, &message);
             return Err(RateLimitError::Unavailable(message));
         };
         Ok(bucket::decision(limit, cost, allowed == 1, tokens))

@@ -10,6 +10,7 @@ mod support;
 mod api_chats;
 mod api_foundation;
 mod api_stream;
+mod auth_keys;
 mod lifecycle;
 
 mod ratelimit_contract;
