@@ -117,7 +117,8 @@ impl Slug {
     pub fn parse(s: &str) -> Result<Self, Invalid> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -179,7 +180,12 @@ impl MessageText {
     /// The title of a chat started by this message: its first
     /// [`TITLE_FROM_MESSAGE_CHARS`] characters (never a split character).
     pub fn title(&self) -> String {
-        let title: String = self.0.trim().chars().take(TITLE_FROM_MESSAGE_CHARS).collect();
+        let title: String = self
+            .0
+            .trim()
+            .chars()
+            .take(TITLE_FROM_MESSAGE_CHARS)
+            .collect();
         title
     }
 }

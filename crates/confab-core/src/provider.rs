@@ -19,7 +19,10 @@ pub enum Chunk {
     /// More text of the reply.
     Delta(String),
     /// Token accounting, when the provider reports it.
-    Usage { prompt_tokens: u64, completion_tokens: u64 },
+    Usage {
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
     /// The model finished on its own (`"stop"`, `"length"`, ...).
     Finish(String),
 }

@@ -50,7 +50,8 @@ pub trait RateLimiter: Send + Sync + 'static {
     /// tokens if that many are there. Exact under any concurrency: N
     /// simultaneous calls against a full bucket admit exactly `burst` (plus
     /// what refills meanwhile), also across processes sharing a backend.
-    async fn acquire(&self, key: &str, limit: Limit, cost: u32) -> Result<Decision, RateLimitError>;
+    async fn acquire(&self, key: &str, limit: Limit, cost: u32)
+    -> Result<Decision, RateLimitError>;
 
     /// The bucket's state without taking a token (`allowed` says whether one
     /// request would be admitted now).

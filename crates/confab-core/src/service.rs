@@ -369,4 +369,3 @@ impl ChatService {
 pub fn count_tokens(text: &str) -> i64 {
     i64::try_from(text.split_whitespace().count()).unwrap_or(i64::MAX)
 }
-

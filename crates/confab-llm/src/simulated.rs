@@ -20,6 +20,8 @@ pub const QUOTED_CHARS: usize = 100;
 pub const FAIL_MARKER: &str = "/fail";
 /// Tokens produced before a `/fail` message errors.
 const TOKENS_BEFORE_FAILURE: usize = 3;
+/// Mixed into the message's seed for the per-token delays.
+const DELAY_SEED: u64 = 0x5EED;
 
 /// Per-token delay: a fixed value or an inclusive range in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,9 +115,22 @@ impl SimulatedModel {
         text
     }
 
+    /// The delay the stream of `message` waits before each of its tokens, in
+    /// order: what an ideal consumer would wait in total (benchmarks compare
+    /// measured stream durations with their sum).
+    pub fn planned_delays(&self, message: &str) -> Vec<Duration> {
+        let mut rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
+        let tokens = tokenize(&self.reply_to(message)).len();
+        (0..tokens).map(|_| self.delay_for(&mut rng)).collect()
+    }
+
     fn delay_for(&self, rng: &mut SplitMix64) -> Duration {
         let span = self.delay.max_ms - self.delay.min_ms;
-        let extra = if span == 0 { 0 } else { rng.next() % (span + 1) };
+        let extra = if span == 0 {
+            0
+        } else {
+            rng.next() % (span + 1)
+        };
         Duration::from_millis(self.delay.min_ms + extra)
     }
 }
@@ -190,7 +205,7 @@ impl ChatProvider for SimulatedModel {
         let fail = message.trim_start().starts_with(FAIL_MARKER);
         let tokens = tokenize(&self.reply_to(message));
         let model = self.clone();
-        let rng = SplitMix64(seed_of(message) ^ 0x5EED);
+        let rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
         let total = tokens.len();
         // Lazy: each token's delay is awaited only when the consumer polls,
         // so dropping the stream stops the "generation" at once.
@@ -257,7 +272,14 @@ mod tests {
 
     #[test]
     fn tokens_concatenate_to_the_text() {
-        for text in ["a b  c", "  lead", "trail  ", "one", "", "multi\nline\n\nend"] {
+        for text in [
+            "a b  c",
+            "  lead",
+            "trail  ",
+            "one",
+            "",
+            "multi\nline\n\nend",
+        ] {
             assert_eq!(tokenize(text).concat(), text);
         }
         assert_eq!(tokenize("a b c").len(), 3);
@@ -270,8 +292,31 @@ mod tests {
     }
 
     #[test]
+    fn planned_delays_cover_every_token_within_the_range() {
+        let delay = TokenDelay {
+            min_ms: 10,
+            max_ms: 30,
+        };
+        let model = SimulatedModel::new(delay, 0);
+        let planned = model.planned_delays("hello there");
+        assert_eq!(planned, model.planned_delays("hello there"));
+        assert_eq!(
+            planned.len(),
+            tokenize(&model.reply_to("hello there")).len()
+        );
+        assert!(planned.iter().all(|d| (10..=30).contains(&d.as_millis())));
+        assert_ne!(planned, model.planned_delays("something else entirely"));
+    }
+
+    #[test]
     fn delay_parses() {
-        assert_eq!("10-30".parse(), Ok(TokenDelay { min_ms: 10, max_ms: 30 }));
+        assert_eq!(
+            "10-30".parse(),
+            Ok(TokenDelay {
+                min_ms: 10,
+                max_ms: 30
+            })
+        );
         assert_eq!("0".parse(), Ok(TokenDelay::ZERO));
         assert!("30-10".parse::<TokenDelay>().is_err());
         assert!("fast".parse::<TokenDelay>().is_err());
@@ -297,7 +342,12 @@ mod tests {
     #[tokio::test]
     async fn fail_marker_fails_mid_stream() {
         let model = SimulatedModel::new(TokenDelay::ZERO, 0);
-        let chunks: Vec<_> = model.stream(prompt("/fail now")).await.unwrap().collect().await;
+        let chunks: Vec<_> = model
+            .stream(prompt("/fail now"))
+            .await
+            .unwrap()
+            .collect()
+            .await;
         assert!(chunks.iter().any(|c| c.is_err()));
         assert!(chunks.iter().any(|c| matches!(c, Ok(Chunk::Delta(_)))));
     }

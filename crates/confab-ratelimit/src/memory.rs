@@ -57,9 +57,10 @@ impl Bucket {
 ///
 /// Memory is bounded by sweeping: whenever an insert grows the map to
 /// `sweep_at` entries, that caller removes every bucket that has refilled to
-/// full (or idle for a year when it never refills) and sets the next threshold to twice
-/// the surviving size. The cost is amortised O(1) per insert, and the map
-/// never holds more than about twice the buckets that are actually not full.
+/// full (or, if it never refills, sat idle for `MAX_WAIT`) and sets the next
+/// threshold to twice the surviving size. The cost is amortised O(1) per
+/// insert, and the map never holds more than about twice the buckets that
+/// are actually not full.
 /// We chose this over a timer task because a task would need an owner to stop
 /// it (the limiter has no shutdown hook) and would wake up even when idle.
 #[derive(Debug)]

@@ -136,8 +136,18 @@ impl App {
             stop.clone(),
             Job::RecoverStreams,
         ));
-        s.tasks.spawn(every(KEY_USE_FLUSH, s.clone(), stop.clone(), Job::FlushKeyUses));
-        s.tasks.spawn(every(IDEMPOTENCY_PURGE, s.clone(), stop, Job::PurgeIdempotency));
+        s.tasks.spawn(every(
+            KEY_USE_FLUSH,
+            s.clone(),
+            stop.clone(),
+            Job::FlushKeyUses,
+        ));
+        s.tasks.spawn(every(
+            IDEMPOTENCY_PURGE,
+            s.clone(),
+            stop,
+            Job::PurgeIdempotency,
+        ));
     }
 
     pub fn router(&self) -> axum::Router {
@@ -159,7 +169,10 @@ impl App {
         let draining_signal = draining.clone();
         let graceful = async move {
             shutdown.await;
-            tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: no new connections; waiting for requests and streams");
+            tracing::info!(
+                grace_seconds = grace.as_secs_f64(),
+                "shutting down: no new connections; waiting for requests and streams"
+            );
             draining_signal.cancel();
         };
         // After the grace period, streams still running are interrupted.
@@ -241,11 +254,18 @@ async fn recover_dead_streams(state: &AppState) {
     let Ok(stale) = chrono::Duration::from_std(state.config.stream_stale_after) else {
         return;
     };
-    match state.store.interrupt_stale_streams(Utc::now() - stale).await {
+    match state
+        .store
+        .interrupt_stale_streams(Utc::now() - stale)
+        .await
+    {
         Ok(0) => {}
         Ok(n) => {
             state.metrics.streams_recovered.inc_by(n);
-            tracing::warn!(messages = n, "marked streams of a dead process as interrupted");
+            tracing::warn!(
+                messages = n,
+                "marked streams of a dead process as interrupted"
+            );
         }
         Err(err) => tracing::warn!(error = %err, "could not recover dead streams"),
     }

@@ -80,7 +80,12 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>, mode: AuthMode, ttl: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        mode: AuthMode,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let cache = moka::sync::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(ttl.max(Duration::from_millis(1)))
@@ -158,7 +163,10 @@ impl Authenticator {
             ));
         };
         let Some(principal) = self.lookup(CacheKey::User(user)).await? else {
-            return Err(self.refuse("unknown_user", ApiError::Unauthorized("Unknown user".into())));
+            return Err(self.refuse(
+                "unknown_user",
+                ApiError::Unauthorized("Unknown user".into()),
+            ));
         };
         if principal.org_id != org {
             return Err(self.refuse("wrong_org", ApiError::Forbidden(NOT_IN_ORG.into())));

@@ -298,7 +298,10 @@ async fn org(store: Arc<dyn Store>, cmd: OrgCommand) -> anyhow::Result<()> {
                     .rate_limit
                     .map(|l| format!("{}/{} per s", l.burst, l.per_second))
                     .unwrap_or_else(|| "default".into());
-                println!("{}\t{}\t{}\trate limit: {limit}", org.id, org.slug, org.name);
+                println!(
+                    "{}\t{}\t{}\trate limit: {limit}",
+                    org.id, org.slug, org.name
+                );
             }
         }
         OrgCommand::SetLimit {
@@ -340,7 +343,10 @@ async fn user(store: Arc<dyn Store>, cmd: UserCommand) -> anyhow::Result<()> {
         } => {
             let org = find_org(store.as_ref(), &org).await?;
             let email = Email::parse(&email).map_err(|e| anyhow!(e.0))?;
-            let role: Role = role.trim().parse().map_err(|e: confab_core::model::Invalid| anyhow!(e.0))?;
+            let role: Role = role
+                .trim()
+                .parse()
+                .map_err(|e: confab_core::model::Invalid| anyhow!(e.0))?;
             if name.trim().is_empty() {
                 bail!("--name must not be empty");
             }
@@ -354,7 +360,9 @@ async fn user(store: Arc<dyn Store>, cmd: UserCommand) -> anyhow::Result<()> {
                     role,
                 })
                 .await
-                .map_err(|e| conflict_message(e, "a user with that email in this org (or that id)"))?;
+                .map_err(|e| {
+                    conflict_message(e, "a user with that email in this org (or that id)")
+                })?;
             println!("{}\t{}\t{}\t{}", user.id, user.email, user.role, org.slug);
         }
         UserCommand::List { org } => {

@@ -165,8 +165,12 @@ impl Source<'_> {
 
     fn seconds(&self, var: &'static str, default: f64) -> Result<Duration, ConfigError> {
         let secs: f64 = self.parse(var, default, "a number of seconds")?;
-        Duration::try_from_secs_f64(secs)
-            .map_err(|_| bad(var, format!("{secs} is not a non-negative number of seconds")))
+        Duration::try_from_secs_f64(secs).map_err(|_| {
+            bad(
+                var,
+                format!("{secs} is not a non-negative number of seconds"),
+            )
+        })
     }
 
     fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
@@ -344,7 +348,10 @@ fn parse_auth_mode(v: &str) -> Result<AuthMode, ConfigError> {
         }
     }
     if !(mode.headers || mode.api_key) {
-        return Err(bad("AUTH_MODE", "at least one of headers, api_key is needed"));
+        return Err(bad(
+            "AUTH_MODE",
+            "at least one of headers, api_key is needed",
+        ));
     }
     Ok(mode)
 }
@@ -367,7 +374,13 @@ mod tests {
         assert_eq!(c.port, 3000);
         assert_eq!(c.database_url.expose(), DEFAULT_DATABASE_URL);
         assert!(c.redis_url.is_none());
-        assert_eq!(c.rate_limit, Limit { burst: 20, per_second: 1.0 });
+        assert_eq!(
+            c.rate_limit,
+            Limit {
+                burst: 20,
+                per_second: 1.0
+            }
+        );
         assert!(c.auth_mode.headers && c.auth_mode.api_key);
         assert!(c.seed_demo);
         assert_eq!(c.max_body_bytes, 65_536);
@@ -406,6 +419,9 @@ mod tests {
         let s = Secret::new("postgres://app:hunter2@db:5432/confab");
         assert_eq!(s.redacted(), "postgres://app:***@db:5432/confab");
         assert!(!format!("{s:?}").contains("hunter2"));
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
     }
 }

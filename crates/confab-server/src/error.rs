@@ -76,7 +76,10 @@ impl ApiError {
 /// `{"error": reason, "message": message}` with the given status.
 pub fn error_body(status: StatusCode, message: &str) -> Response {
     let reason = status.canonical_reason().unwrap_or("Error");
-    let mut response = (status, axum::Json(json!({ "error": reason, "message": message })))
+    let mut response = (
+        status,
+        axum::Json(json!({ "error": reason, "message": message })),
+    )
         .into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

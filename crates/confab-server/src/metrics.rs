@@ -1,7 +1,6 @@
 //! Prometheus metrics (SPEC §7). Labels are route templates and small fixed
 //! sets only — never tenant ids, never raw paths — so cardinality is bounded.
 
-
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -48,7 +47,6 @@ pub struct RateLimitLabels {
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
-
 
 pub struct Metrics {
     registry: Registry,
@@ -237,7 +235,6 @@ impl Default for Metrics {
     }
 }
 
-
 /// Process memory and CPU, read from `/proc/self` at scrape time.
 ///
 /// Hand-written because prometheus-client has no process collector and the
@@ -261,7 +258,12 @@ impl Collector for ProcessCollector {
         let fields: Vec<&str> = after.split_whitespace().collect();
         // utime and stime are the 14th and 15th fields of the line (index 11, 12 here),
         // rss in pages the 24th (index 21).
-        let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let cpu_seconds = (num(11) + num(12)) as f64 / CLOCK_TICKS_PER_SECOND;
         let rss_bytes = num(21) * PAGE_SIZE_BYTES;
         let threads = num(17);

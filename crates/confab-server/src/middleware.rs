@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use axum::http::request::Parts;
@@ -79,12 +78,17 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
         .to_owned();
     req.extensions_mut().insert(RequestId(request_id.clone()));
 
-    let span = tracing::info_span!("request", requestId = %request_id, orgId = Empty, userId = Empty);
+    let span =
+        tracing::info_span!("request", requestId = %request_id, orgId = Empty, userId = Empty);
     let route_labels = RouteLabels {
         method: method.to_owned(),
         route: route.clone(),
     };
-    let in_progress = state.metrics.http_in_progress.get_or_create(&route_labels).clone();
+    let in_progress = state
+        .metrics
+        .http_in_progress
+        .get_or_create(&route_labels)
+        .clone();
     in_progress.inc();
     let mut response = next.run(req).instrument(span.clone()).await;
     in_progress.dec();
@@ -328,4 +332,3 @@ fn too_many_requests(decision: &Decision) -> Response {
         .insert(RETRY_AFTER, HeaderValue::from(retry_secs));
     response
 }
-

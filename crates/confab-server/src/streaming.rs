@@ -151,7 +151,9 @@ impl Flusher {
 enum Outcome {
     Complete,
     /// The client went away (or stopped reading for too long).
-    Cancelled { stalled: bool },
+    Cancelled {
+        stalled: bool,
+    },
     Failed,
     /// The shutdown grace period ran out.
     Interrupted,
@@ -209,7 +211,9 @@ impl StreamGuard {
         let text = self.text();
         // Stop the flusher first, so it cannot write a stale partial after
         // the final text.
-        self.state.flusher.unregister(self.begun.assistant_message.id);
+        self.state
+            .flusher
+            .unregister(self.begun.assistant_message.id);
         let label = match outcome {
             Outcome::Complete => "complete",
             Outcome::Cancelled { .. } => "cancelled",
@@ -258,7 +262,9 @@ impl Drop for StreamGuard {
         if self.finished {
             return;
         }
-        self.state.flusher.unregister(self.begun.assistant_message.id);
+        self.state
+            .flusher
+            .unregister(self.begun.assistant_message.id);
         self.state.metrics.streams_active.dec();
         self.state
             .metrics
@@ -273,7 +279,13 @@ impl Drop for StreamGuard {
         self.state.tasks.spawn(async move {
             let tokens = count_tokens(&text);
             let _ = service
-                .finish(&principal, &begun, text, MessageStatus::Failed, Some(tokens))
+                .finish(
+                    &principal,
+                    &begun,
+                    text,
+                    MessageStatus::Failed,
+                    Some(tokens),
+                )
                 .await;
         });
     }

@@ -136,9 +136,10 @@ pub async fn post_chat(
             state.metrics.idempotent_replays.inc();
             tracing::info!("replaying stored response for Idempotency-Key");
             let mut response = Json(stored).into_response();
-            response
-                .headers_mut()
-                .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+            response.headers_mut().insert(
+                "idempotent-replayed",
+                axum::http::HeaderValue::from_static("true"),
+            );
             return Ok(response);
         }
     };
@@ -154,11 +155,7 @@ fn parse_path_id(id: &str) -> Result<ChatId, ApiError> {
     id.parse().map_err(|_| ApiError::chat_not_found())
 }
 
-fn parse_limit(
-    query: &HashMap<String, String>,
-    default: u32,
-    max: u32,
-) -> Result<u32, ApiError> {
+fn parse_limit(query: &HashMap<String, String>, default: u32, max: u32) -> Result<u32, ApiError> {
     match query.get("limit") {
         None => Ok(default),
         Some(v) => v

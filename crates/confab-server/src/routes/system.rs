@@ -36,7 +36,11 @@ pub async fn root(
         body["org"] = json!(p.org_id);
         body["user"] = json!({ "id": p.user_id, "email": p.email, "role": p.role });
         // Peek: shows the headroom without taking a token.
-        match state.limiter.peek(&rate_limit_key(&p), limit_for(&state, &p)).await {
+        match state
+            .limiter
+            .peek(&rate_limit_key(&p), limit_for(&state, &p))
+            .await
+        {
             Ok(d) => {
                 let reset = Utc::now()
                     + chrono::Duration::from_std(d.reset_after).unwrap_or(chrono::Duration::zero());

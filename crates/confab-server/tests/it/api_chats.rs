@@ -35,18 +35,25 @@ async fn post_chat_creates_then_continues_a_chat(db: Db) {
     let created = first["created_at"].as_str().unwrap();
     assert!(chrono::DateTime::parse_from_rfc3339(created).is_ok() && created.ends_with('Z'));
     // The same message always gets the same reply.
-    let again = app.chat(&As::alice(), "Hello, confab!", Some(&chat_id)).await;
+    let again = app
+        .chat(&As::alice(), "Hello, confab!", Some(&chat_id))
+        .await;
     assert_eq!(again["chat_id"], chat_id.as_str());
     assert_eq!(again["reply"], first["reply"]);
 
-    let (status, chat) = app.get_json(&format!("/chat/{chat_id}"), &As::alice()).await;
+    let (status, chat) = app
+        .get_json(&format!("/chat/{chat_id}"), &As::alice())
+        .await;
     assert_eq!(status, 200);
     assert_eq!(chat["chat_id"], chat_id.as_str());
     assert_eq!(chat["title"], "Hello, confab!");
     assert_eq!(chat["message_count"], 4);
     assert_eq!(chat["older_cursor"], Value::Null);
     let messages = chat["messages"].as_array().unwrap();
-    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert_eq!(messages[1]["id"], first["message_id"]);
     assert_eq!(messages[1]["content"], first["reply"]);
@@ -79,18 +86,43 @@ async fn chat_lifecycle_rename_and_delete(db: Db) {
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["title"], "Renamed ✓");
-    assert_eq!(app.get_json(&path, &As::bob()).await.1["title"], "Renamed ✓");
-    for bad in [json!({ "title": "" }), json!({ "title": "x".repeat(256) }), json!({ "title": 5 }), json!({})] {
-        let res = app.request(Method::PATCH, &path, &As::bob()).json(&bad).send().await.unwrap();
+    assert_eq!(
+        app.get_json(&path, &As::bob()).await.1["title"],
+        "Renamed ✓"
+    );
+    for bad in [
+        json!({ "title": "" }),
+        json!({ "title": "x".repeat(256) }),
+        json!({ "title": 5 }),
+        json!({}),
+    ] {
+        let res = app
+            .request(Method::PATCH, &path, &As::bob())
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
         assert_error(res, 400, "Bad Request").await;
     }
-    let res = app.request(Method::DELETE, &path, &As::bob()).send().await.unwrap();
+    let res = app
+        .request(Method::DELETE, &path, &As::bob())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 204);
     assert_error(app.get(&path, &As::bob()).await, 404, "Not Found").await;
-    let res = app.request(Method::DELETE, &path, &As::bob()).send().await.unwrap();
+    let res = app
+        .request(Method::DELETE, &path, &As::bob())
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 404, "Not Found").await;
     let res = app
-        .post_json("/chat", &As::bob(), &json!({ "message": "hi", "chat_id": id }))
+        .post_json(
+            "/chat",
+            &As::bob(),
+            &json!({ "message": "hi", "chat_id": id }),
+        )
         .await;
     let msg = assert_error(res, 404, "Not Found").await;
     assert_eq!(msg, "Chat not found");
@@ -106,10 +138,19 @@ async fn invalid_bodies_are_400_with_a_reason(db: Db) {
         (json!({ "message": ["a"] }).to_string(), "array"),
         (json!({ "message": "" }).to_string(), "empty"),
         (json!({ "message": "  \n\t " }).to_string(), "whitespace"),
-        (json!({ "message": "x".repeat(10_001) }).to_string(), "too long"),
+        (
+            json!({ "message": "x".repeat(10_001) }).to_string(),
+            "too long",
+        ),
         (json!({ "message": "nul\u{0000}byte" }).to_string(), "NUL"),
-        (json!({ "message": "hi", "chat_id": "not-a-uuid" }).to_string(), "bad chat_id"),
-        (json!({ "message": "hi", "chat_id": 7 }).to_string(), "numeric chat_id"),
+        (
+            json!({ "message": "hi", "chat_id": "not-a-uuid" }).to_string(),
+            "bad chat_id",
+        ),
+        (
+            json!({ "message": "hi", "chat_id": 7 }).to_string(),
+            "numeric chat_id",
+        ),
         ("[1,2]".to_owned(), "array body"),
         ("\"hello\"".to_owned(), "string body"),
         ("{\"message\": \"unterminated".to_owned(), "malformed JSON"),
@@ -151,12 +192,28 @@ async fn body_over_the_limit_is_413(db: Db) {
 
 async fn malformed_or_unknown_chat_ids_are_404(db: Db) {
     let app = spawn_app(db).await;
-    for id in ["not-a-uuid", "123", "00000000-0000-0000-0000-00000000000g", &uuid::Uuid::new_v4().to_string(), "%00", "%E2%9C%93"] {
+    for id in [
+        "not-a-uuid",
+        "123",
+        "00000000-0000-0000-0000-00000000000g",
+        &uuid::Uuid::new_v4().to_string(),
+        "%00",
+        "%E2%9C%93",
+    ] {
         let path = format!("/chat/{id}");
         assert_error(app.get(&path, &As::alice()).await, 404, "Not Found").await;
-        let res = app.request(Method::PATCH, &path, &As::alice()).json(&json!({"title": "x"})).send().await.unwrap();
+        let res = app
+            .request(Method::PATCH, &path, &As::alice())
+            .json(&json!({"title": "x"}))
+            .send()
+            .await
+            .unwrap();
         assert_error(res, 404, "Not Found").await;
-        let res = app.request(Method::DELETE, &path, &As::alice()).send().await.unwrap();
+        let res = app
+            .request(Method::DELETE, &path, &As::alice())
+            .send()
+            .await
+            .unwrap();
         assert_error(res, 404, "Not Found").await;
     }
 }
@@ -169,11 +226,22 @@ async fn chats_of_other_users_and_orgs_are_not_found(db: Db) {
     for who in [As::bob(), As::charlie()] {
         let msg = assert_error(app.get(&path, &who).await, 404, "Not Found").await;
         assert_eq!(msg, "Chat not found");
-        let res = app.post_json("/chat", &who, &json!({ "message": "hi", "chat_id": id })).await;
+        let res = app
+            .post_json("/chat", &who, &json!({ "message": "hi", "chat_id": id }))
+            .await;
         assert_error(res, 404, "Not Found").await;
-        let res = app.request(Method::PATCH, &path, &who).json(&json!({"title": "mine"})).send().await.unwrap();
+        let res = app
+            .request(Method::PATCH, &path, &who)
+            .json(&json!({"title": "mine"}))
+            .send()
+            .await
+            .unwrap();
         assert_error(res, 404, "Not Found").await;
-        let res = app.request(Method::DELETE, &path, &who).send().await.unwrap();
+        let res = app
+            .request(Method::DELETE, &path, &who)
+            .send()
+            .await
+            .unwrap();
         assert_error(res, 404, "Not Found").await;
         assert_eq!(app.get_json("/chats", &who).await.1["count"], 0);
     }
@@ -192,13 +260,34 @@ async fn admins_read_but_cannot_write_members_chats(db: Db) {
     let (status, chat) = app.get_json(&path, &As::alice()).await;
     assert_eq!(status, 200, "an admin reads every chat of the org");
     assert_eq!(chat["message_count"], 2);
-    let res = app.post_json("/chat", &As::alice(), &json!({ "message": "hi", "chat_id": id })).await;
+    let res = app
+        .post_json(
+            "/chat",
+            &As::alice(),
+            &json!({ "message": "hi", "chat_id": id }),
+        )
+        .await;
     assert_error(res, 403, "Forbidden").await;
-    let res = app.post_json("/chat/stream", &As::alice(), &json!({ "message": "hi", "chat_id": id })).await;
+    let res = app
+        .post_json(
+            "/chat/stream",
+            &As::alice(),
+            &json!({ "message": "hi", "chat_id": id }),
+        )
+        .await;
     assert_error(res, 403, "Forbidden").await;
-    let res = app.request(Method::PATCH, &path, &As::alice()).json(&json!({"title": "admin"})).send().await.unwrap();
+    let res = app
+        .request(Method::PATCH, &path, &As::alice())
+        .json(&json!({"title": "admin"}))
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 403, "Forbidden").await;
-    let res = app.request(Method::DELETE, &path, &As::alice()).send().await.unwrap();
+    let res = app
+        .request(Method::DELETE, &path, &As::alice())
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 403, "Forbidden").await;
     // The admin's own list has only the admin's chats.
     assert_eq!(app.get_json("/chats", &As::alice()).await.1["count"], 0);
@@ -210,9 +299,18 @@ async fn admins_read_but_cannot_write_members_chats(db: Db) {
 
 async fn title_is_the_first_fifty_characters(db: Db) {
     let app = spawn_app(db).await;
-    let message = format!("{}{}", "ü".repeat(49), "🦀 and more words after the fiftieth character");
+    let message = format!(
+        "{}{}",
+        "ü".repeat(49),
+        "🦀 and more words after the fiftieth character"
+    );
     let chat = app.chat(&As::alice(), &message, None).await;
-    let (_, body) = app.get_json(&format!("/chat/{}", chat["chat_id"].as_str().unwrap()), &As::alice()).await;
+    let (_, body) = app
+        .get_json(
+            &format!("/chat/{}", chat["chat_id"].as_str().unwrap()),
+            &As::alice(),
+        )
+        .await;
     let title = body["title"].as_str().unwrap();
     assert_eq!(title.chars().count(), 50);
     assert!(title.ends_with('🦀'));
@@ -222,7 +320,9 @@ async fn list_chats_pages_with_a_cursor(db: Db) {
     let app = spawn_app(db).await;
     let mut created = Vec::new();
     for i in 0..7 {
-        let chat = app.chat(&As::bob(), &format!("chat number {i}"), None).await;
+        let chat = app
+            .chat(&As::bob(), &format!("chat number {i}"), None)
+            .await;
         created.push(chat["chat_id"].as_str().unwrap().to_owned());
     }
     // Touch the oldest: it becomes the most recently updated.
@@ -258,11 +358,16 @@ async fn long_history_pages_back_exactly_once_in_order(db: Db) {
     let first = app.chat(&As::alice(), "message 0", None).await;
     let id = first["chat_id"].as_str().unwrap().to_owned();
     for i in 1..125 {
-        app.chat(&As::alice(), &format!("message {i}"), Some(&id)).await;
+        app.chat(&As::alice(), &format!("message {i}"), Some(&id))
+            .await;
     }
     let (_, newest) = app.get_json(&format!("/chat/{id}"), &As::alice()).await;
     assert_eq!(newest["message_count"], 250);
-    assert_eq!(newest["messages"].as_array().unwrap().len(), 100, "default limit");
+    assert_eq!(
+        newest["messages"].as_array().unwrap().len(),
+        100,
+        "default limit"
+    );
     let mut pages: Vec<Vec<Value>> = Vec::new();
     let mut before: Option<String> = None;
     loop {
@@ -288,7 +393,9 @@ async fn long_history_pages_back_exactly_once_in_order(db: Db) {
         assert_eq!(pair[0]["content"], format!("message {i}"));
         assert_eq!(pair[1]["role"], "assistant");
     }
-    let (_, everything) = app.get_json(&format!("/chat/{id}?limit=1000"), &As::alice()).await;
+    let (_, everything) = app
+        .get_json(&format!("/chat/{id}?limit=1000"), &As::alice())
+        .await;
     assert_eq!(everything["messages"].as_array().unwrap().len(), 250);
     assert_eq!(everything["older_cursor"], Value::Null);
 }
@@ -308,8 +415,16 @@ async fn limits_and_cursors_are_validated(db: Db) {
     ] {
         assert_error(app.get(&path, &As::alice()).await, 400, "Bad Request").await;
     }
-    assert_eq!(app.get("/chats?limit=200", &As::alice()).await.status(), 200);
-    assert_eq!(app.get(&format!("/chat/{id}?limit=1000"), &As::alice()).await.status(), 200);
+    assert_eq!(
+        app.get("/chats?limit=200", &As::alice()).await.status(),
+        200
+    );
+    assert_eq!(
+        app.get(&format!("/chat/{id}?limit=1000"), &As::alice())
+            .await
+            .status(),
+        200
+    );
 }
 
 async fn concurrent_idempotent_posts_write_once(db: Db) {
@@ -332,11 +447,22 @@ async fn concurrent_idempotent_posts_write_once(db: Db) {
         assert_eq!(status, 200, "{body}");
         bodies.push(body);
     }
-    assert!(bodies.iter().all(|b| b == &bodies[0]), "every retry gets the first response");
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "every retry gets the first response"
+    );
     let (_, list) = app.get_json("/chats", &As::bob()).await;
     assert_eq!(list["count"], 1);
-    let (_, chat) = app.get_json(&format!("/chat/{}", bodies[0]["chat_id"].as_str().unwrap()), &As::bob()).await;
-    assert_eq!(chat["message_count"], 2, "exactly one user message and one reply");
+    let (_, chat) = app
+        .get_json(
+            &format!("/chat/{}", bodies[0]["chat_id"].as_str().unwrap()),
+            &As::bob(),
+        )
+        .await;
+    assert_eq!(
+        chat["message_count"], 2,
+        "exactly one user message and one reply"
+    );
     // A later retry replays too.
     let res = app
         .request(Method::POST, "/chat", &As::bob())
@@ -368,13 +494,25 @@ async fn idempotency_key_reused_for_another_request_is_refused(db: Db) {
             .send()
     };
     assert_eq!(send("first", "k-1").await.unwrap().status(), 200);
-    assert_error(send("second", "k-1").await.unwrap(), 422, "Unprocessable Entity").await;
-    assert_error(send("x", &"k".repeat(300)).await.unwrap(), 400, "Bad Request").await;
+    assert_error(
+        send("second", "k-1").await.unwrap(),
+        422,
+        "Unprocessable Entity",
+    )
+    .await;
+    assert_error(
+        send("x", &"k".repeat(300)).await.unwrap(),
+        400,
+        "Bad Request",
+    )
+    .await;
 }
 
 async fn failed_model_marks_the_reply_failed(db: Db) {
     let app = spawn_app(db).await;
-    let res = app.post_json("/chat", &As::alice(), &json!({ "message": "/fail please" })).await;
+    let res = app
+        .post_json("/chat", &As::alice(), &json!({ "message": "/fail please" }))
+        .await;
     assert_error(res, 502, "Bad Gateway").await;
     let (_, list) = app.get_json("/chats", &As::alice()).await;
     let id = list["chats"][0]["id"].as_str().unwrap();

@@ -53,13 +53,23 @@ async fn header_auth_failures_are_401_or_403_never_500(db: Db) {
     let msg = assert_error(res, 403, "Forbidden").await;
     assert_eq!(msg, "User does not belong to specified organization");
     // Malformed ids.
-    for (org, user) in [("not-a-uuid", ALICE), (ACME, "1234"), ("", ""), (ACME, "00000000-0000-0000-0001-00000000000Z")] {
-        let res = app.get("/health", &As::Headers(org.into(), user.into())).await;
+    for (org, user) in [
+        ("not-a-uuid", ALICE),
+        (ACME, "1234"),
+        ("", ""),
+        (ACME, "00000000-0000-0000-0001-00000000000Z"),
+    ] {
+        let res = app
+            .get("/health", &As::Headers(org.into(), user.into()))
+            .await;
         assert_error(res, 401, "Unauthorized").await;
     }
     // Unknown user.
     let res = app
-        .get("/chats", &As::Headers(ACME.into(), uuid::Uuid::new_v4().to_string()))
+        .get(
+            "/chats",
+            &As::Headers(ACME.into(), uuid::Uuid::new_v4().to_string()),
+        )
         .await;
     assert_error(res, 401, "Unauthorized").await;
     // One header only, and none at all on a protected route.
@@ -79,7 +89,10 @@ async fn header_auth_failures_are_401_or_403_never_500(db: Db) {
     let res = app
         .client
         .get(app.url("/chats"))
-        .header("x-org-id", reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap())
+        .header(
+            "x-org-id",
+            reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
+        )
         .header("x-user-id", ALICE)
         .send()
         .await
@@ -88,7 +101,9 @@ async fn header_auth_failures_are_401_or_403_never_500(db: Db) {
     // Bob and Charlie are fine.
     assert_eq!(app.get("/chats", &As::bob()).await.status(), 200);
     assert_eq!(
-        app.get("/chats", &As::Headers(TECH.into(), CHARLIE.into())).await.status(),
+        app.get("/chats", &As::Headers(TECH.into(), CHARLIE.into()))
+            .await
+            .status(),
         200
     );
     let _ = BOB;
@@ -97,7 +112,10 @@ async fn header_auth_failures_are_401_or_403_never_500(db: Db) {
 async fn root_with_auth_shows_rate_limit_without_taking_a_token(db: Db) {
     let app = crate::support::spawn_app_with(
         db,
-        &[("RATE_LIMIT_BURST", "5"), ("RATE_LIMIT_PER_SECOND", "0.001")],
+        &[
+            ("RATE_LIMIT_BURST", "5"),
+            ("RATE_LIMIT_PER_SECOND", "0.001"),
+        ],
     )
     .await;
     let (status, body) = app.get_json("/", &As::Nobody).await;
@@ -110,7 +128,10 @@ async fn root_with_auth_shows_rate_limit_without_taking_a_token(db: Db) {
         assert_eq!(body["org"], ACME);
         assert_eq!(body["user"]["id"], ALICE);
         assert_eq!(body["rateLimit"]["limit"], 5);
-        assert_eq!(body["rateLimit"]["remaining"], 5, "GET / must not take a token");
+        assert_eq!(
+            body["rateLimit"]["remaining"], 5,
+            "GET / must not take a token"
+        );
         assert!(body["rateLimit"]["resetAt"].as_str().is_some());
     }
     let res = app.get("/chats", &As::alice()).await;
@@ -158,7 +179,12 @@ fn series<'a>(metrics: &'a str, prefix: &str) -> Vec<&'a str> {
 async fn unknown_paths_share_one_metric_label(db: Db) {
     let app = spawn_app(db).await;
     for i in 0..50 {
-        let res = app.get(&format!("/unknown/{i}/{}", uuid::Uuid::new_v4()), &As::Nobody).await;
+        let res = app
+            .get(
+                &format!("/unknown/{i}/{}", uuid::Uuid::new_v4()),
+                &As::Nobody,
+            )
+            .await;
         assert_eq!(res.status(), 404);
     }
     let text = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
@@ -187,7 +213,10 @@ async fn metrics_have_the_spec_families_labels_and_buckets(db: Db) {
         .find(|l| l.contains("route=\"/health\""))
         .expect("health counter");
     assert!(health.contains("method=\"GET\"") && health.contains("status_code=\"200\""));
-    for le in ["5.0", "10.0", "25.0", "50.0", "100.0", "250.0", "500.0", "1000.0", "2500.0", "5000.0", "+Inf"] {
+    for le in [
+        "5.0", "10.0", "25.0", "50.0", "100.0", "250.0", "500.0", "1000.0", "2500.0", "5000.0",
+        "+Inf",
+    ] {
         assert!(
             text.contains(&format!("http_request_duration_ms_bucket{{le=\"{le}\",method=\"GET\",route=\"/health\",status_code=\"200\"}}"))
                 || text.lines().any(|l| l.starts_with("http_request_duration_ms_bucket{") && l.contains("route=\"/health\"") && l.contains(&format!("le=\"{le}\""))),
@@ -195,8 +224,14 @@ async fn metrics_have_the_spec_families_labels_and_buckets(db: Db) {
         );
     }
     assert!(text.contains("# TYPE http_requests_in_progress gauge"));
-    assert!(text.lines().any(|l| l.starts_with("http_requests_in_progress{") && l.contains("route=\"/metrics\"")));
-    assert!(text.contains("http_requests_total{method=\"POST\",route=\"/chat\",status_code=\"200\"}"));
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("http_requests_in_progress{") && l.contains("route=\"/metrics\"")
+        )
+    );
+    assert!(
+        text.contains("http_requests_total{method=\"POST\",route=\"/chat\",status_code=\"200\"}")
+    );
     for family in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
@@ -211,11 +246,24 @@ async fn metrics_have_the_spec_families_labels_and_buckets(db: Db) {
 
 async fn framework_errors_are_json(db: Db) {
     let app = spawn_app(db).await;
-    let msg = assert_error(app.get("/no/such/route", &As::Nobody).await, 404, "Not Found").await;
+    let msg = assert_error(
+        app.get("/no/such/route", &As::Nobody).await,
+        404,
+        "Not Found",
+    )
+    .await;
     assert!(msg.contains("/no/such/route"));
-    let res = app.request(reqwest::Method::PUT, "/chat", &As::alice()).send().await.unwrap();
+    let res = app
+        .request(reqwest::Method::PUT, "/chat", &As::alice())
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 405, "Method Not Allowed").await;
-    let res = app.request(reqwest::Method::DELETE, "/health", &As::Nobody).send().await.unwrap();
+    let res = app
+        .request(reqwest::Method::DELETE, "/health", &As::Nobody)
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 405, "Method Not Allowed").await;
     let res = app
         .request(reqwest::Method::POST, "/chat", &As::alice())
@@ -243,8 +291,18 @@ async fn cors_preflight_allows_the_spec_headers(db: Db) {
         .unwrap();
     assert!(res.status().is_success(), "{}", res.status());
     assert_eq!(res.headers()["access-control-allow-origin"], "*");
-    let allowed = res.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
-    for h in ["content-type", "authorization", "x-org-id", "x-user-id", "x-request-id", "idempotency-key"] {
+    let allowed = res.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    for h in [
+        "content-type",
+        "authorization",
+        "x-org-id",
+        "x-user-id",
+        "x-request-id",
+        "idempotency-key",
+    ] {
         assert!(allowed.contains(h), "{h} not in {allowed}");
     }
     let res = app
@@ -254,15 +312,28 @@ async fn cors_preflight_allows_the_spec_headers(db: Db) {
         .send()
         .await
         .unwrap();
-    let exposed = res.headers()["access-control-expose-headers"].to_str().unwrap().to_lowercase();
-    for h in ["x-request-id", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after", "x-chat-id", "x-message-id"] {
+    let exposed = res.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    for h in [
+        "x-request-id",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "retry-after",
+        "x-chat-id",
+        "x-message-id",
+    ] {
         assert!(exposed.contains(h), "{h} not in {exposed}");
     }
 }
 
 async fn demo_seed_is_idempotent(db: Db) {
     let app = spawn_app(db).await;
-    let created = confab_server::seed::seed_demo(app.state.store.as_ref()).await.unwrap();
+    let created = confab_server::seed::seed_demo(app.state.store.as_ref())
+        .await
+        .unwrap();
     assert_eq!(created, 0);
     let orgs = app.state.store.list_orgs().await.unwrap();
     let slugs: Vec<&str> = orgs.iter().map(|o| o.slug.as_str()).collect();

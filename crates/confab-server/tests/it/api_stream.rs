@@ -88,7 +88,12 @@ async fn stream_continues_an_existing_chat(db: Db) {
     let app = spawn_app(db).await;
     let first = app.chat(&As::bob(), "first", None).await;
     let chat = first["chat_id"].as_str().unwrap();
-    let res = stream(&app, &As::bob(), json!({ "message": "second", "chat_id": chat })).await;
+    let res = stream(
+        &app,
+        &As::bob(),
+        json!({ "message": "second", "chat_id": chat }),
+    )
+    .await;
     assert_eq!(header(&res, "x-chat-id"), chat);
     let (events, _) = SseReader::new(res).all().await;
     assert_eq!(events.last().unwrap()["done"], true);
@@ -100,7 +105,12 @@ async fn closing_the_client_cancels_and_keeps_the_partial_reply(db: Db) {
     let app = spawn_app_with(db, &[("SIMULATED_TOKEN_DELAY_MS", "50")]).await;
     let metrics = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
     let active_before = gauge(&metrics, "sse_active_streams");
-    let res = stream(&app, &As::alice(), json!({ "message": "I will leave early" })).await;
+    let res = stream(
+        &app,
+        &As::alice(),
+        json!({ "message": "I will leave early" }),
+    )
+    .await;
     let chat_id = header(&res, "x-chat-id");
     let mut reader = SseReader::new(res);
     let mut received = String::new();
@@ -117,12 +127,18 @@ async fn closing_the_client_cancels_and_keeps_the_partial_reply(db: Db) {
         if status == "cancelled" {
             assert!(!content.is_empty());
             assert!(content.len() < full.len(), "a proper prefix");
-            assert!(full.starts_with(&content), "{content:?} is a prefix of the reply");
+            assert!(
+                full.starts_with(&content),
+                "{content:?} is a prefix of the reply"
+            );
             assert!(content.starts_with(&received));
             break;
         }
         assert_eq!(status, "streaming");
-        assert!(closed_at.elapsed() < Duration::from_millis(1500), "not cancelled within 1.5 s");
+        assert!(
+            closed_at.elapsed() < Duration::from_millis(1500),
+            "not cancelled within 1.5 s"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let metrics = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
@@ -139,11 +155,12 @@ async fn model_failure_sends_the_error_event_and_stores_failed(db: Db) {
     let last = events.last().unwrap();
     assert_eq!(last["error"], "Stream failed");
     assert!(last["message"].as_str().is_some());
-    assert!(events.iter().all(|e| e.get("done") != Some(&Value::Bool(true))));
-    let partial: String = events
-        .iter()
-        .filter_map(|e| e["token"].as_str())
-        .collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| e.get("done") != Some(&Value::Bool(true)))
+    );
+    let partial: String = events.iter().filter_map(|e| e["token"].as_str()).collect();
     let (status, content) = message_status(&app, &chat_id, &As::alice()).await;
     assert_eq!(status, "failed");
     assert_eq!(content, partial);
@@ -155,7 +172,10 @@ async fn a_client_that_reads_nothing_is_cut_off(db: Db) {
     // possible, to a client that never reads.
     let app = spawn_app_with(
         db,
-        &[("SIMULATED_MIN_WORDS", "400000"), ("STREAM_SEND_TIMEOUT_SECONDS", "1")],
+        &[
+            ("SIMULATED_MIN_WORDS", "400000"),
+            ("STREAM_SEND_TIMEOUT_SECONDS", "1"),
+        ],
     )
     .await;
     let body = json!({ "message": "flood me" }).to_string();
@@ -178,7 +198,10 @@ async fn a_client_that_reads_nothing_is_cut_off(db: Db) {
                 break;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "stalled client never cut off");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stalled client never cut off"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(socket);
@@ -188,6 +211,11 @@ async fn stream_errors_before_the_first_byte_are_json(db: Db) {
     let app = spawn_app(db).await;
     let res = stream(&app, &As::Nobody, json!({ "message": "hi" })).await;
     assert_error(res, 401, "Unauthorized").await;
-    let res = stream(&app, &As::alice(), json!({ "message": "hi", "chat_id": uuid::Uuid::new_v4() })).await;
+    let res = stream(
+        &app,
+        &As::alice(),
+        json!({ "message": "hi", "chat_id": uuid::Uuid::new_v4() }),
+    )
+    .await;
     assert_error(res, 404, "Not Found").await;
 }

@@ -53,7 +53,12 @@ async fn a_valid_key_authenticates_as_its_user(db: Db) {
     assert_eq!(root["user"]["id"], BOB);
     assert_eq!(root["org"], ACME);
     let chat = app.chat(&who, "via key", None).await;
-    let (status, _) = app.get_json(&format!("/chat/{}", chat["chat_id"].as_str().unwrap()), &As::bob()).await;
+    let (status, _) = app
+        .get_json(
+            &format!("/chat/{}", chat["chat_id"].as_str().unwrap()),
+            &As::bob(),
+        )
+        .await;
     assert_eq!(status, 200, "the key's chats are the user's chats");
     let res = app.get("/chats", &who).await;
     assert_eq!(res.status(), 200);
@@ -72,17 +77,43 @@ async fn unknown_or_malformed_keys_are_401_without_details(db: Db) {
         "Bearer cfb_unknown".to_owned(),
         "Bearer not-a-confab-key".to_owned(),
     ] {
-        let res = app.client.get(app.url("/chats")).header("authorization", header).send().await.unwrap();
+        let res = app
+            .client
+            .get(app.url("/chats"))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
         messages.push(assert_error(res, 401, "Unauthorized").await);
     }
-    assert!(messages.iter().all(|m| m == &messages[0]), "no hint which part was wrong: {messages:?}");
-    for header in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer a b", &format!("Token {key}")] {
-        let res = app.client.get(app.url("/chats")).header("authorization", header).send().await.unwrap();
+    assert!(
+        messages.iter().all(|m| m == &messages[0]),
+        "no hint which part was wrong: {messages:?}"
+    );
+    for header in [
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "Bearer a b",
+        &format!("Token {key}"),
+    ] {
+        let res = app
+            .client
+            .get(app.url("/chats"))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
         let msg = assert_error(res, 401, "Unauthorized").await;
         assert!(msg.contains("Authorization"), "{msg}");
     }
     // Scheme is case-insensitive.
-    let res = app.client.get(app.url("/chats")).header("authorization", format!("bearer {key}")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/chats"))
+        .header("authorization", format!("bearer {key}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
 }
 
@@ -99,7 +130,10 @@ async fn a_revoked_key_is_refused_within_the_cache_ttl(db: Db) {
             break;
         }
         assert_eq!(status, 200);
-        assert!(revoked.elapsed() < Duration::from_millis(1500), "still accepted after the TTL");
+        assert!(
+            revoked.elapsed() < Duration::from_millis(1500),
+            "still accepted after the TTL"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -144,7 +178,9 @@ async fn a_key_is_judged_before_headers(db: Db) {
 
 async fn production_refuses_header_auth_unless_enabled(db: Db) {
     let app = spawn_app_with(db, &[("APP_ENV", "production")]).await;
-    confab_server::seed::seed_demo(app.state.store.as_ref()).await.unwrap();
+    confab_server::seed::seed_demo(app.state.store.as_ref())
+        .await
+        .unwrap();
     let msg = assert_error(app.get("/chats", &As::alice()).await, 401, "Unauthorized").await;
     assert!(msg.contains("disabled"), "{msg}");
     let (_, key) = new_key(&app, ACME, ALICE).await;
@@ -157,7 +193,9 @@ async fn production_refuses_header_auth_unless_enabled(db: Db) {
         &[("APP_ENV", "production"), ("AUTH_MODE", "headers,api_key")],
     )
     .await;
-    confab_server::seed::seed_demo(both.state.store.as_ref()).await.unwrap();
+    confab_server::seed::seed_demo(both.state.store.as_ref())
+        .await
+        .unwrap();
     assert_eq!(both.get("/chats", &As::alice()).await.status(), 200);
 }
 
@@ -167,10 +205,25 @@ async fn key_use_is_recorded_in_batches(db: Db) {
     let acme: OrgId = ACME.parse().unwrap();
     assert_eq!(app.get("/chats", &As::Key(key)).await.status(), 200);
     let before = app.state.store.list_api_keys(acme).await.unwrap();
-    assert!(before.iter().find(|k| k.id == id).unwrap().last_used_at.is_none(), "not written per request");
+    assert!(
+        before
+            .iter()
+            .find(|k| k.id == id)
+            .unwrap()
+            .last_used_at
+            .is_none(),
+        "not written per request"
+    );
     app.state.auth.flush_key_uses().await;
     let after = app.state.store.list_api_keys(acme).await.unwrap();
-    assert!(after.iter().find(|k| k.id == id).unwrap().last_used_at.is_some());
+    assert!(
+        after
+            .iter()
+            .find(|k| k.id == id)
+            .unwrap()
+            .last_used_at
+            .is_some()
+    );
 }
 
 async fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
@@ -188,15 +241,38 @@ async fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
 
 async fn cli_creates_org_user_and_key_that_work_over_http(db: Db) {
     let db = TestDb::new(db).await;
-    let (code, out, err) = cli(&db, &["org", "create", "--name", "Globex", "--slug", "globex"]).await;
+    let (code, out, err) = cli(
+        &db,
+        &["org", "create", "--name", "Globex", "--slug", "globex"],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let org_id = out.split('\t').next().unwrap().trim().to_owned();
     assert!(uuid::Uuid::parse_str(&org_id).is_ok(), "{out}");
-    let (code, out, err) = cli(&db, &["user", "create", "--org", "globex", "--email", "Hank@Globex.com", "--name", "Hank", "--role", "owner"]).await;
+    let (code, out, err) = cli(
+        &db,
+        &[
+            "user",
+            "create",
+            "--org",
+            "globex",
+            "--email",
+            "Hank@Globex.com",
+            "--name",
+            "Hank",
+            "--role",
+            "owner",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let user_id = out.split('\t').next().unwrap().trim().to_owned();
     assert!(out.contains("hank@globex.com"));
-    let (code, out, err) = cli(&db, &["key", "create", "--user", &user_id, "--name", "laptop"]).await;
+    let (code, out, err) = cli(
+        &db,
+        &["key", "create", "--user", &user_id, "--name", "laptop"],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let key = out
         .lines()
@@ -211,7 +287,10 @@ async fn cli_creates_org_user_and_key_that_work_over_http(db: Db) {
     assert!(key.starts_with("cfb_"));
     let (code, out, _) = cli(&db, &["key", "list", "--org", "globex"]).await;
     assert_eq!(code, 0);
-    assert!(out.contains("laptop") && !out.contains(&key), "listing never shows the secret");
+    assert!(
+        out.contains("laptop") && !out.contains(&key),
+        "listing never shows the secret"
+    );
     let (code, out, _) = cli(&db, &["org", "list"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("globex"));
@@ -224,11 +303,18 @@ async fn cli_creates_org_user_and_key_that_work_over_http(db: Db) {
     assert_eq!(root["org"], org_id.as_str());
     assert_eq!(app.get("/chats", &who).await.status(), 200);
 
-    let revoke = command(&[("DATABASE_URL", &url)]).args(["key", "revoke", &key_id]).output().await.unwrap();
+    let revoke = command(&[("DATABASE_URL", &url)])
+        .args(["key", "revoke", &key_id])
+        .output()
+        .await
+        .unwrap();
     assert!(revoke.status.success());
     let revoked = Instant::now();
     while app.get("/chats", &who).await.status() != 401 {
-        assert!(revoked.elapsed() < Duration::from_millis(1500), "revocation took longer than the TTL");
+        assert!(
+            revoked.elapsed() < Duration::from_millis(1500),
+            "revocation took longer than the TTL"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = json!({});
@@ -236,26 +322,98 @@ async fn cli_creates_org_user_and_key_that_work_over_http(db: Db) {
 
 async fn cli_rejects_bad_input_with_clear_errors(db: Db) {
     let db = TestDb::new(db).await;
-    let (code, _, err) = cli(&db, &["org", "create", "--name", "Bad", "--slug", "Bad Slug!"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &["org", "create", "--name", "Bad", "--slug", "Bad Slug!"],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("slug"), "{err}");
-    let (code, _, err) = cli(&db, &["org", "create", "--name", "Initech", "--slug", "initech"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &["org", "create", "--name", "Initech", "--slug", "initech"],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = cli(&db, &["org", "create", "--name", "Again", "--slug", "initech"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &["org", "create", "--name", "Again", "--slug", "initech"],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("already exists"), "{err}");
-    let (code, _, err) = cli(&db, &["user", "create", "--org", "initech", "--email", "a@initech.com", "--name", "A", "--role", "superuser"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "user",
+            "create",
+            "--org",
+            "initech",
+            "--email",
+            "a@initech.com",
+            "--name",
+            "A",
+            "--role",
+            "superuser",
+        ],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("superuser") || err.contains("role"), "{err}");
-    let (code, _, err) = cli(&db, &["user", "create", "--org", "initech", "--email", "a@initech.com", "--name", "A"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "user",
+            "create",
+            "--org",
+            "initech",
+            "--email",
+            "a@initech.com",
+            "--name",
+            "A",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = cli(&db, &["user", "create", "--org", "initech", "--email", "A@initech.com", "--name", "A2"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "user",
+            "create",
+            "--org",
+            "initech",
+            "--email",
+            "A@initech.com",
+            "--name",
+            "A2",
+        ],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("already exists"), "duplicate email: {err}");
-    let (code, _, err) = cli(&db, &["user", "create", "--org", "nope", "--email", "b@x.com", "--name", "B"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "user", "create", "--org", "nope", "--email", "b@x.com", "--name", "B",
+        ],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("no org"), "{err}");
-    let (code, _, err) = cli(&db, &["user", "create", "--org", "initech", "--email", "not-an-email", "--name", "B"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "user",
+            "create",
+            "--org",
+            "initech",
+            "--email",
+            "not-an-email",
+            "--name",
+            "B",
+        ],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("email"), "{err}");
     let (code, _, err) = cli(&db, &["key", "create", "--user", "not-a-uuid"]).await;
@@ -264,7 +422,19 @@ async fn cli_rejects_bad_input_with_clear_errors(db: Db) {
     let (code, _, err) = cli(&db, &["key", "revoke", &uuid::Uuid::new_v4().to_string()]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no API key"), "{err}");
-    let (code, _, err) = cli(&db, &["org", "set-limit", "initech", "--burst", "0", "--per-second", "1"]).await;
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "org",
+            "set-limit",
+            "initech",
+            "--burst",
+            "0",
+            "--per-second",
+            "1",
+        ],
+    )
+    .await;
     assert_ne!(code, 0);
     assert!(err.contains("burst"), "{err}");
 }
@@ -276,7 +446,12 @@ async fn the_database_never_holds_a_plaintext_key(db: Db) {
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = cli(&db, &["key", "create", "--user", ALICE]).await;
     assert_eq!(code, 0, "{err}");
-    let key = out.lines().find_map(|l| l.strip_prefix("key:")).unwrap().trim().to_owned();
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let secret_part = &key["cfb_".len()..];
     let rows: Vec<String> = match kind {
         Db::Sqlite => {
@@ -302,6 +477,9 @@ async fn the_database_never_holds_a_plaintext_key(db: Db) {
     let hex_key = hex::encode(key.as_bytes());
     for row in &rows {
         assert!(!row.contains(secret_part), "plaintext key stored: {row}");
-        assert!(!row.to_lowercase().contains(&hex_key[8..40]), "key bytes stored: {row}");
+        assert!(
+            !row.to_lowercase().contains(&hex_key[8..40]),
+            "key bytes stored: {row}"
+        );
     }
 }

@@ -230,7 +230,8 @@ async fn listed_chats(browser: &Client) -> Value {
            return {
              ids: Array.from(list.querySelectorAll('[data-testid="chat-item"]'), (b) => b.dataset.chatId),
              current: (list.querySelector('[data-testid="chat-item"][aria-current="true"]') || {dataset: {}}).dataset.chatId || null,
-             loading: list.hasAttribute('aria-busy') || empty.textContent.startsWith('Loading'),
+             // The note keeps its "Loading…" text when hidden under a non-empty list.
+             loading: list.hasAttribute('aria-busy') || (!empty.hidden && empty.textContent.startsWith('Loading')),
            };"#,
     )
     .await
@@ -267,7 +268,10 @@ async fn pick_user(browser: &Client, user: &str, name: &str) {
         )
         .await;
         let list = listed_chats(browser).await;
-        if v["state"] == "ok" && v["text"].as_str().unwrap_or("").contains(name) && list["loading"] == false {
+        if v["state"] == "ok"
+            && v["text"].as_str().unwrap_or("").contains(name)
+            && list["loading"] == false
+        {
             Ok(())
         } else {
             Err(format!("{v} {list}"))
@@ -317,7 +321,9 @@ async fn api_chat_ids(app: &TestApp, who: &As) -> Vec<String> {
 async fn playground_chat_stream_stop_and_tenancy(db: Db) {
     let started = Instant::now();
     let driver = ChromeDriver::start().await;
+    eprintln!("driver {:?}", started.elapsed());
     let browser = driver.session().await;
+    eprintln!("session {:?}", started.elapsed());
     // The scenario runs in its own task so that a failure still gets a
     // screenshot and a closed browser before the panic is passed on.
     let outcome = tokio::spawn(scenario(browser.clone(), db)).await;
@@ -328,7 +334,9 @@ async fn playground_chat_stream_stop_and_tenancy(db: Db) {
         let _ = std::fs::write(&path, png);
         eprintln!("screenshot of the failure: {}", path.display());
     }
+    eprintln!("scenario {:?}", started.elapsed());
     let _ = browser.close().await;
+    eprintln!("closed {:?}", started.elapsed());
     drop(driver);
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
@@ -337,25 +345,37 @@ async fn playground_chat_stream_stop_and_tenancy(db: Db) {
 }
 
 async fn scenario(browser: Client, db: Db) {
+    let t0 = Instant::now();
+    macro_rules! mark { ($l:expr) => { eprintln!("[{db:?}] {:>6} ms {}", t0.elapsed().as_millis(), $l) } }
     let alice = As::alice();
 
     // ---- 1. A quick reply, sent with the Send button.
     let app = spawn_app_with(db, &[("SIMULATED_TOKEN_DELAY_MS", "5")]).await;
+    mark!("goto");
     browser
         .goto(&format!("{}/playground", app.base))
         .await
         .expect("open the playground");
+    mark!("pick_user(&browser");
     pick_user(&browser, "alice", "Alice Admin").await;
     type_message(&browser, FIRST_MESSAGE).await;
     click(&browser, "send").await;
 
+    mark!("let reply = wait_for");
     let reply = wait_for("the first reply to complete", || async {
         let r = assistant_reply(&browser).await;
-        if r["status"] == "complete" { Ok(r) } else { Err(r.to_string()) }
+        if r["status"] == "complete" {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
     })
     .await;
     let message_id = reply["id"].as_str().unwrap_or_default().to_owned();
-    assert!(!message_id.is_empty(), "assistant-reply has no data-message-id: {reply}");
+    assert!(
+        !message_id.is_empty(),
+        "assistant-reply has no data-message-id: {reply}"
+    );
     assert_eq!(reply["badge"], "complete", "{reply}");
     let chat_id = wait_for("the new chat in the list, marked current", || async {
         let list = listed_chats(&browser).await;
@@ -372,10 +392,14 @@ async fn scenario(browser: Client, db: Db) {
     .await;
     assert_eq!(shown_id, chat_id.as_str(), "chat header shows the chat id");
 
+    mark!("let stored = stored_message");
     let stored = stored_message(&app, &alice, &chat_id, &message_id).await;
     assert_eq!(stored["role"], "assistant");
     assert_eq!(stored["status"], "complete");
-    assert_eq!(reply["text"], stored["content"], "the page shows the stored reply");
+    assert_eq!(
+        reply["text"], stored["content"],
+        "the page shows the stored reply"
+    );
     assert!(
         stored["content"]
             .as_str()
@@ -385,9 +409,11 @@ async fn scenario(browser: Client, db: Db) {
     );
 
     // ---- 2. Same database, a slow model with long replies: stop one mid-way.
-    let db = app.stop_and_keep_db().await;
+    mark!("let kept =");
+    let kept = app.stop_and_keep_db().await;
+    mark!("let app = spawn_on");
     let app = spawn_on(
-        db,
+        kept,
         &[
             ("SIMULATED_TOKEN_DELAY_MS", "50"),
             ("SIMULATED_MIN_WORDS", "200"),
@@ -396,10 +422,12 @@ async fn scenario(browser: Client, db: Db) {
     .await;
     // A new origin: nothing remembered, so pick Alice again and open the
     // chat from the list.
+    mark!("goto");
     browser
         .goto(&format!("{}/playground", app.base))
         .await
         .expect("open the playground on the restarted server");
+    mark!("pick_user(&browser");
     pick_user(&browser, "alice", "Alice Admin").await;
     let listed = listed_chats(&browser).await;
     assert!(
@@ -426,6 +454,7 @@ async fn scenario(browser: Client, db: Db) {
     .await;
 
     // Enter sends (no click on Send this time).
+    mark!("type_message(&browser, &format");
     type_message(&browser, &format!("{SLOW_MESSAGE}{}", Key::Enter)).await;
     let partial = wait_for("the slow reply's first tokens", || async {
         let r = assistant_reply(&browser).await;
@@ -438,7 +467,10 @@ async fn scenario(browser: Client, db: Db) {
     })
     .await;
     let slow_id = partial["id"].as_str().unwrap_or_default().to_owned();
-    assert!(!slow_id.is_empty(), "streaming reply without data-message-id: {partial}");
+    assert!(
+        !slow_id.is_empty(),
+        "streaming reply without data-message-id: {partial}"
+    );
     let input = js(
         &browser,
         r#"return document.querySelector('[data-testid="message-input"]').value;"#,
@@ -449,15 +481,23 @@ async fn scenario(browser: Client, db: Db) {
         .find(Locator::Css(r#"[data-testid="stop"]"#))
         .await
         .expect("stop button");
-    assert!(stop.is_enabled().await.expect("stop enabled?"), "Stop is enabled while streaming");
+    assert!(
+        stop.is_enabled().await.expect("stop enabled?"),
+        "Stop is enabled while streaming"
+    );
+    mark!("stop.click()");
     stop.click().await.expect("press Stop");
 
     // The server notices the disconnect and keeps the partial reply.
-    let full = confab_llm::SimulatedModel::new(confab_llm::TokenDelay::ZERO, 200)
-        .reply_to(SLOW_MESSAGE);
+    let full =
+        confab_llm::SimulatedModel::new(confab_llm::TokenDelay::ZERO, 200).reply_to(SLOW_MESSAGE);
     let stored = wait_for("the stopped reply to be stored as final", || async {
         let m = stored_message(&app, &alice, &chat_id, &slow_id).await;
-        if m["status"] == "streaming" { Err(m.to_string()) } else { Ok(m) }
+        if m["status"] == "streaming" {
+            Err(m.to_string())
+        } else {
+            Ok(m)
+        }
     })
     .await;
     let content = stored["content"].as_str().unwrap_or_default().to_owned();
@@ -473,6 +513,7 @@ async fn scenario(browser: Client, db: Db) {
     );
 
     // The page re-reads the chat and shows what the server stored.
+    mark!("wait_for('the page to show");
     wait_for("the page to show the reply as cancelled", || async {
         let r = assistant_reply(&browser).await;
         let status = js(
@@ -485,7 +526,10 @@ async fn scenario(browser: Client, db: Db) {
             && r["status"] == "cancelled"
             && r["badge"] == "cancelled"
             && r["text"] == content.as_str()
-            && status["text"].as_str().unwrap_or_default().contains("cancelled")
+            && status["text"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cancelled")
         {
             Ok(())
         } else {
@@ -501,6 +545,7 @@ async fn scenario(browser: Client, db: Db) {
         .await
         .expect("send enabled?");
     assert!(send_enabled, "Send is enabled again after Stop");
+    mark!("let png");
     let png = browser.screenshot().await.expect("screenshot");
     let name = match db {
         Db::Sqlite => "playground.png",
@@ -511,9 +556,14 @@ async fn scenario(browser: Client, db: Db) {
     // ---- 3. Tenancy: Charlie (another org) sees his chats, none of Alice's.
     let charlie = As::charlie();
     let charlie_chat = app.chat(&charlie, "Charlie's own chat", None).await;
-    let charlie_chat = charlie_chat["chat_id"].as_str().expect("chat_id").to_owned();
+    let charlie_chat = charlie_chat["chat_id"]
+        .as_str()
+        .expect("chat_id")
+        .to_owned();
     let alice_ids: HashSet<String> = api_chat_ids(&app, &alice).await.into_iter().collect();
     assert!(alice_ids.contains(&chat_id));
+    mark!("pick_user(&browser");
+    mark!("pick_user(&browser, 'charlie'");
     pick_user(&browser, "charlie", "Charlie Founder").await;
     let listed = wait_for("Charlie's chat list", || async {
         let list = listed_chats(&browser).await;
@@ -526,9 +576,13 @@ async fn scenario(browser: Client, db: Db) {
     .await;
     let shown: HashSet<String> = ids_of(&listed["ids"]).into_iter().collect();
     let leaked: Vec<_> = shown.intersection(&alice_ids).collect();
-    assert!(leaked.is_empty(), "Alice's chats listed for Charlie: {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "Alice's chats listed for Charlie: {leaked:?}"
+    );
     let charlie_ids: HashSet<String> = api_chat_ids(&app, &charlie).await.into_iter().collect();
     assert_eq!(shown, charlie_ids, "the page lists exactly Charlie's chats");
+    mark!("let messages = js(");
     let messages = js(
         &browser,
         r#"return document.querySelectorAll('[data-testid="message"]').length;"#,

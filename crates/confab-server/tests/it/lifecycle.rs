@@ -58,7 +58,8 @@ async fn last_messages(url: &str, chats: &[String]) -> Vec<confab_core::Message>
 
 async fn logs_are_json_lines_that_carry_the_request_id(db: Db) {
     let db = TestDb::new(db).await;
-    let mut app = Confab::start(&[("DATABASE_URL", &db.url), ("SIMULATED_TOKEN_DELAY_MS", "0")]).await;
+    let mut app =
+        Confab::start(&[("DATABASE_URL", &db.url), ("SIMULATED_TOKEN_DELAY_MS", "0")]).await;
     let res = client()
         .get(app.url("/health"))
         .header("x-request-id", "trace-health-1")
@@ -86,7 +87,11 @@ async fn logs_are_json_lines_that_carry_the_request_id(db: Db) {
         .await
         .unwrap();
     SseReader::new(res).all().await;
-    let _ = client().get(app.url("/missing")).header("x-request-id", "trace-404").send().await;
+    let _ = client()
+        .get(app.url("/missing"))
+        .header("x-request-id", "trace-404")
+        .send()
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     app.signal("TERM");
     assert_eq!(app.wait(Duration::from_secs(15)).await, Some(0));
@@ -121,7 +126,11 @@ async fn logs_are_json_lines_that_carry_the_request_id(db: Db) {
     assert_eq!(chat["route"], "/chat");
     let replay = lines
         .iter()
-        .find(|l| l["message"].as_str().is_some_and(|m| m.contains("replaying")))
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("replaying"))
+        })
         .expect("replay log line");
     assert_eq!(replay["requestId"], "trace-chat-replay");
     assert_eq!(replay["orgId"], ACME);
@@ -131,7 +140,10 @@ async fn logs_are_json_lines_that_carry_the_request_id(db: Db) {
         .expect("stream outcome line");
     assert_eq!(stream_end["requestId"], "trace-stream");
     assert_eq!(stream_end["outcome"], "complete");
-    let missing = finished.iter().find(|l| l["requestId"] == "trace-404").unwrap();
+    let missing = finished
+        .iter()
+        .find(|l| l["requestId"] == "trace-404")
+        .unwrap();
     assert_eq!(missing["route"], "unmatched");
     assert_eq!(missing["status"], 404);
     // Message content never reaches the logs.
@@ -201,10 +213,16 @@ async fn sigterm_interrupts_streams_still_running_after_the_grace_period(db: Db)
         );
     }
     assert_eq!(app.wait(Duration::from_secs(20)).await, Some(0));
-    assert!(signalled.elapsed() >= Duration::from_secs(2), "the grace period was honoured");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "the grace period was honoured"
+    );
     for m in last_messages(&db.url, &chats).await {
         assert!(
-            matches!(m.status, MessageStatus::Complete | MessageStatus::Interrupted),
+            matches!(
+                m.status,
+                MessageStatus::Complete | MessageStatus::Interrupted
+            ),
             "{:?}",
             m.status
         );
@@ -246,7 +264,11 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
     tokio::time::sleep(Duration::from_millis(2500)).await;
     app.signal("KILL");
     let killed_at = Instant::now();
-    assert_eq!(app.wait(Duration::from_secs(10)).await, None, "killed by a signal");
+    assert_eq!(
+        app.wait(Duration::from_secs(10)).await,
+        None,
+        "killed by a signal"
+    );
     let mut history: Vec<Vec<(Instant, String)>> = vec![Vec::new(); 5];
     while let Ok((i, at, text)) = rx.try_recv() {
         history[i].push((at, text));
@@ -257,15 +279,28 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
     let deadline = Instant::now() + Duration::from_secs(15);
     let messages = loop {
         let messages = last_messages(&db.url, &chats).await;
-        if messages.iter().all(|m| m.status == MessageStatus::Interrupted) {
+        if messages
+            .iter()
+            .all(|m| m.status == MessageStatus::Interrupted)
+        {
             break messages;
         }
-        assert!(Instant::now() < deadline, "not recovered: {:?}", messages.iter().map(|m| m.status).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "not recovered: {:?}",
+            messages.iter().map(|m| m.status).collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     for (i, m) in messages.iter().enumerate() {
-        let received = history[i].last().map(|(_, t)| t.clone()).unwrap_or_default();
-        assert!(received.starts_with(&m.content), "saved text is what was streamed");
+        let received = history[i]
+            .last()
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default();
+        assert!(
+            received.starts_with(&m.content),
+            "saved text is what was streamed"
+        );
         // Saved at least once a second: everything the client had 1.5 s
         // before the kill must be in the database.
         let older = history[i]
@@ -287,7 +322,12 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
 
 #[tokio::test]
 async fn invalid_configuration_stops_start_up_with_one_line_naming_the_variable() {
-    for (var, value) in [("PORT", "eighty"), ("DATABASE_URL", "mysql://x"), ("RATE_LIMIT_BURST", "0"), ("AUTH_MODE", "nope")] {
+    for (var, value) in [
+        ("PORT", "eighty"),
+        ("DATABASE_URL", "mysql://x"),
+        ("RATE_LIMIT_BURST", "0"),
+        ("AUTH_MODE", "nope"),
+    ] {
         let out = command(&[(var, value)]).output().await.unwrap();
         assert_eq!(out.status.code(), Some(2), "{var}");
         let stderr = String::from_utf8_lossy(&out.stderr);

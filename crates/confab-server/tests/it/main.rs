@@ -5,13 +5,19 @@
 //! are unreachable (URLs from `CONFAB_TEST_POSTGRES_URL` / `CONFAB_TEST_REDIS_URL`,
 //! defaulting to the local services).
 
+// clippy's allow-*-in-tests covers #[test] functions, not the helpers of an
+// integration-test crate; failing loudly is what test code is for.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 mod api_chats;
 mod api_foundation;
 mod api_stream;
 mod auth_keys;
+mod browser;
 mod lifecycle;
 
 mod ratelimit_contract;
+mod ratelimit_e2e;
 mod store_contract;

@@ -167,8 +167,7 @@ impl TestApp {
             let _ = h.await;
         }
         // Move the database out; the rest is dropped.
-        let db = std::mem::replace(&mut self.db, TestDb::placeholder());
-        db
+        std::mem::replace(&mut self.db, TestDb::placeholder())
     }
 }
 

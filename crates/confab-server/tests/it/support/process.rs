@@ -47,6 +47,7 @@ impl Confab {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let err_tx = tx.clone();
         let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let sink = logs.clone();
         tokio::spawn(async move {
@@ -64,6 +65,10 @@ impl Confab {
         let err_sink = stderr.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = err.next_line().await {
+                // The human banner says it too, whatever LOG_LEVEL is.
+                if let Some(url) = line.strip_prefix("confab is listening on ") {
+                    let _ = err_tx.send(url.trim().to_owned());
+                }
                 err_sink.lock().unwrap().push(line);
             }
         });
@@ -139,7 +144,16 @@ impl PrivateRedis {
 
     pub fn restart(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

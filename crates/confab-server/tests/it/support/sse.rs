@@ -25,9 +25,10 @@ impl SseReader {
     pub async fn next_json(&mut self) -> Option<Value> {
         loop {
             if let Some(ev) = self.pending.pop_front() {
-                return Some(serde_json::from_str(&ev.data).unwrap_or_else(|e| {
-                    panic!("data is not JSON ({e}): {:?}", ev.data)
-                }));
+                return Some(
+                    serde_json::from_str(&ev.data)
+                        .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", ev.data)),
+                );
             }
             match self.body.next().await {
                 Some(Ok(chunk)) => self.pending.extend(self.parser.push(&chunk)),

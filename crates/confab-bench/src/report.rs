@@ -1,0 +1,462 @@
+//! Merge a run's fragments into one JSON document (`out/bench/<run>.json`
+//! and `latest.json`) and print the tables (Markdown, so they paste into
+//! BENCHMARKS.md as they are), with the ratios and the targets.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::Fragment;
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The run's fragments (*.json, read in file-name order).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Where the merged JSON goes.
+    #[arg(long)]
+    json_out: PathBuf,
+    /// A copy of it (out/bench/latest.json).
+    #[arg(long)]
+    latest: Option<PathBuf>,
+    #[arg(long)]
+    run_id: String,
+    #[arg(long)]
+    quick: bool,
+    /// `key=value` facts about the run (versions, commit, settings).
+    #[arg(long = "meta", value_parser = parse_key_value)]
+    meta: Vec<(String, String)>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// Share of the machine used by processes outside the benchmark above which
+/// a throughput figure is flagged as disturbed.
+const DISTURBED_SHARE: f64 = 0.10;
+
+pub fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&args.dir)
+        .with_context(|| format!("reading {}", args.dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.sort();
+    let mut fragments = Vec::new();
+    for path in &paths {
+        let text = std::fs::read_to_string(path)?;
+        let fragment: Fragment =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        fragments.push(fragment);
+    }
+    let find = |name: &str| fragments.iter().find(|f| f.scenario == name);
+    let num = |f: Option<&Fragment>, pointer: &str| {
+        f.and_then(|f| f.result.pointer(pointer)).and_then(Value::as_f64)
+    };
+
+    let post = num(find("post-chat"), "/requests_per_s");
+    let ceiling = num(find("db-ceiling"), "/tps");
+    let ceiling_auto = num(find("db-ceiling-autocommit"), "/tps");
+    let embedded = num(find("embedded"), "/requests_per_s");
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let bursts: Vec<Value> = fragments
+        .iter()
+        .filter(|f| f.scenario == "sse-burst")
+        .map(|f| {
+            let n = f.result["streams"].as_f64().unwrap_or(0.0);
+            json!({
+                "streams": n,
+                "floor_ms": ceiling.map(|tps| n / tps * 1000.0),
+                "ttft_p50_ms": f.result.pointer("/ttft_from_release_ms/p50"),
+                "ttft_p99_ms": f.result.pointer("/ttft_from_release_ms/p99"),
+            })
+        })
+        .collect();
+    let ratios = json!({
+        "post_chat_over_db_ceiling": ratio(post, ceiling),
+        "post_chat_over_db_ceiling_autocommit": ratio(post, ceiling_auto),
+        "embedded_over_post_chat": ratio(embedded, post),
+        "sse_burst_floor": bursts,
+    });
+    let targets = targets(&fragments, ratio(post, ceiling));
+
+    let mut meta = serde_json::Map::new();
+    meta.insert("run_id".into(), json!(args.run_id));
+    meta.insert("quick".into(), json!(args.quick));
+    meta.insert("machine".into(), machine());
+    for (k, v) in &args.meta {
+        meta.insert(k.clone(), json!(v));
+    }
+    let document = json!({
+        "run": meta,
+        "scenarios": fragments,
+        "ratios": ratios,
+        "targets": targets,
+    });
+    let bytes = serde_json::to_vec_pretty(&document)?;
+    if let Some(dir) = args.json_out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json_out, &bytes)
+        .with_context(|| format!("writing {}", args.json_out.display()))?;
+    if let Some(latest) = &args.latest {
+        std::fs::write(latest, &bytes)?;
+    }
+    print!("{}", render(&document));
+    Ok(())
+}
+
+/// nproc, CPU model, memory, kernel, load: what the numbers were taken on.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: Option<u64> = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    json!({
+        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu_model": model,
+        "mem_gib": mem_kb.map(|kb| (kb as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+        "loadavg_at_report": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_owned()),
+    })
+}
+
+fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value> {
+    let find = |name: &str| fragments.iter().find(|f| f.scenario == name);
+    let get = |name: &str, pointer: &str| {
+        find(name)
+            .and_then(|f| f.result.pointer(pointer))
+            .and_then(Value::as_f64)
+    };
+    let peak = |name: &str| {
+        find(name)
+            .and_then(|f| f.usage.as_ref())
+            .and_then(|u| u.pointer("/server_memory/rss_peak_mb"))
+            .and_then(Value::as_f64)
+    };
+    let footprint = fragments
+        .iter()
+        .find(|f| f.scenario == "footprint" && f.label.contains("postgres"))
+        .or_else(|| find("footprint"));
+    let fp = |pointer: &str| {
+        footprint
+            .and_then(|f| f.result.pointer(pointer))
+            .and_then(Value::as_f64)
+    };
+    let check = |name: &str, value: Option<f64>, goal: &str, met: fn(f64) -> bool| {
+        json!({
+            "target": name,
+            "goal": goal,
+            "value": value,
+            "met": value.map(met),
+        })
+    };
+    vec![
+        check(
+            "post-chat / db-ceiling",
+            post_over_ceiling,
+            ">= 0.50",
+            |v| v >= 0.50,
+        ),
+        check(
+            "sse-1k stretch (overall)",
+            get("sse-1k", "/stretch_overall"),
+            "<= 1.10",
+            |v| v <= 1.10,
+        ),
+        check(
+            "sse-1k TTFT p99 (ms)",
+            get("sse-1k", "/ttft_ms/p99"),
+            "< 100",
+            |v| v < 100.0,
+        ),
+        check(
+            "sse-10k errors",
+            get("sse-10k", "/errors"),
+            "== 0",
+            |v| v == 0.0,
+        ),
+        check(
+            "sse-10k completed / streams",
+            get("sse-10k", "/completed")
+                .zip(get("sse-10k", "/streams"))
+                .map(|(done, all)| if all > 0.0 { done / all } else { 0.0 }),
+            "== 1",
+            |v| v >= 1.0,
+        ),
+        check(
+            "sse-10k server peak RSS (MiB)",
+            peak("sse-10k"),
+            "< 1024",
+            |v| v < 1024.0,
+        ),
+        check(
+            "footprint idle RSS (MiB)",
+            fp("/idle_rss_mb"),
+            "< 50",
+            |v| v < 50.0,
+        ),
+        check(
+            "footprint exec → /health (ms)",
+            fp("/ready_ms"),
+            "< 1000",
+            |v| v < 1000.0,
+        ),
+    ]
+}
+
+fn ms(v: Option<&Value>) -> String {
+    v.and_then(Value::as_f64)
+        .map_or_else(|| "–".into(), |v| format!("{v:.1}"))
+}
+
+fn at<'a>(v: &'a Value, pointer: &str) -> Option<&'a Value> {
+    v.pointer(pointer)
+}
+
+/// "srv 45% · cli 20% · pg 25% · redis 3% · other 2%" of the machine.
+fn cpu_split(usage: Option<&Value>) -> String {
+    let Some(cpu) = usage.and_then(|u| u.get("cpu")) else {
+        return "–".into();
+    };
+    let cap = cpu["capacity_s"].as_f64().unwrap_or(0.0);
+    if cap <= 0.0 {
+        return "–".into();
+    }
+    let pct = |k: &str| cpu[k].as_f64().unwrap_or(0.0) / cap * 100.0;
+    let mut parts = Vec::new();
+    for (label, keys) in [
+        ("srv", &["server_s"][..]),
+        ("cli", &["client_s"][..]),
+        ("pg", &["postgres_s", "postgres_shared_s"][..]),
+        ("pgbench", &["pgbench_s"][..]),
+        ("redis", &["redis_s"][..]),
+        ("other", &["other_s"][..]),
+    ] {
+        let p: f64 = keys.iter().map(|k| pct(k)).sum();
+        if p >= 0.5 || label == "other" {
+            parts.push(format!("{label} {p:.0}%"));
+        }
+    }
+    parts.join(" · ")
+}
+
+fn disturbed(usage: Option<&Value>) -> Option<f64> {
+    let cpu = usage?.get("cpu")?;
+    let share = cpu["other_s"].as_f64()? / cpu["capacity_s"].as_f64()?;
+    (share > DISTURBED_SHARE).then_some(share)
+}
+
+fn scenarios(doc: &Value) -> Vec<&Value> {
+    doc["scenarios"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default()
+}
+
+pub fn render(doc: &Value) -> String {
+    let mut out = String::new();
+    let run = &doc["run"];
+    let _ = writeln!(
+        out,
+        "\n## confab benchmark {}{}\n",
+        run["run_id"].as_str().unwrap_or(""),
+        if run["quick"].as_bool() == Some(true) {
+            " (--quick: smoke run, numbers not comparable)"
+        } else {
+            ""
+        }
+    );
+    let all = scenarios(doc);
+    let is = |f: &&Value, names: &[&str]| names.contains(&f["scenario"].as_str().unwrap_or(""));
+
+    let http: Vec<&Value> = all
+        .iter()
+        .copied()
+        .filter(|f| {
+            is(
+                f,
+                &[
+                    "post-chat",
+                    "db-ceiling",
+                    "db-ceiling-autocommit",
+                    "list-chats",
+                    "get-chat",
+                    "embedded",
+                ],
+            )
+        })
+        .collect();
+    if !http.is_empty() {
+        let _ = writeln!(
+            out,
+            "| scenario | throughput | p50 ms | p95 ms | p99 ms | errors | CPU (share of the machine) |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|");
+        for f in http {
+            let name = f["scenario"].as_str().unwrap_or("");
+            let r = &f["result"];
+            let usage = f.get("usage");
+            let flag = disturbed(usage)
+                .map(|s| format!(" ⚠ other load {:.0}%", s * 100.0))
+                .unwrap_or_default();
+            if name.starts_with("db-ceiling") {
+                let _ = writeln!(
+                    out,
+                    "| {name} (pgbench, {} clients) | {:.0} tps | avg {} | | | {} failed | {}{flag} |",
+                    r["clients"],
+                    r["tps"].as_f64().unwrap_or(0.0),
+                    ms(at(r, "/latency_avg_ms")),
+                    r["failed"],
+                    cpu_split(usage),
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "| {name} ({} clients) | {:.0} req/s | {} | {} | {} | {} | {}{flag} |",
+                    r["concurrency"],
+                    r["requests_per_s"].as_f64().unwrap_or(0.0),
+                    ms(at(r, "/latency_ms/p50")),
+                    ms(at(r, "/latency_ms/p95")),
+                    ms(at(r, "/latency_ms/p99")),
+                    r["errors"],
+                    cpu_split(usage),
+                );
+            }
+        }
+        let ratios = &doc["ratios"];
+        let pct = |v: &Value| {
+            v.as_f64()
+                .map_or_else(|| "–".into(), |v| format!("{:.0}%", v * 100.0))
+        };
+        let _ = writeln!(
+            out,
+            "\npost-chat / db-ceiling = {} (target ≥ 50%); post-chat / db-ceiling-autocommit = {}; embedded / post-chat = {}\n",
+            pct(&ratios["post_chat_over_db_ceiling"]),
+            pct(&ratios["post_chat_over_db_ceiling_autocommit"]),
+            pct(&ratios["embedded_over_post_chat"]),
+        );
+    }
+
+    let streams: Vec<&Value> = all
+        .iter()
+        .copied()
+        .filter(|f| is(f, &["sse-1k", "sse-burst", "sse-10k"]))
+        .collect();
+    if !streams.is_empty() {
+        let _ = writeln!(
+            out,
+            "| scenario | done / streams | max open | TTFT p50 ms | TTFT p99 ms | floor ms | stretch (all · p50 · p99) | gap p99 ms (planned mean) | errors | server peak RSS MiB | CPU |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|");
+        let ceiling = all
+            .iter()
+            .find(|f| f["scenario"] == "db-ceiling")
+            .and_then(|f| f["result"]["tps"].as_f64());
+        for f in streams {
+            let r = &f["result"];
+            let burst = f["scenario"] == "sse-burst";
+            let ttft = if burst { "/ttft_from_release_ms" } else { "/ttft_ms" };
+            let floor = if burst {
+                ceiling
+                    .zip(r["streams"].as_f64())
+                    .map_or_else(|| "–".into(), |(tps, n)| format!("{:.0}", n / tps * 1000.0))
+            } else {
+                String::new()
+            };
+            let errors = r["error_kinds"]
+                .as_object()
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    let kinds: Vec<String> = k.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!(" ({})", kinds.join(", "))
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| {} {} | {} / {} | {} | {} | {} | {} | {:.3} · {:.3} · {:.3} | {} ({:.0}) | {}{} | {} | {} |",
+                f["scenario"].as_str().unwrap_or(""),
+                f["label"].as_str().unwrap_or(""),
+                r["completed"],
+                r["streams"],
+                r["max_concurrent"],
+                ms(at(r, &format!("{ttft}/p50"))),
+                ms(at(r, &format!("{ttft}/p99"))),
+                floor,
+                r["stretch_overall"].as_f64().unwrap_or(0.0),
+                r["stretch"]["p50"].as_f64().unwrap_or(0.0),
+                r["stretch"]["p99"].as_f64().unwrap_or(0.0),
+                ms(at(r, "/gap_ms/p99")),
+                r["planned_gap_ms"].as_f64().unwrap_or(0.0),
+                r["errors"],
+                errors,
+                ms(f.pointer("/usage/server_memory/rss_peak_mb")),
+                cpu_split(f.get("usage")),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    let starts: Vec<&Value> = all
+        .iter()
+        .copied()
+        .filter(|f| is(f, &["footprint"]))
+        .collect();
+    if !starts.is_empty() {
+        let _ = writeln!(
+            out,
+            "| footprint | exec → first /health 200 (ms) | RSS at ready MiB | idle RSS (1 s later) MiB | threads |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+        for f in starts {
+            let r = &f["result"];
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                f["label"].as_str().unwrap_or(""),
+                ms(r.get("ready_ms")),
+                ms(r.get("rss_at_ready_mb")),
+                ms(r.get("idle_rss_mb")),
+                r["threads"],
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    if let Some(targets) = doc["targets"].as_array() {
+        let _ = writeln!(out, "| target | goal | value | met |");
+        let _ = writeln!(out, "|---|---|---:|---|");
+        for t in targets {
+            let value = t["value"]
+                .as_f64()
+                .map_or_else(|| "–".into(), |v| format!("{v:.3}"));
+            let met = match t["met"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "–",
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {value} | {met} |",
+                t["target"].as_str().unwrap_or(""),
+                t["goal"].as_str().unwrap_or(""),
+            );
+        }
+    }
+    out
+}
