@@ -59,18 +59,6 @@ pub struct CpuSplit {
     pub machine_busy_s: f64,
 }
 
-impl CpuSplit {
-    /// Share of the machine other processes took: above ~10 % throughput
-    /// numbers are disturbed.
-    pub fn other_share(&self) -> f64 {
-        if self.capacity_s > 0.0 {
-            self.other_s / self.capacity_s
-        } else {
-            0.0
-        }
-    }
-}
-
 /// Memory of the server over the window, in MiB.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Memory {
@@ -139,14 +127,6 @@ impl Monitor {
             state,
             task: Some((task, stop)),
         }
-    }
-
-    /// The server's current resident set, MiB.
-    pub fn server_rss_mb(&self) -> Option<f64> {
-        self.targets
-            .server_pid
-            .and_then(|pid| status_kb(pid, "VmRSS:"))
-            .map(kb_to_mb)
     }
 
     pub async fn finish(mut self) -> Usage {

@@ -11,7 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_stream_shim::ReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -76,27 +76,4 @@ pub async fn post_chat_stream(
         headers.insert("x-message-id", v);
     }
     Ok(response)
-}
-
-/// `mpsc::Receiver` as a `Stream`, without pulling in tokio-stream for ten lines.
-mod tokio_stream_shim {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use tokio::sync::mpsc::Receiver;
-
-    pub struct ReceiverStream<T>(Receiver<T>);
-
-    impl<T> ReceiverStream<T> {
-        pub fn new(rx: Receiver<T>) -> Self {
-            Self(rx)
-        }
-    }
-
-    impl<T> futures::Stream for ReceiverStream<T> {
-        type Item = T;
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-            self.0.poll_recv(cx)
-        }
-    }
 }

@@ -321,9 +321,7 @@ async fn api_chat_ids(app: &TestApp, who: &As) -> Vec<String> {
 async fn playground_chat_stream_stop_and_tenancy(db: Db) {
     let started = Instant::now();
     let driver = ChromeDriver::start().await;
-    eprintln!("driver {:?}", started.elapsed());
     let browser = driver.session().await;
-    eprintln!("session {:?}", started.elapsed());
     // The scenario runs in its own task so that a failure still gets a
     // screenshot and a closed browser before the panic is passed on.
     let outcome = tokio::spawn(scenario(browser.clone(), db)).await;
@@ -334,9 +332,7 @@ async fn playground_chat_stream_stop_and_tenancy(db: Db) {
         let _ = std::fs::write(&path, png);
         eprintln!("screenshot of the failure: {}", path.display());
     }
-    eprintln!("scenario {:?}", started.elapsed());
     let _ = browser.close().await;
-    eprintln!("closed {:?}", started.elapsed());
     drop(driver);
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
@@ -345,23 +341,18 @@ async fn playground_chat_stream_stop_and_tenancy(db: Db) {
 }
 
 async fn scenario(browser: Client, db: Db) {
-    let t0 = Instant::now();
-    macro_rules! mark { ($l:expr) => { eprintln!("[{db:?}] {:>6} ms {}", t0.elapsed().as_millis(), $l) } }
     let alice = As::alice();
 
     // ---- 1. A quick reply, sent with the Send button.
     let app = spawn_app_with(db, &[("SIMULATED_TOKEN_DELAY_MS", "5")]).await;
-    mark!("goto");
     browser
         .goto(&format!("{}/playground", app.base))
         .await
         .expect("open the playground");
-    mark!("pick_user(&browser");
     pick_user(&browser, "alice", "Alice Admin").await;
     type_message(&browser, FIRST_MESSAGE).await;
     click(&browser, "send").await;
 
-    mark!("let reply = wait_for");
     let reply = wait_for("the first reply to complete", || async {
         let r = assistant_reply(&browser).await;
         if r["status"] == "complete" {
@@ -392,7 +383,6 @@ async fn scenario(browser: Client, db: Db) {
     .await;
     assert_eq!(shown_id, chat_id.as_str(), "chat header shows the chat id");
 
-    mark!("let stored = stored_message");
     let stored = stored_message(&app, &alice, &chat_id, &message_id).await;
     assert_eq!(stored["role"], "assistant");
     assert_eq!(stored["status"], "complete");
@@ -409,9 +399,7 @@ async fn scenario(browser: Client, db: Db) {
     );
 
     // ---- 2. Same database, a slow model with long replies: stop one mid-way.
-    mark!("let kept =");
     let kept = app.stop_and_keep_db().await;
-    mark!("let app = spawn_on");
     let app = spawn_on(
         kept,
         &[
@@ -422,12 +410,10 @@ async fn scenario(browser: Client, db: Db) {
     .await;
     // A new origin: nothing remembered, so pick Alice again and open the
     // chat from the list.
-    mark!("goto");
     browser
         .goto(&format!("{}/playground", app.base))
         .await
         .expect("open the playground on the restarted server");
-    mark!("pick_user(&browser");
     pick_user(&browser, "alice", "Alice Admin").await;
     let listed = listed_chats(&browser).await;
     assert!(
@@ -454,7 +440,6 @@ async fn scenario(browser: Client, db: Db) {
     .await;
 
     // Enter sends (no click on Send this time).
-    mark!("type_message(&browser, &format");
     type_message(&browser, &format!("{SLOW_MESSAGE}{}", Key::Enter)).await;
     let partial = wait_for("the slow reply's first tokens", || async {
         let r = assistant_reply(&browser).await;
@@ -485,7 +470,6 @@ async fn scenario(browser: Client, db: Db) {
         stop.is_enabled().await.expect("stop enabled?"),
         "Stop is enabled while streaming"
     );
-    mark!("stop.click()");
     stop.click().await.expect("press Stop");
 
     // The server notices the disconnect and keeps the partial reply.
@@ -513,7 +497,6 @@ async fn scenario(browser: Client, db: Db) {
     );
 
     // The page re-reads the chat and shows what the server stored.
-    mark!("wait_for('the page to show");
     wait_for("the page to show the reply as cancelled", || async {
         let r = assistant_reply(&browser).await;
         let status = js(
@@ -545,7 +528,6 @@ async fn scenario(browser: Client, db: Db) {
         .await
         .expect("send enabled?");
     assert!(send_enabled, "Send is enabled again after Stop");
-    mark!("let png");
     let png = browser.screenshot().await.expect("screenshot");
     let name = match db {
         Db::Sqlite => "playground.png",
@@ -562,8 +544,6 @@ async fn scenario(browser: Client, db: Db) {
         .to_owned();
     let alice_ids: HashSet<String> = api_chat_ids(&app, &alice).await.into_iter().collect();
     assert!(alice_ids.contains(&chat_id));
-    mark!("pick_user(&browser");
-    mark!("pick_user(&browser, 'charlie'");
     pick_user(&browser, "charlie", "Charlie Founder").await;
     let listed = wait_for("Charlie's chat list", || async {
         let list = listed_chats(&browser).await;
@@ -582,7 +562,6 @@ async fn scenario(browser: Client, db: Db) {
     );
     let charlie_ids: HashSet<String> = api_chat_ids(&app, &charlie).await.into_iter().collect();
     assert_eq!(shown, charlie_ids, "the page lists exactly Charlie's chats");
-    mark!("let messages = js(");
     let messages = js(
         &browser,
         r#"return document.querySelectorAll('[data-testid="message"]').length;"#,

@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# confab's benchmark harness (BENCHMARKS.md explains the method).
+#
+#   bench/run.sh [scenario…] [--quick]
+#
+# Scenarios: post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k
+# embedded footprint (default: all). --quick runs each for a few seconds at
+# low concurrency: a smoke test (CI runs it), not numbers to compare.
+#
+# Builds release, starts a dedicated Redis and confab (as deployed: API-key
+# auth, PostgreSQL, Redis rate limiting raised so it never refuses, JSON logs
+# at info to a file, metrics on) against a fresh PostgreSQL database, runs the
+# scenarios, stops everything it started (also on failure or Ctrl-C), prints
+# the tables and writes out/bench/<run>.json and out/bench/latest.json.
+#
+# Environment: BENCH_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
+# CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+ALL=(post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k embedded footprint)
+QUICK=0
+SELECTED=()
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *)
+      if [[ " ${ALL[*]} " != *" $arg "* ]]; then
+        echo "bench/run.sh: unknown scenario '$arg' (known: ${ALL[*]})" >&2
+        exit 2
+      fi
+      SELECTED+=("$arg") ;;
+  esac
+done
+[ ${#SELECTED[@]} -eq 0 ] && SELECTED=("${ALL[@]}")
+want() { [[ " ${SELECTED[*]} " == *" $1 "* ]]; }
+want_any() { for s in "$@"; do want "$s" && return 0; done; return 1; }
+
+# ---- parameters --------------------------------------------------------------
+if [ $QUICK = 1 ]; then
+  CLIENTS=8; DURATION=3; WARMUP=0.5; PGBENCH_DURATION=3
+  SSE_CLIENTS=50; SSE_DURATION=3; BURSTS=(50 250)
+  LONG_STREAMS=200; LONG_RAMP=1; LONG_MIN_WORDS=0; LONG_DELAY=100
+else
+  CLIENTS=64; DURATION=20; WARMUP=3; PGBENCH_DURATION=20
+  SSE_CLIENTS=1000; SSE_DURATION=20; BURSTS=(1000 5000)
+  LONG_STREAMS=10000; LONG_RAMP=10; LONG_MIN_WORDS=300; LONG_DELAY=100
+fi
+
+# Thousands of sockets per process: raise the open-files limit for the
+# server and the client (they inherit it). Containers may cap the hard limit.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+OPEN_FILES=$(ulimit -n)
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+CONFAB=$TARGET_DIR/release/confab
+BENCH=$TARGET_DIR/release/confab-bench
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=$ROOT/out/bench
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/confab-bench.XXXXXX")
+FRAGMENTS=$WORK/results
+mkdir -p "$OUT" "$FRAGMENTS"
+PG_ADMIN=${BENCH_PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+PG_BASE=${PG_ADMIN%/*}
+DB=confab_bench_$(date -u +%Y%m%d_%H%M%S)_$$
+DB_URL=$PG_BASE/$DB
+DB_CREATED=0
+SERVER_PID=
+REDIS_PID=
+started=$(date +%s)
+
+log() { printf '[bench %3ss] %s\n' "$(( $(date +%s) - started ))" "$*" >&2; }
+
+stop_pid() { # pid: SIGTERM, wait up to 20 s, then SIGKILL
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 200); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  log "pid $pid did not stop within 20 s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  if [ -n "$SERVER_PID" ]; then stop_pid "$SERVER_PID"; fi
+  if [ -n "$REDIS_PID" ]; then stop_pid "$REDIS_PID"; fi
+  if [ $DB_CREATED = 1 ]; then
+    psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 \
+      || log "could not drop database $DB"
+  fi
+  if [ $status -ne 0 ]; then
+    for f in "$WORK"/*.stderr; do
+      [ -s "$f" ] && { log "--- tail of $(basename "$f")"; tail -n 20 "$f" >&2; }
+    done
+    log "FAILED (exit $status); logs kept in $WORK"
+  elif [ "${BENCH_KEEP_LOGS:-0}" = 1 ]; then
+    log "logs kept in $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit $status
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- build -------------------------------------------------------------------
+log "building release (confab, confab-bench)"
+cargo build --release -p confab-server -p confab-bench --locked
+build_done=$(date +%s)
+
+# ---- services ----------------------------------------------------------------
+if ! pg_isready -q -d "$PG_ADMIN" 2>/dev/null || ! redis-server --version >/dev/null 2>&1; then
+  bash scripts/services.sh
+fi
+
+seq_no=0
+fragment() { seq_no=$((seq_no + 1)); printf '%s/%02d-%s.json' "$FRAGMENTS" "$seq_no" "$1"; }
+
+# Start confab serve with the given environment; sets SERVER_PID/SERVER_URL
+# and records how long it took from exec to the first /health 200.
+start_server() { # name, env assignments…
+  local name=$1; shift
+  local port dir
+  port=$("$BENCH" free-port)
+  dir=$WORK/$name
+  mkdir -p "$dir"
+  local t0=$EPOCHREALTIME
+  # Its own directory: no stray .env is read, and SQLite's default file lands there.
+  ( cd "$dir" && exec env -i PATH="$PATH" HOME="$dir" \
+      HOST=127.0.0.1 PORT="$port" LOG_LEVEL=info LOG_FORMAT=json \
+      RATE_LIMIT_BURST=1000000000 RATE_LIMIT_PER_SECOND=1000000000 \
+      SHUTDOWN_GRACE_SECONDS=10 "$@" \
+      "$CONFAB" serve >"$WORK/$name.log" 2>"$WORK/$name.stderr" ) &
+  SERVER_PID=$!
+  SERVER_URL=http://127.0.0.1:$port
+  "$BENCH" wait-ready --url "$SERVER_URL" --pid "$SERVER_PID" --started-at "$t0" \
+    --scenario footprint --label "$name" --out "$(fragment "footprint-$name")"
+}
+
+stop_server() {
+  stop_pid "$SERVER_PID"
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+}
+
+# The dedicated Redis: the machine's 6379 is shared with the tests.
+start_redis() {
+  local i
+  REDIS_PORT=$("$BENCH" free-port)
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$WORK" --logfile "$WORK/redis.log" --daemonize no &
+  REDIS_PID=$!
+  for i in $(seq 1 200); do
+    [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && return 0
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  log "Redis did not start"; return 1
+}
+
+# Which demo user an API key acts for: Alice writes (post-chat, streams), Bob reads.
+create_key() { # user id
+  DATABASE_URL=$DB_URL "$CONFAB" key create --user "$1" --name bench 2>/dev/null \
+    | awk '$1 == "key:" { print $2 }'
+}
+
+ALICE=00000000-0000-0000-0001-000000000001
+BOB=00000000-0000-0000-0001-000000000002
+PROBE_PG=()
+deployed_env=()
+
+if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k footprint; then
+  log "fresh database $DB and a dedicated Redis"
+  psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $DB" >/dev/null
+  DB_CREATED=1
+  DATABASE_URL=$DB_URL "$CONFAB" migrate >/dev/null
+  DATABASE_URL=$DB_URL "$CONFAB" seed-demo >/dev/null
+  ALICE_KEY=$(create_key $ALICE)
+  BOB_KEY=$(create_key $BOB)
+  [ -n "$ALICE_KEY" ] && [ -n "$BOB_KEY" ] || { log "could not create API keys"; exit 1; }
+  start_redis
+  deployed_env=(APP_ENV=production DATABASE_URL="$DB_URL" REDIS_URL="redis://127.0.0.1:$REDIS_PORT")
+  PROBE_PG=(--redis-pid "$REDIS_PID" --db-name "$DB")
+fi
+
+# ---- confab on PostgreSQL + Redis, default model delays ------------------------
+if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint; then
+  log "confab (postgres, redis)"
+  start_server postgres "${deployed_env[@]}"
+  probe=(--server-pid "$SERVER_PID" "${PROBE_PG[@]}")
+
+  if want post-chat; then
+    log "post-chat: $CLIENTS clients, ${DURATION}s (after ${WARMUP}s warm-up)"
+    BENCH_API_KEY=$ALICE_KEY "$BENCH" http --kind post-chat --url "$SERVER_URL" \
+      --concurrency $CLIENTS --duration-s $DURATION --warmup-s $WARMUP "${probe[@]}" \
+      --scenario post-chat --out "$(fragment post-chat)"
+  fi
+  if want db-ceiling; then
+    for script in db-ceiling db-ceiling-autocommit; do
+      log "$script: pgbench, $CLIENTS clients, ${PGBENCH_DURATION}s"
+      "$BENCH" pgbench --db-url "$DB_URL" --script "bench/sql/$script.sql" \
+        --clients $CLIENTS --duration-s $PGBENCH_DURATION "${probe[@]}" \
+        --scenario "$script" --out "$(fragment "$script")"
+    done
+  fi
+  if want list-chats; then
+    log "list-chats: $CLIENTS clients, ${DURATION}s"
+    BENCH_API_KEY=$BOB_KEY "$BENCH" http --kind list-chats --url "$SERVER_URL" \
+      --concurrency $CLIENTS --duration-s $DURATION --warmup-s $WARMUP --setup-chats 60 \
+      "${probe[@]}" --scenario list-chats --out "$(fragment list-chats)"
+  fi
+  if want get-chat; then
+    log "get-chat: $CLIENTS clients, ${DURATION}s"
+    BENCH_API_KEY=$BOB_KEY "$BENCH" http --kind get-chat --url "$SERVER_URL" \
+      --concurrency $CLIENTS --duration-s $DURATION --warmup-s $WARMUP --setup-messages 20 \
+      "${probe[@]}" --scenario get-chat --out "$(fragment get-chat)"
+  fi
+  if want sse-1k; then
+    log "sse-1k: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
+    BENCH_API_KEY=$ALICE_KEY "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
+      --duration-s $SSE_DURATION --spread-s 1 --token-delay 10-30 --url "$SERVER_URL" \
+      "${probe[@]}" --scenario sse-1k --label "$SSE_CLIENTS clients" --out "$(fragment sse-1k)"
+  fi
+  if want sse-burst; then
+    for n in "${BURSTS[@]}"; do
+      log "sse-burst: $n streams at once"
+      BENCH_API_KEY=$ALICE_KEY "$BENCH" sse --shape burst --streams "$n" --token-delay 10-30 \
+        --url "$SERVER_URL" "${probe[@]}" --scenario sse-burst --label "$n" \
+        --out "$(fragment "sse-burst-$n")"
+    done
+  fi
+  stop_server
+fi
+
+# ---- confab on PostgreSQL + Redis, long slow replies ----------------------------
+if want sse-10k; then
+  log "confab (postgres, redis; SIMULATED_MIN_WORDS=$LONG_MIN_WORDS, delay ${LONG_DELAY} ms)"
+  start_server postgres-long-replies "${deployed_env[@]}" \
+    SIMULATED_MIN_WORDS=$LONG_MIN_WORDS SIMULATED_TOKEN_DELAY_MS=$LONG_DELAY
+  log "sse-10k: $LONG_STREAMS streams started over ${LONG_RAMP}s (open files: $OPEN_FILES)"
+  BENCH_API_KEY=$ALICE_KEY "$BENCH" sse --shape ramp --streams $LONG_STREAMS \
+    --spread-s $LONG_RAMP --token-delay $LONG_DELAY --min-words $LONG_MIN_WORDS \
+    --url "$SERVER_URL" --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
+    --scenario sse-10k --label "$LONG_STREAMS streams" --out "$(fragment sse-10k)"
+  stop_server
+fi
+
+# ---- the embedded default: SQLite file, in-process limiter ----------------------
+if want embedded; then
+  log "confab (embedded: sqlite, in-process limiter)"
+  start_server embedded
+  log "embedded post-chat: $CLIENTS clients, ${DURATION}s"
+  "$BENCH" http --kind post-chat --url "$SERVER_URL" --concurrency $CLIENTS \
+    --duration-s $DURATION --warmup-s $WARMUP --server-pid "$SERVER_PID" \
+    --scenario embedded --out "$(fragment embedded)"
+  stop_server
+fi
+
+# ---- report ------------------------------------------------------------------
+pg_version=$(psql "$PG_ADMIN" -qAt -c "SHOW server_version" 2>/dev/null || echo unknown)
+redis_version=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
+"$BENCH" report --dir "$FRAGMENTS" --json-out "$OUT/$RUN_ID.json" --latest "$OUT/latest.json" \
+  --run-id "$RUN_ID" $([ $QUICK = 1 ] && echo --quick) \
+  --meta "commit=$commit" --meta "postgresql=$pg_version" --meta "redis=$redis_version" \
+  --meta "open_files=$OPEN_FILES" --meta "scenarios=${SELECTED[*]}" \
+  --meta "seconds_after_build=$(( $(date +%s) - build_done ))"
+log "wrote out/bench/$RUN_ID.json and out/bench/latest.json ($(( $(date +%s) - build_done )) s after the build)"
