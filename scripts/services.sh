@@ -44,5 +44,6 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   echo "installing chromium and chromium-driver"
   apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
-/usr/bin/chromium --version
+# (Debian's launcher script may print a harmless /dev/shm size warning on stderr.)
+/usr/bin/chromium --version 2>/dev/null
 /usr/bin/chromedriver --version

@@ -126,9 +126,14 @@ pub trait Store: Send + Sync + 'static {
     /// Save growing partial texts of many streaming messages at once (one
     /// statement or one transaction). Rows no longer `streaming` are left alone.
     async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError>;
-    /// Mark `streaming` messages whose last save is older than `older_than` as
-    /// `interrupted` (they belong to a dead process). Returns how many.
-    async fn interrupt_stale_streams(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Mark `streaming` messages not saved for `stale_after` as `interrupted`
+    /// (they belong to a dead process). Measured on the database's clock — the
+    /// one that stamped the saves — so instances with skewed clocks never take
+    /// each other's live streams for dead ones. Returns how many.
+    async fn interrupt_stale_streams(
+        &self,
+        stale_after: std::time::Duration,
+    ) -> Result<u64, StoreError>;
 
     // ---- idempotency --------------------------------------------------------
 

@@ -251,12 +251,9 @@ impl Job {
 /// `interrupted`: their process died. Fresh rows are left alone — another
 /// instance may be streaming them right now.
 async fn recover_dead_streams(state: &AppState) {
-    let Ok(stale) = chrono::Duration::from_std(state.config.stream_stale_after) else {
-        return;
-    };
     match state
         .store
-        .interrupt_stale_streams(Utc::now() - stale)
+        .interrupt_stale_streams(state.config.stream_stale_after)
         .await
     {
         Ok(0) => {}

@@ -737,12 +737,15 @@ impl Store for PostgresStore {
         .map_err(map_err)
     }
 
-    async fn interrupt_stale_streams(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn interrupt_stale_streams(
+        &self,
+        stale_after: std::time::Duration,
+    ) -> Result<u64, StoreError> {
         let done = sqlx::query(
             "UPDATE messages SET status = 'interrupted', updated_at = now() \
-             WHERE status = 'streaming' AND updated_at < $1",
+             WHERE status = 'streaming' AND updated_at < now() - make_interval(secs => $1)",
         )
-        .bind(older_than)
+        .bind(stale_after.as_secs_f64())
         .execute(&self.pool)
         .await
         .map_err(map_err)?;

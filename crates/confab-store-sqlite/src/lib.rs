@@ -680,13 +680,19 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(map_err)
     }
 
-    async fn interrupt_stale_streams(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn interrupt_stale_streams(
+        &self,
+        stale_after: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        // One machine, one clock: the app's clock stamped the saves too.
+        let now = now_micros();
+        let stale = i64::try_from(stale_after.as_micros()).unwrap_or(i64::MAX);
         let done = sqlx::query(
             "UPDATE messages SET status = 'interrupted', updated_at = ?2 \
              WHERE status = 'streaming' AND updated_at < ?1",
         )
-        .bind(micros(older_than))
-        .bind(now_micros())
+        .bind(now.saturating_sub(stale))
+        .bind(now)
         .execute(&self.write)
         .await
         .map_err(map_err)?;

@@ -176,8 +176,8 @@ fn out_dir() -> PathBuf {
 
 // ------------------------------------------------------------------ helpers
 
-/// Poll `check` until it returns `Some`, or fail after `WAIT` saying `what`
-/// and what was seen last.
+/// Poll `check` until it returns `Ok`, or fail after `WAIT` saying `what`
+/// and what was seen last (the `Err` text).
 async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -343,7 +343,7 @@ async fn playground_chat_stream_stop_and_tenancy(db: Db) {
 async fn scenario(browser: Client, db: Db) {
     let alice = As::alice();
 
-    // ---- 1. A quick reply, sent with the Send button.
+    // ---- 1. A quick reply (short, 5 ms a word), sent with the Send button.
     let app = spawn_app_with(db, &[("SIMULATED_TOKEN_DELAY_MS", "5")]).await;
     browser
         .goto(&format!("{}/playground", app.base))

@@ -1096,8 +1096,9 @@ async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
     age_message(&t, finished_long_ago.assistant_message.id, 1).await;
 
     let cutoff = now() - Duration::minutes(10);
-    assert_eq!(store.interrupt_stale_streams(cutoff).await.unwrap(), 1);
-    assert_eq!(store.interrupt_stale_streams(cutoff).await.unwrap(), 0);
+    let ten_minutes = std::time::Duration::from_secs(600);
+    assert_eq!(store.interrupt_stale_streams(ten_minutes).await.unwrap(), 1);
+    assert_eq!(store.interrupt_stale_streams(ten_minutes).await.unwrap(), 0);
 
     let stale_now = all_messages(&*store, acme.id, stale.chat_id).await;
     assert_eq!(stale_now[0].status, MessageStatus::Complete);
