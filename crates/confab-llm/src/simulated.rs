@@ -100,10 +100,15 @@ impl SimulatedModel {
             "{} You said: \"{quoted}\"",
             OPENERS[rng.below(OPENERS.len())]
         );
+        // Distinct sentences, in a message-dependent order.
+        let mut order: Vec<usize> = (0..FILLERS.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
         let sentences = 2 + rng.below(3);
-        for _ in 0..sentences {
+        for &i in &order[..sentences] {
             text.push(' ');
-            text.push_str(FILLERS[rng.below(FILLERS.len())]);
+            text.push_str(FILLERS[i]);
         }
         let mut words = text.split_whitespace().count();
         while words < self.min_words {

@@ -105,7 +105,8 @@ fn assert_spec_429(headers: &reqwest::header::HeaderMap, body: &Value, limit: u6
 
 async fn concurrent_requests_admit_exactly_burst(kind: Limiter) {
     let (app, _redis) = app_with_limit(kind, "20", "1").await;
-    let (admitted, refused, elapsed) = burst_of_requests(std::slice::from_ref(&app.base), 200).await;
+    let (admitted, refused, elapsed) =
+        burst_of_requests(std::slice::from_ref(&app.base), 200).await;
     let max = 20 + (elapsed * 1.0).floor() as usize;
     assert!(
         (20..=max).contains(&admitted),
