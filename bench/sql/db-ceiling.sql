@@ -16,7 +16,7 @@ WITH claim AS (
     RETURNING 1
 ), chat AS (
     INSERT INTO chats (id, org_id, user_id, title, message_count, created_at, updated_at)
-    SELECT md5(:client_id::text || ':' || :n::text || ':c')::uuid, u.org_id, u.id,
+    SELECT md5(:client_id::text || '/' || :n::text || '/c')::uuid, u.org_id, u.id,
            left('Benchmark pgbench message ' || :n::text || ': how does confab store a turn?', 50),
            2, now(), now() FROM users u
     WHERE u.id = :user::uuid AND u.org_id = :org::uuid AND u.deleted_at IS NULL
@@ -25,11 +25,11 @@ WITH claim AS (
 ), msgs AS (
     INSERT INTO messages
         (id, chat_id, org_id, role, content, status, seq, created_at, updated_at)
-    SELECT md5(:client_id::text || ':' || :n::text || ':u')::uuid, c.id, c.org_id, 'user',
+    SELECT md5(:client_id::text || '/' || :n::text || '/u')::uuid, c.id, c.org_id, 'user',
            'Benchmark pgbench message ' || :n::text || ': how does confab store a turn?',
            'complete', c.message_count - 1, c.updated_at, c.updated_at FROM chat c
     UNION ALL
-    SELECT md5(:client_id::text || ':' || :n::text || ':a')::uuid, c.id, c.org_id, 'assistant',
+    SELECT md5(:client_id::text || '/' || :n::text || '/a')::uuid, c.id, c.org_id, 'assistant',
            '', 'streaming', c.message_count, c.updated_at, c.updated_at FROM chat c
     RETURNING id, chat_id, org_id, role, content, status, token_count, seq,
               created_at, updated_at
@@ -41,13 +41,13 @@ WITH m AS (
     UPDATE messages
        SET content = :reply, status = 'complete', token_count = :reply_tokens::bigint,
            updated_at = now()
-     WHERE id = md5(:client_id::text || ':' || :n::text || ':a')::uuid
+     WHERE id = md5(:client_id::text || '/' || :n::text || '/a')::uuid
        AND org_id = :org::uuid
-       AND chat_id = md5(:client_id::text || ':' || :n::text || ':c')::uuid
+       AND chat_id = md5(:client_id::text || '/' || :n::text || '/c')::uuid
     RETURNING id, chat_id, org_id, role, content, status, token_count, seq, created_at, updated_at
 ), c AS (
     UPDATE chats SET updated_at = now()
-     WHERE id = md5(:client_id::text || ':' || :n::text || ':c')::uuid
+     WHERE id = md5(:client_id::text || '/' || :n::text || '/c')::uuid
        AND org_id = :org::uuid AND EXISTS (SELECT 1 FROM m)
 ), k AS (
     UPDATE idempotency_keys SET response = NULL::jsonb

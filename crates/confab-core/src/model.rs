@@ -13,6 +13,11 @@ use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 pub const MAX_MESSAGE_CHARS: usize = 10_000;
 /// A new chat is titled with this many characters of its first message.
 pub const TITLE_FROM_MESSAGE_CHARS: usize = 50;
+/// A claimed `Idempotency-Key` with no stored response after this many
+/// seconds belongs to a request whose process died; a retry may take it over.
+/// (Failures of a live process release their key at once.) The PostgreSQL
+/// store spells this value in its SQL.
+pub const ABANDONED_CLAIM_SECS: i64 = 120;
 /// Longest accepted chat title.
 pub const MAX_TITLE_CHARS: usize = 255;
 

@@ -20,7 +20,8 @@ use crate::store::{Store, StoreError};
 /// How long a retried request waits for the first request with the same
 /// `Idempotency-Key` to finish before giving up with `IdempotencyInProgress`.
 const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(10);
-const IDEMPOTENCY_POLL: Duration = Duration::from_millis(20);
+const IDEMPOTENCY_POLL: Duration = Duration::from_millis(10);
+const IDEMPOTENCY_POLL_MAX: Duration = Duration::from_millis(250);
 /// How many earlier messages a provider that wants history is given.
 const PROMPT_HISTORY: u32 = 50;
 
@@ -229,6 +230,7 @@ impl ChatService {
             idempotency,
         };
         let deadline = Instant::now() + IDEMPOTENCY_WAIT;
+        let mut poll = IDEMPOTENCY_POLL;
         loop {
             match self.store.begin_turn(&turn).await {
                 Ok(begun) => return Ok(TurnStart::Begun(begun)),
@@ -252,7 +254,8 @@ impl ChatService {
             if Instant::now() >= deadline {
                 return Err(ServiceError::IdempotencyInProgress);
             }
-            tokio::time::sleep(IDEMPOTENCY_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(IDEMPOTENCY_POLL_MAX);
         }
     }
 
@@ -290,27 +293,33 @@ impl ChatService {
         Ok(prompt)
     }
 
-    /// `POST /chat`: ask the model for the whole reply and store it `complete`
-    /// (or `failed` when the model fails, releasing the idempotency key so a
-    /// retry can run). With a key, the reply is stored for replays.
+    /// `POST /chat`: ask the model for the whole reply and store it
+    /// `complete`. On any failure the turn is abandoned (see
+    /// [`ChatService::abandon_turn`]) before the error is returned. With a
+    /// key, the reply is stored for replays.
     pub async fn complete_turn(
         &self,
         who: &Principal,
         begun: &BegunTurn,
         idempotency_key: Option<&str>,
     ) -> Result<TurnReply, ServiceError> {
-        let prompt = self.prompt(who, begun).await?;
-        let content = match self.provider.complete(prompt).await {
-            Ok(text) => text,
+        match self.answer(who, begun, idempotency_key).await {
+            Ok(reply) => Ok(reply),
             Err(err) => {
-                self.finish(who, begun, String::new(), MessageStatus::Failed, None)
-                    .await?;
-                if let Some(key) = idempotency_key {
-                    self.store.release_idempotency(who.user_id, key).await?;
-                }
-                return Err(err.into());
+                self.abandon_turn(who, begun, idempotency_key).await;
+                Err(err)
             }
-        };
+        }
+    }
+
+    async fn answer(
+        &self,
+        who: &Principal,
+        begun: &BegunTurn,
+        idempotency_key: Option<&str>,
+    ) -> Result<TurnReply, ServiceError> {
+        let prompt = self.prompt(who, begun).await?;
+        let content = self.provider.complete(prompt).await?;
         let reply = TurnReply {
             chat_id: begun.chat_id,
             message_id: begun.assistant_message.id,
@@ -338,6 +347,29 @@ impl ChatService {
             })
             .await?;
         Ok(reply)
+    }
+
+    /// Best effort after a turn failed or its request was dropped: store the
+    /// reply as `failed` (nothing stays `streaming`) and release the
+    /// idempotency key, so that a retry runs again instead of waiting for a
+    /// response that will never come.
+    pub async fn abandon_turn(
+        &self,
+        who: &Principal,
+        begun: &BegunTurn,
+        idempotency_key: Option<&str>,
+    ) {
+        if let Err(err) = self
+            .finish(who, begun, String::new(), MessageStatus::Failed, None)
+            .await
+        {
+            tracing::error!(error = %err, messageId = %begun.assistant_message.id, "could not mark an abandoned reply failed");
+        }
+        if let Some(key) = idempotency_key
+            && let Err(err) = self.store.release_idempotency(who.user_id, key).await
+        {
+            tracing::error!(error = %err, "could not release an idempotency key; retries wait until it is abandoned");
+        }
     }
 
     /// Set the final state of a turn's assistant message.

@@ -113,8 +113,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError>;
 
-    /// In ONE transaction: drop the user's expired (> 24 h) idempotency key of
-    /// the same name, claim the new key if any (`Conflict { constraint:
+    /// In ONE transaction: drop the user's expired (> 24 h) or abandoned
+    /// (unanswered for [`crate::model::ABANDONED_CLAIM_SECS`]) idempotency key
+    /// of the same name, claim the new key if any (`Conflict { constraint:
     /// "idempotency_keys" }` and nothing written when it is taken), create the
     /// chat if new (`NotFound` if an existing one is gone), append the user
     /// message (`complete`) and the assistant message (`streaming`, empty),

@@ -117,6 +117,7 @@ impl App {
             s.store.clone(),
             s.metrics.clone(),
             s.config.stream_flush_interval,
+            s.config.stream_stale_after,
             stop.clone(),
         ));
         let every = |period: Duration, state: AppState, stop: CancellationToken, job: Job| async move {

@@ -221,11 +221,17 @@ impl Metrics {
         }
     }
 
-    /// The exposition text (OpenMetrics, which Prometheus scrapes natively).
+    /// The exposition in the OpenMetrics text format.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+
+    /// The exposition in the classic Prometheus text format (0.0.4), which
+    /// the original service served and older scrapers expect.
+    pub fn encode_prometheus(&self) -> Result<String, std::fmt::Error> {
+        Ok(openmetrics_to_prometheus(&self.encode()?))
     }
 }
 
@@ -233,6 +239,41 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// OpenMetrics → Prometheus 0.0.4 text. prometheus-client only writes
+/// OpenMetrics; the two differ, for what it emits, in three ways: counter
+/// families are named without `_total` in `# TYPE`/`# HELP` (samples carry
+/// it), `# UNIT` lines, and the closing `# EOF`.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# TYPE ", "# HELP "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let name = rest.split(' ').next().unwrap_or("");
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Process memory and CPU, read from `/proc/self` at scrape time.
@@ -299,5 +340,23 @@ impl Collector for ProcessCollector {
             )?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_format_names_counters_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.stream_tokens.inc();
+        let text = m.encode_prometheus().unwrap();
+        assert!(text.contains("# TYPE sse_tokens_streamed_total counter\n"));
+        assert!(text.contains("# HELP sse_tokens_streamed_total "));
+        assert!(text.contains("\nsse_tokens_streamed_total 1\n"));
+        assert!(text.contains("# TYPE sse_time_to_first_token_ms histogram"));
+        assert!(!text.contains("# EOF"));
+        assert!(m.encode().unwrap().trim_end().ends_with("# EOF"));
     }
 }

@@ -2,6 +2,7 @@
 //! line, HTTP metrics, authentication + rate limiting for protected routes,
 //! and turning any non-JSON error response into SPEC's JSON shape.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
@@ -57,70 +58,141 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Status recorded for a request whose client went away before the response
+/// (nginx's convention; never sent on the wire).
+const CLIENT_CLOSED: u16 = 499;
+
 /// Outermost layer: request id, span, metrics, and the one log line per
 /// finished request (SPEC §7). For streams "finished" means the response head
 /// was sent; the stream logs its own outcome when it ends.
 pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
     let request_id = request_id_from(req.headers());
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
-    let method = method_label(req.method());
-    let url = req.uri().to_string();
     let user_agent = req
         .headers()
         .get(USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    req.extensions_mut().insert(RequestId(request_id.clone()));
-
     let span =
         tracing::info_span!("request", requestId = %request_id, orgId = Empty, userId = Empty);
-    let route_labels = RouteLabels {
-        method: method.to_owned(),
-        route: route.clone(),
-    };
-    let in_progress = state
-        .metrics
-        .http_in_progress
-        .get_or_create(&route_labels)
-        .clone();
-    in_progress.inc();
-    let mut response = next.run(req).instrument(span.clone()).await;
-    in_progress.dec();
+    let in_flight = InFlight::start(&state, &req, route, user_agent, span.clone());
+    req.extensions_mut().insert(RequestId(request_id.clone()));
 
-    let status = response.status().as_u16();
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let labels = HttpLabels {
-        method: method.to_owned(),
-        route: route.clone(),
-        status_code: status.to_string(),
-    };
-    state.metrics.http_requests.get_or_create(&labels).inc();
-    state
-        .metrics
-        .http_duration
-        .get_or_create(&labels)
-        .observe(duration_ms);
+    let mut response = next.run(req).instrument(span).await;
+    in_flight.finish(response.status().as_u16());
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
-    span.in_scope(|| {
-        tracing::info!(
-            method,
-            url,
-            route,
-            status,
-            duration = (duration_ms * 1000.0).round() / 1000.0,
-            userAgent = user_agent,
-            "request completed"
-        );
-    });
     response
+}
+
+/// One request being served: counted in `http_requests_in_progress` until it
+/// is finished — or dropped, when the client disconnects before the response
+/// (then recorded with status 499), so neither the gauge nor the log line is
+/// ever lost.
+struct InFlight {
+    metrics: Arc<crate::metrics::Metrics>,
+    method: &'static str,
+    route: String,
+    url: String,
+    user_agent: String,
+    span: tracing::Span,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlight {
+    fn start(
+        state: &AppState,
+        req: &Request,
+        route: String,
+        user_agent: String,
+        span: tracing::Span,
+    ) -> Self {
+        let method = method_label(req.method());
+        state
+            .metrics
+            .http_in_progress
+            .get_or_create(&RouteLabels {
+                method: method.to_owned(),
+                route: route.clone(),
+            })
+            .inc();
+        Self {
+            metrics: state.metrics.clone(),
+            method,
+            route,
+            url: req.uri().to_string(),
+            user_agent,
+            span,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(mut self, status: u16) {
+        self.done = true;
+        self.record(status);
+    }
+
+    fn record(&self, status: u16) {
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let method = self.method.to_owned();
+        self.metrics
+            .http_in_progress
+            .get_or_create(&RouteLabels {
+                method: method.clone(),
+                route: self.route.clone(),
+            })
+            .dec();
+        let labels = HttpLabels {
+            method,
+            route: self.route.clone(),
+            status_code: status.to_string(),
+        };
+        self.metrics.http_requests.get_or_create(&labels).inc();
+        self.metrics
+            .http_duration
+            .get_or_create(&labels)
+            .observe(duration_ms);
+        self.span.in_scope(|| {
+            let duration = (duration_ms * 1000.0).round() / 1000.0;
+            if status == CLIENT_CLOSED {
+                tracing::info!(
+                    method = self.method,
+                    url = self.url,
+                    route = self.route,
+                    status,
+                    duration,
+                    userAgent = self.user_agent,
+                    "request abandoned by the client"
+                );
+            } else {
+                tracing::info!(
+                    method = self.method,
+                    url = self.url,
+                    route = self.route,
+                    status,
+                    duration,
+                    userAgent = self.user_agent,
+                    "request completed"
+                );
+            }
+        });
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(CLIENT_CLOSED);
+        }
+    }
 }
 
 /// Errors the framework produces (unknown route, wrong method, bad body) come

@@ -125,18 +125,22 @@ impl Flusher {
             .observe(started.elapsed().as_secs_f64() * 1000.0);
     }
 
-    /// Flush every `interval` until `stop` is cancelled.
+    /// Flush every `interval` until `stop` is cancelled. Quiet streams are
+    /// re-saved well within `stale_after`, the age at which crash recovery
+    /// (here or on a sibling instance) takes a `streaming` row for dead.
     pub async fn run(
         self,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         interval: Duration,
+        stale_after: Duration,
         stop: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Quiet streams are re-saved this often; well under the staleness bound.
-        let heartbeat = interval * 3;
+        // Config guarantees stale_after >= 2 * interval, so a heartbeat due at
+        // stale_after / 3 goes out on the next tick, before the row is stale.
+        let heartbeat = (interval * 3).min(stale_after / 3);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -286,6 +290,62 @@ impl Drop for StreamGuard {
                     MessageStatus::Failed,
                     Some(tokens),
                 )
+                .await;
+        });
+    }
+}
+
+/// A `POST /chat` reply being produced: the flusher heartbeats its row (so
+/// crash recovery never takes it for dead while the model thinks), and if
+/// the request is dropped before [`PendingReply::settle`], the turn is
+/// abandoned — reply `failed`, idempotency key released — from a tracked task.
+pub struct PendingReply {
+    state: AppState,
+    principal: Principal,
+    begun: BegunTurn,
+    key: Option<String>,
+    settled: bool,
+}
+
+impl PendingReply {
+    pub fn new(
+        state: &AppState,
+        principal: &Principal,
+        begun: &BegunTurn,
+        key: Option<String>,
+    ) -> Self {
+        state.flusher.register(begun.assistant_message.id);
+        Self {
+            state: state.clone(),
+            principal: principal.clone(),
+            begun: begun.clone(),
+            key,
+            settled: false,
+        }
+    }
+
+    /// The service has stored the outcome (success or failure).
+    pub fn settle(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.state
+            .flusher
+            .unregister(self.begun.assistant_message.id);
+        if self.settled {
+            return;
+        }
+        tracing::warn!(messageId = %self.begun.assistant_message.id, "request dropped before its reply was stored; abandoning the turn");
+        let service = self.state.service.clone();
+        let principal = self.principal.clone();
+        let begun = self.begun.clone();
+        let key = self.key.take();
+        self.state.tasks.spawn(async move {
+            service
+                .abandon_turn(&principal, &begun, key.as_deref())
                 .await;
         });
     }

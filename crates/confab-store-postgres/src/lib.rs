@@ -125,6 +125,8 @@ macro_rules! claim_cte {
                SET request_hash = EXCLUDED.request_hash, response = NULL, \
                    created_at = EXCLUDED.created_at \
              WHERE idempotency_keys.created_at < now() - interval '24 hours' \
+                OR (idempotency_keys.response IS NULL \
+                    AND idempotency_keys.created_at < now() - interval '120 seconds') \
             RETURNING 1 \
         ), "
     };

@@ -49,6 +49,8 @@ use crate::rows::{
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idempotency keys older than this are expired and may be claimed again.
 const IDEMPOTENCY_TTL_MICROS: i64 = 24 * 60 * 60 * 1_000_000;
+/// A claim never answered for this long belongs to a request that died.
+const ABANDONED_CLAIM_MICROS: i64 = confab_core::model::ABANDONED_CLAIM_SECS * 1_000_000;
 
 /// [`Store`] on a SQLite file. Cheap to clone (the pools are shared).
 #[derive(Clone, Debug)]
@@ -516,21 +518,24 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write().await?;
 
         if let Some(claim) = &turn.idempotency {
-            // "Drop the expired key, then claim" as one upsert: a live key
-            // is left alone (0 rows → Conflict), an expired one is replaced.
+            // "Drop the expired (or abandoned) key, then claim" as one
+            // upsert: a live key is left alone (0 rows → Conflict), an expired
+            // or abandoned one is replaced.
             let claimed = sqlx::query(
                 "INSERT INTO idempotency_keys (user_id, key, request_hash, response, created_at) \
                  VALUES (?1, ?2, ?3, NULL, ?4) \
                  ON CONFLICT (user_id, key) DO UPDATE \
                     SET request_hash = excluded.request_hash, response = NULL, \
                         created_at = excluded.created_at \
-                  WHERE idempotency_keys.created_at < ?5",
+                  WHERE idempotency_keys.created_at < ?5 \
+                     OR (idempotency_keys.response IS NULL AND idempotency_keys.created_at < ?6)",
             )
             .bind(uuid(turn.user))
             .bind(&claim.key)
             .bind(&claim.request_hash)
             .bind(now)
             .bind(now - IDEMPOTENCY_TTL_MICROS)
+            .bind(now - ABANDONED_CLAIM_MICROS)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,12 +21,15 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::middleware::Auth;
 use crate::state::AppState;
+use crate::streaming::PendingReply;
 
 const CHATS_DEFAULT_LIMIT: u32 = 50;
 const CHATS_MAX_LIMIT: u32 = 200;
 const MESSAGES_DEFAULT_LIMIT: u32 = 100;
 const MESSAGES_MAX_LIMIT: u32 = 1000;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// 9999-12-31T23:59:59.999999Z in microseconds since the epoch.
+const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
 
 /// A validated `POST /chat` or `POST /chat/stream` body.
 pub struct TurnRequest {
@@ -143,15 +146,21 @@ pub async fn post_chat(
             return Ok(response);
         }
     };
+    let pending = PendingReply::new(&state, &principal, &begun, key.clone());
     let reply = state
         .service
         .complete_turn(&principal, &begun, key.as_deref())
-        .await?;
-    Ok(Json(reply).into_response())
+        .await;
+    pending.settle();
+    Ok(Json(reply?).into_response())
 }
 
-fn parse_path_id(id: &str) -> Result<ChatId, ApiError> {
-    // A malformed id cannot name a chat: 404, as for any unknown chat.
+/// A malformed id — not a UUID, or not even UTF-8 once percent-decoded —
+/// cannot name a chat: 404, as for any unknown chat.
+fn parse_path_id(id: Result<Path<String>, PathRejection>) -> Result<ChatId, ApiError> {
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::chat_not_found());
+    };
     id.parse().map_err(|_| ApiError::chat_not_found())
 }
 
@@ -191,7 +200,13 @@ fn parse_chat_cursor(cursor: &str) -> Result<ChatCursor, ApiError> {
     let (Some("c1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad());
     };
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    // Within what both databases can store (PostgreSQL stops at 4713 BC):
+    // a forged cursor is a 400, never a database error.
+    let micros: i64 = micros
+        .parse()
+        .ok()
+        .filter(|m| (0..=MAX_CURSOR_MICROS).contains(m))
+        .ok_or_else(bad)?;
     let updated_at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
     let id: ChatId = id.parse().map_err(|_| bad())?;
     Ok(ChatCursor { updated_at, id })
@@ -232,10 +247,10 @@ fn chat_summary(c: &Chat) -> Value {
 pub async fn get_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_path_id(&id)?;
+    let id = parse_path_id(id)?;
     let limit = parse_limit(&query, MESSAGES_DEFAULT_LIMIT, MESSAGES_MAX_LIMIT)?;
     let before = query
         .get("before")
@@ -275,10 +290,10 @@ pub async fn list_chats(
 pub async fn rename_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_path_id(&id)?;
+    let id = parse_path_id(id)?;
     let value = json_object(body, state.config.max_body_bytes)?;
     let title = match value.get("title") {
         Some(Value::String(s)) => ChatTitle::parse(s).map_err(|e| ApiError::BadRequest(e.0))?,
@@ -298,9 +313,9 @@ pub async fn rename_chat(
 pub async fn delete_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_path_id(&id)?;
+    let id = parse_path_id(id)?;
     state.service.delete(&principal, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -317,7 +332,8 @@ mod tests {
         };
         assert_eq!(parse_chat_cursor(&chat_cursor(&c)).unwrap(), c);
         assert_eq!(parse_message_cursor(&message_cursor(42)).unwrap(), 42);
-        for bad in ["", "!!!", "bm9wZQ", &message_cursor(3)] {
+        let forged = encode_cursor(&format!("c1:-6374000000000000000:{}", ChatId::new()));
+        for bad in ["", "!!!", "bm9wZQ", &message_cursor(3), &forged] {
             assert!(parse_chat_cursor(bad).is_err(), "{bad}");
         }
         assert!(parse_message_cursor(&chat_cursor(&c)).is_err());

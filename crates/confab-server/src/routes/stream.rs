@@ -10,7 +10,7 @@ use axum::http::HeaderValue;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
@@ -28,34 +28,49 @@ pub async fn post_chat_stream(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let req = parse_turn_request(body, state.config.max_body_bytes)?;
-    let TurnStart::Begun(begun) = state
-        .service
-        .begin_turn(&principal, &req.text, req.chat_id, None)
-        .await?
-    else {
-        return Err(ApiError::Internal(
-            "stream turn answered as a replay without a key".into(),
-        ));
-    };
-    let chat_id = begun.chat_id;
-    let message_id = begun.assistant_message.id;
 
+    // The turn is begun inside the tracked task that then streams it: if the
+    // client goes away while the user message is being stored, the task still
+    // owns the turn and settles it (`cancelled`, as the receiver is gone).
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let job = StreamJob {
-        state: state.clone(),
-        principal,
-        begun,
-        tx: tx.clone(),
-        started,
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let task_state = state.clone();
+    let task = async move {
+        let begun = match task_state
+            .service
+            .begin_turn(&principal, &req.text, req.chat_id, None)
+            .await
+        {
+            Ok(TurnStart::Begun(begun)) => begun,
+            Ok(TurnStart::Replay(_)) => {
+                let _ = ready_tx.send(Err(ApiError::Internal(
+                    "stream turn answered as a replay without a key".into(),
+                )));
+                return;
+            }
+            Err(err) => {
+                let _ = ready_tx.send(Err(err.into()));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok((begun.chat_id, begun.assistant_message.id)));
+        generate(StreamJob {
+            state: task_state,
+            principal,
+            begun,
+            tx,
+            started,
+        })
+        .await;
     };
-    state
-        .tasks
-        .spawn(generate(job).instrument(tracing::Span::current()));
+    state.tasks.spawn(task.instrument(tracing::Span::current()));
+    let (chat_id, message_id) = ready_rx
+        .await
+        .map_err(|_| ApiError::Internal("stream task ended before it began".into()))??;
 
     // A comment first, so headers and the first bytes reach the client (and
     // any proxy) before the first token; then keep-alives while idle.
     let opening = futures::stream::once(async { Ok(Event::default().comment("ping")) });
-    drop(tx);
     let events = opening.chain(ReceiverStream::new(rx));
     let sse = Sse::new(events).keep_alive(
         KeepAlive::new()

@@ -104,17 +104,27 @@ pub async fn health(
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = state
-        .metrics
-        .encode()
-        .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
+/// Prometheus text format (0.0.4) by default, as the original served;
+/// OpenMetrics when the scraper asks for it.
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let (text, content_type) = if openmetrics {
+        (
+            state.metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+        )
+    } else {
+        (
+            state.metrics.encode_prometheus(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let text = text.map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }

@@ -19,6 +19,7 @@ per_store!(
     framework_errors_are_json,
     cors_preflight_allows_the_spec_headers,
     demo_seed_is_idempotent,
+    a_request_abandoned_by_its_client_is_still_counted_and_logged,
 );
 
 async fn health_reports_the_database_and_no_redis(db: Db) {
@@ -207,7 +208,27 @@ async fn metrics_have_the_spec_families_labels_and_buckets(db: Db) {
     app.chat(&As::alice(), "count me", None).await;
     let res = app.get("/metrics", &As::Nobody).await;
     assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
     let text = res.text().await.unwrap();
+    assert!(text.contains("# TYPE http_requests_total counter"));
+    assert!(text.contains("# TYPE http_request_duration_ms histogram"));
+    let open = app
+        .client
+        .get(app.url("/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        open.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(open.text().await.unwrap().trim_end().ends_with("# EOF"));
     let health = series(&text, "http_requests_total{")
         .into_iter()
         .find(|l| l.contains("route=\"/health\""))
@@ -339,4 +360,65 @@ async fn demo_seed_is_idempotent(db: Db) {
     let slugs: Vec<&str> = orgs.iter().map(|o| o.slug.as_str()).collect();
     assert_eq!(slugs.len(), 2);
     assert!(slugs.contains(&"acme-corp") && slugs.contains(&"tech-startup"));
+}
+
+async fn a_request_abandoned_by_its_client_is_still_counted_and_logged(db: Db) {
+    use confab_core::model::{IdempotencyClaim, NewTurn, TurnChat};
+    use confab_core::{ChatId, MessageId};
+    let app = spawn_app(db).await;
+    // A claim that is "in progress": a retry of it waits (up to 10 s).
+    let message = "slow one";
+    let claim_hash = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"");
+        h.update([0]);
+        h.update(message);
+        hex::encode(h.finalize())
+    };
+    app.state
+        .store
+        .begin_turn(&NewTurn {
+            org: ACME.parse().unwrap(),
+            user: ALICE.parse().unwrap(),
+            chat: TurnChat::New {
+                id: ChatId::new(),
+                title: "t".into(),
+            },
+            user_message_id: MessageId::new(),
+            content: message.into(),
+            assistant_message_id: MessageId::new(),
+            idempotency: Some(IdempotencyClaim {
+                key: "busy".into(),
+                request_hash: claim_hash,
+            }),
+        })
+        .await
+        .unwrap();
+    let res = app
+        .request(reqwest::Method::POST, "/chat", &As::alice())
+        .header("idempotency-key", "busy")
+        .json(&serde_json::json!({ "message": message }))
+        .timeout(std::time::Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(res.is_err(), "the client gave up");
+    let started = std::time::Instant::now();
+    loop {
+        let text = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
+        let gauge = series(
+            &text,
+            "http_requests_in_progress{method=\"POST\",route=\"/chat\"}",
+        );
+        let abandoned = text
+            .contains("http_requests_total{method=\"POST\",route=\"/chat\",status_code=\"499\"} 1");
+        if abandoned && gauge.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "gauge {gauge:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -51,6 +51,7 @@ per_store!(
     idempotency_key_is_claimed_once_and_a_loser_writes_nothing,
     idempotent_response_is_stored_and_a_released_key_can_be_claimed_again,
     expired_idempotency_key_is_replaced,
+    an_abandoned_unanswered_claim_can_be_taken_over,
     purge_removes_only_old_idempotency_keys,
     save_partials_updates_streaming_messages_only,
     interrupt_stale_streams_marks_only_stale_streams,
@@ -987,6 +988,38 @@ async fn expired_idempotency_key_is_replaced(db: Db) {
     assert_eq!(record.request_hash, "hash-3");
     assert_eq!(record.response, None);
     assert!(record.created_at > now() - Duration::hours(1));
+}
+
+async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
+    let (t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    // A claim whose request died: no response was ever stored.
+    let mut first = turn(&alice, new_chat("hi"), "hi");
+    first.idempotency = claim("dead", "hash-1");
+    store.begin_turn(&first).await.unwrap();
+    let mut retry = turn(&alice, new_chat("hi"), "hi");
+    retry.idempotency = claim("dead", "hash-1");
+    assert_eq!(
+        conflict_on(store.begin_turn(&retry).await),
+        "idempotency_keys",
+        "fresh claims are live"
+    );
+    // An hour later (well past ABANDONED_CLAIM_SECS) a retry takes it over.
+    age_idempotency_key(&t, alice.id, "dead", 1).await;
+    store.begin_turn(&retry).await.unwrap();
+    // An answered key of the same age is not abandoned: it replays.
+    let mut answered = turn(&alice, new_chat("hi"), "hi");
+    answered.idempotency = claim("answered", "hash-2");
+    let begun = store.begin_turn(&answered).await.unwrap();
+    let mut done = finished(&alice, &begun, "hello", MessageStatus::Complete);
+    done.idempotent_response = Some((alice.id, "answered".into(), serde_json::json!({ "n": 1 })));
+    store.finish_message(&done).await.unwrap();
+    age_idempotency_key(&t, alice.id, "answered", 1).await;
+    assert_eq!(
+        conflict_on(store.begin_turn(&answered).await),
+        "idempotency_keys"
+    );
 }
 
 async fn purge_removes_only_old_idempotency_keys(db: Db) {
