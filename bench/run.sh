@@ -70,6 +70,7 @@ DB_CREATED=0
 SERVER_PID=
 REDIS_PID=
 started=$(date +%s)
+LOADAVG_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 log() { printf '[bench %3ss] %s\n' "$(( $(date +%s) - started ))" "$*" >&2; }
 
@@ -120,8 +121,20 @@ if ! pg_isready -q -d "$PG_ADMIN" 2>/dev/null || ! redis-server --version >/dev/
   bash scripts/services.sh
 fi
 
+# A scenario that fails is reported and the run goes on; the exit status
+# says whether any failed.
+FAILED=()
+run_scenario() { # name, command…
+  local name=$1; shift
+  if ! "$@"; then
+    log "scenario $name FAILED"
+    FAILED+=("$name")
+  fi
+}
+
+# Fragments are numbered in the order the scenarios ran (the report keeps it).
 seq_no=0
-fragment() { seq_no=$((seq_no + 1)); printf '%s/%02d-%s.json' "$FRAGMENTS" "$seq_no" "$1"; }
+fragment() { seq_no=$((seq_no + 1)); FRAG=$(printf '%s/%02d-%s.json' "$FRAGMENTS" "$seq_no" "$1"); }
 
 # Start confab serve with the given environment; sets SERVER_PID/SERVER_URL
 # and records how long it took from exec to the first /health 200.
@@ -140,8 +153,9 @@ start_server() { # name, env assignments…
       "$CONFAB" serve >"$WORK/$name.log" 2>"$WORK/$name.stderr" ) &
   SERVER_PID=$!
   SERVER_URL=http://127.0.0.1:$port
+  fragment "footprint-$name"
   "$BENCH" wait-ready --url "$SERVER_URL" --pid "$SERVER_PID" --started-at "$t0" \
-    --scenario footprint --label "$name" --out "$(fragment "footprint-$name")"
+    --scenario footprint --label "$name" --out "$FRAG"
 }
 
 stop_server() {
@@ -197,43 +211,49 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
   probe=(--server-pid "$SERVER_PID" "${PROBE_PG[@]}")
 
   if want post-chat; then
+    fragment post-chat
     log "post-chat: $CLIENTS clients, ${DURATION}s (after ${WARMUP}s warm-up)"
-    BENCH_API_KEY=$ALICE_KEY "$BENCH" http --kind post-chat --url "$SERVER_URL" \
+    run_scenario post-chat env BENCH_API_KEY="$ALICE_KEY" "$BENCH" http --kind post-chat --url "$SERVER_URL" \
       --concurrency $CLIENTS --duration-s $DURATION --warmup-s $WARMUP "${probe[@]}" \
-      --scenario post-chat --out "$(fragment post-chat)"
+      --scenario post-chat --out "$FRAG"
   fi
   if want db-ceiling; then
     for script in db-ceiling db-ceiling-autocommit; do
+      fragment "$script"
       log "$script: pgbench, $CLIENTS clients, ${PGBENCH_DURATION}s"
-      "$BENCH" pgbench --db-url "$DB_URL" --script "bench/sql/$script.sql" \
+      run_scenario "$script" "$BENCH" pgbench --db-url "$DB_URL" --script "bench/sql/$script.sql" \
         --clients $CLIENTS --duration-s $PGBENCH_DURATION "${probe[@]}" \
-        --scenario "$script" --out "$(fragment "$script")"
+        --scenario "$script" --out "$FRAG"
     done
   fi
   if want list-chats; then
+    fragment list-chats
     log "list-chats: $CLIENTS clients, ${DURATION}s"
-    BENCH_API_KEY=$BOB_KEY "$BENCH" http --kind list-chats --url "$SERVER_URL" \
+    run_scenario list-chats env BENCH_API_KEY="$BOB_KEY" "$BENCH" http --kind list-chats --url "$SERVER_URL" \
       --concurrency $CLIENTS --duration-s $DURATION --warmup-s $WARMUP --setup-chats 60 \
-      "${probe[@]}" --scenario list-chats --out "$(fragment list-chats)"
+      "${probe[@]}" --scenario list-chats --out "$FRAG"
   fi
   if want get-chat; then
+    fragment get-chat
     log "get-chat: $CLIENTS clients, ${DURATION}s"
-    BENCH_API_KEY=$BOB_KEY "$BENCH" http --kind get-chat --url "$SERVER_URL" \
+    run_scenario get-chat env BENCH_API_KEY="$BOB_KEY" "$BENCH" http --kind get-chat --url "$SERVER_URL" \
       --concurrency $CLIENTS --duration-s $DURATION --warmup-s $WARMUP --setup-messages 20 \
-      "${probe[@]}" --scenario get-chat --out "$(fragment get-chat)"
+      "${probe[@]}" --scenario get-chat --out "$FRAG"
   fi
   if want sse-1k; then
+    fragment sse-1k
     log "sse-1k: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
-    BENCH_API_KEY=$ALICE_KEY "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
+    run_scenario sse-1k env BENCH_API_KEY="$ALICE_KEY" "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
       --duration-s $SSE_DURATION --spread-s 1 --token-delay 10-30 --url "$SERVER_URL" \
-      "${probe[@]}" --scenario sse-1k --label "$SSE_CLIENTS clients" --out "$(fragment sse-1k)"
+      "${probe[@]}" --scenario sse-1k --label "$SSE_CLIENTS clients" --out "$FRAG"
   fi
   if want sse-burst; then
     for n in "${BURSTS[@]}"; do
+      fragment "sse-burst-$n"
       log "sse-burst: $n streams at once"
-      BENCH_API_KEY=$ALICE_KEY "$BENCH" sse --shape burst --streams "$n" --token-delay 10-30 \
+      run_scenario "sse-burst-$n" env BENCH_API_KEY="$ALICE_KEY" "$BENCH" sse --shape burst --streams "$n" --token-delay 10-30 \
         --url "$SERVER_URL" "${probe[@]}" --scenario sse-burst --label "$n" \
-        --out "$(fragment "sse-burst-$n")"
+        --out "$FRAG"
     done
   fi
   stop_server
@@ -244,11 +264,12 @@ if want sse-10k; then
   log "confab (postgres, redis; SIMULATED_MIN_WORDS=$LONG_MIN_WORDS, delay ${LONG_DELAY} ms)"
   start_server postgres-long-replies "${deployed_env[@]}" \
     SIMULATED_MIN_WORDS=$LONG_MIN_WORDS SIMULATED_TOKEN_DELAY_MS=$LONG_DELAY
+  fragment sse-10k
   log "sse-10k: $LONG_STREAMS streams started over ${LONG_RAMP}s (open files: $OPEN_FILES)"
-  BENCH_API_KEY=$ALICE_KEY "$BENCH" sse --shape ramp --streams $LONG_STREAMS \
+  run_scenario sse-10k env BENCH_API_KEY="$ALICE_KEY" "$BENCH" sse --shape ramp --streams $LONG_STREAMS \
     --spread-s $LONG_RAMP --token-delay $LONG_DELAY --min-words $LONG_MIN_WORDS \
     --url "$SERVER_URL" --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
-    --scenario sse-10k --label "$LONG_STREAMS streams" --out "$(fragment sse-10k)"
+    --scenario sse-10k --label "$LONG_STREAMS streams" --out "$FRAG"
   stop_server
 fi
 
@@ -256,10 +277,11 @@ fi
 if want embedded; then
   log "confab (embedded: sqlite, in-process limiter)"
   start_server embedded
+  fragment embedded
   log "embedded post-chat: $CLIENTS clients, ${DURATION}s"
-  "$BENCH" http --kind post-chat --url "$SERVER_URL" --concurrency $CLIENTS \
+  run_scenario embedded "$BENCH" http --kind post-chat --url "$SERVER_URL" --concurrency $CLIENTS \
     --duration-s $DURATION --warmup-s $WARMUP --server-pid "$SERVER_PID" \
-    --scenario embedded --out "$(fragment embedded)"
+    --scenario embedded --out "$FRAG"
   stop_server
 fi
 
@@ -272,5 +294,10 @@ git diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
   --run-id "$RUN_ID" $([ $QUICK = 1 ] && echo --quick) \
   --meta "commit=$commit" --meta "postgresql=$pg_version" --meta "redis=$redis_version" \
   --meta "open_files=$OPEN_FILES" --meta "scenarios=${SELECTED[*]}" \
+  --meta "loadavg_at_start=$LOADAVG_AT_START" --meta "failed=${FAILED[*]}" \
   --meta "seconds_after_build=$(( $(date +%s) - build_done ))"
 log "wrote out/bench/$RUN_ID.json and out/bench/latest.json ($(( $(date +%s) - build_done )) s after the build)"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  log "failed scenarios: ${FAILED[*]}"
+  exit 1
+fi

@@ -64,6 +64,9 @@ struct Record {
     /// Send → `done` event.
     duration: Option<Duration>,
     ideal: Duration,
+    /// The model's delay before the first token: TTFT minus this is what
+    /// the service added (commit, scheduling, network).
+    first_delay: Duration,
     planned_tokens: usize,
     gaps_us: Vec<u32>,
     tokens: usize,
@@ -82,6 +85,8 @@ pub struct SseResult {
     pub completed_per_s: f64,
     pub tokens_per_s: f64,
     pub ttft_ms: Summary,
+    /// TTFT minus the model's planned delay before the first token.
+    pub ttft_over_model_ms: Summary,
     /// For bursts: from the instant all streams were released.
     pub ttft_from_release_ms: Option<Summary>,
     /// Per completed stream: measured ÷ ideal duration.
@@ -117,10 +122,14 @@ impl Shared {
         )
     }
 
-    /// The planned total delay and token count of `message`'s reply.
-    fn ideal(&self, message: &str) -> (Duration, usize) {
+    /// The planned total delay, first delay and token count of `message`'s reply.
+    fn ideal(&self, message: &str) -> (Duration, Duration, usize) {
         let planned = self.model.planned_delays(message);
-        (planned.iter().sum(), planned.len())
+        (
+            planned.iter().sum(),
+            planned.first().copied().unwrap_or_default(),
+            planned.len(),
+        )
     }
 
     fn request(&self, message: &str) -> anyhow::Result<reqwest::Request> {
@@ -142,9 +151,10 @@ async fn stream(
     request: reqwest::Request,
     released: Option<Instant>,
 ) -> Record {
-    let (ideal, planned_tokens) = shared.ideal(&message);
+    let (ideal, first_delay, planned_tokens) = shared.ideal(&message);
     let mut record = Record {
         ideal,
+        first_delay,
         planned_tokens,
         ..Record::default()
     };
@@ -360,6 +370,7 @@ fn summarize(
     max_concurrent: usize,
 ) -> SseResult {
     let mut ttft = Vec::new();
+    let mut ttft_over = Vec::new();
     let mut ttft_release = Vec::new();
     let mut stretch = Vec::new();
     let mut ideal = Vec::new();
@@ -374,6 +385,7 @@ fn summarize(
         tokens += r.tokens;
         if let Some(t) = r.ttft {
             ttft.push(micros(t));
+            ttft_over.push(micros(t.saturating_sub(r.first_delay)));
         }
         if let Some(t) = r.ttft_from_release {
             ttft_release.push(micros(t));
@@ -412,6 +424,7 @@ fn summarize(
         completed_per_s: completed as f64 / wall_s,
         tokens_per_s: tokens as f64 / wall_s,
         ttft_ms: summarize_micros(&mut ttft),
+        ttft_over_model_ms: summarize_micros(&mut ttft_over),
         ttft_from_release_ms: burst.then(|| summarize_micros(&mut ttft_release)),
         stretch: summarize_values(&mut stretch),
         stretch_overall: if sum_ideal > 0.0 {

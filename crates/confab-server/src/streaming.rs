@@ -53,7 +53,12 @@ pub struct Flusher {
 
 impl Flusher {
     fn register(&self, id: MessageId) -> Arc<LiveText> {
-        let entry = Arc::new(LiveText::default());
+        // The row was just written (begin_turn): the first heartbeat is due
+        // one heartbeat interval from now, not on the next tick.
+        let entry = Arc::new(LiveText {
+            last_saved: Mutex::new(Some(Instant::now())),
+            ..LiveText::default()
+        });
         if let Ok(mut live) = self.live.lock() {
             live.insert(id, entry.clone());
         }
