@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use axum::response::sse::Event;
 use confab_core::model::{BegunTurn, MessageStatus};
-use confab_core::provider::Chunk;
+use confab_core::provider::{Chunk, ProviderError};
 use confab_core::service::count_tokens;
 use confab_core::{MessageId, Principal, Store};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, OutcomeLabels};
@@ -356,10 +357,14 @@ impl Drop for PendingReply {
     }
 }
 
+/// `{"token":"…","done":false}`, written directly: this runs once per token
+/// per stream, and building a `serde_json::Value` map for it showed up.
 fn token_event(seq: u64, token: &str) -> Event {
-    Event::default()
-        .id(seq.to_string())
-        .data(json!({ "token": token, "done": false }).to_string())
+    let mut data = String::with_capacity(token.len() + 32);
+    data.push_str("{\"token\":");
+    data.push_str(&serde_json::Value::from(token).to_string());
+    data.push_str(",\"done\":false}");
+    Event::default().id(seq.to_string()).data(data)
 }
 
 fn error_event(seq: u64, message: &str) -> Event {
@@ -389,6 +394,7 @@ pub async fn generate(job: StreamJob) {
         started,
     } = job;
     let send_timeout = state.config.stream_send_timeout;
+    let keepalive = state.config.sse_keepalive.max(Duration::from_millis(100));
     let hard_stop = state.hard_stop.clone();
     let guard = StreamGuard::new(state.clone(), principal.clone(), begun.clone());
     let mut seq: u64 = 0;
@@ -397,27 +403,50 @@ pub async fn generate(job: StreamJob) {
     let mut disconnected_at: Option<Instant> = None;
 
     let outcome = 'run: {
-        let prompt = match state.service.prompt(&principal, &begun).await {
-            Ok(p) => p,
-            Err(err) => {
-                failure = Some(format!("could not load the conversation: {err}"));
-                break 'run Outcome::Failed;
-            }
-        };
-        let mut chunks = match state.service.provider().stream(prompt).await {
-            Ok(s) => s,
-            Err(err) => {
-                failure = Some(err.to_string());
-                break 'run Outcome::Failed;
-            }
-        };
+        // Loading the conversation and connecting to the model happen inside
+        // the stream, so that waiting for them is watched like waiting for a
+        // token: keep-alives go out, a disconnect or shutdown is noticed.
+        let service = state.service.clone();
+        let (who, turn) = (principal.clone(), begun.clone());
+        let mut chunks = futures::stream::once(async move {
+            let prompt = service.prompt(&who, &turn).await.map_err(|e| {
+                ProviderError::Failed(format!("could not load the conversation: {e}"))
+            })?;
+            service.provider().stream(prompt).await
+        })
+        .map(|started| match started {
+            Ok(chunks) => chunks,
+            Err(err) => futures::stream::once(async move { Err(err) }).boxed(),
+        })
+        .flatten()
+        .boxed();
+        // Hot loop: one iteration per token for every live stream. The
+        // shutdown and disconnect futures are created once and polled by
+        // reference (re-creating them would register with the shared
+        // cancellation token's lock on every token); keep-alives come from
+        // an interval polled here rather than a timer reset per event; and a
+        // send only arms its timeout when the channel is full.
+        let stopped = hard_stop.cancelled();
+        let closed = tx.closed();
+        tokio::pin!(stopped, closed);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        let mut last_sent = Instant::now();
         loop {
             let chunk = tokio::select! {
                 biased;
-                _ = hard_stop.cancelled() => break 'run Outcome::Interrupted,
-                _ = tx.closed() => {
+                _ = &mut stopped => break 'run Outcome::Interrupted,
+                _ = &mut closed => {
                     disconnected_at = Some(Instant::now());
                     break 'run Outcome::Cancelled { stalled: false };
+                }
+                _ = ping.tick() => {
+                    if last_sent.elapsed() >= keepalive {
+                        // A full channel means the client is not reading; the
+                        // ping would not help, so it is simply skipped.
+                        let _ = tx.try_send(Ok(Event::default().comment("ping")));
+                        last_sent = Instant::now();
+                    }
+                    continue;
                 }
                 chunk = chunks.next() => chunk,
             };
@@ -430,14 +459,21 @@ pub async fn generate(job: StreamJob) {
                     }
                     guard.push(&token);
                     seq += 1;
-                    let sent = tokio::select! {
-                        biased;
-                        _ = hard_stop.cancelled() => break 'run Outcome::Interrupted,
-                        sent = tokio::time::timeout(send_timeout, tx.send(Ok(token_event(seq, &token)))) => sent,
+                    let event = token_event(seq, &token);
+                    let sent = match tx.try_send(Ok(event)) {
+                        Ok(()) => Ok(Ok(())),
+                        Err(TrySendError::Closed(_)) => Ok(Err(())),
+                        Err(TrySendError::Full(event)) => tokio::select! {
+                            biased;
+                            _ = &mut stopped => break 'run Outcome::Interrupted,
+                            sent = tokio::time::timeout(send_timeout, tx.send(event)) => {
+                                sent.map(|r| r.map_err(|_| ()))
+                            }
+                        },
                     };
                     match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => {
+                        Ok(Ok(())) => last_sent = Instant::now(),
+                        Ok(Err(())) => {
                             disconnected_at = Some(Instant::now());
                             break 'run Outcome::Cancelled { stalled: false };
                         }

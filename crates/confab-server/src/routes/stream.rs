@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderValue;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -69,14 +69,12 @@ pub async fn post_chat_stream(
         .map_err(|_| ApiError::Internal("stream task ended before it began".into()))??;
 
     // A comment first, so headers and the first bytes reach the client (and
-    // any proxy) before the first token; then keep-alives while idle.
+    // any proxy) before the first token.
     let opening = futures::stream::once(async { Ok(Event::default().comment("ping")) });
     let events = opening.chain(ReceiverStream::new(rx));
-    let sse = Sse::new(events).keep_alive(
-        KeepAlive::new()
-            .interval(state.config.sse_keepalive)
-            .text("ping"),
-    );
+    // Keep-alives are sent by the generator when it has been idle (see
+    // `streaming::generate`): axum's KeepAlive would reset a timer per event.
+    let sse = Sse::new(events);
     let mut response = sse.into_response();
     let headers = response.headers_mut();
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));

@@ -15,6 +15,7 @@ per_store!(
     model_failure_sends_the_error_event_and_stores_failed,
     a_client_that_reads_nothing_is_cut_off,
     stream_errors_before_the_first_byte_are_json,
+    idle_streams_get_keep_alive_comments,
 );
 
 async fn stream(app: &TestApp, who: &As, body: Value) -> reqwest::Response {
@@ -218,4 +219,26 @@ async fn stream_errors_before_the_first_byte_are_json(db: Db) {
     )
     .await;
     assert_error(res, 404, "Not Found").await;
+}
+
+async fn idle_streams_get_keep_alive_comments(db: Db) {
+    // A slow model (1 s per token) and 200 ms keep-alives: pings arrive
+    // before the first token and between tokens.
+    let app = spawn_app_with(
+        db,
+        &[
+            ("SIMULATED_TOKEN_DELAY_MS", "1000"),
+            ("SSE_KEEPALIVE_SECONDS", "0.2"),
+        ],
+    )
+    .await;
+    let res = stream(&app, &As::alice(), json!({ "message": "take your time" })).await;
+    let mut reader = SseReader::new(res);
+    let first = reader.next_json().await.expect("first token");
+    assert_eq!(first["done"], false);
+    assert!(
+        reader.comments() >= 1 + 3,
+        "the opening ping plus keep-alives while waiting, got {}",
+        reader.comments()
+    );
 }
