@@ -115,6 +115,9 @@ trap 'exit 143' TERM
 log "building release (confab, confab-bench)"
 cargo build --release -p confab-server -p confab-bench --locked
 build_done=$(date +%s)
+# What was measured: the commit the binaries were built from.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
 
 # ---- services ----------------------------------------------------------------
 if ! pg_isready -q -d "$PG_ADMIN" 2>/dev/null || ! redis-server --version >/dev/null 2>&1; then
@@ -288,8 +291,6 @@ fi
 # ---- report ------------------------------------------------------------------
 pg_version=$(psql "$PG_ADMIN" -qAt -c "SHOW server_version" 2>/dev/null || echo unknown)
 redis_version=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
 "$BENCH" report --dir "$FRAGMENTS" --json-out "$OUT/$RUN_ID.json" --latest "$OUT/latest.json" \
   --run-id "$RUN_ID" $([ $QUICK = 1 ] && echo --quick) \
   --meta "commit=$commit" --meta "postgresql=$pg_version" --meta "redis=$redis_version" \

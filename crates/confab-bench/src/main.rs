@@ -29,7 +29,10 @@ use crate::client::{Auth, local_base, new_client};
 use crate::procfs::{Monitor, Targets};
 
 #[derive(Parser)]
-#[command(name = "confab-bench", about = "confab's benchmark client (run it through bench/run.sh)")]
+#[command(
+    name = "confab-bench",
+    about = "confab's benchmark client (run it through bench/run.sh)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -328,7 +331,10 @@ async fn wait_ready(args: WaitReady) -> anyhow::Result<()> {
             break;
         }
         if !std::path::Path::new(&format!("/proc/{}", args.pid)).exists() {
-            bail!("the server (pid {}) exited before answering /health; see its log", args.pid);
+            bail!(
+                "the server (pid {}) exited before answering /health; see its log",
+                args.pid
+            );
         }
         if Instant::now() > deadline {
             bail!("no 200 from {base}/health within {} s", args.timeout_s);
@@ -398,7 +404,9 @@ async fn http(args: Http) -> anyhow::Result<()> {
     })
     .await?;
     let after = server_metrics::scrape(&client, &base).await;
-    let metrics = before.zip(after).map(|(b, a)| server_metrics::delta(&b, &a));
+    let metrics = before
+        .zip(after)
+        .map(|(b, a)| server_metrics::delta(&b, &a));
     eprintln!(
         "  {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
         args.output.scenario,
@@ -459,7 +467,9 @@ async fn sse(args: Sse) -> anyhow::Result<()> {
     .await?;
     let usage = monitor.finish().await;
     let after = server_metrics::scrape(&metrics_client, &base).await;
-    let metrics = before.zip(after).map(|(b, a)| server_metrics::delta(&b, &a));
+    let metrics = before
+        .zip(after)
+        .map(|(b, a)| server_metrics::delta(&b, &a));
     eprintln!(
         "  {} {}: {}/{} complete, {} errors, TTFT p50 {:.1} ms p99 {:.1} ms, stretch {:.3}, gap p99 {:.1} ms, peak RSS {:.0} MiB",
         args.output.scenario,

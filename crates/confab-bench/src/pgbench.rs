@@ -64,7 +64,8 @@ pub async fn run(spec: Spec<'_>) -> anyhow::Result<PgbenchResult> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let mut result = parse(&stdout).with_context(|| format!("unexpected pgbench output:\n{stdout}"))?;
+    let mut result =
+        parse(&stdout).with_context(|| format!("unexpected pgbench output:\n{stdout}"))?;
     result.script = spec
         .script
         .file_name()

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::task::JoinHandle;
 use stop_flag::StopFlag;
+use tokio::task::JoinHandle;
 
 /// Linux reports process CPU times in clock ticks of 1/100 s (`USER_HZ`,
 /// fixed at 100 on every mainstream architecture).
@@ -54,8 +54,14 @@ pub struct CpuSplit {
     pub postgres_shared_s: f64,
     pub redis_s: f64,
     pub pgbench_s: f64,
-    /// Busy time of the machine not accounted to the above.
+    /// Process time (user + system) of everything else: other engineers'
+    /// builds, kernel threads. What makes a run "disturbed".
     pub other_s: f64,
+    /// Interrupt and softirq time: mostly the loopback network and disk
+    /// work of the processes above, which the kernel does not charge to them.
+    pub interrupts_s: f64,
+    /// Time the hypervisor gave to other guests.
+    pub steal_s: f64,
     pub machine_busy_s: f64,
 }
 
@@ -86,7 +92,7 @@ struct State {
 pub struct Monitor {
     targets: Targets,
     started: Instant,
-    machine_start: (u64, u64),
+    machine_start: MachineTicks,
     rss_start_kb: Option<u64>,
     state: Arc<Mutex<State>>,
     task: Option<(JoinHandle<()>, StopFlag)>,
@@ -137,20 +143,21 @@ impl Monitor {
         let self_pid = std::process::id();
         sample(&self.targets, self_pid, &self.state, false);
         let elapsed = self.started.elapsed().as_secs_f64();
-        let machine_end = machine_ticks();
-        let busy_ticks = machine_end.0.saturating_sub(self.machine_start.0);
-        let total_ticks = machine_end.1.saturating_sub(self.machine_start.1);
+        let machine = machine_ticks().since(&self.machine_start);
+        let secs = |ticks: u64| ticks as f64 / TICKS_PER_SECOND;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let mut split = CpuSplit {
             elapsed_s: elapsed,
             capacity_s: cpus * elapsed,
-            machine_busy_s: busy_ticks as f64 / TICKS_PER_SECOND,
+            machine_busy_s: secs(machine.process + machine.interrupts + machine.steal),
+            interrupts_s: secs(machine.interrupts),
+            steal_s: secs(machine.steal),
             ..CpuSplit::default()
         };
         // /proc/stat counts all CPUs: its total over the window should be
         // ≈ capacity; prefer it when present (it is exact about idle time).
-        if total_ticks > 0 {
-            split.capacity_s = total_ticks as f64 / TICKS_PER_SECOND;
+        if machine.total > 0 {
+            split.capacity_s = secs(machine.total);
         }
         let rss_peak_kb;
         {
@@ -177,7 +184,7 @@ impl Monitor {
             + split.postgres_shared_s
             + split.redis_s
             + split.pgbench_s;
-        split.other_s = (split.machine_busy_s - ours).max(0.0);
+        split.other_s = (secs(machine.process) - ours).max(0.0);
         let server_memory = self.targets.server_pid.map(|pid| {
             let end = status_kb(pid, "VmRSS:").unwrap_or(0);
             Memory {
@@ -258,9 +265,14 @@ fn classify(pid: u32, targets: &Targets, self_pid: u32) -> Group {
         {
             return Group::Postgres;
         }
-        if ["walwriter", "checkpointer", "background writer", "wal writer"]
-            .iter()
-            .any(|aux| title.contains(aux))
+        if [
+            "walwriter",
+            "checkpointer",
+            "background writer",
+            "wal writer",
+        ]
+        .iter()
+        .any(|aux| title.contains(aux))
         {
             return Group::PostgresShared;
         }
@@ -290,13 +302,35 @@ pub fn status_kb(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// (busy, total) ticks of all CPUs since boot.
-fn machine_ticks() -> (u64, u64) {
+/// Ticks of all CPUs since boot, by kind.
+#[derive(Clone, Copy, Debug, Default)]
+struct MachineTicks {
+    /// user + nice + system: time charged to processes.
+    process: u64,
+    /// irq + softirq.
+    interrupts: u64,
+    steal: u64,
+    /// Everything, idle included.
+    total: u64,
+}
+
+impl MachineTicks {
+    fn since(&self, start: &MachineTicks) -> MachineTicks {
+        MachineTicks {
+            process: self.process.saturating_sub(start.process),
+            interrupts: self.interrupts.saturating_sub(start.interrupts),
+            steal: self.steal.saturating_sub(start.steal),
+            total: self.total.saturating_sub(start.total),
+        }
+    }
+}
+
+fn machine_ticks() -> MachineTicks {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return (0, 0);
+        return MachineTicks::default();
     };
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
+        return MachineTicks::default();
     };
     let v: Vec<u64> = line
         .split_whitespace()
@@ -305,8 +339,15 @@ fn machine_ticks() -> (u64, u64) {
         .collect();
     // user nice system idle iowait irq softirq steal (guest is inside user).
     let get = |i: usize| v.get(i).copied().unwrap_or(0);
-    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
-    (busy, busy + get(3) + get(4))
+    let process = get(0) + get(1) + get(2);
+    let interrupts = get(5) + get(6);
+    let steal = get(7);
+    MachineTicks {
+        process,
+        interrupts,
+        steal,
+        total: process + interrupts + steal + get(3) + get(4),
+    }
 }
 
 /// A cancellation flag without pulling tokio-util into the bench crate.
@@ -339,7 +380,7 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_ticks(pid).is_some());
         assert!(status_kb(pid, "VmRSS:").unwrap() > 0);
-        let (busy, total) = machine_ticks();
-        assert!(total >= busy && total > 0);
+        let m = machine_ticks();
+        assert!(m.total >= m.process + m.interrupts && m.total > 0);
     }
 }

@@ -57,7 +57,8 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     }
     let find = |name: &str| fragments.iter().find(|f| f.scenario == name);
     let num = |f: Option<&Fragment>, pointer: &str| {
-        f.and_then(|f| f.result.pointer(pointer)).and_then(Value::as_f64)
+        f.and_then(|f| f.result.pointer(pointer))
+            .and_then(Value::as_f64)
     };
 
     let post = num(find("post-chat"), "/requests_per_s");
@@ -185,12 +186,9 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             "< 100",
             |v| v < 100.0,
         ),
-        check(
-            "sse-10k errors",
-            get("sse-10k", "/errors"),
-            "== 0",
-            |v| v == 0.0,
-        ),
+        check("sse-10k errors", get("sse-10k", "/errors"), "== 0", |v| {
+            v == 0.0
+        }),
         check(
             "sse-10k completed / streams",
             get("sse-10k", "/completed")
@@ -229,7 +227,9 @@ fn at<'a>(v: &'a Value, pointer: &str) -> Option<&'a Value> {
     v.pointer(pointer)
 }
 
-/// "srv 45% · cli 20% · pg 25% · redis 3% · other 2%" of the machine.
+/// "srv 45% · cli 20% · pg 25% · redis 3% · irq 4% · other 2%" of the machine
+/// (irq: interrupt/softirq time, mostly our loopback traffic; other: other
+/// processes' time).
 fn cpu_split(usage: Option<&Value>) -> String {
     let Some(cpu) = usage.and_then(|u| u.get("cpu")) else {
         return "–".into();
@@ -246,6 +246,7 @@ fn cpu_split(usage: Option<&Value>) -> String {
         ("pg", &["postgres_s", "postgres_shared_s"][..]),
         ("pgbench", &["pgbench_s"][..]),
         ("redis", &["redis_s"][..]),
+        ("irq", &["interrupts_s"][..]),
         ("other", &["other_s"][..]),
     ] {
         let p: f64 = keys.iter().map(|k| pct(k)).sum();
@@ -363,7 +364,10 @@ pub fn render(doc: &Value) -> String {
             out,
             "| scenario | done / streams | max open | TTFT p50 ms | TTFT p99 ms | floor ms | TTFT − model's 1st delay p50 · p99 | stretch (all · p50 · p99) | gap p99 ms (planned mean) | errors | server peak RSS MiB | CPU |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|"
+        );
         let ceiling = all
             .iter()
             .find(|f| f["scenario"] == "db-ceiling")
@@ -371,7 +375,11 @@ pub fn render(doc: &Value) -> String {
         for f in streams {
             let r = &f["result"];
             let burst = f["scenario"] == "sse-burst";
-            let ttft = if burst { "/ttft_from_release_ms" } else { "/ttft_ms" };
+            let ttft = if burst {
+                "/ttft_from_release_ms"
+            } else {
+                "/ttft_ms"
+            };
             let floor = if burst {
                 ceiling
                     .zip(r["streams"].as_f64())

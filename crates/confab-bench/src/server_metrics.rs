@@ -60,7 +60,9 @@ fn strip_suffix<'a>(series: &'a str, suffix: &str) -> Option<(&'a str, &'a str)>
 }
 
 pub fn delta(before: &Scrape, after: &Scrape) -> MetricsDelta {
-    let grown = |series: &str| after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0);
+    let grown = |series: &str| {
+        after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+    };
     let mut out = MetricsDelta::default();
     for series in after.keys() {
         if let Some((stem, labels)) = strip_suffix(series, "_count") {
@@ -102,7 +104,10 @@ mod tests {
         let d = delta(&before, &after);
         assert_eq!(
             d.histograms["req_ms{route=\"/chat\"}"],
-            HistogramDelta { count: 3.0, mean: 10.0 }
+            HistogramDelta {
+                count: 3.0,
+                mean: 10.0
+            }
         );
         assert_eq!(d.counters["req_total"], 4.0);
         assert_eq!(d.gauges_at_end["active"], 3.0);

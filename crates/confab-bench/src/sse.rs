@@ -231,7 +231,12 @@ async fn read_stream(
     }
 }
 
-pub async fn run(client: reqwest::Client, base: &str, auth: Auth, plan: Plan) -> anyhow::Result<SseResult> {
+pub async fn run(
+    client: reqwest::Client,
+    base: &str,
+    auth: Auth,
+    plan: Plan,
+) -> anyhow::Result<SseResult> {
     let shared = Arc::new(Shared {
         client,
         base: base.to_owned(),
@@ -344,10 +349,7 @@ pub async fn run(client: reqwest::Client, base: &str, auth: Auth, plan: Plan) ->
             }
             (
                 records,
-                format!(
-                    "ramp: {streams} started over {:.0} s",
-                    ramp.as_secs_f64()
-                ),
+                format!("ramp: {streams} started over {:.0} s", ramp.as_secs_f64()),
                 false,
             )
         }
