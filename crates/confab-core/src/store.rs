@@ -11,7 +11,7 @@ use crate::model::{
     NewApiKey, NewOrg, NewTurn, NewUser, Org, Principal, RateLimitOverride, User,
 };
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The row does not exist, is soft-deleted, or belongs to another org.
     #[error("not found")]

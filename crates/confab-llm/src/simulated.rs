@@ -213,29 +213,38 @@ impl ChatProvider for SimulatedModel {
         let rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
         let total = tokens.len();
         // Lazy: each token's delay is awaited only when the consumer polls,
-        // so dropping the stream stops the "generation" at once.
+        // so dropping the stream stops the "generation" at once. Tokens are
+        // due on a schedule (start + the sum of the delays so far) rather than
+        // after a fresh sleep each: timer rounding then does not pile up over
+        // a long reply.
         let stream = futures::stream::unfold(
-            (tokens.into_iter().enumerate(), rng, false),
-            move |(mut iter, mut rng, finished)| {
+            (tokens.into_iter().enumerate(), rng, None, false),
+            move |(mut iter, mut rng, due, finished): (
+                _,
+                _,
+                Option<tokio::time::Instant>,
+                bool,
+            )| {
                 let model = model.clone();
                 async move {
                     if finished {
                         return None;
                     }
                     let Some((i, token)) = iter.next() else {
-                        return Some((Ok(Chunk::Finish("stop".into())), (iter, rng, true)));
+                        return Some((Ok(Chunk::Finish("stop".into())), (iter, rng, due, true)));
                     };
                     let delay = model.delay_for(&mut rng);
+                    let at = due.unwrap_or_else(tokio::time::Instant::now) + delay;
                     if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep_until(at).await;
                     }
                     if fail && i == TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1)) {
                         return Some((
                             Err(ProviderError::Failed("simulated failure".into())),
-                            (iter, rng, true),
+                            (iter, rng, Some(at), true),
                         ));
                     }
-                    Some((Ok(Chunk::Delta(token)), (iter, rng, false)))
+                    Some((Ok(Chunk::Delta(token)), (iter, rng, Some(at), false)))
                 }
             },
         );

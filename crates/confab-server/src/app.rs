@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use chrono::Utc;
 use confab_core::Store;
 use confab_core::ratelimit::RateLimiter;
@@ -186,6 +187,13 @@ impl App {
             timer_stop.cancel();
         });
 
+        // Each token is a small write that must leave at once: without
+        // TCP_NODELAY, Nagle holds it until the client's delayed ACK (~40 ms).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "could not set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(
             listener,
             self.router()

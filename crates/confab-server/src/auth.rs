@@ -72,7 +72,7 @@ enum CacheKey {
 pub struct Authenticator {
     store: Arc<dyn Store>,
     mode: AuthMode,
-    cache: moka::sync::Cache<CacheKey, Principal>,
+    cache: moka::future::Cache<CacheKey, Principal>,
     /// Keys used since the last flush, with the time of their last use:
     /// `last_used_at` is written in batches, not once per request.
     key_uses: Mutex<HashMap<ApiKeyId, DateTime<Utc>>>,
@@ -86,7 +86,7 @@ impl Authenticator {
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let cache = moka::sync::Cache::builder()
+        let cache = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(ttl.max(Duration::from_millis(1)))
             .build();
@@ -214,22 +214,40 @@ impl Authenticator {
     }
 
     async fn lookup(&self, key: CacheKey) -> Result<Option<Principal>, ApiError> {
-        if let Some(hit) = self.cache.get(&key) {
+        if let Some(hit) = self.cache.get(&key).await {
             self.metrics.auth_cache_hits.inc();
             return Ok(Some(hit));
         }
-        self.metrics.auth_cache_misses.inc();
-        let found = match &key {
-            CacheKey::User(id) => self.store.find_principal(*id).await,
-            CacheKey::Key(hash) => self.store.find_principal_by_key(hash).await,
+        // Single flight: when an entry expires under load, the requests that
+        // arrive meanwhile wait for one database lookup instead of each
+        // taking a pooled connection for the same row. Only positive answers
+        // are cached (an unknown credential is an `Err` here), so a key or
+        // user created a moment ago works at once.
+        let store = self.store.clone();
+        let misses = self.metrics.auth_cache_misses.clone();
+        let lookup_key = key.clone();
+        let found = self
+            .cache
+            .try_get_with(key, async move {
+                misses.inc();
+                let found = match &lookup_key {
+                    CacheKey::User(id) => store.find_principal(*id).await,
+                    CacheKey::Key(hash) => store.find_principal_by_key(hash).await,
+                };
+                match found {
+                    Ok(Some(principal)) => Ok(principal),
+                    Ok(None) => Err(None),
+                    Err(err) => Err(Some(err)),
+                }
+            })
+            .await;
+        match found {
+            Ok(principal) => Ok(Some(principal)),
+            Err(err) => match err.as_ref() {
+                None => Ok(None),
+                Some(store_error) => Err(store_error.clone().into()),
+            },
         }
-        .map_err(ApiError::from)?;
-        // Only positive answers are cached, so a key or user created a moment
-        // ago works at once; unknown credentials cost a query each.
-        if let Some(principal) = &found {
-            self.cache.insert(key, principal.clone());
-        }
-        Ok(found)
     }
 
     /// Write the batched `last_used_at` times. Called periodically and at shutdown.

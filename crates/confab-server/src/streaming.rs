@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use axum::response::sse::Event;
 use confab_core::model::{BegunTurn, MessageStatus};
 use confab_core::provider::{Chunk, ProviderError};
-use confab_core::service::count_tokens;
-use confab_core::{MessageId, Principal, Store};
+use confab_core::service::{ServiceError, count_tokens};
+use confab_core::{MessageId, Principal, Store, StoreError};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -34,6 +34,10 @@ use crate::state::AppState;
 /// timeout this bounds what one stalled client can make the server hold: at
 /// most this many events plus the socket buffers, plus the reply text itself.
 pub const CHANNEL_CAPACITY: usize = 32;
+
+/// Attempts, and the first pause between them, for a stream's final write.
+const FINAL_WRITE_ATTEMPTS: u32 = 4;
+const FINAL_WRITE_BACKOFF: Duration = Duration::from_millis(250);
 
 /// The text of one live stream, shared between its generator and the flusher.
 #[derive(Default)]
@@ -236,17 +240,34 @@ impl StreamGuard {
             .stream_outcomes
             .get_or_create(&OutcomeLabels { outcome: label })
             .inc();
-        let stored = self
-            .state
-            .service
-            .finish(
-                &self.principal,
-                &self.begun,
-                text.clone(),
-                outcome.status(),
-                Some(count_tokens(&text)),
-            )
-            .await;
+        // The final text is the one write that must not be lost to a
+        // momentary overload (a pool timeout): retry it a few times.
+        let mut backoff = FINAL_WRITE_BACKOFF;
+        let mut attempts = 1;
+        let stored = loop {
+            let result = self
+                .state
+                .service
+                .finish(
+                    &self.principal,
+                    &self.begun,
+                    text.clone(),
+                    outcome.status(),
+                    Some(count_tokens(&text)),
+                )
+                .await;
+            match result {
+                Err(ServiceError::Store(StoreError::Unavailable(err)))
+                    if attempts < FINAL_WRITE_ATTEMPTS =>
+                {
+                    tracing::warn!(error = %err, attempts, "final write of a stream failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempts += 1;
+                }
+                other => break other,
+            }
+        };
         match stored {
             Ok(_) => {
                 tracing::info!(
