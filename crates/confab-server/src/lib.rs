@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod routes;
 pub mod seed;
+pub mod sse;
 pub mod sse_client;
 pub mod state;
 pub mod streaming;

@@ -11,12 +11,11 @@
 //!   [`Flusher`] saves every dirty stream's text in one statement per tick.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::response::sse::Event;
+use bytes::Bytes;
 use confab_core::model::{BegunTurn, MessageStatus};
 use confab_core::provider::{Chunk, ProviderError};
 use confab_core::service::{ServiceError, count_tokens};
@@ -28,6 +27,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::sse;
 use crate::state::AppState;
 
 /// Events buffered between the generator and a slow client. With the send
@@ -380,18 +380,19 @@ impl Drop for PendingReply {
 
 /// `{"token":"…","done":false}`, written directly: this runs once per token
 /// per stream, and building a `serde_json::Value` map for it showed up.
-fn token_event(seq: u64, token: &str) -> Event {
+fn token_event(seq: u64, token: &str) -> Bytes {
     let mut data = String::with_capacity(token.len() + 32);
     data.push_str("{\"token\":");
     data.push_str(&serde_json::Value::from(token).to_string());
     data.push_str(",\"done\":false}");
-    Event::default().id(seq.to_string()).data(data)
+    sse::data_frame(seq, &data)
 }
 
-fn error_event(seq: u64, message: &str) -> Event {
-    Event::default()
-        .id(seq.to_string())
-        .data(json!({ "error": "Stream failed", "message": message }).to_string())
+fn error_event(seq: u64, message: &str) -> Bytes {
+    sse::data_frame(
+        seq,
+        &json!({ "error": "Stream failed", "message": message }).to_string(),
+    )
 }
 
 /// Everything the generator needs.
@@ -399,7 +400,7 @@ pub struct StreamJob {
     pub state: AppState,
     pub principal: Principal,
     pub begun: BegunTurn,
-    pub tx: mpsc::Sender<Result<Event, Infallible>>,
+    pub tx: mpsc::Sender<Bytes>,
     /// When the request arrived, for time-to-first-token.
     pub started: Instant,
 }
@@ -464,7 +465,7 @@ pub async fn generate(job: StreamJob) {
                     if last_sent.elapsed() >= keepalive {
                         // A full channel means the client is not reading; the
                         // ping would not help, so it is simply skipped.
-                        let _ = tx.try_send(Ok(Event::default().comment("ping")));
+                        let _ = tx.try_send(sse::ping_frame());
                         last_sent = Instant::now();
                     }
                     continue;
@@ -481,7 +482,7 @@ pub async fn generate(job: StreamJob) {
                     guard.push(&token);
                     seq += 1;
                     let event = token_event(seq, &token);
-                    let sent = match tx.try_send(Ok(event)) {
+                    let sent = match tx.try_send(event) {
                         Ok(()) => Ok(Ok(())),
                         Err(TrySendError::Closed(_)) => Ok(Err(())),
                         Err(TrySendError::Full(event)) => tokio::select! {
@@ -533,18 +534,17 @@ pub async fn generate(job: StreamJob) {
     }
     seq += 1;
     let last = match (outcome, stored) {
-        (Outcome::Complete, Ok(text)) => Some(
-            Event::default().id(seq.to_string()).data(
-                json!({
-                    "token": "",
-                    "done": true,
-                    "fullText": text,
-                    "chat_id": begun.chat_id,
-                    "message_id": begun.assistant_message.id,
-                })
-                .to_string(),
-            ),
-        ),
+        (Outcome::Complete, Ok(text)) => Some(sse::data_frame(
+            seq,
+            &json!({
+                "token": "",
+                "done": true,
+                "fullText": text,
+                "chat_id": begun.chat_id,
+                "message_id": begun.assistant_message.id,
+            })
+            .to_string(),
+        )),
         (Outcome::Cancelled { .. }, _) => None,
         (Outcome::Complete, Err(_)) => Some(error_event(
             seq,
@@ -561,6 +561,6 @@ pub async fn generate(job: StreamJob) {
     };
     if let Some(event) = last {
         // Bounded: a client that stopped reading does not hold shutdown up.
-        let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Ok(event))).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(event)).await;
     }
 }

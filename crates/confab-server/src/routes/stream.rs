@@ -3,20 +3,21 @@
 
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderValue;
-use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::response::Response;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::middleware::Auth;
 use crate::routes::chats::parse_turn_request;
+use crate::sse::{self, BatchedFrames};
 use crate::state::AppState;
 use crate::streaming::{CHANNEL_CAPACITY, StreamJob, generate};
 use confab_core::service::TurnStart;
@@ -70,18 +71,13 @@ pub async fn post_chat_stream(
 
     // A comment first, so headers and the first bytes reach the client (and
     // any proxy) before the first token.
-    let opening = futures::stream::once(async { Ok(Event::default().comment("ping")) });
-    let events = opening.chain(ReceiverStream::new(rx));
-    // Keep-alives are sent by the generator when it has been idle (see
-    // `streaming::generate`): axum's KeepAlive would reset a timer per event.
-    let sse = Sse::new(events);
-    let mut response = sse.into_response();
+    let opening = futures::stream::once(async { Ok(sse::ping_frame()) });
+    let body = Body::from_stream(opening.chain(BatchedFrames::new(rx)));
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert(
-        axum::http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
     if let Ok(v) = HeaderValue::from_str(&chat_id.to_string()) {
         headers.insert("x-chat-id", v);
     }
