@@ -112,12 +112,17 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---- build -------------------------------------------------------------------
+# What was measured: the commit the binaries are built from, taken before the
+# build. If HEAD moves while cargo runs (a commit on a shared checkout), the
+# label says so instead of naming a commit that was not built.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
 log "building release (confab, confab-bench)"
 cargo build --release -p confab-server -p confab-bench --locked
 build_done=$(date +%s)
-# What was measured: the commit the binaries were built from.
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
+head_after_build=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ "${commit%+dirty}" = "$head_after_build" ] \
+  || commit="$commit (HEAD moved to $head_after_build during the build)"
 
 # ---- services ----------------------------------------------------------------
 if ! pg_isready -q -d "$PG_ADMIN" 2>/dev/null || ! redis-server --version >/dev/null 2>&1; then

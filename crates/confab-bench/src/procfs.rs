@@ -37,6 +37,10 @@ enum Group {
     Redis,
     Pgbench,
     Ignored,
+    /// Not known yet: a PostgreSQL child that has not set its process title
+    /// (right after the fork it still shows the postmaster's command line).
+    /// Classified again on the next sample instead of being remembered.
+    Undecided,
 }
 
 /// CPU seconds per group over the window, and the window's capacity.
@@ -174,7 +178,7 @@ impl Monitor {
                     Group::PostgresShared => split.postgres_shared_s += secs,
                     Group::Redis => split.redis_s += secs,
                     Group::Pgbench => split.pgbench_s += secs,
-                    Group::Ignored => {}
+                    Group::Ignored | Group::Undecided => {}
                 }
             }
         }
@@ -230,6 +234,9 @@ fn sample(targets: &Targets, self_pid: u32, state: &Mutex<State>, initial: bool)
             state.procs.entry(pid).or_insert((Group::Ignored, 0, 0));
             continue;
         }
+        if group == Group::Undecided {
+            continue;
+        }
         let Some(ticks) = cpu_ticks(pid) else {
             continue;
         };
@@ -276,6 +283,14 @@ fn classify(pid: u32, targets: &Targets, self_pid: u32) -> Group {
         {
             return Group::PostgresShared;
         }
+    }
+    // A backend forked a moment ago still carries the postmaster's command
+    // line until it retitles itself (after its startup packet, which can take
+    // a while on a saturated machine). Remembering it as ignored would
+    // charge all its later work to "other".
+    let argv0 = cmdline.split('\0').next().unwrap_or("");
+    if argv0 == "postgres" || argv0.ends_with("/postgres") {
+        return Group::Undecided;
     }
     Group::Ignored
 }
