@@ -242,7 +242,16 @@ enum Job {
 impl Job {
     async fn run(self, state: &AppState) {
         match self {
-            Job::RecoverStreams => recover_dead_streams(state).await,
+            Job::RecoverStreams => {
+                // Save every live stream of this process first: however late
+                // an overloaded runtime ran the regular heartbeats, the sweep
+                // below then never takes this process's own streams for dead.
+                state
+                    .flusher
+                    .flush(state.store.as_ref(), &state.metrics, Duration::ZERO)
+                    .await;
+                recover_dead_streams(state).await;
+            }
             Job::FlushKeyUses => state.auth.flush_key_uses().await,
             Job::PurgeIdempotency => {
                 let cutoff = Utc::now() - chrono::Duration::hours(IDEMPOTENCY_TTL_HOURS);
