@@ -47,3 +47,10 @@ fi
 # (Debian's launcher script may print a harmless /dev/shm size warning on stderr.)
 /usr/bin/chromium --version 2>/dev/null
 /usr/bin/chromedriver --version
+
+# The playground's SSE parser has a Node test (node --test), run by the suite.
+if ! command -v node >/dev/null; then
+  echo "installing nodejs"
+  apt-get update -qq && apt-get install -y -qq nodejs >/dev/null
+fi
+node --version
