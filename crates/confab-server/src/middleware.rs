@@ -162,27 +162,20 @@ impl InFlight {
             .observe(duration_ms);
         self.span.in_scope(|| {
             let duration = (duration_ms * 1000.0).round() / 1000.0;
-            if status == CLIENT_CLOSED {
-                tracing::info!(
-                    method = self.method,
-                    url = self.url,
-                    route = self.route,
-                    status,
-                    duration,
-                    userAgent = self.user_agent,
-                    "request abandoned by the client"
-                );
+            let outcome = if status == CLIENT_CLOSED {
+                "request abandoned by the client"
             } else {
-                tracing::info!(
-                    method = self.method,
-                    url = self.url,
-                    route = self.route,
-                    status,
-                    duration,
-                    userAgent = self.user_agent,
-                    "request completed"
-                );
-            }
+                "request completed"
+            };
+            tracing::info!(
+                method = self.method,
+                url = self.url,
+                route = self.route,
+                status,
+                duration,
+                userAgent = self.user_agent,
+                "{outcome}"
+            );
         });
     }
 }
