@@ -319,7 +319,20 @@ impl ChatService {
         idempotency_key: Option<&str>,
     ) -> Result<TurnReply, ServiceError> {
         let prompt = self.prompt(who, begun).await?;
-        let content = self.provider.complete(prompt).await?;
+        let request = crate::provider::ChatRequest {
+            upstream_model: String::new(),
+            system: None,
+            messages: prompt,
+            max_output_tokens: 0,
+            interactive: false,
+        };
+        let mut chunks = self.provider.stream(&request).await?;
+        let mut content = String::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
+            if let crate::provider::Chunk::Delta(d) = chunk? {
+                content.push_str(&d);
+            }
+        }
         let reply = TurnReply {
             chat_id: begun.chat_id,
             message_id: begun.assistant_message.id,

@@ -10,7 +10,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use confab_core::provider::{ChatProvider, Chunk, ChunkStream, PromptMessage, ProviderError};
+use confab_core::provider::{
+    ChatProvider, ChatRequest, Chunk, ChunkStream, ProviderError, ReportedUsage,
+};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -188,16 +190,26 @@ impl SplitMix64 {
     }
 }
 
-fn last_user_message(messages: &[PromptMessage]) -> Result<&str, ProviderError> {
-    messages
+fn last_user_message(request: &ChatRequest) -> Result<&str, ProviderError> {
+    request
+        .messages
         .last()
         .map(|m| m.content.as_str())
-        .ok_or_else(|| ProviderError::Failed("empty prompt".into()))
+        .ok_or_else(|| ProviderError::BadRequest {
+            status: 400,
+            reason: "empty prompt".into(),
+        })
+}
+
+fn simulated_failure() -> ProviderError {
+    ProviderError::Upstream {
+        kind: "simulated_failure".into(),
+    }
 }
 
 #[async_trait]
 impl ChatProvider for SimulatedModel {
-    fn name(&self) -> &'static str {
+    fn kind(&self) -> &'static str {
         "simulated"
     }
 
@@ -205,10 +217,33 @@ impl ChatProvider for SimulatedModel {
         false
     }
 
-    async fn stream(&self, messages: Vec<PromptMessage>) -> Result<ChunkStream, ProviderError> {
-        let message = last_user_message(&messages)?;
+    async fn stream(&self, request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let message = last_user_message(request)?;
         let fail = message.trim_start().starts_with(FAIL_MARKER);
-        let tokens = tokenize(&self.reply_to(message));
+        let reply = self.reply_to(message);
+        // The simulated model reports its own usage, in its own unit (words).
+        let usage = Chunk::Usage(ReportedUsage {
+            prompt_tokens: words(message),
+            completion_tokens: words(&reply),
+        });
+        if !request.interactive {
+            // Nobody watches (POST /chat): the whole reply at once, no pacing.
+            let chunks: Vec<Result<Chunk, ProviderError>> = if fail {
+                let partial: String = tokenize(&reply)
+                    .into_iter()
+                    .take(TOKENS_BEFORE_FAILURE)
+                    .collect();
+                vec![Ok(Chunk::Delta(partial)), Err(simulated_failure())]
+            } else {
+                vec![
+                    Ok(Chunk::Delta(reply)),
+                    Ok(Chunk::Finish("stop".into())),
+                    Ok(usage),
+                ]
+            };
+            return Ok(futures::stream::iter(chunks).boxed());
+        }
+        let tokens = tokenize(&reply);
         let model = self.clone();
         let rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
         let total = tokens.len();
@@ -218,20 +253,19 @@ impl ChatProvider for SimulatedModel {
         // after a fresh sleep each: timer rounding then does not pile up over
         // a long reply.
         let stream = futures::stream::unfold(
-            (tokens.into_iter().enumerate(), rng, None, false),
-            move |(mut iter, mut rng, due, finished): (
+            (tokens.into_iter().enumerate(), rng, None, Some(usage)),
+            move |(mut iter, mut rng, due, usage): (
                 _,
                 _,
                 Option<tokio::time::Instant>,
-                bool,
+                Option<Chunk>,
             )| {
                 let model = model.clone();
                 async move {
-                    if finished {
-                        return None;
-                    }
                     let Some((i, token)) = iter.next() else {
-                        return Some((Ok(Chunk::Finish("stop".into())), (iter, rng, due, true)));
+                        // After the last token: the usage report, then the end.
+                        let usage = usage?;
+                        return Some((Ok(usage), (iter, rng, due, None)));
                     };
                     let delay = model.delay_for(&mut rng);
                     let at = due.unwrap_or_else(tokio::time::Instant::now) + delay;
@@ -239,39 +273,38 @@ impl ChatProvider for SimulatedModel {
                         tokio::time::sleep_until(at).await;
                     }
                     if fail && i == TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1)) {
-                        return Some((
-                            Err(ProviderError::Failed("simulated failure".into())),
-                            (iter, rng, Some(at), true),
-                        ));
+                        return Some((Err(simulated_failure()), (iter, rng, Some(at), None)));
                     }
-                    Some((Ok(Chunk::Delta(token)), (iter, rng, Some(at), false)))
+                    Some((Ok(Chunk::Delta(token)), (iter, rng, Some(at), usage)))
                 }
             },
         );
         Ok(stream.boxed())
     }
+}
 
-    async fn complete(&self, messages: Vec<PromptMessage>) -> Result<String, ProviderError> {
-        // POST /chat answers at once: the per-token pacing only makes sense
-        // for streams.
-        let message = last_user_message(&messages)?;
-        if message.trim_start().starts_with(FAIL_MARKER) {
-            return Err(ProviderError::Failed("simulated failure".into()));
-        }
-        Ok(self.reply_to(message))
-    }
+/// The simulated model's token unit: whitespace-separated words.
+pub fn words(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use confab_core::model::MessageRole;
+    use confab_core::provider::PromptMessage;
 
-    fn prompt(text: &str) -> Vec<PromptMessage> {
-        vec![PromptMessage {
-            role: MessageRole::User,
-            content: text.into(),
-        }]
+    fn prompt(text: &str) -> ChatRequest {
+        ChatRequest {
+            upstream_model: "simulated".into(),
+            system: None,
+            messages: vec![PromptMessage {
+                role: MessageRole::User,
+                content: text.into(),
+            }],
+            max_output_tokens: 1024,
+            interactive: true,
+        }
     }
 
     #[test]
@@ -339,17 +372,17 @@ mod tests {
     #[tokio::test]
     async fn stream_yields_the_reply_then_finishes() {
         let model = SimulatedModel::new(TokenDelay::ZERO, 0);
-        let mut stream = model.stream(prompt("hello")).await.unwrap();
+        let mut stream = model.stream(&prompt("hello")).await.unwrap();
         let mut text = String::new();
-        let mut finished = false;
+        let mut usage = None;
         while let Some(chunk) = stream.next().await {
             match chunk.unwrap() {
                 Chunk::Delta(d) => text.push_str(&d),
-                Chunk::Finish(_) => finished = true,
-                Chunk::Usage { .. } => {}
+                Chunk::Finish(_) => {}
+                Chunk::Usage(u) => usage = Some(u),
             }
         }
-        assert!(finished);
+        assert_eq!(usage.unwrap().completion_tokens, words(&text));
         assert_eq!(text, model.reply_to("hello"));
     }
 
@@ -357,7 +390,7 @@ mod tests {
     async fn fail_marker_fails_mid_stream() {
         let model = SimulatedModel::new(TokenDelay::ZERO, 0);
         let chunks: Vec<_> = model
-            .stream(prompt("/fail now"))
+            .stream(&prompt("/fail now"))
             .await
             .unwrap()
             .collect()
