@@ -5,12 +5,15 @@
 //! Nothing in here knows about HTTP or SQL; the server crate maps HTTP onto
 //! these types and the store crates map them onto their SQL dialect.
 
+pub mod flusher;
 pub mod ids;
 pub mod model;
+pub mod models;
 pub mod provider;
 pub mod ratelimit;
 pub mod service;
 pub mod store;
+pub mod turn;
 
 pub use ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 pub use model::*;

@@ -88,6 +88,55 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// Where a message's token figures come from (SPEC §11): reported by the
+    /// model, or counted by confab because the model reported nothing.
+    UsageSource { Provider => "provider", Estimated => "estimated" }
+);
+
+/// Tokens of one turn, as stored on its assistant message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub source: UsageSource,
+}
+
+/// What an org has chosen about models (admin CLI), read with the principal
+/// so that a turn needs no extra query for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrgPolicy {
+    /// Model names the org may use; `None` = every configured model.
+    pub allowed_models: Option<Vec<String>>,
+    /// System prompt for chats that have none of their own.
+    pub system_prompt: Option<String>,
+}
+
+impl OrgPolicy {
+    pub fn allows(&self, model: &str) -> bool {
+        self.allowed_models
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == model))
+    }
+}
+
+/// Longest accepted system prompt, in characters (SPEC §11).
+pub const MAX_SYSTEM_CHARS: usize = 10_000;
+
+/// A system prompt: at most [`MAX_SYSTEM_CHARS`] characters, no NUL; blank
+/// means none.
+pub fn parse_system_prompt(s: &str) -> Result<Option<String>, Invalid> {
+    if s.contains('\0') {
+        return Err(Invalid::new("system must not contain NUL characters"));
+    }
+    if s.chars().count() > MAX_SYSTEM_CHARS {
+        return Err(Invalid(format!(
+            "system must be at most {MAX_SYSTEM_CHARS} characters"
+        )));
+    }
+    Ok((!s.trim().is_empty()).then(|| s.to_owned()))
+}
+
 impl Role {
     /// Owners and admins may read (never write) every chat of their org.
     pub const fn reads_whole_org(self) -> bool {
@@ -227,6 +276,7 @@ pub struct Org {
     pub slug: String,
     pub metadata: serde_json::Value,
     pub rate_limit: Option<RateLimitOverride>,
+    pub policy: OrgPolicy,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -271,6 +321,8 @@ pub struct Principal {
     pub rate_limit: Option<RateLimitOverride>,
     /// Set when the request was authenticated by an API key.
     pub api_key: Option<ApiKeyId>,
+    /// The org's model allowlist and default system prompt.
+    pub policy: std::sync::Arc<OrgPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -304,6 +356,9 @@ pub struct Chat {
     pub user_id: UserId,
     pub title: String,
     pub message_count: i64,
+    /// The model the chat's next turn uses unless the request names one
+    /// (`None` for chats from before models existed: the default then).
+    pub model: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -319,6 +374,10 @@ pub struct Message {
     pub token_count: Option<i64>,
     /// Position in the chat, 1-based, gap-free, assigned at insert.
     pub seq: i64,
+    /// The model that wrote an assistant message.
+    pub model: Option<String>,
+    /// An assistant message's tokens; `None` while it is streaming.
+    pub usage: Option<Usage>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -358,6 +417,11 @@ pub struct NewTurn {
     /// The assistant reply, created `streaming` with empty content.
     pub assistant_message_id: MessageId,
     pub idempotency: Option<IdempotencyClaim>,
+    /// The model of this turn; recorded on the assistant message and, from
+    /// this turn on, on the chat.
+    pub model: String,
+    /// For a new chat: its system prompt, stored as its first message.
+    pub system: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -375,7 +439,7 @@ pub struct FinishedMessage {
     pub id: MessageId,
     pub content: String,
     pub status: MessageStatus,
-    pub token_count: Option<i64>,
+    pub usage: Usage,
     /// For an idempotent `POST /chat`: the response to replay for this key.
     pub idempotent_response: Option<(UserId, String, serde_json::Value)>,
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 use crate::model::{
     ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord, Message,
-    NewApiKey, NewOrg, NewTurn, NewUser, Org, Principal, RateLimitOverride, User,
+    NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal, RateLimitOverride, User,
 };
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -56,6 +56,8 @@ pub trait Store: Send + Sync + 'static {
         org: OrgId,
         limit: Option<RateLimitOverride>,
     ) -> Result<(), StoreError>;
+    /// Set the org's model allowlist and default system prompt.
+    async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError>;
     /// `NotFound` when the org does not exist; `Conflict` when the id or the
     /// email (within the org) is taken.
     async fn create_user(&self, user: &NewUser) -> Result<User, StoreError>;
@@ -117,12 +119,14 @@ pub trait Store: Send + Sync + 'static {
     /// (unanswered for [`crate::model::ABANDONED_CLAIM_SECS`]) idempotency key
     /// of the same name, claim the new key if any (`Conflict { constraint:
     /// "idempotency_keys" }` and nothing written when it is taken), create the
-    /// chat if new (`NotFound` if an existing one is gone), append the user
-    /// message (`complete`) and the assistant message (`streaming`, empty),
-    /// and bump the chat's `updated_at`.
+    /// chat if new (`NotFound` if an existing one is gone) with its `system`
+    /// message first when given, append the user message (`complete`) and the
+    /// assistant message (`streaming`, empty, with the turn's model), record
+    /// the turn's model on the chat, and bump the chat's `updated_at`.
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
-    /// Set an assistant message's final content and status, bump the chat's
-    /// `updated_at`, and store the idempotent response if given, in one transaction.
+    /// Set an assistant message's final content, status and usage
+    /// (`token_count` = completion tokens), bump the chat's `updated_at`, and
+    /// store the idempotent response if given, in one transaction.
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError>;
     /// Save growing partial texts of many streaming messages at once (one
     /// statement or one transaction). Rows no longer `streaming` are left alone.

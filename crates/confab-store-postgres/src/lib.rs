@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn, NewUser, Org,
-    OrgId, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
+    OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
 };
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
@@ -104,7 +104,8 @@ fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
 // A turn is one statement. Parameters shared by both shapes:
 //   $1 chat id, $2 org, $3 user, $4 user message id, $5 assistant message id,
 //   $6 user message text, $7 idempotency key (NULL: none), $8 request hash,
-//   and for a new chat $9 its title.
+//   $9 the turn's model, and for a new chat $10 its title, $11 its system
+//   prompt (NULL: none) and $12 the system message's id.
 // The chat CTE yields the chat's new message_count (its last seq); the two
 // messages take count-1 and count. Without a key it runs on its own (one
 // round trip, atomic). With a key it runs in a transaction, because when
@@ -132,24 +133,29 @@ macro_rules! claim_cte {
     };
 }
 
-/// Inserts both messages into the chat row produced by the `chat` CTE and
-/// reports whether the key was claimed. Always exactly one row: when no
-/// message was inserted (key taken, chat gone) the message columns are NULL.
+/// Inserts the turn's messages (both, plus `$extra` rows) into the chat row
+/// produced by the `chat` CTE and reports whether the key was claimed.
+/// Always exactly one row: when no message was inserted (key taken, chat
+/// gone) the message columns are NULL.
 macro_rules! messages_and_result {
-    () => {
-        "msgs AS ( \
-            INSERT INTO messages \
-                (id, chat_id, org_id, role, content, status, seq, created_at, updated_at) \
-            SELECT $4::uuid, c.id, c.org_id, 'user', $6::text, 'complete', \
-                   c.message_count - 1, c.updated_at, c.updated_at FROM chat c \
-            UNION ALL \
-            SELECT $5::uuid, c.id, c.org_id, 'assistant', '', 'streaming', \
-                   c.message_count, c.updated_at, c.updated_at FROM chat c \
-            RETURNING id, chat_id, org_id, role, content, status, token_count, seq, \
-                      created_at, updated_at \
-        ) \
-        SELECT m.*, k.claimed \
-        FROM (SELECT count(*) AS claimed FROM claim) AS k LEFT JOIN msgs AS m ON true"
+    ($extra:expr) => {
+        concat!(
+            "msgs AS ( \
+                INSERT INTO messages \
+                    (id, chat_id, org_id, role, content, status, seq, model, \
+                     created_at, updated_at) \
+                SELECT $4::uuid, c.id, c.org_id, 'user', $6::text, 'complete', \
+                       c.message_count - 1, NULL, c.updated_at, c.updated_at FROM chat c \
+                UNION ALL \
+                SELECT $5::uuid, c.id, c.org_id, 'assistant', '', 'streaming', \
+                       c.message_count, $9::text, c.updated_at, c.updated_at FROM chat c ",
+            $extra,
+            " RETURNING id, chat_id, org_id, role, content, status, token_count, seq, model, \
+                          prompt_tokens, completion_tokens, usage_source, created_at, updated_at \
+            ) \
+            SELECT m.*, k.claimed \
+            FROM (SELECT count(*) AS claimed FROM claim) AS k LEFT JOIN msgs AS m ON true"
+        )
     };
 }
 
@@ -159,13 +165,20 @@ const BEGIN_TURN_NEW_CHAT: &str = concat!(
     "WITH ",
     claim_cte!(),
     "chat AS ( \
-        INSERT INTO chats (id, org_id, user_id, title, message_count, created_at, updated_at) \
-        SELECT $1::uuid, u.org_id, u.id, $9::text, 2, now(), now() FROM users u \
+        INSERT INTO chats \
+            (id, org_id, user_id, title, message_count, model, created_at, updated_at) \
+        SELECT $1::uuid, u.org_id, u.id, $10::text, 2 + ($11::text IS NOT NULL)::int, \
+               $9::text, now(), now() FROM users u \
         WHERE u.id = $3 AND u.org_id = $2 AND u.deleted_at IS NULL \
           AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM claim)) \
         RETURNING id, org_id, message_count, updated_at \
     ), ",
-    messages_and_result!()
+    // The chat's system prompt, when it has one, is its first message.
+    messages_and_result!(
+        "UNION ALL \
+         SELECT $12::uuid, c.id, c.org_id, 'system', $11::text, 'complete', 1, NULL, \
+                c.updated_at, c.updated_at FROM chat c WHERE $11::text IS NOT NULL"
+    )
 );
 
 /// A turn on an existing chat. The UPDATE locks the chat row, so
@@ -174,12 +187,12 @@ const BEGIN_TURN_EXISTING_CHAT: &str = concat!(
     "WITH ",
     claim_cte!(),
     "chat AS ( \
-        UPDATE chats SET message_count = message_count + 2, updated_at = now() \
+        UPDATE chats SET message_count = message_count + 2, updated_at = now(), model = $9 \
         WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL \
           AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM claim)) \
         RETURNING id, org_id, message_count, updated_at \
     ), ",
-    messages_and_result!()
+    messages_and_result!("")
 );
 
 fn begin_turn_query(turn: &NewTurn) -> Query<'static, Postgres, PgArguments> {
@@ -195,9 +208,13 @@ fn begin_turn_query(turn: &NewTurn) -> Query<'static, Postgres, PgArguments> {
         .bind(uuid(turn.assistant_message_id))
         .bind(turn.content.as_str())
         .bind(turn.idempotency.as_ref().map(|c| c.key.as_str()))
-        .bind(turn.idempotency.as_ref().map(|c| c.request_hash.as_str()));
+        .bind(turn.idempotency.as_ref().map(|c| c.request_hash.as_str()))
+        .bind(turn.model.as_str());
     match &turn.chat {
-        TurnChat::New { title, .. } => query.bind(title.as_str()),
+        TurnChat::New { title, .. } => query
+            .bind(title.as_str())
+            .bind(turn.system.as_deref())
+            .bind(Uuid::new_v4()),
         TurnChat::Existing(_) => query,
     }
 }
@@ -353,6 +370,23 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE orgs SET allowed_models = $2, system_prompt = $3, updated_at = now() \
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(org))
+        .bind(policy.allowed_models.as_deref())
+        .bind(policy.system_prompt.as_deref())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
     async fn create_user(&self, user: &NewUser) -> Result<User, StoreError> {
         // INSERT … SELECT from the live org: an unknown *or deleted* org
         // inserts nothing (→ NotFound); a foreign key alone would accept a
@@ -418,7 +452,8 @@ impl Store for PostgresStore {
     async fn find_principal(&self, user: UserId) -> Result<Option<Principal>, StoreError> {
         let row = sqlx::query(
             "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
-                    o.rate_limit_burst, o.rate_limit_per_second \
+                    o.rate_limit_burst, o.rate_limit_per_second, \
+                    o.allowed_models, o.system_prompt \
              FROM users u JOIN orgs o ON o.id = u.org_id \
              WHERE u.id = $1 AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
         )
@@ -480,7 +515,8 @@ impl Store for PostgresStore {
     async fn find_principal_by_key(&self, hash: &[u8]) -> Result<Option<Principal>, StoreError> {
         let row = sqlx::query(
             "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
-                    o.rate_limit_burst, o.rate_limit_per_second \
+                    o.rate_limit_burst, o.rate_limit_per_second, \
+                    o.allowed_models, o.system_prompt \
              FROM api_keys k \
              JOIN users u ON u.id = k.user_id AND u.org_id = k.org_id \
              JOIN orgs o ON o.id = u.org_id \
@@ -686,7 +722,8 @@ impl Store for PostgresStore {
         let row = sqlx::query(concat!(
             "WITH m AS ( \
                 UPDATE messages \
-                   SET content = $4, status = $5, token_count = $6, updated_at = now() \
+                   SET content = $4, status = $5, token_count = $6, updated_at = now(), \
+                       prompt_tokens = $10, completion_tokens = $6, usage_source = $11 \
                  WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
                 RETURNING ",
             message_columns!(),
@@ -704,10 +741,12 @@ impl Store for PostgresStore {
         .bind(uuid(msg.chat))
         .bind(&msg.content)
         .bind(msg.status.as_str())
-        .bind(msg.token_count)
+        .bind(msg.usage.completion_tokens)
         .bind(user)
         .bind(key)
         .bind(response)
+        .bind(msg.usage.prompt_tokens)
+        .bind(msg.usage.source.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;

@@ -5,7 +5,10 @@ use sqlx::migrate::Migrator;
 
 /// Oldest first; a unit test checks that `migrations/` and this list agree.
 /// Never edit an applied migration: add one.
-const MIGRATIONS: &EmbeddedMigrations = &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &EmbeddedMigrations = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (2, "models", include_str!("../migrations/0002_models.sql")),
+];
 
 /// The migrator for this backend's schema.
 pub(crate) fn migrator() -> Migrator {

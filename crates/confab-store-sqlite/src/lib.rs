@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, Message, MessageId, MessageRole, MessageStatus, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
+    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -218,6 +218,24 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE orgs SET allowed_models = ?2, system_prompt = ?3, updated_at = ?4 \
+             WHERE id = ?1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(org))
+        .bind(rows::allowed_models_text(policy))
+        .bind(policy.system_prompt.as_deref())
+        .bind(now_micros())
+        .execute(&self.write)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
     async fn create_user(&self, user: &NewUser) -> Result<User, StoreError> {
         // INSERT … SELECT from the live org: an unknown *or deleted* org
         // inserts nothing (→ NotFound); a foreign key alone would accept a
@@ -284,7 +302,8 @@ impl Store for SqliteStore {
     async fn find_principal(&self, user: UserId) -> Result<Option<Principal>, StoreError> {
         let row = sqlx::query(
             "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
-                    o.rate_limit_burst, o.rate_limit_per_second \
+                    o.rate_limit_burst, o.rate_limit_per_second, \
+                    o.allowed_models, o.system_prompt \
              FROM users u JOIN orgs o ON o.id = u.org_id \
              WHERE u.id = ?1 AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
         )
@@ -348,7 +367,8 @@ impl Store for SqliteStore {
     async fn find_principal_by_key(&self, hash: &[u8]) -> Result<Option<Principal>, StoreError> {
         let row = sqlx::query(
             "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
-                    o.rate_limit_burst, o.rate_limit_per_second \
+                    o.rate_limit_burst, o.rate_limit_per_second, \
+                    o.allowed_models, o.system_prompt \
              FROM api_keys k \
              JOIN users u ON u.id = k.user_id AND u.org_id = k.org_id \
              JOIN orgs o ON o.id = u.org_id \
@@ -553,10 +573,11 @@ impl Store for SqliteStore {
             TurnChat::New { id, title } => {
                 // From the live user row, so a chat can only be created for a
                 // user of `turn.org`.
+                let count = if turn.system.is_some() { 3_i64 } else { 2 };
                 let done = sqlx::query(
                     "INSERT INTO chats \
-                        (id, org_id, user_id, title, message_count, created_at, updated_at) \
-                     SELECT ?1, u.org_id, u.id, ?4, 2, ?5, ?5 FROM users u \
+                        (id, org_id, user_id, title, message_count, model, created_at, updated_at) \
+                     SELECT ?1, u.org_id, u.id, ?4, ?6, ?7, ?5, ?5 FROM users u \
                      WHERE u.id = ?3 AND u.org_id = ?2 AND u.deleted_at IS NULL",
                 )
                 .bind(uuid(*id))
@@ -564,23 +585,43 @@ impl Store for SqliteStore {
                 .bind(uuid(turn.user))
                 .bind(title)
                 .bind(now)
+                .bind(count)
+                .bind(&turn.model)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
                 if done.rows_affected() == 0 {
                     return Err(StoreError::NotFound);
                 }
-                (*id, 2_i64)
+                if let Some(system) = &turn.system {
+                    sqlx::query(
+                        "INSERT INTO messages \
+                            (id, chat_id, org_id, role, content, status, token_count, seq, \
+                             created_at, updated_at) \
+                         VALUES (?1, ?2, ?3, 'system', ?4, 'complete', NULL, 1, ?5, ?5)",
+                    )
+                    .bind(Uuid::new_v4())
+                    .bind(uuid(*id))
+                    .bind(uuid(turn.org))
+                    .bind(system)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                (*id, count)
             }
             TurnChat::Existing(id) => {
                 let row = sqlx::query(
-                    "UPDATE chats SET message_count = message_count + 2, updated_at = ?3 \
+                    "UPDATE chats SET message_count = message_count + 2, updated_at = ?3, \
+                        model = ?4 \
                      WHERE id = ?1 AND org_id = ?2 AND deleted_at IS NULL \
                      RETURNING message_count",
                 )
                 .bind(uuid(*id))
                 .bind(uuid(turn.org))
                 .bind(now)
+                .bind(&turn.model)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(map_err)?;
@@ -593,9 +634,10 @@ impl Store for SqliteStore {
 
         let rows = sqlx::query(concat!(
             "INSERT INTO messages \
-                (id, chat_id, org_id, role, content, status, token_count, seq, created_at, updated_at) \
-             VALUES (?1, ?3, ?4, 'user', ?5, 'complete', NULL, ?6, ?8, ?8), \
-                    (?2, ?3, ?4, 'assistant', '', 'streaming', NULL, ?7, ?8, ?8) \
+                (id, chat_id, org_id, role, content, status, token_count, seq, model, \
+                 created_at, updated_at) \
+             VALUES (?1, ?3, ?4, 'user', ?5, 'complete', NULL, ?6, NULL, ?8, ?8), \
+                    (?2, ?3, ?4, 'assistant', '', 'streaming', NULL, ?7, ?9, ?8, ?8) \
              RETURNING ",
             message_columns!()
         ))
@@ -607,6 +649,7 @@ impl Store for SqliteStore {
         .bind(count - 1)
         .bind(count)
         .bind(now)
+        .bind(&turn.model)
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -622,7 +665,8 @@ impl Store for SqliteStore {
         let now = now_micros();
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(concat!(
-            "UPDATE messages SET content = ?4, status = ?5, token_count = ?6, updated_at = ?7 \
+            "UPDATE messages SET content = ?4, status = ?5, token_count = ?6, updated_at = ?7, \
+                prompt_tokens = ?8, completion_tokens = ?6, usage_source = ?9 \
              WHERE id = ?1 AND org_id = ?2 AND chat_id = ?3 RETURNING ",
             message_columns!()
         ))
@@ -631,8 +675,10 @@ impl Store for SqliteStore {
         .bind(uuid(msg.chat))
         .bind(&msg.content)
         .bind(msg.status.as_str())
-        .bind(msg.token_count)
+        .bind(msg.usage.completion_tokens)
         .bind(now)
+        .bind(msg.usage.prompt_tokens)
+        .bind(msg.usage.source.as_str())
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;

@@ -5,6 +5,7 @@
 //! `&'static str` queries) to keep the two in step.
 
 use chrono::{DateTime, Utc};
+use confab_core::model::{OrgPolicy, Usage, UsageSource};
 use confab_core::{
     ApiKey, Chat, IdempotencyRecord, Message, Org, Principal, RateLimitOverride, StoreError, User,
 };
@@ -17,7 +18,8 @@ use crate::error::{corrupt, map_err};
 /// Columns read by [`org`].
 macro_rules! org_columns {
     () => {
-        "id, name, slug, metadata, rate_limit_burst, rate_limit_per_second, created_at, updated_at"
+        "id, name, slug, metadata, rate_limit_burst, rate_limit_per_second, allowed_models, \
+         system_prompt, created_at, updated_at"
     };
 }
 /// Columns read by [`user`].
@@ -29,13 +31,14 @@ macro_rules! user_columns {
 /// Columns read by [`chat`].
 macro_rules! chat_columns {
     () => {
-        "id, org_id, user_id, title, message_count, created_at, updated_at"
+        "id, org_id, user_id, title, message_count, model, created_at, updated_at"
     };
 }
 /// Columns read by [`message`].
 macro_rules! message_columns {
     () => {
-        "id, chat_id, org_id, role, content, status, token_count, seq, created_at, updated_at"
+        "id, chat_id, org_id, role, content, status, token_count, seq, model, prompt_tokens, \
+         completion_tokens, usage_source, created_at, updated_at"
     };
 }
 /// Columns read by [`api_key`].
@@ -115,6 +118,43 @@ fn rate_limit(row: &SqliteRow) -> Result<Option<RateLimitOverride>, StoreError> 
         .map_err(|e| corrupt("rate limit", e))
 }
 
+/// The org's model allowlist (a JSON array of names) and system prompt.
+pub(crate) fn policy(row: &SqliteRow) -> Result<OrgPolicy, StoreError> {
+    let allowed_models = get::<Option<String>>(row, "allowed_models")?
+        .map(|text| serde_json::from_str::<Vec<String>>(&text).map_err(|e| corrupt("allowed_models", e)))
+        .transpose()?;
+    Ok(OrgPolicy {
+        allowed_models,
+        system_prompt: get(row, "system_prompt")?,
+    })
+}
+
+/// The allowlist as stored.
+pub(crate) fn allowed_models_text(policy: &OrgPolicy) -> Option<String> {
+    policy
+        .allowed_models
+        .as_ref()
+        .map(|names| serde_json::Value::from(names.clone()).to_string())
+}
+
+/// A message's usage, when its three columns are set.
+fn usage(row: &SqliteRow) -> Result<Option<Usage>, StoreError> {
+    let prompt: Option<i64> = get(row, "prompt_tokens")?;
+    let completion: Option<i64> = get(row, "completion_tokens")?;
+    let source: Option<String> = get(row, "usage_source")?;
+    let (Some(prompt_tokens), Some(completion_tokens), Some(source)) = (prompt, completion, source)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Usage {
+        prompt_tokens,
+        completion_tokens,
+        source: source
+            .parse::<UsageSource>()
+            .map_err(|e| corrupt("usage_source", e))?,
+    }))
+}
+
 pub(crate) fn org(row: &SqliteRow) -> Result<Org, StoreError> {
     Ok(Org {
         id: get_id(row, "id")?,
@@ -122,6 +162,7 @@ pub(crate) fn org(row: &SqliteRow) -> Result<Org, StoreError> {
         slug: get(row, "slug")?,
         metadata: get_json(row, "metadata")?.unwrap_or(serde_json::Value::Null),
         rate_limit: rate_limit(row)?,
+        policy: policy(row)?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })
@@ -140,7 +181,8 @@ pub(crate) fn user(row: &SqliteRow) -> Result<User, StoreError> {
 }
 
 /// A principal from a users ⋈ orgs row: `user_id, org_id, email, role,
-/// rate_limit_burst, rate_limit_per_second` and, for key lookups, `api_key_id`.
+/// rate_limit_burst, rate_limit_per_second, allowed_models, system_prompt`
+/// and, for key lookups, `api_key_id`.
 pub(crate) fn principal(row: &SqliteRow, api_key: bool) -> Result<Principal, StoreError> {
     Ok(Principal {
         org_id: get_id(row, "org_id")?,
@@ -153,6 +195,7 @@ pub(crate) fn principal(row: &SqliteRow, api_key: bool) -> Result<Principal, Sto
         } else {
             None
         },
+        policy: std::sync::Arc::new(policy(row)?),
     })
 }
 
@@ -176,6 +219,7 @@ pub(crate) fn chat(row: &SqliteRow) -> Result<Chat, StoreError> {
         user_id: get_id(row, "user_id")?,
         title: get(row, "title")?,
         message_count: get(row, "message_count")?,
+        model: get(row, "model")?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })
@@ -191,6 +235,8 @@ pub(crate) fn message(row: &SqliteRow) -> Result<Message, StoreError> {
         status: parse(row, "status")?,
         token_count: get(row, "token_count")?,
         seq: get(row, "seq")?,
+        model: get(row, "model")?,
+        usage: usage(row)?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })

@@ -1,0 +1,1052 @@
+//! The turn engine: the one place a turn is run (SPEC §6, §11).
+//!
+//! A turn is: resolve the model and check the chat → begin (commit the user
+//! message and a `streaming` assistant message) → assemble the context within
+//! the model's token budget → call the provider (retries, with backoff, only
+//! before the first token is forwarded; the four timeouts) → forward tokens →
+//! settle (final status, text and usage in one write) — and every exit path
+//! (done, upstream failure, client gone, shutdown, even a panic) ends in the
+//! same [`Run::settle`].
+//!
+//! The engine yields [`TurnEvent`]s on a bounded channel; the HTTP routes only
+//! turn those into their wire format. The generation runs in its own tracked
+//! task, decoupled from the response: when the client goes away the receiver
+//! is dropped, the engine sees `Sender::closed()` at once — even while the
+//! model is silent — and drops the upstream stream, which closes the upstream
+//! request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::flusher::{Flusher, LiveText};
+use crate::ids::{ChatId, MessageId};
+use crate::model::{
+    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, MessageRole, MessageStatus, MessageText,
+    NewTurn, Principal, TurnChat, Usage, UsageSource,
+};
+use crate::models::{Model, ModelRegistry};
+use crate::provider::{
+    ChatRequest, Chunk, PromptMessage, ProviderError, ReportedUsage, TimeoutPhase,
+};
+use crate::service::{Access, ChatService, ServiceError};
+use crate::store::{Store, StoreError};
+
+/// Events buffered between the engine and a slow client. With the send
+/// timeout this bounds what one stalled client can make the server hold.
+pub const CHANNEL_CAPACITY: usize = 32;
+/// How long a retried request waits for the first request with the same
+/// `Idempotency-Key` to finish before giving up with `IdempotencyInProgress`.
+const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(10);
+const IDEMPOTENCY_POLL: Duration = Duration::from_millis(10);
+const IDEMPOTENCY_POLL_MAX: Duration = Duration::from_millis(250);
+/// Earlier messages are read this many at a time, newest first, until the
+/// budget is full: the query never reads much more than what fits.
+const HISTORY_PAGE: u32 = 32;
+/// Tokens a chat format spends per message besides its text (role markers).
+const PER_MESSAGE_OVERHEAD: u64 = 4;
+/// Attempts, and the first pause between them, for a turn's final write.
+const FINAL_WRITE_ATTEMPTS: u32 = 4;
+const FINAL_WRITE_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The engine's settings (SPEC §11 "Upstream behaviour").
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Retries after the first attempt (`PROVIDER_MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Longest wait before a retry (`PROVIDER_MAX_RETRY_WAIT_MS`); an upstream
+    /// that asks for longer is not retried.
+    pub max_retry_wait: Duration,
+    /// First backoff step; doubled per attempt, with jitter.
+    pub retry_base: Duration,
+    pub first_token_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    /// A client that accepts no event for this long is treated as gone.
+    pub send_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            max_retry_wait: Duration::from_secs(10),
+            retry_base: Duration::from_millis(250),
+            first_token_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            total_timeout: Duration::from_secs(600),
+            send_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a turn ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Complete,
+    /// The client went away (or stopped reading for too long).
+    Cancelled {
+        stalled: bool,
+    },
+    Failed,
+    /// The shutdown grace period ran out.
+    Interrupted,
+}
+
+impl Outcome {
+    pub const fn status(self) -> MessageStatus {
+        match self {
+            Outcome::Complete => MessageStatus::Complete,
+            Outcome::Cancelled { .. } => MessageStatus::Cancelled,
+            Outcome::Failed => MessageStatus::Failed,
+            Outcome::Interrupted => MessageStatus::Interrupted,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        self.status().as_str()
+    }
+}
+
+/// What the engine reports to the metrics registry (the server implements
+/// it with Prometheus; core stays free of a metrics crate). Labels are model
+/// names and fixed words, never tenant ids.
+pub trait TurnMetrics: Send + Sync + 'static {
+    fn turn_started(&self, _interactive: bool) {}
+    fn turn_finished(&self, _interactive: bool, _outcome: Outcome) {}
+    fn token_forwarded(&self, _interactive: bool) {}
+    /// The first token reached the client's channel: since the request
+    /// arrived, and since the successful upstream attempt began.
+    fn first_token(&self, _interactive: bool, _model: &str, _since_request: Duration) {}
+    fn upstream_first_token(&self, _model: &str, _since_attempt: Duration) {}
+    fn disconnect_detected(&self, _elapsed: Duration) {}
+    /// One upstream attempt ended (`outcome`: `ok`, `cancelled` or an error label).
+    fn upstream_request(&self, _model: &str, _outcome: &'static str) {}
+    fn upstream_retry(&self, _model: &str, _reason: &'static str) {}
+    fn usage(&self, _model: &str, _prompt: u64, _completion: u64) {}
+    fn flushed(&self, _rows: u64, _took: Duration) {}
+    fn flush_failed(&self, _took: Duration) {}
+}
+
+/// Metrics that go nowhere (tests, tools).
+pub struct NoMetrics;
+impl TurnMetrics for NoMetrics {}
+
+/// A validated request for a turn.
+#[derive(Clone, Debug)]
+pub struct TurnInput {
+    pub text: MessageText,
+    pub chat_id: Option<ChatId>,
+    /// A model name the client asked for.
+    pub model: Option<String>,
+    /// For a new chat: its system prompt (already validated).
+    pub system: Option<String>,
+    pub idempotency: Option<IdempotencyClaim>,
+    /// Whether the client watches tokens as they come (a stream).
+    pub interactive: bool,
+    /// When the request arrived, for time-to-first-token.
+    pub received: Instant,
+}
+
+/// One thing that happened in a turn, in order: tokens, then one final event.
+#[derive(Debug)]
+pub enum TurnEvent {
+    Token(String),
+    /// The reply is stored `complete`.
+    Done(TurnSummary),
+    /// The turn ended otherwise; the partial text is stored. Not sent when the
+    /// client went away (nobody is listening).
+    Failed(TurnFailure),
+}
+
+/// A completed turn, as stored.
+#[derive(Clone, Debug)]
+pub struct TurnSummary {
+    pub text: String,
+    pub usage: Usage,
+}
+
+/// Why a turn did not complete.
+#[derive(Clone, Debug)]
+pub enum TurnFailure {
+    /// The model failed (after its retries, when they applied).
+    Provider(ProviderError),
+    /// The conversation could not be loaded.
+    Context(StoreError),
+    /// The shutdown grace period ran out.
+    Interrupted,
+    /// The reply was produced but could not be stored.
+    NotSaved(StoreError),
+}
+
+/// A begun turn: where it is stored, and its events.
+#[derive(Debug)]
+pub struct StartedTurn {
+    pub chat_id: ChatId,
+    pub message_id: MessageId,
+    pub created_at: DateTime<Utc>,
+    pub model: String,
+    pub events: mpsc::Receiver<TurnEvent>,
+}
+
+/// The start of a turn, or the stored response of an earlier identical request.
+#[derive(Debug)]
+pub enum Started {
+    Turn(StartedTurn),
+    Replay(serde_json::Value),
+}
+
+/// Serialises the response an idempotent request replays (the route's wire
+/// format, produced by the route's own type).
+pub type ReplayEncoder = Box<dyn FnOnce(&StartedMeta, &TurnSummary) -> serde_json::Value + Send + Sync>;
+
+/// What a replay encoder knows about the turn.
+#[derive(Clone, Debug)]
+pub struct StartedMeta {
+    pub chat_id: ChatId,
+    pub message_id: MessageId,
+    pub created_at: DateTime<Utc>,
+    pub model: String,
+}
+
+#[derive(Clone)]
+pub struct TurnEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    service: ChatService,
+    models: ModelRegistry,
+    flusher: Flusher,
+    metrics: Arc<dyn TurnMetrics>,
+    config: EngineConfig,
+    tasks: TaskTracker,
+    hard_stop: CancellationToken,
+}
+
+impl TurnEngine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        models: ModelRegistry,
+        metrics: Arc<dyn TurnMetrics>,
+        config: EngineConfig,
+        tasks: TaskTracker,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                service: ChatService::new(store.clone()),
+                store,
+                models,
+                flusher: Flusher::default(),
+                metrics,
+                config,
+                tasks,
+                hard_stop,
+            }),
+        }
+    }
+
+    pub fn models(&self) -> &ModelRegistry {
+        &self.inner.models
+    }
+
+    pub fn flusher(&self) -> &Flusher {
+        &self.inner.flusher
+    }
+
+    /// The model a turn uses: the one asked for, else the chat's, else the
+    /// default — always one the org may use (`UnknownModel` otherwise, the
+    /// same answer for a model that does not exist and one not allowed).
+    pub fn resolve_model(
+        &self,
+        who: &Principal,
+        asked: Option<&str>,
+        chat: Option<&Chat>,
+    ) -> Result<Arc<Model>, ServiceError> {
+        let models = &self.inner.models;
+        if let Some(name) = asked {
+            return models
+                .get(name)
+                .filter(|m| who.policy.allows(&m.name))
+                .cloned()
+                .ok_or_else(|| ServiceError::UnknownModel(name.to_owned()));
+        }
+        let chat_model = chat
+            .and_then(|c| c.model.as_deref())
+            .and_then(|name| models.get(name))
+            .filter(|m| who.policy.allows(&m.name));
+        if let Some(model) = chat_model {
+            return Ok(model.clone());
+        }
+        let default = models.default_model();
+        if who.policy.allows(&default.name) {
+            return Ok(default.clone());
+        }
+        models
+            .allowed(&who.policy)
+            .next()
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownModel(default.name.clone()))
+    }
+
+    /// Check the request, begin the turn and start generating. Errors are
+    /// what the client must hear before any byte of a reply (404, 403, 400,
+    /// idempotency); everything after the begin arrives as events.
+    ///
+    /// The turn is begun inside the tracked task that then runs it: if the
+    /// caller goes away while the user message is being stored, the task
+    /// still owns the turn and settles it (`cancelled`, as nobody listens).
+    pub async fn start(
+        &self,
+        who: &Principal,
+        input: TurnInput,
+        replay: Option<ReplayEncoder>,
+    ) -> Result<Started, ServiceError> {
+        let inner = &self.inner;
+        let existing = match input.chat_id {
+            Some(id) => Some(inner.service.chat_for(who, id, Access::Write).await?),
+            None => None,
+        };
+        let model = self.resolve_model(who, input.model.as_deref(), existing.as_ref())?;
+        let system = if !model.provider.wants_history() {
+            None
+        } else {
+            let own = match &existing {
+                None => input.system.clone(),
+                Some(chat) => inner.service.system_prompt(who, chat.id).await?,
+            };
+            own.or_else(|| who.policy.system_prompt.clone())
+        };
+        let fixed = fixed_prompt_tokens(&model, system.as_deref(), input.text.as_str());
+        if fixed + u64::from(model.max_output_tokens) > u64::from(model.context_tokens) {
+            return Err(ServiceError::MessageTooLong(model.name.clone()));
+        }
+
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let engine = self.clone();
+        let who = who.clone();
+        let task = async move {
+            let begun = match engine.begin(&who, &input, &model, existing.is_some()).await {
+                Ok(Begun::Turn(begun)) => begun,
+                Ok(Begun::Replay(stored)) => {
+                    let _ = ready_tx.send(Ok(Err(stored)));
+                    return;
+                }
+                Err(err) => {
+                    let _ = ready_tx.send(Err(err));
+                    return;
+                }
+            };
+            let meta = StartedMeta {
+                chat_id: begun.chat_id,
+                message_id: begun.assistant_message.id,
+                created_at: begun.assistant_message.created_at,
+                model: model.name.clone(),
+            };
+            let _ = ready_tx.send(Ok(Ok(meta.clone())));
+            let run = Run::new(engine, who, input, model, begun, system, tx, meta, replay);
+            run.go().await;
+        };
+        inner
+            .tasks
+            .spawn(task.instrument(tracing::Span::current()));
+        match ready_rx.await {
+            Ok(Ok(Ok(meta))) => Ok(Started::Turn(StartedTurn {
+                chat_id: meta.chat_id,
+                message_id: meta.message_id,
+                created_at: meta.created_at,
+                model: meta.model,
+                events: rx,
+            })),
+            Ok(Ok(Err(stored))) => Ok(Started::Replay(stored)),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(ServiceError::Store(StoreError::Other(
+                "the turn's task ended before it began".into(),
+            ))),
+        }
+    }
+
+    /// Store the user message (and a `streaming` placeholder for the reply).
+    /// With an idempotency key, a request that lost the race for the key
+    /// waits for the winner's response and replays it.
+    async fn begin(
+        &self,
+        who: &Principal,
+        input: &TurnInput,
+        model: &Model,
+        existing: bool,
+    ) -> Result<Begun, ServiceError> {
+        let store = &self.inner.store;
+        let chat = match input.chat_id {
+            Some(id) if existing => TurnChat::Existing(id),
+            _ => TurnChat::New {
+                id: ChatId::new(),
+                title: input.text.title(),
+            },
+        };
+        let turn = NewTurn {
+            org: who.org_id,
+            user: who.user_id,
+            system: if existing { None } else { input.system.clone() },
+            chat,
+            user_message_id: MessageId::new(),
+            content: input.text.as_str().to_owned(),
+            assistant_message_id: MessageId::new(),
+            idempotency: input.idempotency.clone(),
+            model: model.name.clone(),
+        };
+        let deadline = Instant::now() + IDEMPOTENCY_WAIT;
+        let mut poll = IDEMPOTENCY_POLL;
+        loop {
+            match store.begin_turn(&turn).await {
+                Ok(begun) => return Ok(Begun::Turn(begun)),
+                Err(StoreError::Conflict { constraint }) if constraint == "idempotency_keys" => {}
+                Err(StoreError::NotFound) => return Err(ServiceError::NotFound),
+                Err(err) => return Err(ServiceError::Store(err)),
+            }
+            let Some(claim) = &turn.idempotency else {
+                return Err(ServiceError::Store(StoreError::Other(
+                    "idempotency conflict without a key".into(),
+                )));
+            };
+            if let Some(record) = store.get_idempotency(who.user_id, &claim.key).await? {
+                if record.request_hash != claim.request_hash {
+                    return Err(ServiceError::IdempotencyMismatch);
+                }
+                if let Some(response) = record.response {
+                    return Ok(Begun::Replay(response));
+                }
+            }
+            // Still in progress (or released by a failed winner: claim it again).
+            if Instant::now() >= deadline {
+                return Err(ServiceError::IdempotencyInProgress);
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(IDEMPOTENCY_POLL_MAX);
+        }
+    }
+}
+
+enum Begun {
+    Turn(BegunTurn),
+    Replay(serde_json::Value),
+}
+
+/// Tokens that are always sent: the system prompt and the new message.
+fn fixed_prompt_tokens(model: &Model, system: Option<&str>, text: &str) -> u64 {
+    let system = system.map_or(0, |s| model.tokenizer.count(s) + PER_MESSAGE_OVERHEAD);
+    system + model.tokenizer.count(text) + PER_MESSAGE_OVERHEAD
+}
+
+/// Why the provider loop stopped.
+enum Stop {
+    Complete,
+    Cancelled { stalled: bool },
+    Interrupted,
+    Failed(TurnFailure),
+}
+
+/// One running turn: owns the assistant message from `streaming` to its final
+/// status.
+struct Run {
+    engine: TurnEngine,
+    who: Principal,
+    input: TurnInput,
+    model: Arc<Model>,
+    begun: BegunTurn,
+    system: Option<String>,
+    tx: mpsc::Sender<TurnEvent>,
+    meta: StartedMeta,
+    replay: Option<ReplayEncoder>,
+    live: Arc<LiveText>,
+    guard: SettleGuard,
+    /// Usage as the model reported it, latest figures.
+    reported: Option<ReportedUsage>,
+    /// What confab counted of the prompt it sent (0 until it sent one).
+    prompt_counted: u64,
+    forwarded: u64,
+    disconnected_at: Option<Instant>,
+}
+
+impl Run {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        engine: TurnEngine,
+        who: Principal,
+        input: TurnInput,
+        model: Arc<Model>,
+        begun: BegunTurn,
+        system: Option<String>,
+        tx: mpsc::Sender<TurnEvent>,
+        meta: StartedMeta,
+        replay: Option<ReplayEncoder>,
+    ) -> Self {
+        let inner = &engine.inner;
+        let live = inner.flusher.register(begun.assistant_message.id);
+        inner.metrics.turn_started(input.interactive);
+        let guard = SettleGuard {
+            engine: Some(engine.clone()),
+            who: who.clone(),
+            begun: begun.clone(),
+            live: live.clone(),
+            key: input.idempotency.as_ref().map(|c| c.key.clone()),
+            interactive: input.interactive,
+        };
+        Self {
+            engine,
+            who,
+            input,
+            model,
+            begun,
+            system,
+            tx,
+            meta,
+            replay,
+            live,
+            guard,
+            reported: None,
+            prompt_counted: 0,
+            forwarded: 0,
+            disconnected_at: None,
+        }
+    }
+
+    async fn go(mut self) {
+        let stop = self.generate().await;
+        let (outcome, failure) = match stop {
+            Stop::Complete => (Outcome::Complete, None),
+            Stop::Cancelled { stalled } => (Outcome::Cancelled { stalled }, None),
+            Stop::Interrupted => (Outcome::Interrupted, Some(TurnFailure::Interrupted)),
+            Stop::Failed(failure) => (Outcome::Failed, Some(failure)),
+        };
+        if let Some(TurnFailure::Provider(err)) = &failure {
+            tracing::warn!(
+                model = %self.model.name,
+                error = %err,
+                reason = err.label(),
+                tokens_forwarded = self.forwarded,
+                "model call failed"
+            );
+        }
+        let settled = self.settle(outcome).await;
+        if let Some(at) = self.disconnected_at {
+            self.engine
+                .inner
+                .metrics
+                .disconnect_detected(at.elapsed());
+        }
+        let last = match (outcome, settled) {
+            (Outcome::Cancelled { .. }, _) => None,
+            (Outcome::Complete, Ok(summary)) => Some(TurnEvent::Done(summary)),
+            (Outcome::Complete, Err(err)) => Some(TurnEvent::Failed(TurnFailure::NotSaved(err))),
+            (_, _) => failure.map(TurnEvent::Failed),
+        };
+        if let Some(event) = last {
+            // Bounded: a client that stopped reading does not hold shutdown up.
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.send(event)).await;
+        }
+    }
+
+    /// The conversation to send: the newest earlier messages that fit in
+    /// `context_tokens − max_output_tokens − system − new message`, oldest
+    /// first, then the new message. Failed replies are never sent back;
+    /// cancelled and interrupted partial replies are (the user saw them).
+    async fn context(&self) -> Result<(Vec<PromptMessage>, u64), StoreError> {
+        let model = &self.model;
+        let current = PromptMessage {
+            role: MessageRole::User,
+            content: self.begun.user_message.content.clone(),
+        };
+        let fixed = fixed_prompt_tokens(model, self.system.as_deref(), &current.content);
+        if !model.provider.wants_history() {
+            return Ok((vec![current], fixed));
+        }
+        let mut budget = u64::from(model.context_tokens)
+            .saturating_sub(u64::from(model.max_output_tokens))
+            .saturating_sub(fixed);
+        let mut used = fixed;
+        let mut earlier: Vec<PromptMessage> = Vec::new();
+        let mut before = self.begun.user_message.seq;
+        'pages: while before > 1 {
+            let page = self
+                .engine
+                .inner
+                .store
+                .list_messages(
+                    self.who.org_id,
+                    self.begun.chat_id,
+                    Some(before),
+                    HISTORY_PAGE,
+                )
+                .await?;
+            let Some(first) = page.first() else { break };
+            before = first.seq;
+            let full_page = page.len() == HISTORY_PAGE as usize;
+            for message in page.into_iter().rev() {
+                let sendable = match message.role {
+                    MessageRole::System => false,
+                    MessageRole::User => true,
+                    MessageRole::Assistant => matches!(
+                        message.status,
+                        MessageStatus::Complete
+                            | MessageStatus::Cancelled
+                            | MessageStatus::Interrupted
+                    ),
+                };
+                if !sendable || message.content.trim().is_empty() {
+                    continue;
+                }
+                let cost = model.tokenizer.count(&message.content) + PER_MESSAGE_OVERHEAD;
+                if cost > budget {
+                    // Keep the history contiguous: nothing older than a turn
+                    // that did not fit.
+                    break 'pages;
+                }
+                budget -= cost;
+                used += cost;
+                earlier.push(PromptMessage {
+                    role: message.role,
+                    content: message.content,
+                });
+            }
+            if !full_page {
+                break;
+            }
+        }
+        earlier.reverse();
+        earlier.push(current);
+        Ok((earlier, used))
+    }
+
+    /// Drive the model until the reply is complete or the turn must stop.
+    async fn generate(&mut self) -> Stop {
+        let inner = self.engine.inner.clone();
+        let config = &inner.config;
+        let tx = self.tx.clone();
+        let stopped = inner.hard_stop.cancelled();
+        let closed = tx.closed();
+        tokio::pin!(stopped, closed);
+
+        // Loading the conversation is watched like waiting for a token: a
+        // disconnect or shutdown is noticed meanwhile.
+        let context = tokio::select! {
+            biased;
+            _ = &mut stopped => return Stop::Interrupted,
+            _ = &mut closed => return self.cancelled(false),
+            context = self.context() => context,
+        };
+        let (messages, counted) = match context {
+            Ok(context) => context,
+            Err(err) => return Stop::Failed(TurnFailure::Context(err)),
+        };
+        let request = ChatRequest {
+            upstream_model: self.model.upstream_model.clone(),
+            system: self.system.clone(),
+            messages,
+            max_output_tokens: self.model.max_output_tokens,
+            interactive: self.input.interactive,
+        };
+        let model_name = self.model.name.clone();
+        let provider = self.model.provider.clone();
+        let total_deadline = Instant::now() + config.total_timeout;
+        let mut attempt: u32 = 0;
+        // One timer for the whole turn, moved rather than re-created per
+        // chunk (this loop runs once per token of every live stream).
+        let timer = tokio::time::sleep_until(total_deadline);
+        tokio::pin!(timer);
+
+        'attempts: loop {
+            attempt += 1;
+            let attempt_started = Instant::now();
+            let first_deadline = (attempt_started + config.first_token_timeout).min(total_deadline);
+            let first_phase = if first_deadline == total_deadline {
+                TimeoutPhase::Total
+            } else {
+                TimeoutPhase::FirstToken
+            };
+            self.prompt_counted = counted;
+            timer.as_mut().reset(first_deadline);
+            let opened = tokio::select! {
+                biased;
+                _ = &mut stopped => {
+                    self.log_attempt(attempt, "interrupted", None, attempt_started);
+                    return Stop::Interrupted;
+                }
+                _ = &mut closed => {
+                    self.log_attempt(attempt, "cancelled", None, attempt_started);
+                    return self.cancelled(false);
+                }
+                _ = &mut timer => Err(ProviderError::Timeout(first_phase)),
+                opened = provider.stream(&request) => opened,
+            };
+            let mut chunks = match opened {
+                Ok(chunks) => chunks,
+                Err(err) => match self.retry_or_fail(err, attempt, attempt_started).await {
+                    Some(stop) => return stop,
+                    None => continue 'attempts,
+                },
+            };
+            let mut first_at: Option<Instant> = None;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = &mut stopped => {
+                        self.log_attempt(attempt, "interrupted", None, attempt_started);
+                        return Stop::Interrupted;
+                    }
+                    _ = &mut closed => {
+                        self.log_attempt(attempt, "cancelled", None, attempt_started);
+                        return self.cancelled(false);
+                    }
+                    _ = &mut timer => {
+                        let phase = if first_at.is_none() {
+                            first_phase
+                        } else if Instant::now() >= total_deadline {
+                            TimeoutPhase::Total
+                        } else {
+                            TimeoutPhase::Idle
+                        };
+                        Some(Err(ProviderError::Timeout(phase)))
+                    }
+                    next = chunks.next() => next,
+                };
+                match next {
+                    None => {
+                        self.log_attempt(attempt, "ok", None, attempt_started);
+                        return Stop::Complete;
+                    }
+                    Some(Ok(Chunk::Usage(usage))) => self.reported = Some(usage),
+                    Some(Ok(Chunk::Finish(reason))) => {
+                        tracing::debug!(model = %model_name, finish_reason = %reason, "model finished");
+                    }
+                    Some(Ok(Chunk::Delta(text))) => {
+                        if text.is_empty() {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        if first_at.is_none() {
+                            first_at = Some(now);
+                            inner
+                                .metrics
+                                .upstream_first_token(&model_name, now - attempt_started);
+                        }
+                        if let Some(stop) = self.forward(text, &mut stopped).await {
+                            drop(chunks);
+                            self.log_attempt(attempt, "cancelled", None, attempt_started);
+                            return stop;
+                        }
+                        timer
+                            .as_mut()
+                            .reset((Instant::now() + config.idle_timeout).min(total_deadline));
+                    }
+                    Some(Err(err)) => {
+                        drop(chunks);
+                        if self.forwarded > 0 {
+                            // Never retried once a token went out: a retry
+                            // would repeat text the user already saw.
+                            self.log_attempt(attempt, err.label(), err.status(), attempt_started);
+                            return Stop::Failed(TurnFailure::Provider(err));
+                        }
+                        match self.retry_or_fail(err, attempt, attempt_started).await {
+                            Some(stop) => return stop,
+                            None => continue 'attempts,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a failed attempt with nothing forwarded: wait and return `None`
+    /// to try again, or the final stop.
+    async fn retry_or_fail(
+        &mut self,
+        err: ProviderError,
+        attempt: u32,
+        attempt_started: Instant,
+    ) -> Option<Stop> {
+        let inner = self.engine.inner.clone();
+        let config = &inner.config;
+        self.log_attempt(attempt, err.label(), err.status(), attempt_started);
+        if !err.is_retryable() || attempt > config.max_retries {
+            return Some(Stop::Failed(TurnFailure::Provider(err)));
+        }
+        let wait = match err.retry_after() {
+            Some(asked) if asked > config.max_retry_wait => {
+                // The upstream wants longer than we may wait: give up now and
+                // pass its wish on to the client (Retry-After).
+                return Some(Stop::Failed(TurnFailure::Provider(err)));
+            }
+            Some(asked) => asked,
+            None => backoff(config.retry_base, attempt).min(config.max_retry_wait),
+        };
+        inner.metrics.upstream_retry(&self.model.name, err.label());
+        tracing::info!(
+            model = %self.model.name,
+            attempt,
+            wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            reason = err.label(),
+            "retrying the model call"
+        );
+        let tx = self.tx.clone();
+        tokio::select! {
+            biased;
+            _ = inner.hard_stop.cancelled() => Some(Stop::Interrupted),
+            _ = tx.closed() => Some(self.cancelled(false)),
+            _ = tokio::time::sleep(wait) => None,
+        }
+    }
+
+    /// Hand a token to the client's channel; `Some` when the turn must stop.
+    async fn forward(
+        &mut self,
+        text: String,
+        stopped: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> Option<Stop> {
+        use tokio::sync::mpsc::error::TrySendError;
+        let inner = self.engine.inner.clone();
+        self.live.push(&text);
+        let sent = match self.tx.try_send(TurnEvent::Token(text)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(false),
+            Err(TrySendError::Full(event)) => tokio::select! {
+                biased;
+                _ = stopped.as_mut() => return Some(Stop::Interrupted),
+                sent = tokio::time::timeout(inner.config.send_timeout, self.tx.send(event)) => {
+                    match sent {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err(false),
+                        Err(_) => Err(true),
+                    }
+                }
+            },
+        };
+        if let Err(stalled) = sent {
+            return Some(self.cancelled(stalled));
+        }
+        self.forwarded += 1;
+        inner.metrics.token_forwarded(self.input.interactive);
+        if self.forwarded == 1 {
+            inner.metrics.first_token(
+                self.input.interactive,
+                &self.model.name,
+                self.input.received.elapsed(),
+            );
+        }
+        None
+    }
+
+    fn cancelled(&mut self, stalled: bool) -> Stop {
+        self.disconnected_at = Some(Instant::now());
+        Stop::Cancelled { stalled }
+    }
+
+    /// One log line per upstream attempt: model, attempt, outcome, status,
+    /// duration. Never the key, never message text.
+    fn log_attempt(&self, attempt: u32, outcome: &'static str, status: Option<u16>, began: Instant) {
+        let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.engine
+            .inner
+            .metrics
+            .upstream_request(&self.model.name, outcome);
+        if !self.model.provider.wants_history() && outcome == "ok" {
+            // The simulated model: no upstream to speak of, no line per turn.
+            return;
+        }
+        tracing::info!(
+            model = %self.model.name,
+            provider = self.model.provider.kind(),
+            attempt,
+            outcome,
+            upstream_status = status,
+            duration_ms,
+            "upstream attempt"
+        );
+    }
+
+    /// The turn's usage: the provider's figures when they arrived, else
+    /// counted with the model's tokenizer (`estimated`), never silently zero.
+    fn usage(&self, text: &str) -> Usage {
+        match self.reported {
+            Some(reported) => Usage {
+                prompt_tokens: i64::try_from(reported.prompt_tokens).unwrap_or(i64::MAX),
+                completion_tokens: i64::try_from(reported.completion_tokens).unwrap_or(i64::MAX),
+                source: UsageSource::Provider,
+            },
+            None => Usage {
+                prompt_tokens: i64::try_from(self.prompt_counted).unwrap_or(i64::MAX),
+                completion_tokens: i64::try_from(self.model.tokenizer.count(text))
+                    .unwrap_or(i64::MAX),
+                source: UsageSource::Estimated,
+            },
+        }
+    }
+
+    /// The one settlement of a turn: final status, text and usage (and, for
+    /// an idempotent request, the response to replay) in one write; the
+    /// idempotency key released when the turn did not complete.
+    async fn settle(&mut self, outcome: Outcome) -> Result<TurnSummary, StoreError> {
+        let text = self.live.text();
+        let usage = self.usage(&text);
+        let summary = TurnSummary {
+            text: text.clone(),
+            usage,
+        };
+        let idempotent_response = match (&self.input.idempotency, self.replay.take()) {
+            (Some(claim), Some(encode)) if outcome == Outcome::Complete => Some((
+                self.who.user_id,
+                claim.key.clone(),
+                encode(&self.meta, &summary),
+            )),
+            _ => None,
+        };
+        let finished = FinishedMessage {
+            org: self.who.org_id,
+            chat: self.begun.chat_id,
+            id: self.begun.assistant_message.id,
+            content: text,
+            status: outcome.status(),
+            usage,
+            idempotent_response,
+        };
+        let stored = self.guard.settle(&finished, outcome).await;
+        let inner = &self.engine.inner;
+        let (prompt, completion) = (
+            u64::try_from(usage.prompt_tokens).unwrap_or(0),
+            u64::try_from(usage.completion_tokens).unwrap_or(0),
+        );
+        inner.metrics.usage(&self.model.name, prompt, completion);
+        match stored {
+            Ok(()) => {
+                tracing::info!(
+                    outcome = outcome.as_str(),
+                    model = %self.model.name,
+                    messageId = %self.begun.assistant_message.id,
+                    chatId = %self.begun.chat_id,
+                    prompt_tokens = usage.prompt_tokens,
+                    completion_tokens = usage.completion_tokens,
+                    usage_source = usage.source.as_str(),
+                    stalled = matches!(outcome, Outcome::Cancelled { stalled: true }),
+                    interactive = self.input.interactive,
+                    "turn finished"
+                );
+                Ok(summary)
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Exponential backoff with jitter: base × 2^(attempt−1) × [0.5, 1.5).
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    exp.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+/// Owns the settlement: [`SettleGuard::settle`] on the normal path; if the
+/// turn's task is dropped without it (a panic, an abort), `Drop` stores the
+/// text as `failed` from a new tracked task, so nothing stays `streaming`.
+struct SettleGuard {
+    /// `None` once settled.
+    engine: Option<TurnEngine>,
+    who: Principal,
+    begun: BegunTurn,
+    live: Arc<LiveText>,
+    key: Option<String>,
+    interactive: bool,
+}
+
+impl SettleGuard {
+    async fn settle(&mut self, finished: &FinishedMessage, outcome: Outcome) -> Result<(), StoreError> {
+        let Some(engine) = self.engine.take() else {
+            return Ok(());
+        };
+        let inner = &engine.inner;
+        // Stop the flusher first, so it cannot write a stale partial after
+        // the final text.
+        inner.flusher.unregister(self.begun.assistant_message.id);
+        inner.metrics.turn_finished(self.interactive, outcome);
+        let stored = finish_with_retries(inner.store.as_ref(), finished).await;
+        if let Err(err) = &stored {
+            tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.begun.assistant_message.id, "could not store the final reply");
+        }
+        if (outcome != Outcome::Complete || stored.is_err())
+            && let Some(key) = &self.key
+        {
+            release_key(inner.store.as_ref(), &self.who, key).await;
+        }
+        stored
+    }
+}
+
+impl Drop for SettleGuard {
+    fn drop(&mut self) {
+        let Some(engine) = self.engine.take() else {
+            return;
+        };
+        let inner = engine.inner.clone();
+        inner.flusher.unregister(self.begun.assistant_message.id);
+        inner.metrics.turn_finished(self.interactive, Outcome::Failed);
+        tracing::error!(messageId = %self.begun.assistant_message.id, "turn task ended without settling; storing it as failed");
+        let finished = FinishedMessage {
+            org: self.who.org_id,
+            chat: self.begun.chat_id,
+            id: self.begun.assistant_message.id,
+            content: self.live.text(),
+            status: MessageStatus::Failed,
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                source: UsageSource::Estimated,
+            },
+            idempotent_response: None,
+        };
+        let who = self.who.clone();
+        let key = self.key.take();
+        let tasks = inner.tasks.clone();
+        tasks.spawn(async move {
+            let _ = finish_with_retries(inner.store.as_ref(), &finished).await;
+            if let Some(key) = key {
+                release_key(inner.store.as_ref(), &who, &key).await;
+            }
+        });
+    }
+}
+
+/// The final text is the one write that must not be lost to a momentary
+/// overload (a pool timeout): retried a few times.
+async fn finish_with_retries(store: &dyn Store, finished: &FinishedMessage) -> Result<(), StoreError> {
+    let mut backoff = FINAL_WRITE_BACKOFF;
+    let mut attempts = 1;
+    loop {
+        match store.finish_message(finished).await {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Unavailable(err)) if attempts < FINAL_WRITE_ATTEMPTS => {
+                tracing::warn!(error = %err, attempts, "final write of a turn failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempts += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// A turn that did not complete releases its idempotency key, so that a retry
+/// runs again instead of waiting for a response that will never come.
+async fn release_key(store: &dyn Store, who: &Principal, key: &str) {
+    if let Err(err) = store.release_idempotency(who.user_id, key).await {
+        tracing::error!(error = %err, "could not release an idempotency key; retries wait until it is abandoned");
+    }
+}
