@@ -182,4 +182,3 @@ impl ChatService {
             .map(|m| m.content))
     }
 }
-

@@ -206,7 +206,8 @@ pub enum Started {
 
 /// Serialises the response an idempotent request replays (the route's wire
 /// format, produced by the route's own type).
-pub type ReplayEncoder = Box<dyn FnOnce(&StartedMeta, &TurnSummary) -> serde_json::Value + Send + Sync>;
+pub type ReplayEncoder =
+    Box<dyn FnOnce(&StartedMeta, &TurnSummary) -> serde_json::Value + Send + Sync>;
 
 /// What a replay encoder knows about the turn.
 #[derive(Clone, Debug)]
@@ -358,9 +359,7 @@ impl TurnEngine {
             let run = Run::new(engine, who, input, model, begun, system, tx, meta, replay);
             run.go().await;
         };
-        inner
-            .tasks
-            .spawn(task.instrument(tracing::Span::current()));
+        inner.tasks.spawn(task.instrument(tracing::Span::current()));
         match ready_rx.await {
             Ok(Ok(Ok(meta))) => Ok(Started::Turn(StartedTurn {
                 chat_id: meta.chat_id,
@@ -541,10 +540,7 @@ impl Run {
         }
         let settled = self.settle(outcome).await;
         if let Some(at) = self.disconnected_at {
-            self.engine
-                .inner
-                .metrics
-                .disconnect_detected(at.elapsed());
+            self.engine.inner.metrics.disconnect_detected(at.elapsed());
         }
         let last = match (outcome, settled) {
             (Outcome::Cancelled { .. }, _) => None,
@@ -854,7 +850,13 @@ impl Run {
 
     /// One log line per upstream attempt: model, attempt, outcome, status,
     /// duration. Never the key, never message text.
-    fn log_attempt(&self, attempt: u32, outcome: &'static str, status: Option<u16>, began: Instant) {
+    fn log_attempt(
+        &self,
+        attempt: u32,
+        outcome: &'static str,
+        status: Option<u16>,
+        began: Instant,
+    ) {
         let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.engine
             .inner
@@ -939,7 +941,12 @@ impl Run {
                     usage_source = usage.source.as_str(),
                     stalled = matches!(outcome, Outcome::Cancelled { stalled: true }),
                     interactive = self.input.interactive,
-                    "turn finished"
+                    "{}",
+                    if self.input.interactive {
+                        "stream finished"
+                    } else {
+                        "reply finished"
+                    }
                 );
                 Ok(summary)
             }
@@ -968,7 +975,11 @@ struct SettleGuard {
 }
 
 impl SettleGuard {
-    async fn settle(&mut self, finished: &FinishedMessage, outcome: Outcome) -> Result<(), StoreError> {
+    async fn settle(
+        &mut self,
+        finished: &FinishedMessage,
+        outcome: Outcome,
+    ) -> Result<(), StoreError> {
         let Some(engine) = self.engine.take() else {
             return Ok(());
         };
@@ -997,7 +1008,9 @@ impl Drop for SettleGuard {
         };
         let inner = engine.inner.clone();
         inner.flusher.unregister(self.begun.assistant_message.id);
-        inner.metrics.turn_finished(self.interactive, Outcome::Failed);
+        inner
+            .metrics
+            .turn_finished(self.interactive, Outcome::Failed);
         tracing::error!(messageId = %self.begun.assistant_message.id, "turn task ended without settling; storing it as failed");
         let finished = FinishedMessage {
             org: self.who.org_id,
@@ -1026,7 +1039,10 @@ impl Drop for SettleGuard {
 
 /// The final text is the one write that must not be lost to a momentary
 /// overload (a pool timeout): retried a few times.
-async fn finish_with_retries(store: &dyn Store, finished: &FinishedMessage) -> Result<(), StoreError> {
+async fn finish_with_retries(
+    store: &dyn Store,
+    finished: &FinishedMessage,
+) -> Result<(), StoreError> {
     let mut backoff = FINAL_WRITE_BACKOFF;
     let mut attempts = 1;
     loop {

@@ -13,6 +13,7 @@ use chrono::Utc;
 use confab_core::Store;
 use confab_core::ratelimit::RateLimiter;
 use confab_core::service::ChatService;
+use confab_core::turn::TurnEngine;
 use confab_llm::SimulatedModel;
 use confab_ratelimit::{MemoryRateLimiter, RedisRateLimiter};
 use confab_store_postgres::PostgresStore;
@@ -25,7 +26,6 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::state::AppState;
-use crate::streaming::Flusher;
 
 /// How often `last_used_at` of API keys is written.
 const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
@@ -80,11 +80,34 @@ impl App {
         }
         let limiter = open_limiter(&config).await?;
         let metrics = Arc::new(Metrics::new());
-        let provider = Arc::new(SimulatedModel::new(
-            config.token_delay,
-            config.simulated_min_words,
-        ));
-        let service = ChatService::new(store.clone(), provider);
+        let simulated = SimulatedModel::new(config.token_delay, config.simulated_min_words);
+        let models = config
+            .catalog
+            .build(&simulated, config.provider_connect_timeout)
+            .context("setting up the models")?;
+        for model in models.all() {
+            tracing::info!(
+                model = %model.name,
+                provider = model.provider.kind(),
+                upstream_model = %model.upstream_model,
+                context_tokens = model.context_tokens,
+                max_output_tokens = model.max_output_tokens,
+                tokenizer = model.tokenizer.name(),
+                default = model.name == models.default_model().name,
+                "model available"
+            );
+        }
+        let tasks = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let engine = TurnEngine::new(
+            store.clone(),
+            models,
+            metrics.clone(),
+            config.engine.clone(),
+            tasks.clone(),
+            hard_stop.clone(),
+        );
+        let service = ChatService::new(store.clone());
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             config.auth_mode,
@@ -96,11 +119,11 @@ impl App {
             store: store.clone(),
             limiter,
             service,
+            engine,
             auth,
             metrics,
-            flusher: Flusher::default(),
-            hard_stop: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            hard_stop,
+            tasks,
         };
         recover_dead_streams(&state).await;
         let app = App {
@@ -114,7 +137,7 @@ impl App {
     fn start_background(&self) {
         let s = &self.state;
         let stop = self.background_stop.clone();
-        s.tasks.spawn(s.flusher.clone().run(
+        s.tasks.spawn(s.engine.flusher().clone().run(
             s.store.clone(),
             s.metrics.clone(),
             s.config.stream_flush_interval,
@@ -247,8 +270,9 @@ impl Job {
                 // an overloaded runtime ran the regular heartbeats, the sweep
                 // below then never takes this process's own streams for dead.
                 state
-                    .flusher
-                    .flush(state.store.as_ref(), &state.metrics, Duration::ZERO)
+                    .engine
+                    .flusher()
+                    .flush(state.store.as_ref(), state.metrics.as_ref(), Duration::ZERO)
                     .await;
                 recover_dead_streams(state).await;
             }

@@ -9,7 +9,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
-use confab_core::model::{Email, NewApiKey, NewOrg, NewUser, RateLimitOverride, Role, Slug};
+use confab_core::model::{
+    Email, NewApiKey, NewOrg, NewUser, OrgPolicy, RateLimitOverride, Role, Slug,
+    parse_system_prompt,
+};
+use confab_core::models::valid_model_name;
 use confab_core::{ApiKeyId, OrgId, Store, StoreError, UserId};
 use tokio::net::TcpListener;
 
@@ -69,6 +73,26 @@ enum OrgCommand {
         per_second: Option<f64>,
         /// Go back to the server-wide default.
         #[arg(long, conflicts_with_all = ["burst", "per_second"])]
+        clear: bool,
+    },
+    /// Restrict (or, with --all, stop restricting) the models an org may use.
+    Models {
+        /// Org id or slug.
+        org: String,
+        /// Comma-separated model names, e.g. `--allow fast,smart`.
+        #[arg(long, value_delimiter = ',', required_unless_present = "all")]
+        allow: Vec<String>,
+        /// Every configured model.
+        #[arg(long, conflicts_with = "allow")]
+        all: bool,
+    },
+    /// Set (or clear) the system prompt of chats that have none of their own.
+    SystemPrompt {
+        /// Org id or slug.
+        org: String,
+        #[arg(long, required_unless_present = "clear")]
+        text: Option<String>,
+        #[arg(long, conflicts_with = "text")]
         clear: bool,
     },
 }
@@ -326,6 +350,60 @@ async fn org(store: Arc<dyn Store>, cmd: OrgCommand) -> anyhow::Result<()> {
                     org.slug, l.burst, l.per_second
                 ),
                 None => println!("{}: server default rate limit", org.slug),
+            }
+        }
+        OrgCommand::Models { org, allow, all } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            let allowed_models = if all {
+                None
+            } else {
+                let names: Vec<String> = allow
+                    .iter()
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if names.is_empty() {
+                    bail!("--allow needs at least one model name (or use --all)");
+                }
+                if let Some(bad) = names.iter().find(|n| !valid_model_name(n)) {
+                    bail!("{bad:?} is not a model name (1-64 of A-Z a-z 0-9 . _ : -)");
+                }
+                Some(names)
+            };
+            let policy = OrgPolicy {
+                allowed_models,
+                ..org.policy.clone()
+            };
+            store.set_org_policy(org.id, &policy).await?;
+            match &policy.allowed_models {
+                Some(names) => println!(
+                    "{}: models {} (takes effect within the auth cache TTL)",
+                    org.slug,
+                    names.join(",")
+                ),
+                None => println!("{}: every configured model", org.slug),
+            }
+        }
+        OrgCommand::SystemPrompt { org, text, clear } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            let system_prompt = if clear {
+                None
+            } else {
+                let text = text.unwrap_or_default();
+                parse_system_prompt(&text).map_err(|e| anyhow!("--text: {}", e.0))?
+            };
+            let policy = OrgPolicy {
+                system_prompt,
+                ..org.policy.clone()
+            };
+            store.set_org_policy(org.id, &policy).await?;
+            match &policy.system_prompt {
+                Some(text) => println!(
+                    "{}: default system prompt set ({} characters)",
+                    org.slug,
+                    text.chars().count()
+                ),
+                None => println!("{}: no default system prompt", org.slug),
             }
         }
     }

@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use confab_core::ratelimit::Limit;
+use confab_core::turn::EngineConfig;
 use confab_llm::TokenDelay;
+use confab_llm::catalog::Catalog;
 
 /// The embedded default database: a file next to where confab runs.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://confab.db";
@@ -110,6 +112,11 @@ pub struct Config {
     pub sse_keepalive: Duration,
     /// A client that accepts no event for this long is treated as gone.
     pub stream_send_timeout: Duration,
+    /// The models (SPEC §11): the models file and the environment shortcuts.
+    pub catalog: Catalog,
+    /// Retries and timeouts of model calls (`PROVIDER_*`).
+    pub engine: EngineConfig,
+    pub provider_connect_timeout: Duration,
 }
 
 /// One bad variable: `NAME=value: what is wrong`.
@@ -299,7 +306,53 @@ impl Config {
             ));
         }
 
+        // MODELS_FILE names a file that must exist; without it, a
+        // `models.toml` in the working directory is used when there is one.
+        let (models_file, models_file_required) = match src.get("MODELS_FILE") {
+            Some(path) => (std::path::PathBuf::from(path.trim()), true),
+            None => (std::path::PathBuf::from("models.toml"), false),
+        };
+        let catalog = Catalog::load(Some(&models_file), models_file_required, lookup)
+            .map_err(|e| bad("MODELS_FILE", e.0))?;
+        let stream_send_timeout = src.seconds("STREAM_SEND_TIMEOUT_SECONDS", 30.0)?;
+        let max_retries: u32 = src.parse("PROVIDER_MAX_RETRIES", 2, "a whole number")?;
+        if max_retries > 10 {
+            return Err(bad("PROVIDER_MAX_RETRIES", "must be at most 10"));
+        }
+        let positive = |var: &'static str, d: Duration| {
+            if d.is_zero() {
+                Err(bad(var, "must be more than 0"))
+            } else {
+                Ok(d)
+            }
+        };
+        let engine = EngineConfig {
+            max_retries,
+            max_retry_wait: src.millis("PROVIDER_MAX_RETRY_WAIT_MS", 10_000)?,
+            retry_base: src.millis("PROVIDER_RETRY_BASE_MS", 250)?,
+            first_token_timeout: positive(
+                "PROVIDER_FIRST_TOKEN_TIMEOUT_MS",
+                src.millis("PROVIDER_FIRST_TOKEN_TIMEOUT_MS", 60_000)?,
+            )?,
+            idle_timeout: positive(
+                "PROVIDER_IDLE_TIMEOUT_MS",
+                src.millis("PROVIDER_IDLE_TIMEOUT_MS", 60_000)?,
+            )?,
+            total_timeout: positive(
+                "PROVIDER_TOTAL_TIMEOUT_SECONDS",
+                src.seconds("PROVIDER_TOTAL_TIMEOUT_SECONDS", 600.0)?,
+            )?,
+            send_timeout: stream_send_timeout,
+        };
+        let provider_connect_timeout = positive(
+            "PROVIDER_CONNECT_TIMEOUT_MS",
+            src.millis("PROVIDER_CONNECT_TIMEOUT_MS", 5000)?,
+        )?;
+
         Ok(Config {
+            catalog,
+            engine,
+            provider_connect_timeout,
             host,
             port,
             database_url: Secret::new(database_url),
@@ -320,7 +373,7 @@ impl Config {
             stream_flush_interval,
             stream_stale_after,
             sse_keepalive: src.seconds("SSE_KEEPALIVE_SECONDS", 15.0)?,
-            stream_send_timeout: src.seconds("STREAM_SEND_TIMEOUT_SECONDS", 30.0)?,
+            stream_send_timeout,
             app_env,
         })
     }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use confab_core::StoreError;
 use confab_core::provider::ProviderError;
 use confab_core::service::ServiceError;
+use confab_core::turn::TurnFailure;
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,12 @@ pub enum ApiError {
     /// 503: a dependency is down; retrying later may work.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: the model is overloaded or rate limiting us.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after: u64 },
+    /// 504: the model did not answer in time.
+    #[error("{0}")]
+    GatewayTimeout(String),
     /// 500: a bug or an unexpected failure; logged, answered generically.
     #[error("{0}")]
     Internal(String),
@@ -63,7 +70,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,9 +106,22 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %detail, "internal error");
                 error_body(status, "Internal server error")
             }
-            ApiError::Unavailable(detail) | ApiError::BadGateway(detail) => {
+            ApiError::Unavailable(detail)
+            | ApiError::BadGateway(detail)
+            | ApiError::GatewayTimeout(detail) => {
                 tracing::warn!(error = %detail, status = status.as_u16(), "dependency failure");
                 error_body(status, detail)
+            }
+            ApiError::Overloaded {
+                message,
+                retry_after,
+            } => {
+                tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
+                let mut response = error_body(status, message);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                response
             }
             other => error_body(status, &other.to_string()),
         }
@@ -127,14 +150,42 @@ impl From<ServiceError> for ApiError {
             ServiceError::Forbidden => ApiError::Forbidden(err.to_string()),
             ServiceError::IdempotencyMismatch => ApiError::Unprocessable(err.to_string()),
             ServiceError::IdempotencyInProgress => ApiError::Conflict(err.to_string()),
+            ServiceError::UnknownModel(_) | ServiceError::MessageTooLong(_) => {
+                ApiError::BadRequest(err.to_string())
+            }
             ServiceError::Store(e) => e.into(),
-            ServiceError::Provider(e) => e.into(),
         }
     }
 }
 
-impl From<ProviderError> for ApiError {
-    fn from(err: ProviderError) -> Self {
-        ApiError::BadGateway(format!("The model failed: {err}"))
+impl ApiError {
+    /// A turn that failed before the first byte of its response (SPEC §11):
+    /// overloaded or rate limited after the retries → 503 with `Retry-After`,
+    /// timed out → 504, any other upstream refusal → 502. Nothing of the
+    /// upstream's body, URL or key is in the message.
+    pub fn from_turn_failure(model: &str, failure: TurnFailure) -> Self {
+        match failure {
+            TurnFailure::Provider(err) => match &err {
+                ProviderError::RateLimited { .. } | ProviderError::Overloaded { .. } => {
+                    ApiError::Overloaded {
+                        message: format!("Model {model} is overloaded; try again later"),
+                        retry_after: err
+                            .retry_after()
+                            .map(|d| d.as_secs_f64().ceil() as u64)
+                            .unwrap_or(1)
+                            .max(1),
+                    }
+                }
+                ProviderError::Timeout(_) => {
+                    ApiError::GatewayTimeout(format!("Model {model} did not answer in time"))
+                }
+                other => ApiError::BadGateway(format!("Model provider error: {other}")),
+            },
+            TurnFailure::Interrupted => ApiError::Overloaded {
+                message: "The server is shutting down; try again".into(),
+                retry_after: 1,
+            },
+            TurnFailure::Context(err) | TurnFailure::NotSaved(err) => err.into(),
+        }
     }
 }

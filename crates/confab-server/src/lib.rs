@@ -14,8 +14,8 @@ pub mod seed;
 pub mod sse;
 pub mod sse_client;
 pub mod state;
-pub mod streaming;
 pub mod telemetry;
+pub mod wire;
 
 pub use app::App;
 pub use config::Config;

@@ -48,6 +48,38 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Model names are configuration, a bounded set: fine as labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelOutcomeLabels {
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelKindLabels {
+    pub model: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelReasonLabels {
+    pub model: String,
+    pub reason: &'static str,
+}
+
+const TTFT_BUCKETS_MS: [f64; 12] = [
+    10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+];
+
+fn ttft_histogram() -> Histogram {
+    Histogram::new(TTFT_BUCKETS_MS)
+}
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
@@ -69,6 +101,10 @@ pub struct Metrics {
     pub auth_cache_misses: Counter,
     pub db_errors: Family<ReasonLabels, Counter>,
     pub idempotent_replays: Counter,
+    pub llm_requests: Family<ModelOutcomeLabels, Counter>,
+    pub llm_ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub llm_tokens: Family<ModelKindLabels, Counter>,
+    pub llm_retries: Family<ModelReasonLabels, Counter>,
 }
 
 fn http_histogram() -> Histogram {
@@ -195,6 +231,31 @@ impl Metrics {
             "POST /chat requests answered from a stored Idempotency-Key response",
             idempotent_replays.clone(),
         );
+        let llm_requests = Family::<ModelOutcomeLabels, Counter>::default();
+        registry.register(
+            "llm_requests",
+            "Upstream model attempts by model and outcome (ok, cancelled, or the failure kind)",
+            llm_requests.clone(),
+        );
+        let llm_ttft: Family<ModelLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(ttft_histogram);
+        registry.register(
+            "llm_time_to_first_token_ms",
+            "Time from the start of the successful upstream attempt to its first token, in milliseconds",
+            llm_ttft.clone(),
+        );
+        let llm_tokens = Family::<ModelKindLabels, Counter>::default();
+        registry.register(
+            "llm_tokens",
+            "Tokens of finished turns by model and kind (prompt, completion)",
+            llm_tokens.clone(),
+        );
+        let llm_retries = Family::<ModelReasonLabels, Counter>::default();
+        registry.register(
+            "llm_retries",
+            "Upstream attempts retried, by model and the failure that caused it",
+            llm_retries.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
 
         Self {
@@ -218,6 +279,10 @@ impl Metrics {
             auth_cache_misses,
             db_errors,
             idempotent_replays,
+            llm_requests,
+            llm_ttft,
+            llm_tokens,
+            llm_retries,
         }
     }
 
@@ -233,6 +298,94 @@ impl Metrics {
     pub fn encode_prometheus(&self) -> Result<String, std::fmt::Error> {
         Ok(openmetrics_to_prometheus(&self.encode()?))
     }
+}
+
+/// What the turn engine reports. The `sse_*` families count streams only
+/// (`POST /chat/stream`); the `llm_*` families count every turn.
+impl confab_core::turn::TurnMetrics for Metrics {
+    fn turn_started(&self, interactive: bool) {
+        if interactive {
+            self.streams_active.inc();
+        }
+    }
+
+    fn turn_finished(&self, interactive: bool, outcome: confab_core::turn::Outcome) {
+        if interactive {
+            self.streams_active.dec();
+            self.stream_outcomes
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    fn token_forwarded(&self, interactive: bool) {
+        if interactive {
+            self.stream_tokens.inc();
+        }
+    }
+
+    fn first_token(&self, interactive: bool, _model: &str, since_request: std::time::Duration) {
+        if interactive {
+            self.stream_ttft.observe(ms(since_request));
+        }
+    }
+
+    fn upstream_first_token(&self, model: &str, since_attempt: std::time::Duration) {
+        self.llm_ttft
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .observe(ms(since_attempt));
+    }
+
+    fn disconnect_detected(&self, elapsed: std::time::Duration) {
+        self.stream_disconnect_detection.observe(ms(elapsed));
+    }
+
+    fn upstream_request(&self, model: &str, outcome: &'static str) {
+        self.llm_requests
+            .get_or_create(&ModelOutcomeLabels {
+                model: model.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    fn upstream_retry(&self, model: &str, reason: &'static str) {
+        self.llm_retries
+            .get_or_create(&ModelReasonLabels {
+                model: model.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    fn usage(&self, model: &str, prompt: u64, completion: u64) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            self.llm_tokens
+                .get_or_create(&ModelKindLabels {
+                    model: model.to_owned(),
+                    kind,
+                })
+                .inc_by(n);
+        }
+    }
+
+    fn flushed(&self, rows: u64, took: std::time::Duration) {
+        self.stream_flush_rows.inc_by(rows);
+        self.stream_flush_duration.observe(ms(took));
+    }
+
+    fn flush_failed(&self, took: std::time::Duration) {
+        self.stream_flush_errors.inc();
+        self.stream_flush_duration.observe(ms(took));
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 impl Default for Metrics {

@@ -1,7 +1,7 @@
 //! Server-side SSE framing for `POST /chat/stream`.
 //!
-//! The generator encodes each event once, as bytes, and the response body
-//! sends whatever is queued in one write: one event per write while the
+//! The response body encodes the turn's events and sends whatever is queued
+//! in one write: one event per write while the
 //! client keeps up (every token leaves at once), several per write when a
 //! burst of streams saturates the machine — then the syscalls per token, the
 //! largest cost of a stream (the kernel's TCP send path), shrink instead of
@@ -11,8 +11,14 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
+use confab_core::turn::{StartedTurn, TurnEvent, TurnFailure};
+use confab_core::{ChatId, MessageId};
 use tokio::sync::mpsc;
+
+use crate::wire::{DoneEvent, ErrorEvent, TokenEvent};
 
 /// At most this much is gathered into one write.
 const MAX_BATCH_BYTES: usize = 16 * 1024;
@@ -21,72 +27,203 @@ const MAX_BATCH_BYTES: usize = 16 * 1024;
 /// compact output always is (newlines inside strings are escaped).
 pub fn data_frame(id: u64, json: &str) -> Bytes {
     let mut frame = BytesMut::with_capacity(json.len() + 32);
-    frame.extend_from_slice(b"id: ");
-    frame.extend_from_slice(id.to_string().as_bytes());
-    frame.extend_from_slice(b"\ndata: ");
-    frame.extend_from_slice(json.as_bytes());
-    frame.extend_from_slice(b"\n\n");
+    write_frame(&mut frame, id, json);
     frame.freeze()
 }
 
+fn write_frame(out: &mut BytesMut, id: u64, json: &str) {
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
+const PING: &[u8] = b": ping\n\n";
+
 /// The keep-alive comment, `: ping`.
 pub fn ping_frame() -> Bytes {
-    Bytes::from_static(b": ping\n\n")
+    Bytes::from_static(PING)
 }
 
-/// The receiving end of a stream's channel as a body: each poll yields every
-/// frame already queued (up to [`MAX_BATCH_BYTES`]) as one chunk.
-pub struct BatchedFrames {
-    rx: mpsc::Receiver<Bytes>,
+/// A turn's events as an SSE body (SPEC §6): an opening `: ping`, one
+/// event per token (`id:` 1, 2, …), then the `done` or error event with the
+/// last id. Each poll sends every event already queued (up to
+/// [`MAX_BATCH_BYTES`]) as one chunk, and a `: ping` when nothing was sent
+/// for a keep-alive interval. Dropping the body (the client went away) drops
+/// the receiver, which the engine notices at once.
+pub struct EventBody {
+    rx: mpsc::Receiver<TurnEvent>,
+    first: Option<TurnEvent>,
+    opening: bool,
+    seq: u64,
+    chat_id: ChatId,
+    message_id: MessageId,
+    model: String,
+    ping: tokio::time::Interval,
+    sent_since_tick: bool,
+    finished: bool,
 }
 
-impl BatchedFrames {
-    pub fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        Self { rx }
+impl EventBody {
+    pub fn new(turn: StartedTurn, first: Option<TurnEvent>, keepalive: Duration) -> Self {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            rx: turn.events,
+            first,
+            opening: true,
+            seq: 0,
+            chat_id: turn.chat_id,
+            message_id: turn.message_id,
+            model: turn.model,
+            ping,
+            sent_since_tick: false,
+            finished: false,
+        }
+    }
+
+    fn encode(&mut self, event: TurnEvent, out: &mut BytesMut) {
+        self.seq += 1;
+        let json = match &event {
+            TurnEvent::Token(token) => serde_json::to_string(&TokenEvent { token, done: false }),
+            TurnEvent::Done(summary) => {
+                self.finished = true;
+                serde_json::to_string(&DoneEvent {
+                    token: "",
+                    done: true,
+                    full_text: &summary.text,
+                    chat_id: self.chat_id,
+                    message_id: self.message_id,
+                    model: &self.model,
+                    usage: summary.usage.into(),
+                })
+            }
+            TurnEvent::Failed(failure) => {
+                self.finished = true;
+                let message = match failure {
+                    TurnFailure::Provider(err) => {
+                        format!("Model provider error: {err}; the partial reply was saved")
+                    }
+                    TurnFailure::Interrupted => {
+                        "The server is shutting down; the partial reply was saved".to_owned()
+                    }
+                    TurnFailure::NotSaved(_) => {
+                        "The reply could not be saved; it will show as interrupted".to_owned()
+                    }
+                    TurnFailure::Context(_) => {
+                        "The conversation could not be loaded; try again".to_owned()
+                    }
+                };
+                serde_json::to_string(&ErrorEvent {
+                    error: "Stream failed",
+                    message: &message,
+                })
+            }
+        };
+        // Serialising these plain structs cannot fail; if it ever did, the
+        // event is dropped rather than sent broken.
+        if let Ok(json) = json {
+            write_frame(out, self.seq, &json);
+        }
     }
 }
 
-impl futures::Stream for BatchedFrames {
+impl futures::Stream for EventBody {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(frame)) => frame,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let mut batch: Option<BytesMut> = None;
-        while batch.as_ref().map_or(first.len(), BytesMut::len) < MAX_BATCH_BYTES {
-            let Ok(more) = self.rx.try_recv() else { break };
-            batch
-                .get_or_insert_with(|| BytesMut::from(&first[..]))
-                .extend_from_slice(&more);
+        let this = &mut *self;
+        let mut out = BytesMut::new();
+        if this.opening {
+            this.opening = false;
+            out.extend_from_slice(PING);
         }
-        Poll::Ready(Some(Ok(batch.map_or(first, BytesMut::freeze))))
+        let opened = out.len();
+        if let Some(first) = this.first.take() {
+            this.encode(first, &mut out);
+        }
+        while !this.finished && out.len() < MAX_BATCH_BYTES {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(event)) => this.encode(event, &mut out),
+                Poll::Ready(None) => {
+                    this.finished = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if !out.is_empty() {
+            // The opening comment alone does not count as activity: the
+            // first keep-alive is due one interval after it.
+            this.sent_since_tick |= out.len() > opened;
+            return Poll::Ready(Some(Ok(out.freeze())));
+        }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        // Nothing queued: a keep-alive when a whole interval passed silently.
+        while this.ping.poll_tick(cx).is_ready() {
+            if !std::mem::replace(&mut this.sent_since_tick, false) {
+                return Poll::Ready(Some(Ok(ping_frame())));
+            }
+        }
+        Poll::Pending
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use confab_core::model::{Usage, UsageSource};
+    use confab_core::turn::TurnSummary;
     use futures::StreamExt;
 
-    #[tokio::test]
-    async fn queued_frames_leave_together_and_in_order() {
+    fn body(keepalive: Duration) -> (mpsc::Sender<TurnEvent>, EventBody) {
         let (tx, rx) = mpsc::channel(8);
-        let mut body = BatchedFrames::new(rx);
-        tx.send(data_frame(1, "{\"a\":1}")).await.unwrap();
+        let turn = StartedTurn {
+            chat_id: ChatId::new(),
+            message_id: MessageId::new(),
+            created_at: chrono::Utc::now(),
+            model: "m".into(),
+            events: rx,
+        };
+        (tx, EventBody::new(turn, None, keepalive))
+    }
+
+    #[tokio::test]
+    async fn queued_events_leave_together_in_order_with_ids() {
+        let (tx, mut body) = body(Duration::from_secs(60));
+        tx.send(TurnEvent::Token("a".into())).await.unwrap();
         let one = body.next().await.unwrap().unwrap();
-        assert_eq!(&one[..], b"id: 1\ndata: {\"a\":1}\n\n");
-        tx.send(data_frame(2, "{}")).await.unwrap();
-        tx.send(ping_frame()).await.unwrap();
-        tx.send(data_frame(3, "{}")).await.unwrap();
-        let batch = body.next().await.unwrap().unwrap();
         assert_eq!(
-            &batch[..],
-            b"id: 2\ndata: {}\n\n: ping\n\nid: 3\ndata: {}\n\n"
+            &one[..],
+            b": ping\n\nid: 1\ndata: {\"token\":\"a\",\"done\":false}\n\n"
         );
-        drop(tx);
-        assert!(body.next().await.is_none());
+        tx.send(TurnEvent::Token("b".into())).await.unwrap();
+        tx.send(TurnEvent::Done(TurnSummary {
+            text: "ab".into(),
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                source: UsageSource::Provider,
+            },
+        }))
+        .await
+        .unwrap();
+        let batch = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+        assert!(
+            batch.starts_with("id: 2\ndata: {\"token\":\"b\""),
+            "{batch}"
+        );
+        assert!(batch.contains("id: 3\ndata: {\"token\":\"\",\"done\":true,\"fullText\":\"ab\""));
+        assert!(body.next().await.is_none(), "the final event ends the body");
+    }
+
+    #[tokio::test]
+    async fn silence_gets_a_ping_per_interval() {
+        let (_tx, mut body) = body(Duration::from_millis(100));
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
     }
 }

@@ -5,27 +5,29 @@ use std::sync::Arc;
 use confab_core::Store;
 use confab_core::ratelimit::RateLimiter;
 use confab_core::service::ChatService;
+use confab_core::turn::TurnEngine;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::streaming::Flusher;
 
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub limiter: Arc<dyn RateLimiter>,
+    /// Chats and their history: the reads and changes that involve no model.
     pub service: ChatService,
+    /// Runs every turn (SPEC §6, §11); the routes only format its events.
+    pub engine: TurnEngine,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
-    pub flusher: Flusher,
-    /// Cancelled when the shutdown grace period has run out: streams still
+    /// Cancelled when the shutdown grace period has run out: turns still
     /// running then end with the error event and are stored `interrupted`.
     pub hard_stop: CancellationToken,
-    /// Every spawned task (stream generators, background loops), so shutdown
-    /// can wait for them.
+    /// Every spawned task (turns, background loops), so shutdown can wait
+    /// for them.
     pub tasks: TaskTracker,
 }

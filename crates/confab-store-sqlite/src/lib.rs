@@ -30,7 +30,8 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, Message, MessageId, MessageRole, MessageStatus, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
+    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TurnChat,
+    User, UserId,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,

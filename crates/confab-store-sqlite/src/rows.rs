@@ -121,7 +121,9 @@ fn rate_limit(row: &SqliteRow) -> Result<Option<RateLimitOverride>, StoreError> 
 /// The org's model allowlist (a JSON array of names) and system prompt.
 pub(crate) fn policy(row: &SqliteRow) -> Result<OrgPolicy, StoreError> {
     let allowed_models = get::<Option<String>>(row, "allowed_models")?
-        .map(|text| serde_json::from_str::<Vec<String>>(&text).map_err(|e| corrupt("allowed_models", e)))
+        .map(|text| {
+            serde_json::from_str::<Vec<String>>(&text).map_err(|e| corrupt("allowed_models", e))
+        })
         .transpose()?;
     Ok(OrgPolicy {
         allowed_models,

@@ -12,16 +12,19 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use confab_core::model::{ChatCursor, ChatTitle, IdempotencyClaim, MessageText, rfc3339_millis};
-use confab_core::service::TurnStart;
-use confab_core::{Chat, ChatId, Message};
-use serde_json::{Value, json};
+use confab_core::ChatId;
+use confab_core::model::{
+    ChatCursor, ChatTitle, IdempotencyClaim, MessageText, parse_system_prompt,
+};
+use confab_core::models::valid_model_name;
+use confab_core::turn::{ReplayEncoder, Started, TurnEvent, TurnInput};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::middleware::Auth;
 use crate::state::AppState;
-use crate::streaming::PendingReply;
+use crate::wire::{ChatJson, ChatListJson, ChatSummary, HistoryJson, MessageJson, TurnReply};
 
 const CHATS_DEFAULT_LIMIT: u32 = 50;
 const CHATS_MAX_LIMIT: u32 = 200;
@@ -35,6 +38,28 @@ const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
 pub struct TurnRequest {
     pub text: MessageText,
     pub chat_id: Option<ChatId>,
+    pub model: Option<String>,
+    pub system: Option<String>,
+}
+
+impl TurnRequest {
+    /// What the turn engine is given.
+    pub fn into_input(
+        self,
+        idempotency: Option<IdempotencyClaim>,
+        interactive: bool,
+        received: tokio::time::Instant,
+    ) -> TurnInput {
+        TurnInput {
+            text: self.text,
+            chat_id: self.chat_id,
+            model: self.model,
+            system: self.system,
+            idempotency,
+            interactive,
+            received,
+        }
+    }
 }
 
 /// Parse the body as JSON whatever its `Content-Type` (the original's curl
@@ -60,7 +85,32 @@ pub fn parse_turn_request(
         ),
         Some(_) => return Err(ApiError::BadRequest("chat_id must be a UUID".into())),
     };
-    Ok(TurnRequest { text, chat_id })
+    // A name that cannot be a model is the same answer as an unknown one.
+    let model = match value.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) if valid_model_name(name) => Some(name.clone()),
+        Some(Value::String(name)) => {
+            let shown: String = name.chars().take(64).collect();
+            return Err(ApiError::BadRequest(format!("Unknown model: {shown}")));
+        }
+        Some(_) => return Err(ApiError::BadRequest("model must be a string".into())),
+    };
+    let system = match value.get("system") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => parse_system_prompt(s).map_err(|e| ApiError::BadRequest(e.0))?,
+        Some(_) => return Err(ApiError::BadRequest("system must be a string".into())),
+    };
+    if system.is_some() && chat_id.is_some() {
+        return Err(ApiError::BadRequest(
+            "system can only be given when starting a new chat".into(),
+        ));
+    }
+    Ok(TurnRequest {
+        text,
+        chat_id,
+        model,
+        system,
+    })
 }
 
 /// The body as a JSON object, with SPEC's 400/413 answers.
@@ -114,6 +164,13 @@ fn idempotency_claim(
     hasher.update(req.chat_id.map(|c| c.to_string()).unwrap_or_default());
     hasher.update([0]);
     hasher.update(req.text.as_str());
+    // Only when given, so that keys stored before models existed still match.
+    for (tag, value) in [(b'm', &req.model), (b's', &req.system)] {
+        if let Some(value) = value {
+            hasher.update([0, tag]);
+            hasher.update(value);
+        }
+    }
     Ok(Some(IdempotencyClaim {
         key: key.to_owned(),
         request_hash: hex::encode(hasher.finalize()),
@@ -126,16 +183,17 @@ pub async fn post_chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let received = tokio::time::Instant::now();
     let req = parse_turn_request(body, state.config.max_body_bytes)?;
     let claim = idempotency_claim(&headers, &req)?;
-    let key = claim.as_ref().map(|c| c.key.clone());
-    let begun = match state
-        .service
-        .begin_turn(&principal, &req.text, req.chat_id, claim)
-        .await?
-    {
-        TurnStart::Begun(begun) => begun,
-        TurnStart::Replay(stored) => {
+    // What an identical retry replays: the same type as the live answer.
+    let replay: ReplayEncoder = Box::new(|meta, summary| {
+        serde_json::to_value(TurnReply::new(meta, summary)).unwrap_or(Value::Null)
+    });
+    let input = req.into_input(claim, false, received);
+    let mut turn = match state.engine.start(&principal, input, Some(replay)).await? {
+        Started::Turn(turn) => turn,
+        Started::Replay(stored) => {
             state.metrics.idempotent_replays.inc();
             tracing::info!("replaying stored response for Idempotency-Key");
             let mut response = Json(stored).into_response();
@@ -146,13 +204,28 @@ pub async fn post_chat(
             return Ok(response);
         }
     };
-    let pending = PendingReply::new(&state, &principal, &begun, key.clone());
-    let reply = state
-        .service
-        .complete_turn(&principal, &begun, key.as_deref())
-        .await;
-    pending.settle();
-    Ok(Json(reply?).into_response())
+    // The reply arrives as events; the summary carries the whole text. If
+    // this request is dropped meanwhile, the engine sees it and cancels.
+    while let Some(event) = turn.events.recv().await {
+        match event {
+            TurnEvent::Token(_) => {}
+            TurnEvent::Done(summary) => {
+                let meta = confab_core::turn::StartedMeta {
+                    chat_id: turn.chat_id,
+                    message_id: turn.message_id,
+                    created_at: turn.created_at,
+                    model: turn.model.clone(),
+                };
+                return Ok(Json(TurnReply::new(&meta, &summary)).into_response());
+            }
+            TurnEvent::Failed(failure) => {
+                return Err(ApiError::from_turn_failure(&turn.model, failure));
+            }
+        }
+    }
+    Err(ApiError::Internal(
+        "the turn ended without a final event".into(),
+    ))
 }
 
 /// A malformed id — not a UUID, or not even UTF-8 once percent-decoded —
@@ -225,31 +298,12 @@ fn parse_message_cursor(cursor: &str) -> Result<i64, ApiError> {
         .ok_or_else(bad)
 }
 
-fn message_json(m: &Message) -> Value {
-    json!({
-        "id": m.id,
-        "role": m.role,
-        "content": m.content,
-        "status": m.status,
-        "created_at": rfc3339_millis::format(&m.created_at),
-    })
-}
-
-fn chat_summary(c: &Chat) -> Value {
-    json!({
-        "id": c.id,
-        "title": c.title,
-        "created_at": rfc3339_millis::format(&c.created_at),
-        "updated_at": rfc3339_millis::format(&c.updated_at),
-    })
-}
-
 pub async fn get_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
     id: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_path_id(id)?;
     let limit = parse_limit(&query, MESSAGES_DEFAULT_LIMIT, MESSAGES_MAX_LIMIT)?;
     let before = query
@@ -257,34 +311,31 @@ pub async fn get_chat(
         .map(|c| parse_message_cursor(c))
         .transpose()?;
     let history = state.service.history(&principal, id, limit, before).await?;
-    let chat = &history.chat;
-    Ok(Json(json!({
-        "chat_id": chat.id,
-        "title": chat.title,
-        "created_at": rfc3339_millis::format(&chat.created_at),
-        "updated_at": rfc3339_millis::format(&chat.updated_at),
-        "message_count": chat.message_count,
-        "messages": history.messages.iter().map(message_json).collect::<Vec<_>>(),
-        "older_cursor": history.older.map(message_cursor),
-    })))
+    Ok(Json(HistoryJson {
+        chat: ChatJson::from(&history.chat),
+        messages: history.messages.iter().map(MessageJson::from).collect(),
+        older_cursor: history.older.map(message_cursor),
+    })
+    .into_response())
 }
 
 pub async fn list_chats(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = parse_limit(&query, CHATS_DEFAULT_LIMIT, CHATS_MAX_LIMIT)?;
     let after = query
         .get("cursor")
         .map(|c| parse_chat_cursor(c))
         .transpose()?;
     let (chats, next) = state.service.list_chats(&principal, after, limit).await?;
-    Ok(Json(json!({
-        "chats": chats.iter().map(chat_summary).collect::<Vec<_>>(),
-        "count": chats.len(),
-        "next_cursor": next.as_ref().map(chat_cursor),
-    })))
+    Ok(Json(ChatListJson {
+        chats: chats.iter().map(ChatSummary::from).collect(),
+        count: chats.len(),
+        next_cursor: next.as_ref().map(chat_cursor),
+    })
+    .into_response())
 }
 
 pub async fn rename_chat(
@@ -292,7 +343,7 @@ pub async fn rename_chat(
     Auth(principal): Auth,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_path_id(id)?;
     let value = json_object(body, state.config.max_body_bytes)?;
     let title = match value.get("title") {
@@ -301,13 +352,7 @@ pub async fn rename_chat(
         Some(_) => return Err(ApiError::BadRequest("title must be a string".into())),
     };
     let chat = state.service.rename(&principal, id, &title).await?;
-    Ok(Json(json!({
-        "chat_id": chat.id,
-        "title": chat.title,
-        "created_at": rfc3339_millis::format(&chat.created_at),
-        "updated_at": rfc3339_millis::format(&chat.updated_at),
-        "message_count": chat.message_count,
-    })))
+    Ok(Json(ChatJson::from(&chat)).into_response())
 }
 
 pub async fn delete_chat(

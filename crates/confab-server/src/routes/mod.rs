@@ -12,6 +12,7 @@ use crate::middleware::{json_errors, observe, require_auth};
 use crate::state::AppState;
 
 pub mod chats;
+pub mod models;
 pub mod playground;
 pub mod stream;
 pub mod system;
@@ -27,6 +28,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(chats::delete_chat),
         )
         .route("/chats", get(chats::list_chats))
+        .route("/models", get(models::list_models))
         .route_layer(from_fn_with_state(state.clone(), require_auth));
 
     let public = Router::new()

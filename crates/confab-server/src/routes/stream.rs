@@ -1,7 +1,10 @@
 //! `POST /chat/stream` (SPEC §6): validation and errors exactly as `POST
 //! /chat` (ordinary JSON responses before the first byte), then SSE.
-
-use std::time::Instant;
+//!
+//! The response head is held until the turn's first event, or until the
+//! first keep-alive is due: a model that is refused at once (overloaded
+//! after its retries, a bad key, a timeout) is then an ordinary HTTP error
+//! with its status (SPEC §11), while a slow model gets keep-alives.
 
 use axum::body::Body;
 use axum::body::Bytes;
@@ -10,70 +13,46 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderValue;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::Response;
-use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
+use confab_core::turn::{Started, TurnEvent};
 
 use crate::error::ApiError;
 use crate::middleware::Auth;
 use crate::routes::chats::parse_turn_request;
-use crate::sse::{self, BatchedFrames};
+use crate::sse::EventBody;
 use crate::state::AppState;
-use crate::streaming::{CHANNEL_CAPACITY, StreamJob, generate};
-use confab_core::service::TurnStart;
 
 pub async fn post_chat_stream(
     State(state): State<AppState>,
     Auth(principal): Auth,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
+    let received = tokio::time::Instant::now();
     let req = parse_turn_request(body, state.config.max_body_bytes)?;
-
-    // The turn is begun inside the tracked task that then streams it: if the
-    // client goes away while the user message is being stored, the task still
-    // owns the turn and settles it (`cancelled`, as the receiver is gone).
-    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let task_state = state.clone();
-    let task = async move {
-        let begun = match task_state
-            .service
-            .begin_turn(&principal, &req.text, req.chat_id, None)
-            .await
-        {
-            Ok(TurnStart::Begun(begun)) => begun,
-            Ok(TurnStart::Replay(_)) => {
-                let _ = ready_tx.send(Err(ApiError::Internal(
-                    "stream turn answered as a replay without a key".into(),
-                )));
-                return;
-            }
-            Err(err) => {
-                let _ = ready_tx.send(Err(err.into()));
-                return;
-            }
-        };
-        let _ = ready_tx.send(Ok((begun.chat_id, begun.assistant_message.id)));
-        generate(StreamJob {
-            state: task_state,
-            principal,
-            begun,
-            tx,
-            started,
-        })
-        .await;
+    // Idempotency-Key is a `POST /chat` feature; a stream ignores it.
+    let input = req.into_input(None, true, received);
+    let Started::Turn(mut turn) = state.engine.start(&principal, input, None).await? else {
+        return Err(ApiError::Internal(
+            "a stream turn was answered as a replay".into(),
+        ));
     };
-    state.tasks.spawn(task.instrument(tracing::Span::current()));
-    let (chat_id, message_id) = ready_rx
-        .await
-        .map_err(|_| ApiError::Internal("stream task ended before it began".into()))??;
-
-    // A comment first, so headers and the first bytes reach the client (and
-    // any proxy) before the first token.
-    let opening = futures::stream::once(async { Ok(sse::ping_frame()) });
-    let body = Body::from_stream(opening.chain(BatchedFrames::new(rx)));
-    let mut response = Response::new(body);
+    let keepalive = state
+        .config
+        .sse_keepalive
+        .max(std::time::Duration::from_millis(100));
+    let first = match tokio::time::timeout(keepalive, turn.events.recv()).await {
+        Ok(Some(TurnEvent::Failed(failure))) => {
+            return Err(ApiError::from_turn_failure(&turn.model, failure));
+        }
+        Ok(Some(event)) => Some(event),
+        Ok(None) => {
+            return Err(ApiError::Internal(
+                "the turn ended without a final event".into(),
+            ));
+        }
+        Err(_) => None,
+    };
+    let (chat_id, message_id) = (turn.chat_id, turn.message_id);
+    let mut response = Response::new(Body::from_stream(EventBody::new(turn, first, keepalive)));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

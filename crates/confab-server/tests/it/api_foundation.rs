@@ -392,6 +392,8 @@ async fn a_request_abandoned_by_its_client_is_still_counted_and_logged(db: Db) {
                 key: "busy".into(),
                 request_hash: claim_hash,
             }),
+            model: "simulated".into(),
+            system: None,
         })
         .await
         .unwrap();

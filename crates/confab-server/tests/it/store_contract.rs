@@ -17,8 +17,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use confab_core::provider::{ChatProvider, Chunk, ChunkStream, PromptMessage, ProviderError};
-use confab_core::service::{Access, ChatService, ServiceError, TurnStart};
+use confab_core::model::{Usage, UsageSource};
+use confab_core::models::{Model, ModelRegistry, Prices};
+use confab_core::provider::{
+    ChatProvider, ChatRequest, Chunk, ChunkStream, ProviderError, TokenCounter,
+};
+use confab_core::service::{Access, ChatService, ServiceError};
+use confab_core::turn::{EngineConfig, NoMetrics, Started, TurnEngine, TurnEvent, TurnInput};
 use confab_core::{ApiKeyId, Principal};
 use confab_core::{
     BegunTurn, ChatCursor, ChatId, ChatTitle, Email, FinishedMessage, IdempotencyClaim, Message,
@@ -118,6 +123,8 @@ fn turn(user: &User, chat: TurnChat, text: &str) -> NewTurn {
         content: text.to_owned(),
         assistant_message_id: MessageId::new(),
         idempotency: None,
+        model: "simulated".into(),
+        system: None,
     }
 }
 
@@ -161,7 +168,11 @@ fn finished(
         id: begun.assistant_message.id,
         content: content.to_owned(),
         status,
-        token_count: Some(content.split_whitespace().count() as i64),
+        usage: Usage {
+            prompt_tokens: 3,
+            completion_tokens: content.split_whitespace().count() as i64,
+            source: UsageSource::Estimated,
+        },
         idempotent_response: None,
     }
 }
@@ -276,11 +287,11 @@ async fn migrating_twice_is_a_no_op(db: Db) {
         }
     );
     // The first migration ran on the fresh database (the original skipped it).
-    assert_eq!(applied_migrations(&t).await, vec![1]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2]);
     let org = new_org(&*store, "acme").await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(applied_migrations(&t).await, vec![1]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2]);
     // Data survives, and a second store on the same database sees it.
     assert_eq!(store.find_org("acme").await.unwrap(), org);
     store.ping().await.unwrap();
@@ -389,6 +400,7 @@ async fn deleted_users_have_no_principal(db: Db) {
             role: Role::Owner,
             rate_limit: None,
             api_key: None,
+            policy: Default::default(),
         }
     );
     assert_eq!(store.find_principal(UserId::new()).await.unwrap(), None);
@@ -1241,12 +1253,13 @@ struct EchoProvider;
 
 #[async_trait]
 impl ChatProvider for EchoProvider {
-    fn name(&self) -> &'static str {
+    fn kind(&self) -> &'static str {
         "echo"
     }
 
-    async fn stream(&self, messages: Vec<PromptMessage>) -> Result<ChunkStream, ProviderError> {
-        let last = messages
+    async fn stream(&self, request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let last = request
+            .messages
             .last()
             .map(|m| m.content.clone())
             .unwrap_or_default();
@@ -1258,9 +1271,76 @@ impl ChatProvider for EchoProvider {
     }
 }
 
+struct Words;
+
+impl TokenCounter for Words {
+    fn name(&self) -> &'static str {
+        "words"
+    }
+    fn count(&self, text: &str) -> u64 {
+        text.split_whitespace().count() as u64
+    }
+}
+
+fn echo_engine(store: &Arc<dyn Store>) -> TurnEngine {
+    let model = Model {
+        name: "echo".into(),
+        upstream_model: "echo".into(),
+        context_tokens: 10_000,
+        max_output_tokens: 100,
+        prices: Prices::default(),
+        provider: Arc::new(EchoProvider),
+        tokenizer: Arc::new(Words),
+    };
+    TurnEngine::new(
+        Arc::clone(store),
+        ModelRegistry::new(vec![model], "echo").unwrap(),
+        Arc::new(NoMetrics),
+        EngineConfig::default(),
+        tokio_util::task::TaskTracker::new(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+}
+
+fn input(text: &MessageText, chat: Option<ChatId>, key: Option<IdempotencyClaim>) -> TurnInput {
+    TurnInput {
+        text: text.clone(),
+        chat_id: chat,
+        model: None,
+        system: None,
+        idempotency: key,
+        interactive: false,
+        received: tokio::time::Instant::now(),
+    }
+}
+
+/// Start a turn and wait for its reply text (or the replayed response).
+async fn run_turn(
+    engine: &TurnEngine,
+    who: &Principal,
+    input: TurnInput,
+) -> Result<Result<(ChatId, String), serde_json::Value>, ServiceError> {
+    let encoder: confab_core::turn::ReplayEncoder =
+        Box::new(|_, summary| serde_json::json!({ "reply": summary.text }));
+    match engine.start(who, input, Some(encoder)).await? {
+        Started::Replay(stored) => Ok(Err(stored)),
+        Started::Turn(mut turn) => {
+            while let Some(event) = turn.events.recv().await {
+                match event {
+                    TurnEvent::Token(_) => {}
+                    TurnEvent::Done(summary) => return Ok(Ok((turn.chat_id, summary.text))),
+                    TurnEvent::Failed(failure) => panic!("turn failed: {failure:?}"),
+                }
+            }
+            panic!("no final event")
+        }
+    }
+}
+
 async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
     let (_t, store) = open(db).await;
-    let service = ChatService::new(Arc::clone(&store), Arc::new(EchoProvider));
+    let service = ChatService::new(Arc::clone(&store));
+    let engine = echo_engine(&store);
     let acme = new_org(&*store, "acme").await;
     let tech = new_org(&*store, "tech").await;
     let principal = |user: User| {
@@ -1276,33 +1356,34 @@ async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
 
     // The creator writes, with an idempotency key that replays the reply.
     let text = MessageText::parse("Hello service".into()).unwrap();
-    let TurnStart::Begun(begun) = service
-        .begin_turn(&owner, &text, None, claim("svc-key", "svc-hash"))
-        .await
-        .unwrap()
-    else {
+    let Ok((chat, reply)) = run_turn(
+        &engine,
+        &owner,
+        input(&text, None, claim("svc-key", "svc-hash")),
+    )
+    .await
+    .unwrap() else {
         panic!("a first request must begin a turn")
     };
-    let reply = service
-        .complete_turn(&owner, &begun, Some("svc-key"))
-        .await
-        .unwrap();
-    assert_eq!(reply.reply, "echo: Hello service");
-    let chat = begun.chat_id;
-    match service
-        .begin_turn(&owner, &text, None, claim("svc-key", "svc-hash"))
-        .await
-        .unwrap()
+    assert_eq!(reply, "echo: Hello service");
+    match run_turn(
+        &engine,
+        &owner,
+        input(&text, None, claim("svc-key", "svc-hash")),
+    )
+    .await
+    .unwrap()
     {
-        TurnStart::Replay(stored) => {
-            assert_eq!(stored, serde_json::to_value(&reply).unwrap())
-        }
-        TurnStart::Begun(_) => panic!("a retried request must replay"),
+        Err(stored) => assert_eq!(stored, serde_json::json!({ "reply": reply })),
+        Ok(_) => panic!("a retried request must replay"),
     }
     assert!(matches!(
-        service
-            .begin_turn(&owner, &text, None, claim("svc-key", "other-hash"))
-            .await,
+        run_turn(
+            &engine,
+            &owner,
+            input(&text, None, claim("svc-key", "other-hash"))
+        )
+        .await,
         Err(ServiceError::IdempotencyMismatch)
     ));
     let history = service.history(&owner, chat, 100, None).await.unwrap();
@@ -1324,9 +1405,7 @@ async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
         Err(ServiceError::NotFound)
     ));
     assert!(matches!(
-        service
-            .begin_turn(&colleague, &text, Some(chat), None)
-            .await,
+        run_turn(&engine, &colleague, input(&text, Some(chat), None)).await,
         Err(ServiceError::NotFound)
     ));
 
@@ -1363,7 +1442,7 @@ async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
         Err(ServiceError::Forbidden)
     ));
     assert!(matches!(
-        service.begin_turn(&admin, &text, Some(chat), None).await,
+        run_turn(&engine, &admin, input(&text, Some(chat), None)).await,
         Err(ServiceError::Forbidden)
     ));
 
