@@ -54,3 +54,32 @@ if ! command -v node >/dev/null; then
   apt-get update -qq && apt-get install -y -qq nodejs >/dev/null
 fi
 node --version
+
+# Real third-party LLM API servers the integration tests run as child
+# processes (tests/it/support/peers.rs): llmock and the LiteLLM proxy, from
+# PyPI, pinned (never litellm 1.107.x), in a venv kept outside the clone:
+#   ${CONFAB_PEERS_DIR:-$HOME/.cache/confab-peers}/venv/bin/{llmock,litellm}
+# The tests look there too (CONFAB_TEST_PEERS_DIR, then CONFAB_PEERS_DIR,
+# then the default). A stamp records the installed pins, so a rerun is instant.
+peers_dir=${CONFAB_TEST_PEERS_DIR:-${CONFAB_PEERS_DIR:-$HOME/.cache/confab-peers}}
+peers_venv=$peers_dir/venv
+peers_pins=(llmock==0.2.2 'litellm[proxy]==1.108.7')
+peers_stamp=$peers_venv/.confab-pins
+if [ "$(cat "$peers_stamp" 2>/dev/null)" != "${peers_pins[*]}" ] \
+  || [ ! -x "$peers_venv/bin/llmock" ] || [ ! -x "$peers_venv/bin/litellm" ]; then
+  echo "installing ${peers_pins[*]} into $peers_venv"
+  started=$SECONDS
+  rm -rf "$peers_venv"
+  mkdir -p "$peers_dir"
+  python3 -m venv "$peers_venv"
+  if ! "$peers_venv/bin/pip" install -q "${peers_pins[@]}"; then
+    echo "ERROR: pip install ${peers_pins[*]} failed" >&2
+    exit 1
+  fi
+  echo "${peers_pins[*]}" >"$peers_stamp"
+  echo "installed in $((SECONDS - started)) s"
+fi
+"$peers_venv/bin/python" - <<'PY'
+from importlib.metadata import version
+print(f"llmock {version('llmock')}, litellm {version('litellm')}")
+PY
