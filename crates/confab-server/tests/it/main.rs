@@ -17,6 +17,7 @@ mod api_stream;
 mod auth_keys;
 mod browser;
 mod lifecycle;
+mod llm;
 mod peers_smoke;
 
 mod ratelimit_contract;
