@@ -21,6 +21,8 @@ per_store!(
 );
 
 fn client() -> reqwest::Client {
+    // reqwest panics on `Client::new` without a rustls crypto provider.
+    confab_llm::install_tls_provider();
     reqwest::Client::new()
 }
 
