@@ -278,6 +278,9 @@ fn run_tag() -> String {
 }
 
 fn main() -> std::process::ExitCode {
+    // reqwest is built without a crypto provider of its own (confab-llm's
+    // `rustls-no-provider`): building a client before this panics.
+    confab_llm::install_tls_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

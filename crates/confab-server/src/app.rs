@@ -72,6 +72,10 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        // Every reqwest client in the process (the model providers', and any
+        // other) needs rustls' process-wide crypto provider: reqwest is built
+        // with `rustls-no-provider` and panics without one.
+        confab_llm::install_tls_provider();
         let config = Arc::new(config);
         let store = open_store(&config).await?;
         if config.seed_demo && !store.has_orgs().await? {

@@ -76,6 +76,8 @@ impl ChromeDriver {
 
     /// Poll `GET /status` until chromedriver says it is ready.
     async fn wait_ready(&mut self) {
+        // reqwest panics on `Client::new` without a rustls crypto provider.
+        confab_llm::install_tls_provider();
         let http = reqwest::Client::new();
         let url = format!("{}/status", self.url());
         let deadline = Instant::now() + WAIT;

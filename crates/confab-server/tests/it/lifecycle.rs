@@ -21,6 +21,8 @@ per_store!(
 );
 
 fn client() -> reqwest::Client {
+    // reqwest panics on `Client::new` without a rustls crypto provider.
+    confab_llm::install_tls_provider();
     reqwest::Client::new()
 }
 
@@ -322,6 +324,7 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
 
 #[tokio::test]
 async fn invalid_configuration_stops_start_up_with_one_line_naming_the_variable() {
+    crate::support::init();
     for (var, value) in [
         ("PORT", "eighty"),
         ("DATABASE_URL", "mysql://x"),

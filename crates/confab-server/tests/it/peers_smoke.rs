@@ -8,6 +8,7 @@ use crate::support::peers::{Litellm, LitellmOpts, Llmock, LlmockOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llmock_and_litellm_answer_a_chat_completion() {
+    crate::support::init();
     let llmock = Llmock::start(LlmockOpts {
         echo: true,
         chunk_delay_ms: 0,

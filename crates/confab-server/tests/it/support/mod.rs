@@ -11,6 +11,13 @@ pub mod sse;
 pub use app::{As, TestApp, assert_error, spawn_app, spawn_app_with, spawn_on};
 pub use db::{Db, TestDb};
 
+/// Process-wide set-up every test runs first: the TLS crypto provider that
+/// every reqwest client of this process needs (reqwest is built without one
+/// of its own; see `confab_llm::install_tls_provider`). Idempotent.
+pub fn init() {
+    confab_llm::install_tls_provider();
+}
+
 /// PostgreSQL server the tests create their databases on.
 pub fn postgres_admin_url() -> String {
     std::env::var("CONFAB_TEST_POSTGRES_URL")
@@ -31,6 +38,7 @@ macro_rules! per_store {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    $crate::support::init();
                     super::$name($crate::support::Db::Sqlite).await;
                 }
             )+
@@ -39,6 +47,7 @@ macro_rules! per_store {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    $crate::support::init();
                     super::$name($crate::support::Db::Postgres).await;
                 }
             )+
@@ -62,6 +71,7 @@ macro_rules! per_limiter {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    $crate::support::init();
                     super::$name($crate::support::Limiter::Memory).await;
                 }
             )+
@@ -70,6 +80,7 @@ macro_rules! per_limiter {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    $crate::support::init();
                     super::$name($crate::support::Limiter::Redis).await;
                 }
             )+
