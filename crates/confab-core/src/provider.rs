@@ -134,11 +134,18 @@ pub enum ProviderError {
 
 impl ProviderError {
     /// Worth another attempt, if no token has been forwarded yet (SPEC §11).
+    /// A stream cut before any text is a connection error as far as the
+    /// client can tell; an overload or rate limit reported inside an opened
+    /// stream (Anthropic's `event: error` after its 200) is one too.
     pub fn is_retryable(&self) -> bool {
         match self {
             ProviderError::Connect { .. }
             | ProviderError::RateLimited { .. }
-            | ProviderError::Overloaded { .. } => true,
+            | ProviderError::Overloaded { .. }
+            | ProviderError::Truncated => true,
+            ProviderError::Upstream { kind } => {
+                matches!(kind.as_str(), "overloaded_error" | "rate_limit_error")
+            }
             ProviderError::Timeout(phase) => {
                 matches!(phase, TimeoutPhase::Connect | TimeoutPhase::FirstToken)
             }
@@ -256,7 +263,19 @@ mod tests {
         }
         assert!(ProviderError::Timeout(TimeoutPhase::FirstToken).is_retryable());
         assert!(!ProviderError::Timeout(TimeoutPhase::Idle).is_retryable());
-        assert!(!ProviderError::Truncated.is_retryable());
+        assert!(ProviderError::Truncated.is_retryable());
+        assert!(
+            ProviderError::Upstream {
+                kind: "overloaded_error".into()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !ProviderError::Upstream {
+                kind: "invalid_request_error".into()
+            }
+            .is_retryable()
+        );
     }
 
     #[test]

@@ -339,7 +339,7 @@ impl TurnEngine {
         let who = who.clone();
         let task = async move {
             let begun = match engine.begin(&who, &input, &model, existing.is_some()).await {
-                Ok(Begun::Turn(begun)) => begun,
+                Ok(Begun::Turn(begun)) => *begun,
                 Ok(Begun::Replay(stored)) => {
                     let _ = ready_tx.send(Ok(Err(stored)));
                     return;
@@ -409,7 +409,7 @@ impl TurnEngine {
         let mut poll = IDEMPOTENCY_POLL;
         loop {
             match store.begin_turn(&turn).await {
-                Ok(begun) => return Ok(Begun::Turn(begun)),
+                Ok(begun) => return Ok(Begun::Turn(Box::new(begun))),
                 Err(StoreError::Conflict { constraint }) if constraint == "idempotency_keys" => {}
                 Err(StoreError::NotFound) => return Err(ServiceError::NotFound),
                 Err(err) => return Err(ServiceError::Store(err)),
@@ -438,7 +438,7 @@ impl TurnEngine {
 }
 
 enum Begun {
-    Turn(BegunTurn),
+    Turn(Box<BegunTurn>),
     Replay(serde_json::Value),
 }
 
@@ -877,19 +877,33 @@ impl Run {
         );
     }
 
-    /// The turn's usage: the provider's figures when they arrived, else
-    /// counted with the model's tokenizer (`estimated`), never silently zero.
-    fn usage(&self, text: &str) -> Usage {
+    /// The turn's usage: the provider's figures when its final report
+    /// arrived (a completed reply), else counted with the model's tokenizer
+    /// (`estimated`) — never silently zero. A reply cut short may carry a
+    /// partial report (Anthropic's `message_start` counts the prompt and one
+    /// output token): its prompt figure is kept, the completion is the larger
+    /// of the report and the count of the text received.
+    fn usage(&self, text: &str, outcome: Outcome) -> Usage {
+        let counted = self.model.tokenizer.count(text);
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         match self.reported {
-            Some(reported) => Usage {
-                prompt_tokens: i64::try_from(reported.prompt_tokens).unwrap_or(i64::MAX),
-                completion_tokens: i64::try_from(reported.completion_tokens).unwrap_or(i64::MAX),
+            Some(reported) if outcome == Outcome::Complete => Usage {
+                prompt_tokens: to_i64(reported.prompt_tokens),
+                completion_tokens: to_i64(reported.completion_tokens),
                 source: UsageSource::Provider,
             },
+            Some(reported) => Usage {
+                prompt_tokens: to_i64(if reported.prompt_tokens > 0 {
+                    reported.prompt_tokens
+                } else {
+                    self.prompt_counted
+                }),
+                completion_tokens: to_i64(reported.completion_tokens.max(counted)),
+                source: UsageSource::Estimated,
+            },
             None => Usage {
-                prompt_tokens: i64::try_from(self.prompt_counted).unwrap_or(i64::MAX),
-                completion_tokens: i64::try_from(self.model.tokenizer.count(text))
-                    .unwrap_or(i64::MAX),
+                prompt_tokens: to_i64(self.prompt_counted),
+                completion_tokens: to_i64(counted),
                 source: UsageSource::Estimated,
             },
         }
@@ -900,7 +914,7 @@ impl Run {
     /// idempotency key released when the turn did not complete.
     async fn settle(&mut self, outcome: Outcome) -> Result<TurnSummary, StoreError> {
         let text = self.live.text();
-        let usage = self.usage(&text);
+        let usage = self.usage(&text, outcome);
         let summary = TurnSummary {
             text: text.clone(),
             usage,

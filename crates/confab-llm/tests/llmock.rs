@@ -3,11 +3,9 @@
 //! judged with its retry hint, a cut stream is `Truncated`, and dropping the
 //! stream closes the upstream request (llmock records `completed: false`).
 //!
-//! Ignored by default because CI does not install llmock yet; when run it
-//! FAILS, never skips, if llmock is missing. Run:
-//!   python3 -m venv /tmp/llmock-venv && /tmp/llmock-venv/bin/pip install llmock==0.2.2
-//!   CONFAB_TEST_LLMOCK=/tmp/llmock-venv/bin/llmock cargo test -p confab-llm --test llmock -- --ignored
-//! (`llmock` on PATH works too.)
+//! `scripts/services.sh` installs llmock into the test peers' venv
+//! (`$CONFAB_TEST_PEERS_DIR`, default `~/.cache/confab-peers`); the test FAILS,
+//! never skips, if it is missing. `CONFAB_TEST_LLMOCK` names another binary.
 
 // clippy's allow-*-in-tests covers #[test] functions, not their helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -40,18 +38,26 @@ fn llmock_binary() -> String {
     if let Ok(path) = std::env::var("CONFAB_TEST_LLMOCK") {
         return path;
     }
-    let on_path = Command::new("llmock")
+    let peers = std::env::var("CONFAB_TEST_PEERS_DIR")
+        .or_else(|_| std::env::var("CONFAB_PEERS_DIR"))
+        .unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/confab-peers",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+    let path = format!("{peers}/venv/bin/llmock");
+    let installed = Command::new(&path)
         .arg("--help")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     assert!(
-        on_path,
-        "llmock is not installed: pip install llmock==0.2.2 and set CONFAB_TEST_LLMOCK \
-         to its path (or put it on PATH)"
+        installed,
+        "llmock is not installed at {path}: run scripts/services.sh (or set CONFAB_TEST_LLMOCK)"
     );
-    "llmock".into()
+    path
 }
 
 async fn start_llmock() -> Llmock {
@@ -169,7 +175,6 @@ async fn run(provider: &dyn ChatProvider, request: &ChatRequest) -> Result<Reply
 }
 
 #[tokio::test]
-#[ignore = "needs llmock 0.2.2; see the module docs"]
 async fn both_providers_stream_from_llmock() {
     let llmock = start_llmock().await;
     let openai = OpenAiProvider::new(llmock.config("/v1")).unwrap();

@@ -90,6 +90,10 @@ impl App {
             .build(&simulated, config.provider_connect_timeout)
             .context("setting up the models")?;
         for model in models.all() {
+            // Load the model's tokenizer off the runtime now, so that the
+            // first turn does not wait for it.
+            let (kind, upstream) = (model.provider.kind(), model.upstream_model.clone());
+            tokio::task::spawn_blocking(move || confab_llm::tokenizer::preload(kind, &upstream));
             tracing::info!(
                 model = %model.name,
                 provider = model.provider.kind(),

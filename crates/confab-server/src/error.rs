@@ -176,6 +176,14 @@ impl ApiError {
                             .max(1),
                     }
                 }
+                ProviderError::Upstream { kind }
+                    if matches!(kind.as_str(), "overloaded_error" | "rate_limit_error") =>
+                {
+                    ApiError::Overloaded {
+                        message: format!("Model {model} is overloaded; try again later"),
+                        retry_after: 1,
+                    }
+                }
                 ProviderError::Timeout(_) => {
                     ApiError::GatewayTimeout(format!("Model {model} did not answer in time"))
                 }

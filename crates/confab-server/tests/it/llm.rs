@@ -514,12 +514,12 @@ async fn a_truncated_stream_is_a_failure_that_keeps_the_partial_text(db: Db) {
     let app = app_with_models(db, &models, &[]).await;
     for model in ["mock-openai", "mock-anthropic"] {
         mock.scenario(json!({
-            "type": "stream_fault", "kind": "truncate", "after_chunks": 3, "times": 1
+            "type": "stream_fault", "kind": "truncate", "after_chunks": 6, "times": 1
         }))
         .await;
         let res = stream(
             &app,
-            json!({ "message": "a long enough message to be cut", "model": model }),
+            json!({ "message": "a long enough message to be cut somewhere in its middle", "model": model }),
         )
         .await;
         assert_eq!(res.status(), 200);
