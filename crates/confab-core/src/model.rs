@@ -120,6 +120,46 @@ impl OrgPolicy {
     }
 }
 
+/// Token limits of an org or a user (SPEC §12); 0 = unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenLimits {
+    pub per_minute: u64,
+    pub per_day: u64,
+}
+
+/// What one finished turn adds to the usage ledger besides what the
+/// message row holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LedgerCost {
+    /// From the model's prices: USD per million tokens is micro-USD per token.
+    pub cost_micro_usd: i64,
+}
+
+/// How `GET /usage` groups its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageGroup {
+    Model,
+    User,
+    Day,
+}
+
+/// Ledger totals of a set of turns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub turns: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micro_usd: i64,
+}
+
+/// The ledger over a time range: totals, and per group when asked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageReport {
+    pub totals: UsageTotals,
+    /// `(key, totals)`, ordered by key.
+    pub groups: Vec<(String, UsageTotals)>,
+}
+
 /// Longest accepted system prompt, in characters (SPEC §11).
 pub const MAX_SYSTEM_CHARS: usize = 10_000;
 
@@ -277,6 +317,7 @@ pub struct Org {
     pub metadata: serde_json::Value,
     pub rate_limit: Option<RateLimitOverride>,
     pub policy: OrgPolicy,
+    pub token_limits: TokenLimits,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -323,6 +364,9 @@ pub struct Principal {
     pub api_key: Option<ApiKeyId>,
     /// The org's model allowlist and default system prompt.
     pub policy: std::sync::Arc<OrgPolicy>,
+    /// The org's token limits, and the user's own.
+    pub org_tokens: TokenLimits,
+    pub user_tokens: TokenLimits,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -440,6 +484,8 @@ pub struct FinishedMessage {
     pub content: String,
     pub status: MessageStatus,
     pub usage: Usage,
+    /// Written to the usage ledger with the final status.
+    pub cost: LedgerCost,
     /// For an idempotent `POST /chat`: the response to replay for this key.
     pub idempotent_response: Option<(UserId, String, serde_json::Value)>,
 }

@@ -60,3 +60,74 @@ pub trait RateLimiter: Send + Sync + 'static {
     /// `Ok` when the backend is reachable (always, in-process).
     async fn ping(&self) -> Result<(), RateLimitError>;
 }
+
+/// One window of a token budget (SPEC §12): at most `limit` tokens per
+/// `window` (a minute or a UTC day), aligned to the epoch, for one scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetWindow {
+    /// The scope's key without the window index (`org:<id>:m`, `user:<id>:d`).
+    pub key: String,
+    pub limit: u64,
+    /// Seconds: 60 or 86,400.
+    pub window_secs: u64,
+    /// For metrics and the refusal: `org_minute`, `org_day`, `user_minute`, `user_day`.
+    pub kind: &'static str,
+}
+
+/// A request to reserve tokens in every window at once.
+#[derive(Clone, Debug)]
+pub struct ReserveRequest {
+    /// Unique per turn (the assistant message id).
+    pub id: String,
+    pub windows: Vec<BudgetWindow>,
+    pub need: u64,
+    /// A reservation not settled within this long is void (its process
+    /// died), so budgets do not leak.
+    pub ttl: Duration,
+}
+
+/// What the headers report: the window with the least room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetState {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the window ends.
+    pub reset_after: Duration,
+}
+
+/// The outcome of a reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// Reserved in every window; settle with these window indices.
+    Granted {
+        state: BudgetState,
+        windows: Vec<u64>,
+    },
+    /// Nothing reserved: `kind`'s window has too little room.
+    Refused {
+        kind: &'static str,
+        state: BudgetState,
+    },
+}
+
+/// A granted reservation, as settled later.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub id: String,
+    /// `(key, window index, window_secs)` per window.
+    pub windows: Vec<(String, u64, u64)>,
+}
+
+/// Exact token budgets in fixed windows, behind the same seam as the rate
+/// limiter (in-process, or one Lua script per step on Redis).
+#[async_trait]
+pub trait TokenBudget: Send + Sync + 'static {
+    /// In one atomic step: in every window, `limit − used − live reservations
+    /// ≥ need`, and then add the reservation to each; or change nothing.
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Reservation, RateLimitError>;
+
+    /// Drop the reservation and count `actual` tokens as used, in each
+    /// window it was made in (0 releases it). Idempotent per reservation id
+    /// only in that the reservation is dropped once; call it once.
+    async fn settle(&self, held: &Held, actual: u64) -> Result<(), RateLimitError>;
+}

@@ -26,6 +26,12 @@ pub enum ServiceError {
     /// The new message alone does not fit in the model's context.
     #[error("Message too long for model {0}")]
     MessageTooLong(String),
+    /// The turn's reservation does not fit in a token limit (SPEC §12).
+    #[error("Token budget exceeded")]
+    TokenBudgetExceeded(crate::ratelimit::BudgetState),
+    /// The token budget backend is unreachable and the policy is fail-closed.
+    #[error("Token budgets are unavailable; try again shortly")]
+    BudgetUnavailable,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

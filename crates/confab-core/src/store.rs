@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 use crate::model::{
     ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord, Message,
-    NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal, RateLimitOverride, User,
+    NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal, RateLimitOverride, TokenLimits,
+    UsageGroup, UsageReport, User,
 };
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -56,6 +57,26 @@ pub trait Store: Send + Sync + 'static {
         org: OrgId,
         limit: Option<RateLimitOverride>,
     ) -> Result<(), StoreError>;
+    /// Set the org's token limits (0 = unlimited).
+    async fn set_org_token_limits(&self, org: OrgId, limits: TokenLimits)
+    -> Result<(), StoreError>;
+    /// Set a user's own token limits (0 = unlimited); `NotFound` for an
+    /// unknown or deleted user.
+    async fn set_user_token_limits(
+        &self,
+        user: UserId,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError>;
+    /// The usage ledger of an org (or of one of its users) for turns
+    /// finished in `[from, to)`: totals, and groups when asked.
+    async fn usage_report(
+        &self,
+        org: OrgId,
+        user: Option<UserId>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: Option<UsageGroup>,
+    ) -> Result<UsageReport, StoreError>;
     /// Set the org's model allowlist and default system prompt.
     async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError>;
     /// `NotFound` when the org does not exist; `Conflict` when the id or the
@@ -125,14 +146,17 @@ pub trait Store: Send + Sync + 'static {
     /// the turn's model on the chat, and bump the chat's `updated_at`.
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
     /// Set an assistant message's final content, status and usage
-    /// (`token_count` = completion tokens), bump the chat's `updated_at`, and
-    /// store the idempotent response if given, in one transaction.
+    /// (`token_count` = completion tokens), write (or rewrite) its usage-ledger
+    /// row with the same figures, bump the chat's `updated_at`, and store the
+    /// idempotent response if given, in one transaction.
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError>;
     /// Save growing partial texts of many streaming messages at once (one
     /// statement or one transaction). Rows no longer `streaming` are left alone.
     async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError>;
     /// Mark `streaming` messages not saved for `stale_after` as `interrupted`
-    /// (they belong to a dead process). Measured on the database's clock — the
+    /// (they belong to a dead process), each with an estimated usage (the
+    /// prompt figure saved so far, the text's length / 4) and its ledger row
+    /// in the same transaction. Measured on the database's clock — the
     /// one that stamped the saves — so instances with skewed clocks never take
     /// each other's live streams for dead ones. Returns how many.
     async fn interrupt_stale_streams(

@@ -30,13 +30,14 @@ use tracing::Instrument;
 use crate::flusher::{Flusher, LiveText};
 use crate::ids::{ChatId, MessageId};
 use crate::model::{
-    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, MessageRole, MessageStatus, MessageText,
-    NewTurn, Principal, TurnChat, Usage, UsageSource,
+    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, LedgerCost, MessageRole, MessageStatus,
+    MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
 };
 use crate::models::{Model, ModelRegistry};
 use crate::provider::{
     ChatRequest, Chunk, PromptMessage, ProviderError, ReportedUsage, TimeoutPhase,
 };
+use crate::ratelimit::{BudgetState, BudgetWindow, Held, Reservation, ReserveRequest, TokenBudget};
 use crate::service::{Access, ChatService, ServiceError};
 use crate::store::{Store, StoreError};
 
@@ -72,6 +73,8 @@ pub struct EngineConfig {
     pub total_timeout: Duration,
     /// A client that accepts no event for this long is treated as gone.
     pub send_timeout: Duration,
+    /// Token budget backend unreachable: admit (and count) or refuse (503).
+    pub budget_fail_open: bool,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +87,7 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(60),
             total_timeout: Duration::from_secs(600),
             send_timeout: Duration::from_secs(30),
+            budget_fail_open: true,
         }
     }
 }
@@ -132,6 +136,9 @@ pub trait TurnMetrics: Send + Sync + 'static {
     fn upstream_request(&self, _model: &str, _outcome: &'static str) {}
     fn upstream_retry(&self, _model: &str, _reason: &'static str) {}
     fn usage(&self, _model: &str, _prompt: u64, _completion: u64) {}
+    /// A token-budget step: `event` is `reserved`, `settled`, `refused` or
+    /// `error`; `kind` the limit that refused (`org_day`, …) or `granted`.
+    fn budget(&self, _event: &'static str, _kind: &'static str, _tokens: u64) {}
     fn flushed(&self, _rows: u64, _took: Duration) {}
     fn flush_failed(&self, _took: Duration) {}
 }
@@ -195,6 +202,9 @@ pub struct StartedTurn {
     pub created_at: DateTime<Utc>,
     pub model: String,
     pub events: mpsc::Receiver<TurnEvent>,
+    /// The token budget after this turn's reservation (for the
+    /// `X-TokenLimit-*` headers), when the caller has a limit.
+    pub budget: Option<BudgetState>,
 }
 
 /// The start of a turn, or the stored response of an earlier identical request.
@@ -225,6 +235,7 @@ pub struct TurnEngine {
 
 struct Inner {
     store: Arc<dyn Store>,
+    budget: Arc<dyn TokenBudget>,
     service: ChatService,
     models: ModelRegistry,
     flusher: Flusher,
@@ -237,6 +248,7 @@ struct Inner {
 impl TurnEngine {
     pub fn new(
         store: Arc<dyn Store>,
+        budget: Arc<dyn TokenBudget>,
         models: ModelRegistry,
         metrics: Arc<dyn TurnMetrics>,
         config: EngineConfig,
@@ -247,6 +259,7 @@ impl TurnEngine {
             inner: Arc::new(Inner {
                 service: ChatService::new(store.clone()),
                 store,
+                budget,
                 models,
                 flusher: Flusher::default(),
                 metrics,
@@ -332,19 +345,36 @@ impl TurnEngine {
         if fixed + u64::from(model.max_output_tokens) > u64::from(model.context_tokens) {
             return Err(ServiceError::MessageTooLong(model.name.clone()));
         }
+        let (messages, counted) = self
+            .context(
+                who,
+                existing.as_ref().map(|c| c.id),
+                &model,
+                system.as_deref(),
+                input.text.as_str(),
+            )
+            .await?;
+        let assistant_id = MessageId::new();
+        let need = counted + u64::from(model.max_output_tokens);
+        let (held, budget) = self.reserve(who, assistant_id, need).await?;
 
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
         let engine = self.clone();
         let who = who.clone();
         let task = async move {
-            let begun = match engine.begin(&who, &input, &model, existing.is_some()).await {
+            let begun = match engine
+                .begin(&who, &input, &model, existing.is_some(), assistant_id)
+                .await
+            {
                 Ok(Begun::Turn(begun)) => *begun,
                 Ok(Begun::Replay(stored)) => {
+                    engine.release(held.as_ref()).await;
                     let _ = ready_tx.send(Ok(Err(stored)));
                     return;
                 }
                 Err(err) => {
+                    engine.release(held.as_ref()).await;
                     let _ = ready_tx.send(Err(err));
                     return;
                 }
@@ -356,7 +386,19 @@ impl TurnEngine {
                 model: model.name.clone(),
             };
             let _ = ready_tx.send(Ok(Ok(meta.clone())));
-            let run = Run::new(engine, who, input, model, begun, system, tx, meta, replay);
+            let run = Run::new(
+                engine,
+                who,
+                input,
+                model,
+                begun,
+                system,
+                tx,
+                meta,
+                replay,
+                (messages, counted),
+                held,
+            );
             run.go().await;
         };
         inner.tasks.spawn(task.instrument(tracing::Span::current()));
@@ -367,6 +409,7 @@ impl TurnEngine {
                 created_at: meta.created_at,
                 model: meta.model,
                 events: rx,
+                budget,
             })),
             Ok(Ok(Err(stored))) => Ok(Started::Replay(stored)),
             Ok(Err(err)) => Err(err),
@@ -374,6 +417,80 @@ impl TurnEngine {
                 "the turn's task ended before it began".into(),
             ))),
         }
+    }
+
+    /// The conversation to send: the newest earlier messages that fit in
+    /// `context_tokens − max_output_tokens − system − new message`, oldest
+    /// first, then the new message. Failed replies are never sent back;
+    /// cancelled and interrupted partial replies are (the user saw them).
+    ///
+    /// Read before the turn is begun (the new message is not stored yet), so
+    /// that a turn refused for its token budget has written nothing.
+    async fn context(
+        &self,
+        who: &Principal,
+        chat: Option<ChatId>,
+        model: &Model,
+        system: Option<&str>,
+        text: &str,
+    ) -> Result<(Vec<PromptMessage>, u64), StoreError> {
+        let current = PromptMessage {
+            role: MessageRole::User,
+            content: text.to_owned(),
+        };
+        let fixed = fixed_prompt_tokens(model, system, &current.content);
+        let Some(chat) = chat.filter(|_| model.provider.wants_history()) else {
+            return Ok((vec![current], fixed));
+        };
+        let mut budget = u64::from(model.context_tokens)
+            .saturating_sub(u64::from(model.max_output_tokens))
+            .saturating_sub(fixed);
+        let mut used = fixed;
+        let mut earlier: Vec<PromptMessage> = Vec::new();
+        let mut before: Option<i64> = None;
+        'pages: while before.is_none_or(|b| b > 1) {
+            let page = self
+                .inner
+                .store
+                .list_messages(who.org_id, chat, before, HISTORY_PAGE)
+                .await?;
+            let Some(first) = page.first() else { break };
+            before = Some(first.seq);
+            let full_page = page.len() == HISTORY_PAGE as usize;
+            for message in page.into_iter().rev() {
+                let sendable = match message.role {
+                    MessageRole::System => false,
+                    MessageRole::User => true,
+                    MessageRole::Assistant => matches!(
+                        message.status,
+                        MessageStatus::Complete
+                            | MessageStatus::Cancelled
+                            | MessageStatus::Interrupted
+                    ),
+                };
+                if !sendable || message.content.trim().is_empty() {
+                    continue;
+                }
+                let cost = model.tokenizer.count(&message.content) + PER_MESSAGE_OVERHEAD;
+                if cost > budget {
+                    // Keep the history contiguous: nothing older than a turn
+                    // that did not fit.
+                    break 'pages;
+                }
+                budget -= cost;
+                used += cost;
+                earlier.push(PromptMessage {
+                    role: message.role,
+                    content: message.content,
+                });
+            }
+            if !full_page {
+                break;
+            }
+        }
+        earlier.reverse();
+        earlier.push(current);
+        Ok((earlier, used))
     }
 
     /// Store the user message (and a `streaming` placeholder for the reply).
@@ -385,6 +502,7 @@ impl TurnEngine {
         input: &TurnInput,
         model: &Model,
         existing: bool,
+        assistant_message_id: MessageId,
     ) -> Result<Begun, ServiceError> {
         let store = &self.inner.store;
         let chat = match input.chat_id {
@@ -401,7 +519,7 @@ impl TurnEngine {
             chat,
             user_message_id: MessageId::new(),
             content: input.text.as_str().to_owned(),
-            assistant_message_id: MessageId::new(),
+            assistant_message_id,
             idempotency: input.idempotency.clone(),
             model: model.name.clone(),
         };
@@ -435,6 +553,126 @@ impl TurnEngine {
             poll = (poll * 2).min(IDEMPOTENCY_POLL_MAX);
         }
     }
+}
+
+impl TurnEngine {
+    /// Reserve `need` tokens in every window of the caller's limits, before
+    /// anything is stored or sent upstream. `Ok((None, None))` when the caller
+    /// has no limit (or the backend is down and the policy is to fail open).
+    async fn reserve(
+        &self,
+        who: &Principal,
+        id: MessageId,
+        need: u64,
+    ) -> Result<(Option<Held>, Option<BudgetState>), ServiceError> {
+        let inner = &self.inner;
+        let windows = budget_windows(who);
+        if windows.is_empty() {
+            return Ok((None, None));
+        }
+        let request = ReserveRequest {
+            id: id.to_string(),
+            windows,
+            need,
+            ttl: inner.config.total_timeout + RESERVATION_SLACK,
+        };
+        match inner.budget.reserve(&request).await {
+            Ok(Reservation::Granted { state, windows }) => {
+                inner.metrics.budget("reserved", "granted", need);
+                let held = Held {
+                    id: request.id,
+                    windows: request
+                        .windows
+                        .iter()
+                        .zip(windows)
+                        .map(|(w, idx)| (w.key.clone(), idx, w.window_secs))
+                        .collect(),
+                };
+                Ok((Some(held), Some(state)))
+            }
+            Ok(Reservation::Refused { kind, state }) => {
+                inner.metrics.budget("refused", kind, need);
+                tracing::info!(
+                    limit = kind,
+                    need,
+                    remaining = state.remaining,
+                    "token budget exceeded"
+                );
+                Err(ServiceError::TokenBudgetExceeded(state))
+            }
+            Err(err) => {
+                inner.metrics.budget("error", "backend", need);
+                if inner.config.budget_fail_open {
+                    tracing::warn!(error = %err, "token budget backend unavailable; admitting (fail open)");
+                    Ok((None, None))
+                } else {
+                    Err(ServiceError::BudgetUnavailable)
+                }
+            }
+        }
+    }
+
+    /// Settle a reservation to what the turn used (0 releases it). A failure
+    /// is logged and counted: the ledger stays the truth, and the window
+    /// heals when the reservation expires.
+    async fn settle_budget(&self, held: Option<&Held>, actual: u64) {
+        let Some(held) = held else { return };
+        let inner = &self.inner;
+        match inner.budget.settle(held, actual).await {
+            Ok(()) => inner.metrics.budget("settled", "granted", actual),
+            Err(err) => {
+                inner.metrics.budget("error", "backend", actual);
+                tracing::warn!(error = %err, "could not settle a token reservation; it expires by itself");
+            }
+        }
+    }
+
+    async fn release(&self, held: Option<&Held>) {
+        self.settle_budget(held, 0).await;
+    }
+}
+
+/// A reservation outlives the longest possible turn by this much before it
+/// is taken for the reservation of a dead process.
+const RESERVATION_SLACK: Duration = Duration::from_secs(60);
+
+/// The windows of the caller's token limits (SPEC §12): the org's and the
+/// user's, per minute and per UTC day; 0 = no window.
+fn budget_windows(who: &Principal) -> Vec<BudgetWindow> {
+    let mut windows = Vec::new();
+    let scopes = [
+        (
+            "org",
+            who.org_id.to_string(),
+            who.org_tokens,
+            ["org_minute", "org_day"],
+        ),
+        (
+            "user",
+            who.user_id.to_string(),
+            who.user_tokens,
+            ["user_minute", "user_day"],
+        ),
+    ];
+    for (scope, id, limits, kinds) in scopes {
+        if limits.per_minute > 0 {
+            windows.push(BudgetWindow {
+                key: format!("{scope}:{id}:m"),
+                limit: limits.per_minute,
+                window_secs: 60,
+                kind: kinds[0],
+            });
+        }
+        if limits.per_day > 0 {
+            windows.push(BudgetWindow {
+                key: format!("{scope}:{id}:d"),
+                limit: limits.per_day,
+                window_secs: 86_400,
+                kind: kinds[1],
+            });
+        }
+    }
+    windows
 }
 
 enum Begun {
@@ -476,6 +714,10 @@ struct Run {
     prompt_counted: u64,
     forwarded: u64,
     disconnected_at: Option<Instant>,
+    /// The conversation to send and confab's count of it.
+    context: Option<(Vec<PromptMessage>, u64)>,
+    /// This turn's token reservation, settled with the final write.
+    held: Option<Held>,
 }
 
 impl Run {
@@ -490,6 +732,8 @@ impl Run {
         tx: mpsc::Sender<TurnEvent>,
         meta: StartedMeta,
         replay: Option<ReplayEncoder>,
+        context: (Vec<PromptMessage>, u64),
+        held: Option<Held>,
     ) -> Self {
         let inner = &engine.inner;
         let live = inner.flusher.register(begun.assistant_message.id);
@@ -518,6 +762,8 @@ impl Run {
             prompt_counted: 0,
             forwarded: 0,
             disconnected_at: None,
+            context: Some(context),
+            held,
         }
     }
 
@@ -554,77 +800,6 @@ impl Run {
         }
     }
 
-    /// The conversation to send: the newest earlier messages that fit in
-    /// `context_tokens − max_output_tokens − system − new message`, oldest
-    /// first, then the new message. Failed replies are never sent back;
-    /// cancelled and interrupted partial replies are (the user saw them).
-    async fn context(&self) -> Result<(Vec<PromptMessage>, u64), StoreError> {
-        let model = &self.model;
-        let current = PromptMessage {
-            role: MessageRole::User,
-            content: self.begun.user_message.content.clone(),
-        };
-        let fixed = fixed_prompt_tokens(model, self.system.as_deref(), &current.content);
-        if !model.provider.wants_history() {
-            return Ok((vec![current], fixed));
-        }
-        let mut budget = u64::from(model.context_tokens)
-            .saturating_sub(u64::from(model.max_output_tokens))
-            .saturating_sub(fixed);
-        let mut used = fixed;
-        let mut earlier: Vec<PromptMessage> = Vec::new();
-        let mut before = self.begun.user_message.seq;
-        'pages: while before > 1 {
-            let page = self
-                .engine
-                .inner
-                .store
-                .list_messages(
-                    self.who.org_id,
-                    self.begun.chat_id,
-                    Some(before),
-                    HISTORY_PAGE,
-                )
-                .await?;
-            let Some(first) = page.first() else { break };
-            before = first.seq;
-            let full_page = page.len() == HISTORY_PAGE as usize;
-            for message in page.into_iter().rev() {
-                let sendable = match message.role {
-                    MessageRole::System => false,
-                    MessageRole::User => true,
-                    MessageRole::Assistant => matches!(
-                        message.status,
-                        MessageStatus::Complete
-                            | MessageStatus::Cancelled
-                            | MessageStatus::Interrupted
-                    ),
-                };
-                if !sendable || message.content.trim().is_empty() {
-                    continue;
-                }
-                let cost = model.tokenizer.count(&message.content) + PER_MESSAGE_OVERHEAD;
-                if cost > budget {
-                    // Keep the history contiguous: nothing older than a turn
-                    // that did not fit.
-                    break 'pages;
-                }
-                budget -= cost;
-                used += cost;
-                earlier.push(PromptMessage {
-                    role: message.role,
-                    content: message.content,
-                });
-            }
-            if !full_page {
-                break;
-            }
-        }
-        earlier.reverse();
-        earlier.push(current);
-        Ok((earlier, used))
-    }
-
     /// Drive the model until the reply is complete or the turn must stop.
     async fn generate(&mut self) -> Stop {
         let inner = self.engine.inner.clone();
@@ -634,18 +809,7 @@ impl Run {
         let closed = tx.closed();
         tokio::pin!(stopped, closed);
 
-        // Loading the conversation is watched like waiting for a token: a
-        // disconnect or shutdown is noticed meanwhile.
-        let context = tokio::select! {
-            biased;
-            _ = &mut stopped => return Stop::Interrupted,
-            _ = &mut closed => return self.cancelled(false),
-            context = self.context() => context,
-        };
-        let (messages, counted) = match context {
-            Ok(context) => context,
-            Err(err) => return Stop::Failed(TurnFailure::Context(err)),
-        };
+        let (messages, counted) = self.context.take().unwrap_or_default();
         let request = ChatRequest {
             upstream_model: self.model.upstream_model.clone(),
             system: self.system.clone(),
@@ -671,7 +835,6 @@ impl Run {
             } else {
                 TimeoutPhase::FirstToken
             };
-            self.prompt_counted = counted;
             timer.as_mut().reset(first_deadline);
             let opened = tokio::select! {
                 biased;
@@ -687,7 +850,11 @@ impl Run {
                 opened = provider.stream(&request) => opened,
             };
             let mut chunks = match opened {
-                Ok(chunks) => chunks,
+                Ok(chunks) => {
+                    // The model has the prompt: from here on it counts.
+                    self.prompt_counted = counted;
+                    chunks
+                }
                 Err(err) => match self.retry_or_fail(err, attempt, attempt_started).await {
                     Some(stop) => return stop,
                     None => continue 'attempts,
@@ -927,6 +1094,10 @@ impl Run {
             )),
             _ => None,
         };
+        let prices = self.model.prices;
+        let cost = (usage.prompt_tokens as f64 * prices.input_per_mtok
+            + usage.completion_tokens as f64 * prices.output_per_mtok)
+            .round();
         let finished = FinishedMessage {
             org: self.who.org_id,
             chat: self.begun.chat_id,
@@ -934,9 +1105,17 @@ impl Run {
             content: text,
             status: outcome.status(),
             usage,
+            cost: LedgerCost {
+                cost_micro_usd: if cost.is_finite() { cost as i64 } else { 0 },
+            },
             idempotent_response,
         };
         let stored = self.guard.settle(&finished, outcome).await;
+        // The ledger row is written; the budget follows it (if this step
+        // fails the ledger is still the truth and the reservation expires).
+        let total =
+            u64::try_from(usage.prompt_tokens.saturating_add(usage.completion_tokens)).unwrap_or(0);
+        self.engine.settle_budget(self.held.as_ref(), total).await;
         let inner = &self.engine.inner;
         let (prompt, completion) = (
             u64::try_from(usage.prompt_tokens).unwrap_or(0),
@@ -1037,6 +1216,7 @@ impl Drop for SettleGuard {
                 completion_tokens: 0,
                 source: UsageSource::Estimated,
             },
+            cost: LedgerCost::default(),
             idempotent_response: None,
         };
         let who = self.who.clone();

@@ -12,9 +12,17 @@
 //! until `cost` tokens are there. A missing bucket is a full one; both
 //! backends forget buckets once they have refilled, which bounds memory.
 
+//!
+//! Token budgets (SPEC §12) follow the same split: [`MemoryTokenBudget`] in
+//! process, and [`RedisRateLimiter`] also implements
+//! [`confab_core::ratelimit::TokenBudget`] with one script step per
+//! reservation or settlement (`lua/token_budget.lua`).
+
 mod bucket;
+mod budget;
 mod memory;
 mod redis_limiter;
 
+pub use budget::MemoryTokenBudget;
 pub use memory::MemoryRateLimiter;
 pub use redis_limiter::{KEY_PREFIX, RedisRateLimiter};

@@ -15,7 +15,10 @@ use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use confab_core::ratelimit::{Decision, Limit, RateLimitError, RateLimiter};
+use confab_core::ratelimit::{
+    BudgetState, Decision, Held, Limit, RateLimitError, RateLimiter, Reservation, ReserveRequest,
+    TokenBudget,
+};
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisResult, Script};
@@ -28,6 +31,9 @@ pub const KEY_PREFIX: &str = "confab:rl:";
 
 /// The script; see the file for its contract.
 const TOKEN_BUCKET_LUA: &str = include_str!("lua/token_bucket.lua");
+const TOKEN_BUDGET_LUA: &str = include_str!("lua/token_budget.lua");
+/// Namespace of the token-budget windows.
+pub const BUDGET_PREFIX: &str = "confab:tb:";
 
 /// A dead peer (host gone, cable pulled) leaves no RST: without this the
 /// kernel keeps retransmitting for ~15 minutes and every request in between
@@ -68,6 +74,7 @@ pub struct RedisRateLimiter {
     config: AsyncConnectionConfig,
     timeout: Duration,
     script: Script,
+    budget_script: Script,
     /// The live connection, if any. A std lock: it is held only to clone or
     /// swap the handle, never across an `.await`.
     current: RwLock<Option<Current>>,
@@ -109,6 +116,7 @@ impl RedisRateLimiter {
             config,
             timeout,
             script: Script::new(TOKEN_BUCKET_LUA),
+            budget_script: Script::new(TOKEN_BUDGET_LUA),
             current: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             generations: AtomicU64::new(0),
@@ -252,6 +260,76 @@ impl RateLimiter for RedisRateLimiter {
             redis::cmd("PING").query_async::<()>(&mut conn).await
         })
         .await
+    }
+}
+
+#[async_trait]
+impl TokenBudget for RedisRateLimiter {
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Reservation, RateLimitError> {
+        let mut invocation = self.budget_script.prepare_invoke();
+        invocation
+            .arg("reserve")
+            .arg(request.need)
+            .arg(&request.id)
+            .arg(u64::try_from(request.ttl.as_millis()).unwrap_or(u64::MAX));
+        for window in &request.windows {
+            invocation
+                .key(format!("{BUDGET_PREFIX}{}", window.key))
+                .arg(window.limit)
+                .arg(window.window_secs);
+        }
+        let reply: Vec<i64> = self
+            .run("reserve tokens", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        let n = |i: usize| reply.get(i).copied().map(|v| u64::try_from(v).unwrap_or(0));
+        let bad = || RateLimitError::Unavailable("unexpected token-budget reply from Redis".into());
+        let state = |at: usize| -> Option<BudgetState> {
+            Some(BudgetState {
+                limit: n(at)?,
+                remaining: n(at + 1)?,
+                reset_after: Duration::from_millis(n(at + 2)?),
+            })
+        };
+        match reply.first() {
+            Some(1) => Ok(Reservation::Granted {
+                state: state(1).ok_or_else(bad)?,
+                windows: reply
+                    .iter()
+                    .skip(4)
+                    .map(|v| u64::try_from(*v).unwrap_or(0))
+                    .collect(),
+            }),
+            Some(0) => {
+                let refused = n(1)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| request.windows.get(i.checked_sub(1)?))
+                    .ok_or_else(bad)?;
+                Ok(Reservation::Refused {
+                    kind: refused.kind,
+                    state: state(2).ok_or_else(bad)?,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    async fn settle(&self, held: &Held, actual: u64) -> Result<(), RateLimitError> {
+        let mut invocation = self.budget_script.prepare_invoke();
+        invocation.arg("settle").arg(actual).arg(&held.id);
+        for (key, idx, window_secs) in &held.windows {
+            invocation
+                .key(format!("{BUDGET_PREFIX}{key}"))
+                .arg(*idx)
+                .arg(*window_secs);
+        }
+        let _: i64 = self
+            .run("settle tokens", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        Ok(())
     }
 }
 

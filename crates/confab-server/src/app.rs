@@ -12,10 +12,11 @@ use axum::serve::ListenerExt;
 use chrono::Utc;
 use confab_core::Store;
 use confab_core::ratelimit::RateLimiter;
+use confab_core::ratelimit::TokenBudget;
 use confab_core::service::ChatService;
 use confab_core::turn::TurnEngine;
 use confab_llm::SimulatedModel;
-use confab_ratelimit::{MemoryRateLimiter, RedisRateLimiter};
+use confab_ratelimit::{MemoryRateLimiter, MemoryTokenBudget, RedisRateLimiter};
 use confab_store_postgres::PostgresStore;
 use confab_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
@@ -53,13 +54,23 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
-pub async fn open_limiter(config: &Config) -> anyhow::Result<Arc<dyn RateLimiter>> {
+/// The rate limiter and the token budgets: both in process, or both on the
+/// one Redis connection.
+pub async fn open_limiter(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn RateLimiter>, Arc<dyn TokenBudget>)> {
     Ok(match &config.redis_url {
-        None => Arc::new(MemoryRateLimiter::new()),
-        Some(url) => Arc::new(
-            RedisRateLimiter::connect(url.expose(), config.redis_timeout)
-                .with_context(|| format!("configuring Redis at {}", url.redacted()))?,
+        None => (
+            Arc::new(MemoryRateLimiter::new()),
+            Arc::new(MemoryTokenBudget::new()),
         ),
+        Some(url) => {
+            let redis = Arc::new(
+                RedisRateLimiter::connect(url.expose(), config.redis_timeout)
+                    .with_context(|| format!("configuring Redis at {}", url.redacted()))?,
+            );
+            (redis.clone(), redis)
+        }
     })
 }
 
@@ -82,7 +93,7 @@ impl App {
             let created = crate::seed::seed_demo(store.as_ref()).await?;
             tracing::info!(rows = created, "seeded the demo tenants");
         }
-        let limiter = open_limiter(&config).await?;
+        let (limiter, budget) = open_limiter(&config).await?;
         let metrics = Arc::new(Metrics::new());
         let simulated = SimulatedModel::new(config.token_delay, config.simulated_min_words);
         let models = config
@@ -109,6 +120,7 @@ impl App {
         let hard_stop = CancellationToken::new();
         let engine = TurnEngine::new(
             store.clone(),
+            budget,
             models,
             metrics.clone(),
             config.engine.clone(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use confab_core::model::{
-    Email, NewApiKey, NewOrg, NewUser, OrgPolicy, RateLimitOverride, Role, Slug,
+    Email, NewApiKey, NewOrg, NewUser, OrgPolicy, RateLimitOverride, Role, Slug, TokenLimits,
     parse_system_prompt,
 };
 use confab_core::models::valid_model_name;
@@ -46,6 +46,21 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Print an org's token usage from the ledger (the JSON of `GET /usage`).
+    Usage {
+        /// Org id or slug.
+        #[arg(long)]
+        org: String,
+        /// RFC 3339 start (default: the start of the current UTC month).
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339 end, exclusive (default: the start of next month).
+        #[arg(long)]
+        to: Option<String>,
+        /// model, user or day.
+        #[arg(long)]
+        group_by: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +89,15 @@ enum OrgCommand {
         /// Go back to the server-wide default.
         #[arg(long, conflicts_with_all = ["burst", "per_second"])]
         clear: bool,
+    },
+    /// Set an org's token limits (0 = unlimited).
+    SetTokenLimit {
+        /// Org id or slug.
+        org: String,
+        #[arg(long, default_value_t = 0)]
+        per_minute: u64,
+        #[arg(long, default_value_t = 0)]
+        per_day: u64,
     },
     /// Restrict (or, with --all, stop restricting) the models an org may use.
     Models {
@@ -119,6 +143,15 @@ enum UserCommand {
         /// Org id or slug.
         #[arg(long)]
         org: String,
+    },
+    /// Set a user's own token limits (0 = unlimited).
+    SetTokenLimit {
+        /// User id.
+        user: String,
+        #[arg(long, default_value_t = 0)]
+        per_minute: u64,
+        #[arg(long, default_value_t = 0)]
+        per_day: u64,
     },
     /// Soft-delete a user (their keys stop working).
     Delete {
@@ -209,6 +242,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Org(cmd) => with_store(&config, |s| org(s, cmd)).await,
         Command::User(cmd) => with_store(&config, |s| user(s, cmd)).await,
         Command::Key(cmd) => with_store(&config, |s| key(s, cmd)).await,
+        Command::Usage {
+            org,
+            from,
+            to,
+            group_by,
+        } => with_store(&config, |s| usage(s, org, from, to, group_by)).await,
     }
 }
 
@@ -352,6 +391,24 @@ async fn org(store: Arc<dyn Store>, cmd: OrgCommand) -> anyhow::Result<()> {
                 None => println!("{}: server default rate limit", org.slug),
             }
         }
+        OrgCommand::SetTokenLimit {
+            org,
+            per_minute,
+            per_day,
+        } => {
+            let org = find_org(store.as_ref(), &org).await?;
+            let limits = TokenLimits {
+                per_minute,
+                per_day,
+            };
+            store.set_org_token_limits(org.id, limits).await?;
+            println!(
+                "{}: {} tokens per minute, {} per day (takes effect within the auth cache TTL)",
+                org.slug,
+                limit_text(per_minute),
+                limit_text(per_day)
+            );
+        }
         OrgCommand::Models { org, allow, all } => {
             let org = find_org(store.as_ref(), &org).await?;
             let allowed_models = if all {
@@ -449,6 +506,26 @@ async fn user(store: Arc<dyn Store>, cmd: UserCommand) -> anyhow::Result<()> {
                 println!("{}\t{}\t{}\t{}", u.id, u.email, u.role, u.name);
             }
         }
+        UserCommand::SetTokenLimit {
+            user,
+            per_minute,
+            per_day,
+        } => {
+            let user = parse_id::<UserId>("user", &user)?;
+            let limits = TokenLimits {
+                per_minute,
+                per_day,
+            };
+            match store.set_user_token_limits(user, limits).await {
+                Ok(()) => println!(
+                    "{user}: {} tokens per minute, {} per day (takes effect within the auth cache TTL)",
+                    limit_text(per_minute),
+                    limit_text(per_day)
+                ),
+                Err(StoreError::NotFound) => bail!("no user {user}"),
+                Err(e) => return Err(e.into()),
+            }
+        }
         UserCommand::Delete { org, user } => {
             let org = find_org(store.as_ref(), &org).await?;
             let user = parse_id::<UserId>("user", &user)?;
@@ -459,6 +536,33 @@ async fn user(store: Arc<dyn Store>, cmd: UserCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn limit_text(n: u64) -> String {
+    if n == 0 {
+        "unlimited".into()
+    } else {
+        n.to_string()
+    }
+}
+
+async fn usage(
+    store: Arc<dyn Store>,
+    org: String,
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+) -> anyhow::Result<()> {
+    let org = find_org(store.as_ref(), &org).await?;
+    let (from, to, group) =
+        crate::wire::usage_query(from.as_deref(), to.as_deref(), group_by.as_deref())
+            .map_err(|e| anyhow!("--{e}"))?;
+    let report = store.usage_report(org.id, None, from, to, group).await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&crate::wire::UsageReportJson::new(from, to, &report))?
+    );
     Ok(())
 }
 

@@ -315,6 +315,7 @@ impl Config {
         let catalog = Catalog::load(Some(&models_file), models_file_required, lookup)
             .map_err(|e| bad("MODELS_FILE", e.0))?;
         let stream_send_timeout = src.seconds("STREAM_SEND_TIMEOUT_SECONDS", 30.0)?;
+        let rate_limit_fail_open = src.bool("RATE_LIMIT_FAIL_OPEN", true)?;
         let max_retries: u32 = src.parse("PROVIDER_MAX_RETRIES", 2, "a whole number")?;
         if max_retries > 10 {
             return Err(bad("PROVIDER_MAX_RETRIES", "must be at most 10"));
@@ -343,6 +344,7 @@ impl Config {
                 src.seconds("PROVIDER_TOTAL_TIMEOUT_SECONDS", 600.0)?,
             )?,
             send_timeout: stream_send_timeout,
+            budget_fail_open: rate_limit_fail_open,
         };
         let provider_connect_timeout = positive(
             "PROVIDER_CONNECT_TIMEOUT_MS",
@@ -360,7 +362,7 @@ impl Config {
             redis_url: redis_url.map(Secret::new),
             redis_timeout: src.millis("REDIS_TIMEOUT_MS", 250)?,
             rate_limit: Limit { burst, per_second },
-            rate_limit_fail_open: src.bool("RATE_LIMIT_FAIL_OPEN", true)?,
+            rate_limit_fail_open,
             auth_mode,
             auth_cache_ttl: src.seconds("AUTH_CACHE_TTL_SECONDS", 5.0)?,
             log_level,

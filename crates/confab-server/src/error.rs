@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use confab_core::StoreError;
 use confab_core::provider::ProviderError;
+use confab_core::ratelimit::BudgetState;
 use confab_core::service::ServiceError;
 use confab_core::turn::TurnFailure;
 use serde_json::json;
@@ -49,6 +50,9 @@ pub enum ApiError {
     /// 503 with `Retry-After`: the model is overloaded or rate limiting us.
     #[error("{message}")]
     Overloaded { message: String, retry_after: u64 },
+    /// 429: the turn's tokens do not fit in a token limit (SPEC §12).
+    #[error("Token budget exceeded")]
+    TokenBudget(BudgetState),
     /// 504: the model did not answer in time.
     #[error("{0}")]
     GatewayTimeout(String),
@@ -74,6 +78,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::TokenBudget(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,6 +116,22 @@ impl IntoResponse for ApiError {
             | ApiError::GatewayTimeout(detail) => {
                 tracing::warn!(error = %detail, status = status.as_u16(), "dependency failure");
                 error_body(status, detail)
+            }
+            ApiError::TokenBudget(budget) => {
+                let body = json!({
+                    "error": "Too Many Requests",
+                    "message": "Token budget exceeded",
+                    "limit": budget.limit,
+                    "remaining": budget.remaining,
+                    "resetAt": token_limit_reset(budget),
+                });
+                let mut response = (status, axum::Json(body)).into_response();
+                set_token_limit_headers(response.headers_mut(), budget);
+                let retry = budget.reset_after.as_secs_f64().ceil().max(1.0) as u64;
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+                response
             }
             ApiError::Overloaded {
                 message,
@@ -150,11 +171,36 @@ impl From<ServiceError> for ApiError {
             ServiceError::Forbidden => ApiError::Forbidden(err.to_string()),
             ServiceError::IdempotencyMismatch => ApiError::Unprocessable(err.to_string()),
             ServiceError::IdempotencyInProgress => ApiError::Conflict(err.to_string()),
+            ServiceError::TokenBudgetExceeded(state) => ApiError::TokenBudget(state),
+            ServiceError::BudgetUnavailable => ApiError::Overloaded {
+                message: err.to_string(),
+                retry_after: 1,
+            },
             ServiceError::UnknownModel(_) | ServiceError::MessageTooLong(_) => {
                 ApiError::BadRequest(err.to_string())
             }
             ServiceError::Store(e) => e.into(),
         }
+    }
+}
+
+/// When the budget's window ends, as `X-TokenLimit-Reset` and `resetAt` say.
+fn token_limit_reset(budget: &BudgetState) -> String {
+    let at = chrono::Utc::now()
+        + chrono::Duration::from_std(budget.reset_after).unwrap_or(chrono::Duration::zero());
+    confab_core::model::rfc3339_millis::format(&at)
+}
+
+/// `X-TokenLimit-Limit`, `-Remaining`, `-Reset` (SPEC §12), on every response
+/// whose turn reserved tokens (and on the refusal).
+pub fn set_token_limit_headers(headers: &mut axum::http::HeaderMap, budget: &BudgetState) {
+    headers.insert("x-tokenlimit-limit", HeaderValue::from(budget.limit));
+    headers.insert(
+        "x-tokenlimit-remaining",
+        HeaderValue::from(budget.remaining),
+    );
+    if let Ok(v) = HeaderValue::from_str(&token_limit_reset(budget)) {
+        headers.insert("x-tokenlimit-reset", v);
     }
 }
 

@@ -67,6 +67,12 @@ pub struct ModelKindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub event: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelReasonLabels {
     pub model: String,
     pub reason: &'static str,
@@ -105,6 +111,8 @@ pub struct Metrics {
     pub llm_ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub llm_tokens: Family<ModelKindLabels, Counter>,
     pub llm_retries: Family<ModelReasonLabels, Counter>,
+    pub budget_tokens: Family<BudgetLabels, Counter>,
+    pub budget_steps: Family<BudgetLabels, Counter>,
 }
 
 fn http_histogram() -> Histogram {
@@ -256,6 +264,18 @@ impl Metrics {
             "Upstream attempts retried, by model and the failure that caused it",
             llm_retries.clone(),
         );
+        let budget_tokens = Family::<BudgetLabels, Counter>::default();
+        registry.register(
+            "token_budget_tokens",
+            "Tokens of token-budget steps by event (reserved, settled, refused, error) and limit kind",
+            budget_tokens.clone(),
+        );
+        let budget_steps = Family::<BudgetLabels, Counter>::default();
+        registry.register(
+            "token_budget_steps",
+            "Token-budget steps by event (reserved, settled, refused, error) and limit kind",
+            budget_steps.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
 
         Self {
@@ -283,6 +303,8 @@ impl Metrics {
             llm_ttft,
             llm_tokens,
             llm_retries,
+            budget_tokens,
+            budget_steps,
         }
     }
 
@@ -371,6 +393,12 @@ impl confab_core::turn::TurnMetrics for Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    fn budget(&self, event: &'static str, kind: &'static str, tokens: u64) {
+        let labels = BudgetLabels { event, kind };
+        self.budget_steps.get_or_create(&labels).inc();
+        self.budget_tokens.get_or_create(&labels).inc_by(tokens);
     }
 
     fn flushed(&self, rows: u64, took: std::time::Duration) {

@@ -186,6 +186,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             model: "m".into(),
             events: rx,
+            budget: None,
         };
         (tx, EventBody::new(turn, None, keepalive))
     }

@@ -197,3 +197,119 @@ pub struct ModelListJson<'a> {
     pub models: Vec<ModelJson<'a>>,
     pub default: &'a str,
 }
+
+/// Ledger totals as `GET /usage` and `confab usage` print them.
+#[derive(Serialize)]
+pub struct UsageTotalsJson {
+    pub turns: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+}
+
+impl From<&confab_core::model::UsageTotals> for UsageTotalsJson {
+    fn from(t: &confab_core::model::UsageTotals) -> Self {
+        Self {
+            turns: t.turns,
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            // micro-USD → USD (exact for every sum below 2^53 micro-USD).
+            cost_usd: t.cost_micro_usd as f64 / 1_000_000.0,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct UsageGroupJson<'a> {
+    pub key: &'a str,
+    #[serde(flatten)]
+    pub totals: UsageTotalsJson,
+}
+
+/// `GET /usage` (SPEC §12), also the output of `confab usage`.
+#[derive(Serialize)]
+pub struct UsageReportJson<'a> {
+    #[serde(with = "rfc3339_millis")]
+    pub from: DateTime<Utc>,
+    #[serde(with = "rfc3339_millis")]
+    pub to: DateTime<Utc>,
+    pub totals: UsageTotalsJson,
+    pub groups: Vec<UsageGroupJson<'a>>,
+}
+
+impl<'a> UsageReportJson<'a> {
+    pub fn new(
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        report: &'a confab_core::model::UsageReport,
+    ) -> Self {
+        Self {
+            from,
+            to,
+            totals: (&report.totals).into(),
+            groups: report
+                .groups
+                .iter()
+                .map(|(key, totals)| UsageGroupJson {
+                    key,
+                    totals: totals.into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The range and grouping of a usage query, checked: RFC 3339 instants
+/// (default: the current UTC month), `from` before `to`, `group_by` one of
+/// `model`, `user`, `day`.
+pub fn usage_query(
+    from: Option<&str>,
+    to: Option<&str>,
+    group_by: Option<&str>,
+) -> Result<
+    (
+        DateTime<Utc>,
+        DateTime<Utc>,
+        Option<confab_core::model::UsageGroup>,
+    ),
+    String,
+> {
+    use chrono::{Datelike, TimeZone};
+    use confab_core::model::UsageGroup;
+    let parse = |name: &str, v: &str| {
+        DateTime::parse_from_rfc3339(v.trim())
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| format!("{name} must be an RFC 3339 time such as 2026-12-01T00:00:00Z"))
+    };
+    let now = Utc::now();
+    let month_start = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now);
+    let next_month = if now.month() == 12 {
+        Utc.with_ymd_and_hms(now.year() + 1, 1, 1, 0, 0, 0)
+    } else {
+        Utc.with_ymd_and_hms(now.year(), now.month() + 1, 1, 0, 0, 0)
+    }
+    .single()
+    .unwrap_or(now);
+    let from = from
+        .map(|v| parse("from", v))
+        .transpose()?
+        .unwrap_or(month_start);
+    let to = to
+        .map(|v| parse("to", v))
+        .transpose()?
+        .unwrap_or(next_month);
+    if from >= to {
+        return Err("from must be before to".into());
+    }
+    let group = match group_by.map(str::trim) {
+        None | Some("") => None,
+        Some("model") => Some(UsageGroup::Model),
+        Some("user") => Some(UsageGroup::User),
+        Some("day") => Some(UsageGroup::Day),
+        Some(_) => return Err("group_by must be model, user or day".into()),
+    };
+    Ok((from, to, group))
+}

@@ -25,7 +25,8 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn, NewUser, Org,
-    OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TurnChat, User, UserId,
+    OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits, TurnChat,
+    UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
@@ -370,6 +371,110 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn set_org_token_limits(
+        &self,
+        org: OrgId,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE orgs SET tokens_per_minute = $2, tokens_per_day = $3, updated_at = now() \
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(org))
+        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn set_user_token_limits(
+        &self,
+        user: UserId,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET tokens_per_minute = $2, tokens_per_day = $3, updated_at = now() \
+             WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(user))
+        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn usage_report(
+        &self,
+        org: OrgId,
+        user: Option<UserId>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: Option<UsageGroup>,
+    ) -> Result<UsageReport, StoreError> {
+        // One statement per shape: the grouping key is a column or an
+        // expression, never a bound value.
+        const TOTALS: &str = "SELECT count(*) AS turns, sum(prompt_tokens)::bigint AS prompt_tokens, \
+                sum(completion_tokens)::bigint AS completion_tokens, \
+                sum(cost_micro_usd)::bigint AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = $1 AND ($2::uuid IS NULL OR user_id = $2) \
+               AND created_at >= $3 AND created_at < $4";
+        const BY_MODEL: &str = "SELECT model AS key, count(*) AS turns, \
+                sum(prompt_tokens)::bigint AS prompt_tokens, \
+                sum(completion_tokens)::bigint AS completion_tokens, \
+                sum(cost_micro_usd)::bigint AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = $1 AND ($2::uuid IS NULL OR user_id = $2) \
+               AND created_at >= $3 AND created_at < $4 GROUP BY 1 ORDER BY 1";
+        const BY_USER: &str = "SELECT user_id::text AS key, count(*) AS turns, \
+                sum(prompt_tokens)::bigint AS prompt_tokens, \
+                sum(completion_tokens)::bigint AS completion_tokens, \
+                sum(cost_micro_usd)::bigint AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = $1 AND ($2::uuid IS NULL OR user_id = $2) \
+               AND created_at >= $3 AND created_at < $4 GROUP BY 1 ORDER BY 1";
+        const BY_DAY: &str = "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS key, \
+                count(*) AS turns, sum(prompt_tokens)::bigint AS prompt_tokens, \
+                sum(completion_tokens)::bigint AS completion_tokens, \
+                sum(cost_micro_usd)::bigint AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = $1 AND ($2::uuid IS NULL OR user_id = $2) \
+               AND created_at >= $3 AND created_at < $4 GROUP BY 1 ORDER BY 1";
+        let bind = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(uuid(org))
+                .bind(user.map(uuid))
+                .bind(from)
+                .bind(to)
+        };
+        let row = bind(TOTALS).fetch_one(&self.pool).await.map_err(map_err)?;
+        let totals = rows::usage_totals(&row)?;
+        let groups = match group_by {
+            None => Vec::new(),
+            Some(group) => {
+                let sql = match group {
+                    UsageGroup::Model => BY_MODEL,
+                    UsageGroup::User => BY_USER,
+                    UsageGroup::Day => BY_DAY,
+                };
+                let found = bind(sql).fetch_all(&self.pool).await.map_err(map_err)?;
+                let mut groups = Vec::with_capacity(found.len());
+                for row in &found {
+                    let key: String = row.try_get("key").map_err(map_err)?;
+                    groups.push((key, rows::usage_totals(row)?));
+                }
+                groups
+            }
+        };
+        Ok(UsageReport { totals, groups })
+    }
+
     async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError> {
         let done = sqlx::query(
             "UPDATE orgs SET allowed_models = $2, system_prompt = $3, updated_at = now() \
@@ -453,7 +558,9 @@ impl Store for PostgresStore {
         let row = sqlx::query(
             "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
                     o.rate_limit_burst, o.rate_limit_per_second, \
-                    o.allowed_models, o.system_prompt \
+                    o.allowed_models, o.system_prompt, \
+                    o.tokens_per_minute AS org_tpm, o.tokens_per_day AS org_tpd, \
+                    u.tokens_per_minute AS user_tpm, u.tokens_per_day AS user_tpd \
              FROM users u JOIN orgs o ON o.id = u.org_id \
              WHERE u.id = $1 AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
         )
@@ -516,7 +623,9 @@ impl Store for PostgresStore {
         let row = sqlx::query(
             "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
                     o.rate_limit_burst, o.rate_limit_per_second, \
-                    o.allowed_models, o.system_prompt \
+                    o.allowed_models, o.system_prompt, \
+                    o.tokens_per_minute AS org_tpm, o.tokens_per_day AS org_tpd, \
+                    u.tokens_per_minute AS user_tpm, u.tokens_per_day AS user_tpd \
              FROM api_keys k \
              JOIN users u ON u.id = k.user_id AND u.org_id = k.org_id \
              JOIN orgs o ON o.id = u.org_id \
@@ -730,6 +839,17 @@ impl Store for PostgresStore {
             " ), c AS ( \
                 UPDATE chats SET updated_at = now() \
                  WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
+                RETURNING user_id \
+            ), l AS ( \
+                INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+                SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                       m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, $12, now() \
+                  FROM m, c \
+                ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
+                   prompt_tokens = EXCLUDED.prompt_tokens, \
+                   completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
+                   cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
             ), k AS ( \
                 UPDATE idempotency_keys SET response = $9 \
                  WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
@@ -747,6 +867,7 @@ impl Store for PostgresStore {
         .bind(response)
         .bind(msg.usage.prompt_tokens)
         .bind(msg.usage.source.as_str())
+        .bind(msg.cost.cost_micro_usd)
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;
@@ -782,15 +903,32 @@ impl Store for PostgresStore {
         &self,
         stale_after: std::time::Duration,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE messages SET status = 'interrupted', updated_at = now() \
-             WHERE status = 'streaming' AND updated_at < now() - make_interval(secs => $1)",
+        // One statement: the estimated usage, the final status and the
+        // ledger rows together.
+        let row = sqlx::query(
+            "WITH m AS ( \
+                UPDATE messages SET status = 'interrupted', updated_at = now(), \
+                    prompt_tokens = coalesce(prompt_tokens, 0), \
+                    completion_tokens = (length(content) + 3) / 4, \
+                    token_count = (length(content) + 3) / 4, usage_source = 'estimated' \
+                 WHERE status = 'streaming' AND updated_at < now() - make_interval(secs => $1) \
+                RETURNING id, org_id, chat_id, model, status, prompt_tokens, completion_tokens, \
+                          usage_source \
+             ), l AS ( \
+                INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+                SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                       m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, 0, now() \
+                  FROM m JOIN chats c ON c.id = m.chat_id \
+                ON CONFLICT (message_id) DO NOTHING \
+             ) SELECT count(*) AS n FROM m",
         )
         .bind(stale_after.as_secs_f64())
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(done.rows_affected())
+        let n: i64 = row.try_get("n").map_err(map_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     // ---- idempotency --------------------------------------------------------

@@ -30,8 +30,8 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, Message, MessageId, MessageRole, MessageStatus, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TurnChat,
-    User, UserId,
+    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
+    TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -219,6 +219,111 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_org_token_limits(
+        &self,
+        org: OrgId,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE orgs SET tokens_per_minute = ?2, tokens_per_day = ?3, updated_at = ?4 \
+             WHERE id = ?1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(org))
+        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+        .bind(now_micros())
+        .execute(&self.write)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn set_user_token_limits(
+        &self,
+        user: UserId,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE users SET tokens_per_minute = ?2, tokens_per_day = ?3, updated_at = ?4 \
+             WHERE id = ?1 AND deleted_at IS NULL",
+        )
+        .bind(uuid(user))
+        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+        .bind(now_micros())
+        .execute(&self.write)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn usage_report(
+        &self,
+        org: OrgId,
+        user: Option<UserId>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: Option<UsageGroup>,
+    ) -> Result<UsageReport, StoreError> {
+        // One statement per shape: the grouping key is a column or an
+        // expression, never a bound value.
+        const TOTALS: &str = "SELECT count(*) AS turns, sum(prompt_tokens) AS prompt_tokens, \
+                sum(completion_tokens) AS completion_tokens, sum(cost_micro_usd) AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+               AND created_at >= ?3 AND created_at < ?4";
+        const BY_MODEL: &str = "SELECT model AS key, count(*) AS turns, sum(prompt_tokens) AS prompt_tokens, \
+                sum(completion_tokens) AS completion_tokens, sum(cost_micro_usd) AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+               AND created_at >= ?3 AND created_at < ?4 GROUP BY 1 ORDER BY 1";
+        const BY_USER: &str = "SELECT lower(hex(user_id)) AS key, count(*) AS turns, \
+                sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, \
+                sum(cost_micro_usd) AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+               AND created_at >= ?3 AND created_at < ?4 GROUP BY 1 ORDER BY 1";
+        const BY_DAY: &str = "SELECT strftime('%Y-%m-%d', created_at / 1000000, 'unixepoch') AS key, \
+                count(*) AS turns, sum(prompt_tokens) AS prompt_tokens, \
+                sum(completion_tokens) AS completion_tokens, sum(cost_micro_usd) AS cost_micro_usd \
+             FROM usage_ledger WHERE org_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+               AND created_at >= ?3 AND created_at < ?4 GROUP BY 1 ORDER BY 1";
+        let bind = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(uuid(org))
+                .bind(user.map(uuid))
+                .bind(micros(from))
+                .bind(micros(to))
+        };
+        let row = bind(TOTALS).fetch_one(&self.read).await.map_err(map_err)?;
+        let totals = rows::usage_totals(&row)?;
+        let groups = match group_by {
+            None => Vec::new(),
+            Some(group) => {
+                let sql = match group {
+                    UsageGroup::Model => BY_MODEL,
+                    UsageGroup::User => BY_USER,
+                    UsageGroup::Day => BY_DAY,
+                };
+                let found = bind(sql).fetch_all(&self.read).await.map_err(map_err)?;
+                let mut groups = Vec::with_capacity(found.len());
+                for row in &found {
+                    let mut key: String = row.try_get("key").map_err(map_err)?;
+                    if group == UsageGroup::User {
+                        // hex(blob) → the UUID's usual spelling.
+                        key = Uuid::parse_str(&key).map(|u| u.to_string()).unwrap_or(key);
+                    }
+                    groups.push((key, rows::usage_totals(row)?));
+                }
+                groups
+            }
+        };
+        Ok(UsageReport { totals, groups })
+    }
+
     async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError> {
         let done = sqlx::query(
             "UPDATE orgs SET allowed_models = ?2, system_prompt = ?3, updated_at = ?4 \
@@ -304,7 +409,9 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
                     o.rate_limit_burst, o.rate_limit_per_second, \
-                    o.allowed_models, o.system_prompt \
+                    o.allowed_models, o.system_prompt, \
+                    o.tokens_per_minute AS org_tpm, o.tokens_per_day AS org_tpd, \
+                    u.tokens_per_minute AS user_tpm, u.tokens_per_day AS user_tpd \
              FROM users u JOIN orgs o ON o.id = u.org_id \
              WHERE u.id = ?1 AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
         )
@@ -369,7 +476,9 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
                     o.rate_limit_burst, o.rate_limit_per_second, \
-                    o.allowed_models, o.system_prompt \
+                    o.allowed_models, o.system_prompt, \
+                    o.tokens_per_minute AS org_tpm, o.tokens_per_day AS org_tpd, \
+                    u.tokens_per_minute AS user_tpm, u.tokens_per_day AS user_tpd \
              FROM api_keys k \
              JOIN users u ON u.id = k.user_id AND u.org_id = k.org_id \
              JOIN orgs o ON o.id = u.org_id \
@@ -687,6 +796,25 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound);
         };
         let message = rows::message(&row)?;
+        // The ledger row, in the same transaction as the final status:
+        // exactly one per turn (rewritten if the message is finished again).
+        sqlx::query(
+            "INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+             SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), m.status, \
+                    m.prompt_tokens, m.completion_tokens, m.usage_source, ?2, ?3 \
+             FROM messages m JOIN chats c ON c.id = m.chat_id WHERE m.id = ?1 \
+             ON CONFLICT (message_id) DO UPDATE SET status = excluded.status, \
+                prompt_tokens = excluded.prompt_tokens, \
+                completion_tokens = excluded.completion_tokens, source = excluded.source, \
+                cost_micro_usd = excluded.cost_micro_usd, created_at = excluded.created_at",
+        )
+        .bind(uuid(msg.id))
+        .bind(msg.cost.cost_micro_usd)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         sqlx::query("UPDATE chats SET updated_at = ?3 WHERE id = ?1 AND org_id = ?2")
             .bind(uuid(msg.chat))
             .bind(uuid(msg.org))
@@ -739,15 +867,38 @@ impl Store for SqliteStore {
         // One machine, one clock: the app's clock stamped the saves too.
         let now = now_micros();
         let stale = i64::try_from(stale_after.as_micros()).unwrap_or(i64::MAX);
+        // One transaction: the estimated usage, the final status and the
+        // ledger rows together (SQLite has one writer, so the two statements
+        // see the same rows).
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
-            "UPDATE messages SET status = 'interrupted', updated_at = ?2 \
+            "UPDATE messages SET status = 'interrupted', updated_at = ?2, \
+                prompt_tokens = coalesce(prompt_tokens, 0), \
+                completion_tokens = (length(content) + 3) / 4, \
+                token_count = (length(content) + 3) / 4, usage_source = 'estimated' \
              WHERE status = 'streaming' AND updated_at < ?1",
         )
         .bind(now.saturating_sub(stale))
         .bind(now)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(map_err)?;
+        if done.rows_affected() > 0 {
+            sqlx::query(
+                "INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+                 SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                        m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, 0, ?1 \
+                 FROM messages m JOIN chats c ON c.id = m.chat_id \
+                 WHERE m.status = 'interrupted' AND m.updated_at = ?1 \
+                 ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
         Ok(done.rows_affected())
     }
 

@@ -8,6 +8,7 @@ use sqlx::migrate::Migrator;
 const MIGRATIONS: &EmbeddedMigrations = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
     (2, "models", include_str!("../migrations/0002_models.sql")),
+    (3, "usage", include_str!("../migrations/0003_usage.sql")),
 ];
 
 /// The migrator for this backend's schema.

@@ -5,7 +5,7 @@
 //! `&'static str` queries) to keep the two in step.
 
 use chrono::{DateTime, Utc};
-use confab_core::model::{OrgPolicy, Usage, UsageSource};
+use confab_core::model::{OrgPolicy, TokenLimits, Usage, UsageSource, UsageTotals};
 use confab_core::{
     ApiKey, Chat, IdempotencyRecord, Message, Org, Principal, RateLimitOverride, StoreError, User,
 };
@@ -19,7 +19,7 @@ use crate::error::{corrupt, map_err};
 macro_rules! org_columns {
     () => {
         "id, name, slug, metadata, rate_limit_burst, rate_limit_per_second, allowed_models, \
-         system_prompt, created_at, updated_at"
+         system_prompt, tokens_per_minute, tokens_per_day, created_at, updated_at"
     };
 }
 /// Columns read by [`user`].
@@ -131,6 +131,32 @@ pub(crate) fn policy(row: &SqliteRow) -> Result<OrgPolicy, StoreError> {
     })
 }
 
+/// Token limits from two nullable columns (NULL = 0 = unlimited).
+pub(crate) fn token_limits(
+    row: &SqliteRow,
+    per_minute: &str,
+    per_day: &str,
+) -> Result<TokenLimits, StoreError> {
+    let read = |column: &str| -> Result<u64, StoreError> {
+        let v: Option<i64> = get(row, column)?;
+        u64::try_from(v.unwrap_or(0)).map_err(|e| corrupt(column, e))
+    };
+    Ok(TokenLimits {
+        per_minute: read(per_minute)?,
+        per_day: read(per_day)?,
+    })
+}
+
+/// A usage report row: `turns, prompt_tokens, completion_tokens, cost`.
+pub(crate) fn usage_totals(row: &SqliteRow) -> Result<UsageTotals, StoreError> {
+    Ok(UsageTotals {
+        turns: get(row, "turns")?,
+        prompt_tokens: get::<Option<i64>>(row, "prompt_tokens")?.unwrap_or(0),
+        completion_tokens: get::<Option<i64>>(row, "completion_tokens")?.unwrap_or(0),
+        cost_micro_usd: get::<Option<i64>>(row, "cost_micro_usd")?.unwrap_or(0),
+    })
+}
+
 /// The allowlist as stored.
 pub(crate) fn allowed_models_text(policy: &OrgPolicy) -> Option<String> {
     policy
@@ -165,6 +191,7 @@ pub(crate) fn org(row: &SqliteRow) -> Result<Org, StoreError> {
         metadata: get_json(row, "metadata")?.unwrap_or(serde_json::Value::Null),
         rate_limit: rate_limit(row)?,
         policy: policy(row)?,
+        token_limits: token_limits(row, "tokens_per_minute", "tokens_per_day")?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
     })
@@ -198,6 +225,8 @@ pub(crate) fn principal(row: &SqliteRow, api_key: bool) -> Result<Principal, Sto
             None
         },
         policy: std::sync::Arc::new(policy(row)?),
+        org_tokens: token_limits(row, "org_tpm", "org_tpd")?,
+        user_tokens: token_limits(row, "user_tpm", "user_tpd")?,
     })
 }
 

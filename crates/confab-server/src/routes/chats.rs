@@ -216,7 +216,11 @@ pub async fn post_chat(
                     created_at: turn.created_at,
                     model: turn.model.clone(),
                 };
-                return Ok(Json(TurnReply::new(&meta, &summary)).into_response());
+                let mut response = Json(TurnReply::new(&meta, &summary)).into_response();
+                if let Some(budget) = &turn.budget {
+                    crate::error::set_token_limit_headers(response.headers_mut(), budget);
+                }
+                return Ok(response);
             }
             TurnEvent::Failed(failure) => {
                 return Err(ApiError::from_turn_failure(&turn.model, failure));

@@ -16,6 +16,7 @@ pub mod models;
 pub mod playground;
 pub mod stream;
 pub mod system;
+pub mod usage;
 
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
@@ -29,6 +30,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/chats", get(chats::list_chats))
         .route("/models", get(models::list_models))
+        .route("/usage", get(usage::get_usage))
         .route_layer(from_fn_with_state(state.clone(), require_auth));
 
     let public = Router::new()

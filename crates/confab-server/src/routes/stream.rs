@@ -15,7 +15,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::Response;
 use confab_core::turn::{Started, TurnEvent};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, set_token_limit_headers};
 use crate::middleware::Auth;
 use crate::routes::chats::parse_turn_request;
 use crate::sse::EventBody;
@@ -51,7 +51,7 @@ pub async fn post_chat_stream(
         }
         Err(_) => None,
     };
-    let (chat_id, message_id) = (turn.chat_id, turn.message_id);
+    let (chat_id, message_id, budget) = (turn.chat_id, turn.message_id, turn.budget);
     let mut response = Response::new(Body::from_stream(EventBody::new(turn, first, keepalive)));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -62,6 +62,9 @@ pub async fn post_chat_stream(
     }
     if let Ok(v) = HeaderValue::from_str(&message_id.to_string()) {
         headers.insert("x-message-id", v);
+    }
+    if let Some(budget) = &budget {
+        set_token_limit_headers(headers, budget);
     }
     Ok(response)
 }

@@ -173,6 +173,7 @@ fn finished(
             completion_tokens: content.split_whitespace().count() as i64,
             source: UsageSource::Estimated,
         },
+        cost: Default::default(),
         idempotent_response: None,
     }
 }
@@ -401,6 +402,8 @@ async fn deleted_users_have_no_principal(db: Db) {
             rate_limit: None,
             api_key: None,
             policy: Default::default(),
+            org_tokens: Default::default(),
+            user_tokens: Default::default(),
         }
     );
     assert_eq!(store.find_principal(UserId::new()).await.unwrap(), None);
@@ -1294,6 +1297,7 @@ fn echo_engine(store: &Arc<dyn Store>) -> TurnEngine {
     };
     TurnEngine::new(
         Arc::clone(store),
+        Arc::new(confab_ratelimit::MemoryTokenBudget::new()),
         ModelRegistry::new(vec![model], "echo").unwrap(),
         Arc::new(NoMetrics),
         EngineConfig::default(),

@@ -1,0 +1,195 @@
+//! Contract of `TokenBudget` (SPEC §12), run on the in-process and the Redis
+//! implementation: exact under concurrency, all windows or none, settlement
+//! returns the difference, reservations of a dead process expire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_core::ratelimit::{
+    BudgetWindow, Held, RateLimiter, Reservation, ReserveRequest, TokenBudget,
+};
+use confab_ratelimit::{MemoryTokenBudget, RedisRateLimiter};
+use tokio::sync::Barrier;
+use uuid::Uuid;
+
+use crate::per_limiter;
+use crate::support::{Limiter, redis_url};
+
+per_limiter!(
+    concurrent_reservations_never_exceed_the_limit,
+    settling_below_the_reservation_returns_the_difference,
+    a_reservation_is_made_in_every_window_or_in_none,
+    an_unsettled_reservation_expires,
+);
+
+async fn budget(kind: Limiter) -> Arc<dyn TokenBudget> {
+    match kind {
+        Limiter::Memory => Arc::new(MemoryTokenBudget::new()),
+        Limiter::Redis => {
+            let redis = RedisRateLimiter::connect(&redis_url(), Duration::from_secs(3))
+                .expect("valid Redis URL");
+            if let Err(e) = redis.ping().await {
+                panic!("Redis is required for these tests (CONFAB_TEST_REDIS_URL): {e}");
+            }
+            Arc::new(redis)
+        }
+    }
+}
+
+fn window(limit: u64, window_secs: u64, kind: &'static str) -> BudgetWindow {
+    BudgetWindow {
+        key: format!("test:{}:{kind}", Uuid::new_v4()),
+        limit,
+        window_secs,
+        kind,
+    }
+}
+
+fn request(windows: &[BudgetWindow], need: u64, ttl: Duration) -> ReserveRequest {
+    ReserveRequest {
+        id: Uuid::new_v4().to_string(),
+        windows: windows.to_vec(),
+        need,
+        ttl,
+    }
+}
+
+fn held(request: &ReserveRequest, reservation: &Reservation) -> Held {
+    let Reservation::Granted { windows, .. } = reservation else {
+        panic!("expected a grant, got {reservation:?}")
+    };
+    Held {
+        id: request.id.clone(),
+        windows: request
+            .windows
+            .iter()
+            .zip(windows)
+            .map(|(w, idx)| (w.key.clone(), *idx, w.window_secs))
+            .collect(),
+    }
+}
+
+async fn concurrent_reservations_never_exceed_the_limit(kind: Limiter) {
+    let budget = budget(kind).await;
+    // A day window: no window boundary can fall inside the test.
+    let windows = vec![window(1000, 86_400, "org_day")];
+    let n = 200;
+    let barrier = Arc::new(Barrier::new(n));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (budget, barrier) = (budget.clone(), barrier.clone());
+        let req = request(&windows, 30, Duration::from_secs(60));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            budget.reserve(&req).await.expect("reserve")
+        }));
+    }
+    let mut granted = 0;
+    for task in tasks {
+        if matches!(task.await.unwrap(), Reservation::Granted { .. }) {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 1000 / 30, "exactly what fits is granted");
+}
+
+async fn settling_below_the_reservation_returns_the_difference(kind: Limiter) {
+    let budget = budget(kind).await;
+    let windows = vec![window(100, 86_400, "org_day")];
+    let first = request(&windows, 60, Duration::from_secs(60));
+    let grant = budget.reserve(&first).await.unwrap();
+    let Reservation::Granted { state, .. } = &grant else {
+        panic!("{grant:?}")
+    };
+    assert_eq!((state.limit, state.remaining), (100, 40));
+    // 60 more does not fit while the first is reserved …
+    let second = request(&windows, 60, Duration::from_secs(60));
+    match budget.reserve(&second).await.unwrap() {
+        Reservation::Refused { kind, state } => {
+            assert_eq!(kind, "org_day");
+            assert_eq!(state.remaining, 40);
+            assert!(state.reset_after <= Duration::from_secs(86_400));
+        }
+        other => panic!("{other:?}"),
+    }
+    // … and fits once the first settles at 10 (10 + 60 ≤ 100).
+    budget.settle(&held(&first, &grant), 10).await.unwrap();
+    let third = request(&windows, 60, Duration::from_secs(60));
+    match budget.reserve(&third).await.unwrap() {
+        Reservation::Granted { state, .. } => assert_eq!(state.remaining, 30),
+        other => panic!("only fits thanks to the difference: {other:?}"),
+    }
+    // Used tokens stay used: 10 + 60 reserved; 31 more do not fit.
+    assert!(matches!(
+        budget
+            .reserve(&request(&windows, 31, Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        Reservation::Refused { .. }
+    ));
+}
+
+async fn a_reservation_is_made_in_every_window_or_in_none(kind: Limiter) {
+    let budget = budget(kind).await;
+    let roomy = window(1000, 86_400, "org_day");
+    let tight = window(50, 86_400, "user_day");
+    let both = [roomy.clone(), tight.clone()];
+    match budget
+        .reserve(&request(&both, 60, Duration::from_secs(60)))
+        .await
+        .unwrap()
+    {
+        Reservation::Refused { kind, .. } => assert_eq!(kind, "user_day"),
+        other => panic!("{other:?}"),
+    }
+    // The refused reservation left nothing in the roomy window.
+    match budget
+        .reserve(&request(&[roomy], 1000, Duration::from_secs(60)))
+        .await
+        .unwrap()
+    {
+        Reservation::Granted { state, .. } => assert_eq!(state.remaining, 0),
+        other => panic!("the roomy window is untouched: {other:?}"),
+    }
+    // Headers report the window with the least room.
+    match budget
+        .reserve(&request(
+            &[window(1000, 86_400, "org_day"), tight],
+            20,
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap()
+    {
+        Reservation::Granted { state, .. } => assert_eq!((state.limit, state.remaining), (50, 30)),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn an_unsettled_reservation_expires(kind: Limiter) {
+    let budget = budget(kind).await;
+    let windows = vec![window(100, 86_400, "org_day")];
+    let dead = request(&windows, 100, Duration::from_millis(300));
+    assert!(matches!(
+        budget.reserve(&dead).await.unwrap(),
+        Reservation::Granted { .. }
+    ));
+    assert!(matches!(
+        budget
+            .reserve(&request(&windows, 1, Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        Reservation::Refused { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        matches!(
+            budget
+                .reserve(&request(&windows, 100, Duration::from_secs(60)))
+                .await
+                .unwrap(),
+            Reservation::Granted { .. }
+        ),
+        "a dead process's reservation does not leak"
+    );
+}
