@@ -29,13 +29,13 @@ per_store!(
 const ANTHROPIC_KEY_VAR: &str = "CONFAB_TEST_ANTHROPIC_KEY";
 
 /// A models file in a fresh temp dir, removed on drop.
-struct ModelsFile {
+pub(crate) struct ModelsFile {
     dir: PathBuf,
-    path: String,
+    pub(crate) path: String,
 }
 
 impl ModelsFile {
-    fn new(text: &str) -> ModelsFile {
+    pub(crate) fn new(text: &str) -> ModelsFile {
         let dir = std::env::temp_dir().join(format!("confab-models-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("models.toml");
@@ -55,7 +55,7 @@ impl Drop for ModelsFile {
 
 /// `openai` and `anthropic` models on one llmock (plus `tiny`, a model with a
 /// small context window on the OpenAI route).
-fn llmock_models(mock: &Llmock) -> String {
+pub(crate) fn llmock_models(mock: &Llmock) -> String {
     format!(
         r#"
 default = "mock-openai"
@@ -91,7 +91,7 @@ max_output_tokens = 20
 }
 
 /// A confab app whose models are `models`, with fast retries.
-async fn app_with_models(db: Db, models: &ModelsFile, env: &[(&str, &str)]) -> TestApp {
+pub(crate) async fn app_with_models(db: Db, models: &ModelsFile, env: &[(&str, &str)]) -> TestApp {
     let mut all: Vec<(&str, &str)> = vec![
         ("MODELS_FILE", models.path.as_str()),
         (ANTHROPIC_KEY_VAR, "sk-ant-test-key"),
@@ -106,7 +106,7 @@ async fn stream(app: &TestApp, body: Value) -> reqwest::Response {
 }
 
 /// The stored messages of a chat.
-async fn stored(app: &TestApp, chat: &str) -> Vec<Value> {
+pub(crate) async fn stored(app: &TestApp, chat: &str) -> Vec<Value> {
     let (status, body) = app.get_json(&format!("/chat/{chat}"), &As::alice()).await;
     assert_eq!(status, 200, "{body}");
     body["messages"].as_array().unwrap().clone()

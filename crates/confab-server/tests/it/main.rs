@@ -20,6 +20,7 @@ mod budget_contract;
 mod lifecycle;
 mod llm;
 mod peers_smoke;
+mod usage;
 
 mod ratelimit_contract;
 mod ratelimit_e2e;
