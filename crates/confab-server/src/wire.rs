@@ -259,6 +259,13 @@ impl<'a> UsageReportJson<'a> {
     }
 }
 
+/// `[from, to)` and the grouping of a usage report.
+pub type UsageQuery = (
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<confab_core::model::UsageGroup>,
+);
+
 /// The range and grouping of a usage query, checked: RFC 3339 instants
 /// (default: the current UTC month), `from` before `to`, `group_by` one of
 /// `model`, `user`, `day`.
@@ -266,14 +273,7 @@ pub fn usage_query(
     from: Option<&str>,
     to: Option<&str>,
     group_by: Option<&str>,
-) -> Result<
-    (
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<confab_core::model::UsageGroup>,
-    ),
-    String,
-> {
+) -> Result<UsageQuery, String> {
     use chrono::{Datelike, TimeZone};
     use confab_core::model::UsageGroup;
     let parse = |name: &str, v: &str| {
