@@ -221,7 +221,7 @@ async fn a_token_budget_is_refused_before_any_upstream_call_and_never_exceeded(k
         )
         .await
         .unwrap();
-    let (ok, refused) = concurrent_turns(&[app.base.clone()], 60).await;
+    let (ok, refused) = concurrent_turns(std::slice::from_ref(&app.base), 60).await;
     check_budget(&mock, &app, limit, ok, &refused).await;
 }
 
