@@ -111,6 +111,8 @@
     rateMeter: $('rate-meter'),
     ttft: $('ttft'),
     tps: $('tps'),
+    tokenBudget: $('token-budget'),
+    replyTokens: $('reply-tokens'),
   };
 
   // ------------------------------------------------------------------ state
@@ -326,6 +328,21 @@
     if (limit !== null && remaining !== null) {
       showRateLimit(Number(limit), Number(remaining), res.headers.get('X-RateLimit-Reset'));
     }
+    const tokLimit = res.headers.get('X-TokenLimit-Limit');
+    const tokLeft = res.headers.get('X-TokenLimit-Remaining');
+    if (tokLimit !== null && tokLeft !== null && el.tokenBudget) {
+      el.tokenBudget.textContent = `${tokLeft} / ${tokLimit} tokens left`;
+      const reset = res.headers.get('X-TokenLimit-Reset');
+      if (reset) el.tokenBudget.title = `Window resets at ${new Date(reset).toLocaleString()}`;
+    }
+  }
+
+  /** The reply's usage from its done event (`usage` may be absent on old servers). */
+  function showReplyUsage(usage) {
+    if (!el.replyTokens) return;
+    if (!usage || typeof usage !== 'object') { el.replyTokens.textContent = '—'; return; }
+    const est = usage.source === 'estimated' ? ' (estimated)' : '';
+    el.replyTokens.textContent = `${usage.prompt_tokens} in / ${usage.completion_tokens} out${est}`;
   }
 
   // -------------------------------------------------------------- error text
@@ -1110,6 +1127,7 @@
       if (typeof msg.chat_id === 'string' && msg.chat_id) s.chatId = msg.chat_id;
       finishLocally(s, 'complete');
       showReplyStats(s, true);
+      showReplyUsage(msg.usage);
       adoptChat(s, false);
       const secs = ((s.tEnd - s.t0) / 1000).toFixed(1);
       setStatus(`Reply complete — ${plural(s.tokens, 'token')} in ${secs} s.`, 'ok');
