@@ -317,7 +317,31 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
             m.content.len()
         );
         assert!(!m.content.is_empty());
+        let usage = m
+            .usage
+            .expect("recovered turns carry their (estimated) usage");
+        assert_eq!(usage.source, confab_core::model::UsageSource::Estimated);
+        assert!(usage.completion_tokens > 0);
     }
+    // The usage ledger counted each recovered turn once, with the messages'
+    // figures (SPEC §12), also after a second recovery sweep.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report: Value = alice(client().get(restarted.url("/usage")))
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("usage JSON");
+    let completion: i64 = messages
+        .iter()
+        .filter_map(|m| m.usage.map(|u| u.completion_tokens))
+        .sum();
+    assert_eq!(report["totals"]["turns"], 5, "{report}");
+    assert_eq!(
+        report["totals"]["completion_tokens"], completion,
+        "{report}"
+    );
     restarted.signal("TERM");
     assert_eq!(restarted.wait(Duration::from_secs(15)).await, Some(0));
 }

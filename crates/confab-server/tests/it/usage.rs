@@ -317,7 +317,11 @@ async fn two_processes_sharing_redis_never_settle_more_than_the_token_limit() {
         .output()
         .await
         .unwrap();
-    assert!(seeded.status.success(), "{}", String::from_utf8_lossy(&seeded.stderr));
+    assert!(
+        seeded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seeded.stderr)
+    );
     let set = command(&[("DATABASE_URL", &db.url)])
         .args([
             "org",
