@@ -52,6 +52,26 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// One UPDATE of an org's or a user's two token-limit columns.
+    async fn set_token_limits(
+        &self,
+        sql: &'static str,
+        id: Uuid,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(sql)
+            .bind(id)
+            .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
     /// Connect to `url` (`postgres://user:pass@host:port/db?…`) with a pool of
     /// up to `max_connections`, opening one connection right away so that a
     /// wrong URL or a down server is reported at start-up.
@@ -376,20 +396,13 @@ impl Store for PostgresStore {
         org: OrgId,
         limits: TokenLimits,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(
+        self.set_token_limits(
             "UPDATE orgs SET tokens_per_minute = $2, tokens_per_day = $3, updated_at = now() \
              WHERE id = $1 AND deleted_at IS NULL",
+            uuid(org),
+            limits,
         )
-        .bind(uuid(org))
-        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
-        .execute(&self.pool)
         .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
     }
 
     async fn set_user_token_limits(
@@ -397,20 +410,13 @@ impl Store for PostgresStore {
         user: UserId,
         limits: TokenLimits,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(
+        self.set_token_limits(
             "UPDATE users SET tokens_per_minute = $2, tokens_per_day = $3, updated_at = now() \
              WHERE id = $1 AND deleted_at IS NULL",
+            uuid(user),
+            limits,
         )
-        .bind(uuid(user))
-        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
-        .execute(&self.pool)
         .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
     }
 
     async fn usage_report(

@@ -110,6 +110,27 @@ impl SqliteStore {
     }
 
     /// A write transaction on the single writer connection.
+    /// One UPDATE of an org's or a user's two token-limit columns.
+    async fn set_token_limits(
+        &self,
+        sql: &'static str,
+        id: Uuid,
+        limits: TokenLimits,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(sql)
+            .bind(id)
+            .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+            .bind(now_micros())
+            .execute(&self.write)
+            .await
+            .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.write
             .begin_with("BEGIN IMMEDIATE")
@@ -224,21 +245,13 @@ impl Store for SqliteStore {
         org: OrgId,
         limits: TokenLimits,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(
+        self.set_token_limits(
             "UPDATE orgs SET tokens_per_minute = ?2, tokens_per_day = ?3, updated_at = ?4 \
              WHERE id = ?1 AND deleted_at IS NULL",
+            uuid(org),
+            limits,
         )
-        .bind(uuid(org))
-        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
-        .bind(now_micros())
-        .execute(&self.write)
         .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
     }
 
     async fn set_user_token_limits(
@@ -246,21 +259,13 @@ impl Store for SqliteStore {
         user: UserId,
         limits: TokenLimits,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(
+        self.set_token_limits(
             "UPDATE users SET tokens_per_minute = ?2, tokens_per_day = ?3, updated_at = ?4 \
              WHERE id = ?1 AND deleted_at IS NULL",
+            uuid(user),
+            limits,
         )
-        .bind(uuid(user))
-        .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
-        .bind(now_micros())
-        .execute(&self.write)
         .await
-        .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
     }
 
     async fn usage_report(
