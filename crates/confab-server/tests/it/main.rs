@@ -23,3 +23,4 @@ mod peers_smoke;
 mod ratelimit_contract;
 mod ratelimit_e2e;
 mod store_contract;
+mod store_faults;
