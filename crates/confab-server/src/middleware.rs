@@ -76,8 +76,8 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
         .headers()
         .get(USER_AGENT)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+        .unwrap_or("");
+    let user_agent = crate::telemetry::bounded(user_agent);
     let span =
         tracing::info_span!("request", requestId = %request_id, orgId = Empty, userId = Empty);
     let in_flight = InFlight::start(&state, &req, route, user_agent, span.clone());
@@ -127,7 +127,7 @@ impl InFlight {
             metrics: state.metrics.clone(),
             method,
             route,
-            url: req.uri().to_string(),
+            url: crate::telemetry::bounded(&req.uri().to_string()),
             user_agent,
             span,
             started: Instant::now(),

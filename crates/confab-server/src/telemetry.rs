@@ -21,6 +21,20 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+/// The longest client-controlled value (user agent, URL, …) a log line
+/// carries, in characters. A client may send ~300 KB of `User-Agent`; copied
+/// into every request line that would amplify its traffic into our logs.
+pub const MAX_LOGGED_FIELD_CHARS: usize = 256;
+
+/// `value` cut to [`MAX_LOGGED_FIELD_CHARS`] characters, marked when cut
+/// (`…[+N bytes]`). The one rule for every client-controlled log field.
+pub fn bounded(value: &str) -> String {
+    match value.char_indices().nth(MAX_LOGGED_FIELD_CHARS) {
+        None => value.to_owned(),
+        Some((cut, _)) => format!("{}…[+{} bytes]", &value[..cut], value.len() - cut),
+    }
+}
+
 /// Install the global subscriber. Keep the guard alive until exit: dropping
 /// it flushes the lines still queued.
 pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
@@ -131,5 +145,25 @@ where
         };
         bytes.push(b'\n');
         let _ = self.writer.clone().write_all(&bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_fields_are_cut_and_marked_short_ones_kept() {
+        assert_eq!(bounded("curl/8.5"), "curl/8.5");
+        let exact = "a".repeat(MAX_LOGGED_FIELD_CHARS);
+        assert_eq!(bounded(&exact), exact);
+        let long = "é".repeat(300_000);
+        let cut = bounded(&long);
+        assert!(cut.starts_with(&"é".repeat(MAX_LOGGED_FIELD_CHARS)));
+        assert!(cut.ends_with(&format!(
+            "…[+{} bytes]",
+            (300_000 - MAX_LOGGED_FIELD_CHARS) * 2
+        )));
+        assert!(cut.chars().count() < MAX_LOGGED_FIELD_CHARS + 20);
     }
 }

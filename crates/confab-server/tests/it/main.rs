@@ -16,6 +16,7 @@ mod api_foundation;
 mod api_stream;
 mod auth_keys;
 mod browser;
+mod hardening;
 mod lifecycle;
 mod llm;
 mod peers_smoke;
