@@ -35,6 +35,16 @@ pub fn bounded(value: &str) -> String {
     }
 }
 
+/// Error texts of drivers (sqlx, redis) may echo the URL they were given,
+/// password and all: `error` fields go through the redaction rule.
+fn redact_error(field: &Field, text: String) -> String {
+    if field.name() == "error" && (text.contains('=') || text.contains("://")) {
+        crate::config::redact_credentials(&text)
+    } else {
+        text
+    }
+}
+
 /// Install the global subscriber. Keep the guard alive until exit: dropping
 /// it flushes the lines still queued.
 pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
@@ -91,12 +101,16 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().to_owned(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(value.to_string()));
+        self.0.insert(
+            field.name().to_owned(),
+            Value::from(redact_error(field, value.to_string())),
+        );
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+        self.0.insert(
+            field.name().to_owned(),
+            Value::from(redact_error(field, format!("{value:?}"))),
+        );
     }
 }
 
@@ -139,6 +153,16 @@ where
             }
         }
         event.record(&mut JsonVisitor(&mut line));
+        // sqlx warns about connection-URL parameters it ignores with the
+        // parameter as `key` and its value as `value` (`sslpassword`, say).
+        if line
+            .get("key")
+            .and_then(Value::as_str)
+            .is_some_and(crate::config::is_secret_key)
+            && line.contains_key("value")
+        {
+            line.insert("value".into(), Value::from("***"));
+        }
         line.insert("target".into(), Value::from(meta.target()));
         let Ok(mut bytes) = serde_json::to_vec(&Value::Object(line)) else {
             return;

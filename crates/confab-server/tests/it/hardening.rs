@@ -63,3 +63,42 @@ async fn client_controlled_log_fields_are_bounded_even_for_404s() {
         line.to_string().len()
     );
 }
+
+/// Run `confab serve` until it exits (it must: the configuration is bad or
+/// the database unreachable) and return stdout + stderr.
+async fn failed_start_output(env: &[(&str, &str)]) -> String {
+    let child = crate::support::process::command(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn confab");
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("confab kept running with a bad database URL")
+        .expect("wait for confab");
+    assert!(!out.status.success(), "confab started");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_passwords_are_never_printed_in_any_url_or_dsn_form() {
+    crate::support::init();
+    for url in [
+        "postgres://confab@127.0.0.1:1/confab?password=hunter2&sslpassword=s3cr3tkey&connect_timeout=1",
+        "postgres://confab:hunter2@127.0.0.1:1/confab?connect_timeout=1",
+        "host=127.0.0.1 port=1 user=confab password=hunter2 sslpassword=s3cr3tkey",
+    ] {
+        let output = failed_start_output(&[("DATABASE_URL", url)]).await;
+        assert!(!output.is_empty(), "no error was printed for {url}");
+        for secret in ["hunter2", "s3cr3tkey"] {
+            assert!(
+                !output.contains(secret),
+                "{secret} printed for {url}:\n{output}"
+            );
+        }
+    }
+}
