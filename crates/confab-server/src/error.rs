@@ -43,9 +43,15 @@ pub enum ApiError {
     /// 502: the model failed.
     #[error("{0}")]
     BadGateway(String),
-    /// 503: a dependency is down; retrying later may work.
+    /// 503 with `Retry-After`: a dependency is down; retrying later may
+    /// work. The message is shown to the client: plain words, no internals.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: the database is unreachable or cannot write.
+    /// The detail (driver text, host, error codes) goes to the log line
+    /// only; the client reads [`DATABASE_UNAVAILABLE`].
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// 503 with `Retry-After`: the model is overloaded or rate limiting us.
     #[error("{message}")]
     Overloaded { message: String, retry_after: u64 },
@@ -70,9 +76,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable(_)
+            | ApiError::StoreUnavailable(_)
+            | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -82,6 +88,12 @@ impl ApiError {
         ApiError::NotFound("Chat not found".into())
     }
 }
+
+/// What a client is told when the database fails; the cause is logged.
+pub const DATABASE_UNAVAILABLE: &str = "Database unavailable, try again shortly";
+
+/// `Retry-After` of a 503 that has no better estimate, in seconds.
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 
 /// `{"error": reason, "message": message}` with the given status.
 pub fn error_body(status: StatusCode, message: &str) -> Response {
@@ -106,9 +118,18 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %detail, "internal error");
                 error_body(status, "Internal server error")
             }
-            ApiError::Unavailable(detail)
-            | ApiError::BadGateway(detail)
-            | ApiError::GatewayTimeout(detail) => {
+            ApiError::StoreUnavailable(detail) => {
+                tracing::warn!(error = %detail, status = status.as_u16(), "database failure");
+                with_retry_after(
+                    error_body(status, DATABASE_UNAVAILABLE),
+                    DEFAULT_RETRY_AFTER_SECS,
+                )
+            }
+            ApiError::Unavailable(message) => {
+                tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
+                with_retry_after(error_body(status, message), DEFAULT_RETRY_AFTER_SECS)
+            }
+            ApiError::BadGateway(detail) | ApiError::GatewayTimeout(detail) => {
                 tracing::warn!(error = %detail, status = status.as_u16(), "dependency failure");
                 error_body(status, detail)
             }
@@ -117,15 +138,19 @@ impl IntoResponse for ApiError {
                 retry_after,
             } => {
                 tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
-                let mut response = error_body(status, message);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-                response
+                with_retry_after(error_body(status, message), *retry_after)
             }
             other => error_body(status, &other.to_string()),
         }
     }
+}
+
+/// Every 503 says when to come back (at least 1 s).
+pub fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    response
 }
 
 impl From<StoreError> for ApiError {
@@ -135,9 +160,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { constraint } => {
                 ApiError::Conflict(format!("Conflicts with existing data ({constraint})"))
             }
-            StoreError::Unavailable(e) => {
-                ApiError::Unavailable(format!("Database unavailable, try again shortly ({e})"))
-            }
+            StoreError::Unavailable(e) => ApiError::StoreUnavailable(e),
             StoreError::Other(e) => ApiError::Internal(format!("database: {e}")),
         }
     }

@@ -347,14 +347,11 @@ async fn take_token(state: &AppState, principal: &Principal) -> Result<Option<De
                 Ok(None)
             } else {
                 tracing::error!(error = %err, policy = "fail-closed", "rate limiter unavailable; request refused");
-                let mut response = ApiError::Unavailable(
+                // ApiError::Unavailable carries Retry-After itself.
+                Err(ApiError::Unavailable(
                     "Rate limiting is temporarily unavailable; try again shortly".into(),
                 )
-                .into_response();
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                Err(response)
+                .into_response())
             }
         }
     }

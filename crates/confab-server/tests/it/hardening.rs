@@ -102,3 +102,110 @@ async fn database_passwords_are_never_printed_in_any_url_or_dsn_form() {
         }
     }
 }
+
+/// Make the test database unusable from outside the app: PostgreSQL refuses
+/// new connections and its existing ones are terminated; SQLite is locked by
+/// another connection holding an exclusive transaction (returned: keep it).
+async fn make_database_unavailable(db: &TestDb) -> Option<sqlx::SqliteConnection> {
+    use sqlx::Connection;
+    match db.kind {
+        Db::Postgres => {
+            let name = db
+                .url
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .split('?')
+                .next()
+                .unwrap()
+                .to_owned();
+            let mut admin = sqlx::PgConnection::connect(&crate::support::postgres_admin_url())
+                .await
+                .unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+            )))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            )
+            .bind(&name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+            let _ = admin.close().await;
+            None
+        }
+        Db::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql("BEGIN EXCLUSIVE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            Some(conn)
+        }
+    }
+}
+
+async fn assert_plain_503(res: reqwest::Response, what: &str) {
+    assert_eq!(res.status(), 503, "{what}");
+    let retry_after = res
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert!(
+        retry_after
+            .as_deref()
+            .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)),
+        "{what}: Retry-After {retry_after:?}"
+    );
+    let body = res.text().await.unwrap();
+    let lower = body.to_lowercase();
+    for internal in [
+        "postgres",
+        "sqlite",
+        "line ",
+        "os error",
+        "code:",
+        "127.0.0.1",
+        "localhost",
+        "locked",
+        "terminat",
+        "sqlx",
+    ] {
+        assert!(
+            !lower.contains(internal),
+            "{what}: body names {internal:?}: {body}"
+        );
+    }
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"], "Service Unavailable", "{body}");
+}
+
+async fn database_failures_answer_plain_words_and_retry_after(db: Db) {
+    let app = crate::support::spawn_app(db).await;
+    let who = crate::support::As::alice();
+    let (status, _) = app.get_json("/chats", &who).await;
+    assert_eq!(status, 200);
+    let _lock = make_database_unavailable(&app.db).await;
+    let res = app
+        .post_json("/chat", &who, &serde_json::json!({ "message": "hello?" }))
+        .await;
+    assert_plain_503(res, "POST /chat").await;
+    if db == Db::Postgres {
+        // (SQLite in WAL mode keeps serving reads under another's write lock.)
+        let res = app.get("/chats", &who).await;
+        assert_plain_503(res, "GET /chats").await;
+    }
+    let res = app.get("/health", &crate::support::As::Nobody).await;
+    assert_eq!(res.status(), 503);
+    assert!(
+        res.headers().contains_key("retry-after"),
+        "/health 503 without Retry-After"
+    );
+}
+
+crate::per_store!(database_failures_answer_plain_words_and_retry_after);
