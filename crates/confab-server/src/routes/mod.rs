@@ -45,8 +45,24 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(from_fn(json_errors))
         .layer(cors())
+        .layer(from_fn(nosniff))
         .layer(from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// `X-Content-Type-Options: nosniff` on every response (errors, CORS
+/// preflights and streams included): a browser must never guess that a JSON
+/// body or an error text is HTML or script.
+async fn nosniff(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -209,3 +209,76 @@ async fn database_failures_answer_plain_words_and_retry_after(db: Db) {
 }
 
 crate::per_store!(database_failures_answer_plain_words_and_retry_after);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_is_nosniff_and_the_playground_has_a_strict_csp() {
+    crate::support::init();
+    let app = crate::support::spawn_app(Db::Sqlite).await;
+    let who = crate::support::As::alice();
+    let mut responses = vec![
+        (
+            "GET /health",
+            app.get("/health", &crate::support::As::Nobody).await,
+        ),
+        (
+            "GET /nope",
+            app.get("/nope", &crate::support::As::Nobody).await,
+        ),
+        (
+            "GET /chats unauthenticated",
+            app.get("/chats", &crate::support::As::Nobody).await,
+        ),
+        (
+            "GET /playground",
+            app.get("/playground", &crate::support::As::Nobody).await,
+        ),
+        (
+            "GET /playground/playground.js",
+            app.get("/playground/playground.js", &crate::support::As::Nobody)
+                .await,
+        ),
+        (
+            "POST /chat 400",
+            app.post_json("/chat", &who, &serde_json::json!({ "message": "" }))
+                .await,
+        ),
+        (
+            "GET /metrics",
+            app.get("/metrics", &crate::support::As::Nobody).await,
+        ),
+    ];
+    responses.push((
+        "OPTIONS preflight",
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/chat"))
+            .header("origin", "http://example.test")
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap(),
+    ));
+    for (what, res) in &responses {
+        assert_eq!(
+            res.headers()
+                .get("x-content-type-options")
+                .map(|v| v.to_str().unwrap()),
+            Some("nosniff"),
+            "{what}"
+        );
+    }
+    let page = &responses[3].1;
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .expect("the playground page has a CSP");
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "CSP lacks {directive}: {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+}
