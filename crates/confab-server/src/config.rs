@@ -188,6 +188,9 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// How long an authenticated principal is cached (revocation takes effect within it).
     pub auth_cache_ttl: Duration,
+    /// Failed authentications allowed per client address, and how long an
+    /// unknown credential is remembered.
+    pub auth_failures: crate::auth::FailurePolicy,
     pub log_level: String,
     pub log_format: LogFormat,
     pub token_delay: TokenDelay,
@@ -442,7 +445,24 @@ impl Config {
             src.millis("PROVIDER_CONNECT_TIMEOUT_MS", 5000)?,
         )?;
 
+        let failure_burst: u32 = src.parse("AUTH_FAILURE_BURST", 20, "a whole number")?;
+        if failure_burst == 0 {
+            return Err(bad("AUTH_FAILURE_BURST", "must be at least 1"));
+        }
+        let failure_per_second: f64 = src.parse("AUTH_FAILURE_PER_SECOND", 1.0, "a number")?;
+        if !(failure_per_second.is_finite() && failure_per_second > 0.0) {
+            return Err(bad("AUTH_FAILURE_PER_SECOND", "must be a positive number"));
+        }
+        let auth_failures = crate::auth::FailurePolicy {
+            limit: Limit {
+                burst: failure_burst,
+                per_second: failure_per_second,
+            },
+            negative_ttl: src.seconds("AUTH_NEGATIVE_CACHE_SECONDS", 2.0)?,
+        };
+
         Ok(Config {
+            auth_failures,
             catalog,
             engine,
             provider_connect_timeout,

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// 422: well-formed but refused (an Idempotency-Key reused for another request).
     #[error("{0}")]
     Unprocessable(String),
+    /// 429 with `Retry-After`: too many failed authentications from this address.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after: u64 },
     /// 502: the model failed.
     #[error("{0}")]
     BadGateway(String),
@@ -75,6 +78,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_)
             | ApiError::StoreUnavailable(_)
@@ -140,6 +144,10 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
                 with_retry_after(error_body(status, message), *retry_after)
             }
+            ApiError::TooManyRequests {
+                message,
+                retry_after,
+            } => with_retry_after(error_body(status, message), *retry_after),
             other => error_body(status, &other.to_string()),
         }
     }

@@ -251,12 +251,22 @@ impl FromRequestParts<AppState> for MaybeAuth {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let principal = state.auth.authenticate(&parts.headers).await?;
+        let principal = state
+            .auth
+            .authenticate(&parts.headers, client_ip(&parts.extensions))
+            .await?;
         if let Some(p) = &principal {
             record_principal(p);
         }
         Ok(MaybeAuth(principal))
     }
+}
+
+/// The peer's address (absent when the router is driven without a socket).
+fn client_ip(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 fn record_principal(p: &Principal) {
@@ -282,7 +292,8 @@ pub fn rate_limit_key(p: &Principal) -> String {
 /// Protected routes: authenticate, take one rate-limit token for the org,
 /// and put the rate-limit headers on whatever the route answers.
 pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let principal = match state.auth.authenticate(req.headers()).await {
+    let client = client_ip(req.extensions());
+    let principal = match state.auth.authenticate(req.headers(), client).await {
         Ok(Some(p)) => p,
         Ok(None) => {
             state

@@ -5,8 +5,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::per_store;
 use crate::support::process::Confab;
 use crate::support::{Db, TestDb};
+
+per_store!(
+    database_failures_answer_plain_words_and_retry_after,
+    failed_authentications_are_cached_and_limited_per_address,
+);
 
 /// The `request completed` log line whose `status` is `status`, waiting for it.
 async fn completed_line(app: &Confab, status: u64) -> Value {
@@ -208,8 +214,6 @@ async fn database_failures_answer_plain_words_and_retry_after(db: Db) {
     );
 }
 
-crate::per_store!(database_failures_answer_plain_words_and_retry_after);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_is_nosniff_and_the_playground_has_a_strict_csp() {
     crate::support::init();
@@ -281,4 +285,47 @@ async fn every_response_is_nosniff_and_the_playground_has_a_strict_csp() {
         assert!(csp.contains(directive), "CSP lacks {directive}: {csp}");
     }
     assert!(!csp.contains("unsafe"), "{csp}");
+}
+
+async fn failed_authentications_are_cached_and_limited_per_address(db: Db) {
+    let app = crate::support::spawn_app_with(
+        db,
+        &[
+            ("AUTH_FAILURE_BURST", "5"),
+            ("AUTH_FAILURE_PER_SECOND", "0.05"),
+        ],
+    )
+    .await;
+    let unknown = crate::support::As::Key("cfb_thisKeyDoesNotExistAnywhere000000000".into());
+    let misses = || app.state.metrics.auth_cache_misses.get();
+    let before = misses();
+    for i in 0..5 {
+        let res = app.get("/chats", &unknown).await;
+        assert_eq!(res.status(), 401, "attempt {i}");
+    }
+    assert!(
+        misses() - before <= 1,
+        "5 requests with one unknown key made {} store lookups",
+        misses() - before
+    );
+    // Past the budget: 429 with Retry-After, SPEC's error shape, no lookup,
+    // for any credential from this address (random keys miss every cache).
+    let lookups = misses();
+    for who in [
+        unknown.clone(),
+        crate::support::As::Key("cfb_anotherRandomKey1111111111111111111".into()),
+    ] {
+        let res = app.get("/chats", &who).await;
+        assert_eq!(res.status(), 429);
+        let retry: u64 = res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry >= 1);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "Too Many Requests", "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert_eq!(misses(), lookups, "throttled requests reached the store");
 }
