@@ -329,3 +329,28 @@ async fn failed_authentications_are_cached_and_limited_per_address(db: Db) {
     }
     assert_eq!(misses(), lookups, "throttled requests reached the store");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_content_length_is_refused_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    crate::support::init();
+    let app = crate::support::spawn_app(Db::Sqlite).await;
+    let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /chat HTTP/1.1\r\nhost: {}\r\nx-org-id: {}\r\nx-user-id: {}\r\n\
+         content-type: application/json\r\ncontent-length: 10000000\r\n\r\n",
+        app.addr,
+        crate::support::app::ACME,
+        crate::support::app::ALICE
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // No body follows: the answer must come from the header alone.
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf))
+        .await
+        .expect("the server waited for a body it will refuse anyway")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("Payload Too Large"), "{answer}");
+}
