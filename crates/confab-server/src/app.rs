@@ -132,6 +132,7 @@ impl App {
             store.clone(),
             config.auth_mode,
             config.auth_cache_ttl,
+            config.auth_failures,
             metrics.clone(),
         ));
         let state = AppState {

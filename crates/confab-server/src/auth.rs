@@ -5,8 +5,15 @@
 //! Principals are cached for `AUTH_CACHE_TTL_SECONDS` so the hot path does not
 //! query the database on every request; a revoked key or deleted user is
 //! therefore refused within that TTL (per instance), not instantly.
+//!
+//! Failures are not free either: an unknown key or user is remembered for
+//! `AUTH_NEGATIVE_CACHE_SECONDS` (so a flood of one bad credential costs one
+//! lookup), and each client address may fail only `AUTH_FAILURE_BURST` times
+//! (refilling at `AUTH_FAILURE_PER_SECOND`) before its credentialed requests
+//! get 429 without any lookup (random keys never hit a cache).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +21,9 @@ use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use base64::Engine;
 use chrono::{DateTime, Utc};
+use confab_core::ratelimit::{Limit, RateLimiter};
 use confab_core::{ApiKeyId, OrgId, Principal, Store, UserId};
+use confab_ratelimit::MemoryRateLimiter;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -63,6 +72,18 @@ pub fn hash_key(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
+/// How many unknown credentials are remembered at most.
+const UNKNOWN_CACHE_CAPACITY: u64 = 10_000;
+
+/// What failed authentications cost (`AUTH_FAILURE_*`, `AUTH_NEGATIVE_CACHE_SECONDS`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FailurePolicy {
+    /// Failures per client address: burst, and refill per second.
+    pub limit: Limit,
+    /// How long an unknown key or user is answered from memory.
+    pub negative_ttl: Duration,
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum CacheKey {
     User(UserId),
@@ -73,6 +94,11 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     mode: AuthMode,
     cache: moka::future::Cache<CacheKey, Principal>,
+    /// Credentials found unknown a moment ago (bounded, short TTL).
+    unknown: moka::future::Cache<CacheKey, ()>,
+    /// Failed authentications per client address (in memory, per instance).
+    failures: MemoryRateLimiter,
+    failure_limit: Limit,
     /// Keys used since the last flush, with the time of their last use:
     /// `last_used_at` is written in batches, not once per request.
     key_uses: Mutex<HashMap<ApiKeyId, DateTime<Utc>>>,
@@ -84,16 +110,24 @@ impl Authenticator {
         store: Arc<dyn Store>,
         mode: AuthMode,
         ttl: Duration,
+        failures: FailurePolicy,
         metrics: Arc<Metrics>,
     ) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(ttl.max(Duration::from_millis(1)))
             .build();
+        let unknown = moka::future::Cache::builder()
+            .max_capacity(UNKNOWN_CACHE_CAPACITY)
+            .time_to_live(failures.negative_ttl.max(Duration::from_millis(1)))
+            .build();
         Self {
             store,
             mode,
             cache,
+            unknown,
+            failures: MemoryRateLimiter::new(),
+            failure_limit: failures.limit,
             key_uses: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -122,7 +156,43 @@ impl Authenticator {
 
     /// The caller's principal; `Ok(None)` when the request carries no
     /// credentials at all. A request with a key is judged by the key alone.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, ApiError> {
+    /// `client` is the peer address: past its failure budget, requests with
+    /// credentials get 429 (`TooManyRequests`) without a lookup.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+    ) -> Result<Option<Principal>, ApiError> {
+        let Some(ip) = client else {
+            return self.judge(headers).await;
+        };
+        let key = format!("authfail:{ip}");
+        if let Ok(d) = self.failures.peek(&key, self.failure_limit).await
+            && !d.allowed
+        {
+            self.metrics
+                .auth_failures
+                .get_or_create(&ReasonLabels {
+                    reason: "throttled",
+                })
+                .inc();
+            return Err(ApiError::TooManyRequests {
+                message: "Too many failed authentication attempts; try again later".into(),
+                retry_after: d
+                    .retry_after
+                    .map(|r| r.as_secs_f64().ceil() as u64)
+                    .unwrap_or(1)
+                    .max(1),
+            });
+        }
+        let result = self.judge(headers).await;
+        if matches!(result, Err(ApiError::Unauthorized(_))) {
+            let _ = self.failures.acquire(&key, self.failure_limit, 1).await;
+        }
+        result
+    }
+
+    async fn judge(&self, headers: &HeaderMap) -> Result<Option<Principal>, ApiError> {
         let authorization = headers.get(AUTHORIZATION);
         if let Some(value) = authorization
             && self.mode.api_key
@@ -218,11 +288,17 @@ impl Authenticator {
             self.metrics.auth_cache_hits.inc();
             return Ok(Some(hit));
         }
+        if self.unknown.contains_key(&key) {
+            self.metrics.auth_cache_hits.inc();
+            return Ok(None);
+        }
+        let unknown_key = key.clone();
         // Single flight: when an entry expires under load, the requests that
         // arrive meanwhile wait for one database lookup instead of each
         // taking a pooled connection for the same row. Only positive answers
-        // are cached (an unknown credential is an `Err` here), so a key or
-        // user created a moment ago works at once.
+        // are cached here (an unknown credential is an `Err`); unknown ones go
+        // to the short-lived `unknown` cache, so a key or user created a
+        // moment ago works within AUTH_NEGATIVE_CACHE_SECONDS.
         let store = self.store.clone();
         let misses = self.metrics.auth_cache_misses.clone();
         let lookup_key = key.clone();
@@ -244,7 +320,10 @@ impl Authenticator {
         match found {
             Ok(principal) => Ok(Some(principal)),
             Err(err) => match err.as_ref() {
-                None => Ok(None),
+                None => {
+                    self.unknown.insert(unknown_key, ()).await;
+                    Ok(None)
+                }
                 Some(store_error) => Err(store_error.clone().into()),
             },
         }

@@ -199,7 +199,10 @@ pub fn main() -> ExitCode {
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(err) => {
-            eprintln!("confab: {err}");
+            eprintln!(
+                "confab: {}",
+                crate::config::redact_credentials(&err.to_string())
+            );
             return ExitCode::from(2);
         }
     };
@@ -217,7 +220,11 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("confab: {err:#}");
+            // Driver errors may quote the database or Redis URL.
+            eprintln!(
+                "confab: {}",
+                crate::config::redact_credentials(&format!("{err:#}"))
+            );
             ExitCode::FAILURE
         }
     }

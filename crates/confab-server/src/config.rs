@@ -38,22 +38,115 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Keys whose value is a credential, in URL query strings (`?password=`)
+/// and key/value DSNs (`host=db password=…`). Compared case-insensitively.
+const SECRET_KEYS: &[&str] = &[
+    "password",
+    "sslpassword",
+    "passwd",
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "auth_token",
+    "api_key",
+    "apikey",
+    "sslkey_password",
+];
+
+/// Whether a parameter named `key` holds a credential.
+pub fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS
+        .iter()
+        .any(|k| k.eq_ignore_ascii_case(key.trim()))
+}
+
 fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    if userinfo.contains(':') {
-        format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
-    } else {
-        url.to_owned()
+    redact_credentials(url)
+}
+
+/// `text` with every credential it contains replaced by `***`: the password
+/// of any `scheme://user:password@host` in it, and the value of every
+/// `password=`-like key (see [`SECRET_KEYS`]) after `?`, `&`, `;`, white space
+/// or at the start (quoted values included). Meant for whole messages, not
+/// only URLs: driver errors (sqlx, redis) may echo the URL they were given,
+/// so everything that may carry one goes through here before it is printed
+/// or logged.
+pub fn redact_credentials(text: &str) -> String {
+    redact_key_values(&redact_userinfo(text))
+}
+
+fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[authority_end..];
     }
+    out.push_str(rest);
+    out
+}
+
+fn redact_key_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut copied = 0;
+    while i < bytes.len() {
+        let at_boundary = i == 0
+            || matches!(
+                bytes[i - 1],
+                b'?' | b'&' | b';' | b' ' | b'\t' | b'\n' | b'"' | b'\'' | b'(' | b','
+            );
+        let key = at_boundary
+            .then(|| {
+                SECRET_KEYS.iter().find(|k| {
+                    text.get(i..i + k.len())
+                        .is_some_and(|s| s.eq_ignore_ascii_case(k))
+                        && text[i + k.len()..].trim_start().starts_with('=')
+                })
+            })
+            .flatten();
+        let Some(key) = key else {
+            i += 1;
+            continue;
+        };
+        let after_key = i + key.len();
+        let eq = after_key + text[after_key..].find('=').unwrap_or(0);
+        let mut value_start = eq + 1;
+        while value_start < bytes.len() && bytes[value_start] == b' ' {
+            value_start += 1;
+        }
+        let value_end = match bytes.get(value_start) {
+            Some(&q @ (b'\'' | b'"')) => text[value_start + 1..]
+                .find(q as char)
+                .map_or(bytes.len(), |j| value_start + 1 + j + 1),
+            _ => text[value_start..]
+                .find(|c: char| {
+                    matches!(c, '&' | ';' | ',' | ')' | '"' | '\'') || c.is_whitespace()
+                })
+                .map_or(bytes.len(), |j| value_start + j),
+        };
+        out.push_str(&text[copied..value_start]);
+        out.push_str("***");
+        copied = value_end;
+        i = value_end.max(i + 1);
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +188,9 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// How long an authenticated principal is cached (revocation takes effect within it).
     pub auth_cache_ttl: Duration,
+    /// Failed authentications allowed per client address, and how long an
+    /// unknown credential is remembered.
+    pub auth_failures: crate::auth::FailurePolicy,
     pub log_level: String,
     pub log_format: LogFormat,
     pub token_delay: TokenDelay,
@@ -351,7 +447,24 @@ impl Config {
             src.millis("PROVIDER_CONNECT_TIMEOUT_MS", 5000)?,
         )?;
 
+        let failure_burst: u32 = src.parse("AUTH_FAILURE_BURST", 20, "a whole number")?;
+        if failure_burst == 0 {
+            return Err(bad("AUTH_FAILURE_BURST", "must be at least 1"));
+        }
+        let failure_per_second: f64 = src.parse("AUTH_FAILURE_PER_SECOND", 1.0, "a number")?;
+        if !(failure_per_second.is_finite() && failure_per_second > 0.0) {
+            return Err(bad("AUTH_FAILURE_PER_SECOND", "must be a positive number"));
+        }
+        let auth_failures = crate::auth::FailurePolicy {
+            limit: Limit {
+                burst: failure_burst,
+                per_second: failure_per_second,
+            },
+            negative_ttl: src.seconds("AUTH_NEGATIVE_CACHE_SECONDS", 2.0)?,
+        };
+
         Ok(Config {
+            auth_failures,
             catalog,
             engine,
             provider_connect_timeout,
@@ -478,5 +591,46 @@ mod tests {
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
         );
+    }
+
+    #[test]
+    fn every_credential_form_is_redacted() {
+        let cases = [
+            (
+                "postgres://app@db/confab?password=hunter2&sslmode=require",
+                "postgres://app@db/confab?password=***&sslmode=require",
+            ),
+            (
+                "postgres://db/confab?sslmode=verify-full&sslpassword=hunter2",
+                "postgres://db/confab?sslmode=verify-full&sslpassword=***",
+            ),
+            (
+                "host=db user=app password=hunter2 dbname=confab",
+                "host=db user=app password=*** dbname=confab",
+            ),
+            (
+                "host=db password='hunter2 x' dbname=confab",
+                "host=db password=*** dbname=confab",
+            ),
+            ("redis://:hunter2@cache:6379/0", "redis://:***@cache:6379/0"),
+            (
+                "redis://cache/?PASSWORD=hunter2",
+                "redis://cache/?PASSWORD=***",
+            ),
+            (
+                "error connecting to postgres://app:hunter2@db:5432/x: refused (os error 111)",
+                "error connecting to postgres://app:***@db:5432/x: refused (os error 111)",
+            ),
+            ("sqlite://confab.db", "sqlite://confab.db"),
+            ("compass=north bypass=1", "compass=north bypass=1"),
+        ];
+        for (input, redacted) in cases {
+            assert_eq!(redact_credentials(input), redacted, "{input}");
+        }
+        for prefix in ["", " ", "password=a&", "?password=b;", "password = "] {
+            // Never panics on odd input, never leaves the secret.
+            let s = redact_credentials(&format!("{prefix}password=hunter2"));
+            assert!(!s.contains("hunter2"), "{s}");
+        }
     }
 }

@@ -41,12 +41,21 @@ pub enum ApiError {
     /// 422: well-formed but refused (an Idempotency-Key reused for another request).
     #[error("{0}")]
     Unprocessable(String),
+    /// 429 with `Retry-After`: too many failed authentications from this address.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after: u64 },
     /// 502: the model failed.
     #[error("{0}")]
     BadGateway(String),
-    /// 503: a dependency is down; retrying later may work.
+    /// 503 with `Retry-After`: a dependency is down; retrying later may
+    /// work. The message is shown to the client: plain words, no internals.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: the database is unreachable or cannot write.
+    /// The detail (driver text, host, error codes) goes to the log line
+    /// only; the client reads [`DATABASE_UNAVAILABLE`].
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// 503 with `Retry-After`: the model is overloaded or rate limiting us.
     #[error("{message}")]
     Overloaded { message: String, retry_after: u64 },
@@ -73,10 +82,11 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable(_)
+            | ApiError::StoreUnavailable(_)
+            | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::TokenBudget(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,6 +97,12 @@ impl ApiError {
         ApiError::NotFound("Chat not found".into())
     }
 }
+
+/// What a client is told when the database fails; the cause is logged.
+pub const DATABASE_UNAVAILABLE: &str = "Database unavailable, try again shortly";
+
+/// `Retry-After` of a 503 that has no better estimate, in seconds.
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 
 /// `{"error": reason, "message": message}` with the given status.
 pub fn error_body(status: StatusCode, message: &str) -> Response {
@@ -111,9 +127,18 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %detail, "internal error");
                 error_body(status, "Internal server error")
             }
-            ApiError::Unavailable(detail)
-            | ApiError::BadGateway(detail)
-            | ApiError::GatewayTimeout(detail) => {
+            ApiError::StoreUnavailable(detail) => {
+                tracing::warn!(error = %detail, status = status.as_u16(), "database failure");
+                with_retry_after(
+                    error_body(status, DATABASE_UNAVAILABLE),
+                    DEFAULT_RETRY_AFTER_SECS,
+                )
+            }
+            ApiError::Unavailable(message) => {
+                tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
+                with_retry_after(error_body(status, message), DEFAULT_RETRY_AFTER_SECS)
+            }
+            ApiError::BadGateway(detail) | ApiError::GatewayTimeout(detail) => {
                 tracing::warn!(error = %detail, status = status.as_u16(), "dependency failure");
                 error_body(status, detail)
             }
@@ -138,15 +163,23 @@ impl IntoResponse for ApiError {
                 retry_after,
             } => {
                 tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
-                let mut response = error_body(status, message);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-                response
+                with_retry_after(error_body(status, message), *retry_after)
             }
+            ApiError::TooManyRequests {
+                message,
+                retry_after,
+            } => with_retry_after(error_body(status, message), *retry_after),
             other => error_body(status, &other.to_string()),
         }
     }
+}
+
+/// Every 503 says when to come back (at least 1 s).
+pub fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    response
 }
 
 impl From<StoreError> for ApiError {
@@ -156,9 +189,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { constraint } => {
                 ApiError::Conflict(format!("Conflicts with existing data ({constraint})"))
             }
-            StoreError::Unavailable(e) => {
-                ApiError::Unavailable(format!("Database unavailable, try again shortly ({e})"))
-            }
+            StoreError::Unavailable(e) => ApiError::StoreUnavailable(e),
             StoreError::Other(e) => ApiError::Internal(format!("database: {e}")),
         }
     }

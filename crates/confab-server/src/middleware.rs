@@ -76,8 +76,8 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
         .headers()
         .get(USER_AGENT)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+        .unwrap_or("");
+    let user_agent = crate::telemetry::bounded(user_agent);
     let span =
         tracing::info_span!("request", requestId = %request_id, orgId = Empty, userId = Empty);
     let in_flight = InFlight::start(&state, &req, route, user_agent, span.clone());
@@ -127,7 +127,7 @@ impl InFlight {
             metrics: state.metrics.clone(),
             method,
             route,
-            url: req.uri().to_string(),
+            url: crate::telemetry::bounded(&req.uri().to_string()),
             user_agent,
             span,
             started: Instant::now(),
@@ -251,12 +251,22 @@ impl FromRequestParts<AppState> for MaybeAuth {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let principal = state.auth.authenticate(&parts.headers).await?;
+        let principal = state
+            .auth
+            .authenticate(&parts.headers, client_ip(&parts.extensions))
+            .await?;
         if let Some(p) = &principal {
             record_principal(p);
         }
         Ok(MaybeAuth(principal))
     }
+}
+
+/// The peer's address (absent when the router is driven without a socket).
+fn client_ip(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 fn record_principal(p: &Principal) {
@@ -282,7 +292,8 @@ pub fn rate_limit_key(p: &Principal) -> String {
 /// Protected routes: authenticate, take one rate-limit token for the org,
 /// and put the rate-limit headers on whatever the route answers.
 pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let principal = match state.auth.authenticate(req.headers()).await {
+    let client = client_ip(req.extensions());
+    let principal = match state.auth.authenticate(req.headers(), client).await {
         Ok(Some(p)) => p,
         Ok(None) => {
             state
@@ -347,14 +358,11 @@ async fn take_token(state: &AppState, principal: &Principal) -> Result<Option<De
                 Ok(None)
             } else {
                 tracing::error!(error = %err, policy = "fail-closed", "rate limiter unavailable; request refused");
-                let mut response = ApiError::Unavailable(
+                // ApiError::Unavailable carries Retry-After itself.
+                Err(ApiError::Unavailable(
                     "Rate limiting is temporarily unavailable; try again shortly".into(),
                 )
-                .into_response();
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                Err(response)
+                .into_response())
             }
         }
     }

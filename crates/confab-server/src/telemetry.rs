@@ -21,6 +21,30 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+/// The longest client-controlled value (user agent, URL, …) a log line
+/// carries, in characters. A client may send ~300 KB of `User-Agent`; copied
+/// into every request line that would amplify its traffic into our logs.
+pub const MAX_LOGGED_FIELD_CHARS: usize = 256;
+
+/// `value` cut to [`MAX_LOGGED_FIELD_CHARS`] characters, marked when cut
+/// (`…[+N bytes]`). The one rule for every client-controlled log field.
+pub fn bounded(value: &str) -> String {
+    match value.char_indices().nth(MAX_LOGGED_FIELD_CHARS) {
+        None => value.to_owned(),
+        Some((cut, _)) => format!("{}…[+{} bytes]", &value[..cut], value.len() - cut),
+    }
+}
+
+/// Error texts of drivers (sqlx, redis) may echo the URL they were given,
+/// password and all: `error` fields go through the redaction rule.
+fn redact_error(field: &Field, text: String) -> String {
+    if field.name() == "error" && (text.contains('=') || text.contains("://")) {
+        crate::config::redact_credentials(&text)
+    } else {
+        text
+    }
+}
+
 /// Install the global subscriber. Keep the guard alive until exit: dropping
 /// it flushes the lines still queued.
 pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
@@ -77,12 +101,16 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().to_owned(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(value.to_string()));
+        self.0.insert(
+            field.name().to_owned(),
+            Value::from(redact_error(field, value.to_string())),
+        );
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+        self.0.insert(
+            field.name().to_owned(),
+            Value::from(redact_error(field, format!("{value:?}"))),
+        );
     }
 }
 
@@ -125,11 +153,41 @@ where
             }
         }
         event.record(&mut JsonVisitor(&mut line));
+        // sqlx warns about connection-URL parameters it ignores with the
+        // parameter as `key` and its value as `value` (`sslpassword`, say).
+        if line
+            .get("key")
+            .and_then(Value::as_str)
+            .is_some_and(crate::config::is_secret_key)
+            && line.contains_key("value")
+        {
+            line.insert("value".into(), Value::from("***"));
+        }
         line.insert("target".into(), Value::from(meta.target()));
         let Ok(mut bytes) = serde_json::to_vec(&Value::Object(line)) else {
             return;
         };
         bytes.push(b'\n');
         let _ = self.writer.clone().write_all(&bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_fields_are_cut_and_marked_short_ones_kept() {
+        assert_eq!(bounded("curl/8.5"), "curl/8.5");
+        let exact = "a".repeat(MAX_LOGGED_FIELD_CHARS);
+        assert_eq!(bounded(&exact), exact);
+        let long = "é".repeat(300_000);
+        let cut = bounded(&long);
+        assert!(cut.starts_with(&"é".repeat(MAX_LOGGED_FIELD_CHARS)));
+        assert!(cut.ends_with(&format!(
+            "…[+{} bytes]",
+            (300_000 - MAX_LOGGED_FIELD_CHARS) * 2
+        )));
+        assert!(cut.chars().count() < MAX_LOGGED_FIELD_CHARS + 20);
     }
 }

@@ -34,9 +34,10 @@ use confab_core::{
     TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Connection, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::error::map_err;
@@ -96,6 +97,7 @@ impl SqliteStore {
             // A local file does not go stale; a ping per acquire would cost a
             // round trip to the connection's worker thread on every query.
             .test_before_acquire(false)
+            .before_acquire(|conn, _| Box::pin(discard_if_left_in_transaction(conn)))
             .connect_with(options.clone())
             .await
             .map_err(unavailable)?;
@@ -139,6 +141,29 @@ impl SqliteStore {
     }
 }
 
+/// Pool hook of the writer: `Ok(false)` (close it, open a fresh one) when
+/// the connection still counts an open transaction although nobody holds it.
+///
+/// That happens after a failed statement or `COMMIT` (a full disk,
+/// `SQLITE_FULL`/`SQLITE_IOERR`): SQLite may already have rolled the
+/// transaction back itself, so the `ROLLBACK` sqlx queues when the
+/// `Transaction` is dropped fails ("no transaction is active") and sqlx's
+/// depth counter stays at 1. Every later `BEGIN IMMEDIATE` on that connection
+/// is then refused ("begin_with at non-zero transaction depth") until restart.
+/// On the happy path the depth is 0 and this costs nothing; when a dropped
+/// transaction's rollback is merely still queued, the ping waits for it.
+async fn discard_if_left_in_transaction(conn: &mut SqliteConnection) -> Result<bool, sqlx::Error> {
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!("discarding the SQLite writer connection left inside a failed transaction");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
     id.into()
 }
@@ -149,12 +174,28 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    /// Reads and writes: a disk that is full (or failing) leaves reads
+    /// working, so a `SELECT 1` alone would call the store healthy while
+    /// every write fails. The write probe commits a one-page change that
+    /// leaves the data as it was (`user_version` set to its own value; sqlx's
+    /// migrations keep their state in a table, not there).
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.read)
             .await
-            .map(drop)
-            .map_err(map_err)
+            .map_err(map_err)?;
+        let mut tx = self.begin_write().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA user_version = {version}"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

@@ -45,10 +45,50 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), refuse_oversized))
         .layer(from_fn(json_errors))
         .layer(cors())
+        .layer(from_fn(nosniff))
         .layer(from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// A declared `Content-Length` above `MAX_BODY_BYTES` is refused from the
+/// header alone, before authentication and before any byte of the body is
+/// read (`DefaultBodyLimit` only stops reading once the limit is passed, so
+/// a client announcing 10 MB and sending nothing held the request open).
+async fn refuse_oversized(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.config.max_body_bytes as u64) {
+        return crate::error::error_body(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "Request body is too large",
+        );
+    }
+    next.run(req).await
+}
+
+/// `X-Content-Type-Options: nosniff` on every response (errors, CORS
+/// preflights and streams included): a browser must never guess that a JSON
+/// body or an error text is HTML or script.
+async fn nosniff(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -96,12 +96,13 @@ pub async fn health(
     if !healthy {
         tracing::warn!(database = db_ok, redis, "health check degraded");
     }
-    let status = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+    if healthy {
+        return (StatusCode::OK, Json(body)).into_response();
+    }
+    crate::error::with_retry_after(
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
+        crate::error::DEFAULT_RETRY_AFTER_SECS,
+    )
 }
 
 /// Prometheus text format (0.0.4) by default, as the original served;

@@ -29,6 +29,16 @@ impl TestDb {
         }
     }
 
+    /// A SQLite database at `path`, a place the caller owns and cleans up
+    /// (e.g. a size-limited tmpfs).
+    pub fn sqlite_at(path: &std::path::Path) -> TestDb {
+        TestDb {
+            kind: Db::Sqlite,
+            url: format!("sqlite://{}", path.display()),
+            name: String::new(),
+        }
+    }
+
     /// Create a fresh, empty (not migrated) database.
     pub async fn new(kind: Db) -> TestDb {
         let name = format!("confab_test_{}", Uuid::new_v4().simple());
