@@ -18,6 +18,7 @@ mod auth_keys;
 mod browser;
 mod lifecycle;
 mod llm;
+mod ops;
 mod peers_smoke;
 
 mod ratelimit_contract;
