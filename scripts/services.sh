@@ -55,6 +55,15 @@ if ! command -v node >/dev/null; then
 fi
 node --version
 
+# The operations test (tests/it/ops.rs) runs Debian's Prometheus (scraping a
+# confab) and promtool (the alert rules and their tests). The package's own
+# service is not used: the test runs a private instance on a free port.
+if [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/promtool ]; then
+  echo "installing prometheus"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+/usr/bin/prometheus --version 2>&1 | head -n 1
+
 # Real third-party LLM API servers the integration tests run as child
 # processes (tests/it/support/peers.rs): llmock and the LiteLLM proxy, from
 # PyPI, pinned (never litellm 1.107.x), in a venv kept outside the clone:

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::state::AppState;
 
 /// How often `last_used_at` of API keys is written.
@@ -145,6 +146,7 @@ impl App {
             metrics,
             hard_stop,
             tasks,
+            readiness: Readiness::new(),
         };
         recover_dead_streams(&state).await;
         let app = App {
@@ -158,6 +160,13 @@ impl App {
     fn start_background(&self) {
         let s = &self.state;
         let stop = self.background_stop.clone();
+        let redis = s.config.redis_url.is_some().then(|| s.limiter.clone());
+        s.tasks.spawn(s.readiness.clone().run(
+            s.store.clone(),
+            redis,
+            s.metrics.clone(),
+            stop.clone(),
+        ));
         s.tasks.spawn(s.engine.flusher().clone().run(
             s.store.clone(),
             s.metrics.clone(),
@@ -210,20 +219,29 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let grace = state.config.shutdown_grace;
+        let readiness_delay = state.config.shutdown_readiness_delay;
         let hard_stop = state.hard_stop.clone();
-        let draining = CancellationToken::new();
-        let draining_signal = draining.clone();
+        let readiness = state.readiness.clone();
+        // axum stops accepting as soon as this future resolves, so a
+        // balancer could never see `/readyz` answer 503. Readiness therefore
+        // flips first, and the listener keeps accepting (and serving) for
+        // SHUTDOWN_READINESS_DELAY_MS, long enough for the balancer's next
+        // probe to take the instance out of rotation.
         let graceful = async move {
             shutdown.await;
+            readiness.start_draining();
             tracing::info!(
                 grace_seconds = grace.as_secs_f64(),
-                "shutting down: no new connections; waiting for requests and streams"
+                readiness_delay_ms = readiness_delay.as_millis() as u64,
+                "shutting down: /readyz answers 503; still accepting for the readiness delay"
             );
-            draining_signal.cancel();
+            tokio::time::sleep(readiness_delay).await;
+            tracing::info!("no new connections; waiting for requests and streams");
         };
-        // After the grace period, streams still running are interrupted.
+        // After the grace period (counted from the signal), streams still
+        // running are interrupted.
         let timer_stop = hard_stop.clone();
-        let drain_wait = draining.clone();
+        let drain_wait = state.readiness.draining();
         let grace_timer = tokio::spawn(async move {
             drain_wait.cancelled().await;
             tokio::time::sleep(grace).await;

@@ -37,6 +37,9 @@ enum Command {
     Migrate,
     /// Create the demo tenants (idempotent).
     SeedDemo,
+    /// GET /livez of the instance on HOST/PORT; exit 0 when it answers 200
+    /// (the container HEALTHCHECK: the runtime image has no curl).
+    Healthcheck,
     /// Manage organisations.
     #[command(subcommand)]
     Org(OrgCommand),
@@ -233,6 +236,7 @@ pub fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
+        Command::Healthcheck => healthcheck(&config).await,
         Command::Migrate => {
             let store = open_store(&config).await?;
             println!("migrations applied ({})", store.backend());
@@ -268,6 +272,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     announce(&app, local);
     app.serve(listener, shutdown_signal()).await
+}
+
+/// One HTTP/1.1 request by hand: the binary has no HTTP client of its own,
+/// and pulling one in for a health check is not worth it.
+async fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = if config.host.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        config.host
+    };
+    let addr = std::net::SocketAddr::new(host, config.port);
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = tcp.read(&mut head).await?;
+        head.truncate(n);
+        Ok::<_, std::io::Error>(head)
+    };
+    let head = tokio::time::timeout(std::time::Duration::from_secs(3), exchange)
+        .await
+        .map_err(|_| anyhow!("{addr}: no answer within 3 s"))?
+        .with_context(|| format!("GET http://{addr}/livez"))?;
+    let status_line = String::from_utf8_lossy(&head);
+    let status_line = status_line.lines().next().unwrap_or("");
+    if status_line.starts_with("HTTP/1.1 200") {
+        println!("ok");
+        Ok(())
+    } else {
+        bail!("GET http://{addr}/livez: {status_line:?}")
+    }
 }
 
 /// The start-up banner: where to click and what to paste.

@@ -197,6 +197,9 @@ pub struct Config {
     /// The simulated model pads replies to at least this many words.
     pub simulated_min_words: usize,
     pub shutdown_grace: Duration,
+    /// After a shutdown signal, `/readyz` answers 503 and the listener keeps
+    /// accepting this long before it closes (so balancers notice first).
+    pub shutdown_readiness_delay: Duration,
     pub max_body_bytes: usize,
     /// Seed the demo tenants when the database has no org.
     pub seed_demo: bool,
@@ -462,6 +465,22 @@ impl Config {
             },
             negative_ttl: src.seconds("AUTH_NEGATIVE_CACHE_SECONDS", 2.0)?,
         };
+        let shutdown_grace = src.seconds("SHUTDOWN_GRACE_SECONDS", 30.0)?;
+        let default_delay = if production {
+            Duration::from_secs(5).min(shutdown_grace)
+        } else {
+            Duration::ZERO
+        };
+        let shutdown_readiness_delay = src.millis(
+            "SHUTDOWN_READINESS_DELAY_MS",
+            u64::try_from(default_delay.as_millis()).unwrap_or(0),
+        )?;
+        if shutdown_readiness_delay > shutdown_grace {
+            return Err(bad(
+                "SHUTDOWN_READINESS_DELAY_MS",
+                "must not exceed SHUTDOWN_GRACE_SECONDS (the grace period counts from the signal)",
+            ));
+        }
 
         Ok(Config {
             auth_failures,
@@ -482,7 +501,8 @@ impl Config {
             log_format,
             token_delay,
             simulated_min_words: src.parse("SIMULATED_MIN_WORDS", 0, "a whole number")?,
-            shutdown_grace: src.seconds("SHUTDOWN_GRACE_SECONDS", 30.0)?,
+            shutdown_grace,
+            shutdown_readiness_delay,
             max_body_bytes,
             seed_demo: src.bool("SEED_DEMO", !production)?,
             stream_flush_interval,
@@ -561,6 +581,21 @@ mod tests {
         assert!(!c.seed_demo);
         let c = cfg(&[("APP_ENV", "production"), ("AUTH_MODE", "headers,api_key")]).unwrap();
         assert!(c.auth_mode.headers);
+    }
+
+    #[test]
+    fn readiness_delay_is_off_in_development_and_within_the_grace_in_production() {
+        assert_eq!(cfg(&[]).unwrap().shutdown_readiness_delay, Duration::ZERO);
+        let prod = cfg(&[("APP_ENV", "production")]).unwrap();
+        assert_eq!(prod.shutdown_readiness_delay, Duration::from_secs(5));
+        let short = cfg(&[("APP_ENV", "production"), ("SHUTDOWN_GRACE_SECONDS", "2")]).unwrap();
+        assert_eq!(short.shutdown_readiness_delay, Duration::from_secs(2));
+        let err = cfg(&[
+            ("SHUTDOWN_GRACE_SECONDS", "1"),
+            ("SHUTDOWN_READINESS_DELAY_MS", "1500"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.var, "SHUTDOWN_READINESS_DELAY_MS");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod middleware;
+pub mod readiness;
 pub mod routes;
 pub mod seed;
 pub mod sse;

@@ -48,6 +48,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    pub dependency: &'static str,
+}
+
 /// Model names are configuration, a bounded set: fine as labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -105,7 +110,6 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabels, Counter>,
     pub auth_cache_hits: Counter,
     pub auth_cache_misses: Counter,
-    pub db_errors: Family<ReasonLabels, Counter>,
     pub idempotent_replays: Counter,
     pub llm_requests: Family<ModelOutcomeLabels, Counter>,
     pub llm_ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
@@ -113,6 +117,7 @@ pub struct Metrics {
     pub llm_retries: Family<ModelReasonLabels, Counter>,
     pub budget_tokens: Family<BudgetLabels, Counter>,
     pub budget_steps: Family<BudgetLabels, Counter>,
+    pub dependency_up: Family<DependencyLabels, Gauge>,
 }
 
 fn http_histogram() -> Histogram {
@@ -227,12 +232,6 @@ impl Metrics {
             "Principals looked up in the database",
             auth_cache_misses.clone(),
         );
-        let db_errors = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "db_errors",
-            "Database errors seen while serving requests, by kind",
-            db_errors.clone(),
-        );
         let idempotent_replays = Counter::default();
         registry.register(
             "idempotent_replays",
@@ -276,6 +275,12 @@ impl Metrics {
             "Token-budget steps by event (reserved, settled, refused, error) and limit kind",
             budget_steps.clone(),
         );
+        let dependency_up = Family::<DependencyLabels, Gauge>::default();
+        registry.register(
+            "dependency_up",
+            "1 when the last readiness probe reached the dependency (database, redis), else 0",
+            dependency_up.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
 
         Self {
@@ -297,7 +302,6 @@ impl Metrics {
             auth_failures,
             auth_cache_hits,
             auth_cache_misses,
-            db_errors,
             idempotent_replays,
             llm_requests,
             llm_ttft,
@@ -305,7 +309,15 @@ impl Metrics {
             llm_retries,
             budget_tokens,
             budget_steps,
+            dependency_up,
         }
+    }
+
+    /// Record a readiness probe's result for `dependency`.
+    pub fn set_dependency_up(&self, dependency: &'static str, up: bool) {
+        self.dependency_up
+            .get_or_create(&DependencyLabels { dependency })
+            .set(i64::from(up));
     }
 
     /// The exposition in the OpenMetrics text format.

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -30,4 +31,6 @@ pub struct AppState {
     /// Every spawned task (turns, background loops), so shutdown can wait
     /// for them.
     pub tasks: TaskTracker,
+    /// What `/readyz` answers: database reachable, not draining.
+    pub readiness: Arc<Readiness>,
 }

@@ -37,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(system::root))
         .route("/health", get(system::health))
         .route("/metrics", get(system::metrics))
+        .route("/livez", get(system::livez))
+        .route("/readyz", get(system::readyz))
         .merge(playground::routes());
 
     Router::new()

@@ -1,5 +1,6 @@
 //! `/`, `/health` and `/metrics`: unauthenticated, but credentials that are
-//! sent are validated and echoed (SPEC §3, §7).
+//! sent are validated and echoed (SPEC §3, §7). `/livez` and `/readyz`
+//! (SPEC §15): no credentials at all, for orchestrators and balancers.
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::middleware::{MaybeAuth, RequestId, limit_for, rate_limit_key};
+use crate::readiness::{database_reachable, redis_reachable};
 use crate::state::AppState;
 
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,16 +66,10 @@ pub async fn health(
     Extension(RequestId(request_id)): Extension<RequestId>,
     MaybeAuth(principal): MaybeAuth,
 ) -> Response {
-    let db_ok = matches!(
-        tokio::time::timeout(HEALTH_TIMEOUT, state.store.ping()).await,
-        Ok(Ok(()))
-    );
+    let db_ok = database_reachable(state.store.as_ref(), HEALTH_TIMEOUT).await;
     let redis = if state.config.redis_url.is_none() {
         "not configured"
-    } else if matches!(
-        tokio::time::timeout(HEALTH_TIMEOUT, state.limiter.ping()).await,
-        Ok(Ok(()))
-    ) {
+    } else if redis_reachable(state.limiter.as_ref(), HEALTH_TIMEOUT).await {
         "connected"
     } else {
         "disconnected"
@@ -103,6 +99,31 @@ pub async fn health(
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
         crate::error::DEFAULT_RETRY_AFTER_SECS,
     )
+}
+
+/// `GET /livez`: 200 while the process serves. Checks nothing else on
+/// purpose: an orchestrator restarts a process whose liveness fails, and a
+/// database outage is not cured by restarting every instance.
+pub async fn livez() -> Json<Value> {
+    Json(json!({ "status": "ok", "timestamp": now() }))
+}
+
+/// `GET /readyz`: 200 when the database answered the last probe (at most
+/// ~750 ms ago) and the instance is not draining; else 503.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.readiness.state();
+    let body = json!({
+        "status": if ready.ready() { "ready" } else { "not ready" },
+        "timestamp": now(),
+        "database": if ready.database_up { "connected" } else { "disconnected" },
+        "draining": ready.draining,
+    });
+    let status = if ready.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Prometheus text format (0.0.4) by default, as the original served;

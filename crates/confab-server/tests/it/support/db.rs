@@ -39,6 +39,11 @@ impl TestDb {
         }
     }
 
+    /// The database's name (PostgreSQL) or file stem (SQLite).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Create a fresh, empty (not migrated) database.
     pub async fn new(kind: Db) -> TestDb {
         let name = format!("confab_test_{}", Uuid::new_v4().simple());
