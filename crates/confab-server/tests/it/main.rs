@@ -20,6 +20,7 @@ mod budget_contract;
 mod hardening;
 mod lifecycle;
 mod llm;
+mod openai_sdk;
 mod ops;
 mod peers_smoke;
 mod usage;

@@ -1308,13 +1308,9 @@ fn echo_engine(store: &Arc<dyn Store>) -> TurnEngine {
 
 fn input(text: &MessageText, chat: Option<ChatId>, key: Option<IdempotencyClaim>) -> TurnInput {
     TurnInput {
-        text: text.clone(),
         chat_id: chat,
-        model: None,
-        system: None,
         idempotency: key,
-        interactive: false,
-        received: tokio::time::Instant::now(),
+        ..TurnInput::chat(text.clone(), false, tokio::time::Instant::now())
     }
 }
 
@@ -1332,7 +1328,7 @@ async fn run_turn(
             while let Some(event) = turn.events.recv().await {
                 match event {
                     TurnEvent::Token(_) => {}
-                    TurnEvent::Done(summary) => return Ok(Ok((turn.chat_id, summary.text))),
+                    TurnEvent::Done(summary) => return Ok(Ok((turn.chat_id.unwrap(), summary.text))),
                     TurnEvent::Failed(failure) => panic!("turn failed: {failure:?}"),
                 }
             }
