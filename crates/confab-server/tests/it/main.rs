@@ -18,6 +18,7 @@ mod auth_keys;
 mod browser;
 mod budget_contract;
 mod hardening;
+mod ledger_exact;
 mod lifecycle;
 mod llm;
 mod openai_sdk;
