@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 
 use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 use crate::model::{
-    ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord, LedgerEntry, Message,
-    NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal, RateLimitOverride, TokenLimits,
-    UsageGroup, UsageReport, User,
+    ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord,
+    LedgerEntry, Message, NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal,
+    RateLimitOverride, TokenLimits, UsageGroup, UsageReport, User,
 };
 
 #[derive(Clone, Debug, thiserror::Error)]

@@ -931,10 +931,10 @@ impl Run {
         let closed = tx.closed();
         tokio::pin!(stopped, closed);
 
-        let (messages, counted, max_output) = self
-            .context
-            .take()
-            .unwrap_or((Vec::new(), 0, self.model.max_output_tokens));
+        let (messages, counted, max_output) =
+            self.context
+                .take()
+                .unwrap_or((Vec::new(), 0, self.model.max_output_tokens));
         let request = ChatRequest {
             upstream_model: self.model.upstream_model.clone(),
             system: self.system.clone(),
@@ -1214,15 +1214,13 @@ impl Run {
             usage,
             finish: self.finish,
         };
-        let idempotent_response = match (&self.input.idempotency, self.replay.take(), &self.turn.meta)
-        {
-            (Some(claim), Some(encode), Some(meta)) if outcome == Outcome::Complete => Some((
-                self.who.user_id,
-                claim.key.clone(),
-                encode(meta, &summary),
-            )),
-            _ => None,
-        };
+        let idempotent_response =
+            match (&self.input.idempotency, self.replay.take(), &self.turn.meta) {
+                (Some(claim), Some(encode), Some(meta)) if outcome == Outcome::Complete => {
+                    Some((self.who.user_id, claim.key.clone(), encode(meta, &summary)))
+                }
+                _ => None,
+            };
         let prices = self.model.prices;
         let cost = (usage.prompt_tokens as f64 * prices.input_per_mtok
             + usage.completion_tokens as f64 * prices.output_per_mtok)

@@ -208,6 +208,7 @@ mod tests {
                 completion_tokens: 2,
                 source: UsageSource::Provider,
             },
+            finish: confab_core::turn::FinishReason::Stop,
         }))
         .await
         .unwrap();

@@ -24,9 +24,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
-    IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn, NewUser, Org,
-    OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits, TurnChat,
-    UsageGroup, UsageReport, User, UserId,
+    IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn,
+    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
+    TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;

@@ -29,9 +29,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
-    IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, MessageStatus, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
-    TurnChat, UsageGroup, UsageReport, User, UserId,
+    IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, MessageStatus, NewApiKey,
+    NewOrg, NewTurn, NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store,
+    StoreError, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,

@@ -36,8 +36,8 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, set_token_limit_headers};
 use crate::middleware::Auth;
 use crate::openai_wire::{
-    ChunkChoice, Choice, Completion, CompletionChunk, CompletionRequest, Content, Delta,
-    ErrorBody, ErrorObject, ModelList, ModelOut, OutMessage, Stop, UsageOut, UsageSlot,
+    Choice, ChunkChoice, Completion, CompletionChunk, CompletionRequest, Content, Delta, ErrorBody,
+    ErrorObject, ModelList, ModelOut, OutMessage, Stop, UsageOut, UsageSlot,
 };
 use crate::state::AppState;
 
@@ -83,13 +83,7 @@ impl OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        error_response(
-            self.status,
-            &self.message,
-            self.kind,
-            self.param,
-            self.code,
-        )
+        error_response(self.status, &self.message, self.kind, self.param, self.code)
     }
 }
 
@@ -248,11 +242,7 @@ fn check(
             content: text,
         });
     }
-    let Some(last_user) = messages
-        .iter()
-        .rev()
-        .find(|m| m.role == MessageRole::User)
-    else {
+    let Some(last_user) = messages.iter().rev().find(|m| m.role == MessageRole::User) else {
         return Err(OpenAiError::invalid(
             "messages must contain a user message",
             Some("messages"),
@@ -337,20 +327,26 @@ fn chat_header(headers: &HeaderMap) -> Result<Option<Option<ChatId>>, OpenAiErro
     if value.eq_ignore_ascii_case("new") {
         return Ok(Some(None));
     }
-    value.parse::<ChatId>().map(|id| Some(Some(id))).map_err(|_| {
-        OpenAiError::invalid(
-            "X-Confab-Chat-Id must be `new` or the id of one of your chats",
-            None,
-        )
-    })
+    value
+        .parse::<ChatId>()
+        .map(|id| Some(Some(id)))
+        .map_err(|_| {
+            OpenAiError::invalid(
+                "X-Confab-Chat-Id must be `new` or the id of one of your chats",
+                None,
+            )
+        })
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<CompletionRequest, Response> {
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<CompletionRequest, OpenAiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("Request body is too large".into()).into_response()
+            OpenAiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                ..OpenAiError::invalid("Request body is too large", None)
+            }
         } else {
-            OpenAiError::invalid("could not read the request body", None).into_response()
+            OpenAiError::invalid("could not read the request body", None)
         }
     })?;
     serde_json::from_slice(&bytes).map_err(|err| {
@@ -359,7 +355,6 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<CompletionRequest, 
             format!("the request body is not a valid chat completion request: {err}"),
             None,
         )
-        .into_response()
     })
 }
 
@@ -371,7 +366,7 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Response> {
     let received = tokio::time::Instant::now();
-    let req = parse_body(body)?;
+    let req = parse_body(body).map_err(IntoResponse::into_response)?;
     let store = chat_header(&headers).map_err(IntoResponse::into_response)?;
     let Checked {
         input,
@@ -406,7 +401,9 @@ pub async fn chat_completions(
             other => ApiError::from(other).into_response(),
         })?;
     let Started::Turn(mut turn) = started else {
-        return Err(ApiError::Internal("a completion was answered as a replay".into()).into_response());
+        return Err(
+            ApiError::Internal("a completion was answered as a replay".into()).into_response(),
+        );
     };
     let head = ResponseHead::of(&turn);
     if !stream {
@@ -421,8 +418,9 @@ pub async fn chat_completions(
         }
         Ok(Some(event)) => Some(event),
         Ok(None) => {
-            return Err(ApiError::Internal("the turn ended without a final event".into())
-                .into_response());
+            return Err(
+                ApiError::Internal("the turn ended without a final event".into()).into_response(),
+            );
         }
         Err(_) => None,
     };
@@ -456,7 +454,7 @@ impl ResponseHead {
             id: completion_id(turn.message_id),
             created: turn.created_at.timestamp(),
             chat_id: turn.chat_id,
-            budget: turn.budget.clone(),
+            budget: turn.budget,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::support::{As, Db, TestApp, TestDb};
 
 per_store!(
     the_official_openai_sdk_works_against_confab,
+    v1_errors_are_in_openai_shape_with_their_status,
     litellm_streams_a_confab_reply_as_a_gateway_in_front_of_confab,
 );
 
@@ -36,7 +37,10 @@ pub(crate) struct LedgerRow {
 
 pub(crate) async fn ledger_rows(db: &TestDb) -> Vec<LedgerRow> {
     use sqlx::{Connection, Row};
-    let parse = |s: Option<String>| s.map(|s| uuid::Uuid::parse_str(&s).unwrap());
+    let parse = |s: Option<String>| {
+        s.filter(|s| !s.is_empty())
+            .map(|s| uuid::Uuid::parse_str(&s).unwrap())
+    };
     macro_rules! read {
         ($conn:ty, $sql:expr) => {{
             let mut conn = <$conn>::connect(&db.url).await.unwrap();
@@ -127,7 +131,10 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
     let limited = api_key(&app, TECH, CHARLIE).await;
 
     let out = tokio::process::Command::new(peers_dir().join("venv/bin/python"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk/check.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_sdk/check.py"
+        ))
         .env("CONFAB_BASE", app.url("/v1"))
         .env("CONFAB_KEY", &key)
         .env("CONFAB_LIMITED_KEY", &limited)
@@ -172,7 +179,11 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
         assert_eq!(row.status, "complete", "{turn}");
         assert_eq!(row.chat, None, "{turn}");
         assert_eq!(row.model, turn["model"].as_str().unwrap());
-        assert_eq!(row.prompt, turn["prompt_tokens"].as_i64().unwrap(), "{turn}");
+        assert_eq!(
+            row.prompt,
+            turn["prompt_tokens"].as_i64().unwrap(),
+            "{turn}"
+        );
         assert_eq!(
             row.completion,
             turn["completion_tokens"].as_i64().unwrap(),
@@ -213,7 +224,9 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
             .any(|c| c["id"] == chat_id),
         "{chats}"
     );
-    let (status, chat) = app.get_json(&format!("/chat/{chat_id}"), &As::alice()).await;
+    let (status, chat) = app
+        .get_json(&format!("/chat/{chat_id}"), &As::alice())
+        .await;
     assert_eq!(status, 200, "{chat}");
     let messages = chat["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2, "{chat}");
@@ -223,7 +236,10 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
         messages[1]["usage"]["completion_tokens"],
         stored["completion_tokens"]
     );
-    assert_eq!(messages[1]["usage"]["prompt_tokens"], stored["prompt_tokens"]);
+    assert_eq!(
+        messages[1]["usage"]["prompt_tokens"],
+        stored["prompt_tokens"]
+    );
     let row = by_turn[&turn_of(stored["id"].as_str().unwrap())];
     assert_eq!(row.chat.map(|c| c.to_string()), Some(chat_id.to_owned()));
 
@@ -259,9 +275,7 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
 
 async fn litellm_streams_a_confab_reply_as_a_gateway_in_front_of_confab(db: Db) {
     // confab serves a simulated model under the name LiteLLM asks for.
-    let models = ModelsFile::new(
-        "[[model]]\nname = \"gpt-4o-mini\"\nprovider = \"simulated\"\n",
-    );
+    let models = ModelsFile::new("[[model]]\nname = \"gpt-4o-mini\"\nprovider = \"simulated\"\n");
     let app = app_with_models(db, &models, &[("SIMULATED_TOKEN_DELAY_MS", "5")]).await;
     let key = api_key(&app, ACME, ALICE).await;
     let litellm = Litellm::start(LitellmOpts {
@@ -308,4 +322,158 @@ async fn litellm_streams_a_confab_reply_as_a_gateway_in_front_of_confab(db: Db) 
     assert_eq!(ledger[0].status, "complete");
     assert_eq!(ledger[0].chat, None);
     assert!(text.contains("Through two gateways, please."), "{text}");
+}
+
+async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
+    let mock = Llmock::start(LlmockOpts::default()).await;
+    let models = ModelsFile::new(&llmock_models(&mock));
+    let app = app_with_models(db, &models, &[("OPENAI_MAX_BODY_BYTES", "4096")]).await;
+    let key = api_key(&app, ACME, ALICE).await;
+    let user = |text: &str| json!([{"role": "user", "content": text}]);
+    // Bob's chat: not one Alice may store into.
+    let bobs = app.chat(&As::bob(), "mine", None).await;
+    let bobs = bobs["chat_id"].as_str().unwrap().to_owned();
+    mock.reset().await;
+    let cases: Vec<(Value, Option<(&str, &str)>, u16, Option<&str>, Option<&str>)> = vec![
+        (json!({"model": "mock-openai"}), None, 400, None, None),
+        (
+            json!({"model": "mock-openai", "messages": []}),
+            None,
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": [{"role": "tool", "content": "x"}]}),
+            None,
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": [{"role": "assistant", "content": "x"}]}),
+            None,
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": [{"role": "user", "content":
+                [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+            None,
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user("x"), "temperature": 3}),
+            None,
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user("x"), "stop": ["a","b","c","d","e"]}),
+            None,
+            400,
+            Some("stop"),
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user("x"), "max_tokens": 0}),
+            None,
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            json!({"model": "nope", "messages": user("x")}),
+            None,
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            json!({"model": "tiny", "messages": user(&"word ".repeat(200))}),
+            None,
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user("x")}),
+            Some(("x-confab-chat-id", "bogus")),
+            400,
+            None,
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user("x")}),
+            Some(("x-confab-chat-id", bobs.as_str())),
+            403,
+            None,
+            Some("permission_denied"),
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user("x")}),
+            Some(("x-confab-chat-id", "00000000-0000-4000-8000-000000000000")),
+            404,
+            None,
+            Some("chat_not_found"),
+        ),
+        (
+            json!({"model": "mock-openai", "messages": user(&"y".repeat(5000))}),
+            None,
+            413,
+            None,
+            None,
+        ),
+    ];
+    for (body, header, status, param, code) in cases {
+        let mut req = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&body);
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), status, "{body}");
+        assert!(res.headers().contains_key("x-request-id"));
+        let err: Value = res.json().await.unwrap();
+        let e = &err["error"];
+        assert!(e["message"].is_string(), "{err}");
+        assert!(e["type"].is_string(), "{err}");
+        assert_eq!(e["param"].as_str(), param, "{body} → {err}");
+        assert_eq!(e["code"].as_str(), code, "{body} → {err}");
+    }
+    // Unknown paths and methods under /v1 too; and nothing above reached
+    // the model or the ledger.
+    let res = app
+        .client
+        .get(app.url("/v1/embeddings"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "not_found");
+    let res = app
+        .client
+        .get(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 405);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert!(mock.journal().await.iter().all(|r| r.method != "POST"));
+    assert_eq!(
+        ledger_rows(&app.db).await.len(),
+        1,
+        "only Bob's native turn"
+    );
 }
