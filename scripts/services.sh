@@ -88,7 +88,18 @@ if [ "$(cat "$peers_stamp" 2>/dev/null)" != "${peers_pins[*]}" ] \
   echo "${peers_pins[*]}" >"$peers_stamp"
   echo "installed in $((SECONDS - started)) s"
 fi
+# The official OpenAI Python SDK, the client the OpenAI-compatible API is
+# proven against (tests/it/openai_sdk.rs). LiteLLM already depends on it;
+# pinned here so that the client under test never drifts.
+openai_pin=3.57.0
+if ! "$peers_venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$openai_pin')" 2>/dev/null; then
+  echo "installing openai==$openai_pin into $peers_venv"
+  if ! "$peers_venv/bin/pip" install -q "openai==$openai_pin"; then
+    echo "ERROR: pip install openai==$openai_pin failed" >&2
+    exit 1
+  fi
+fi
 "$peers_venv/bin/python" - <<'PY'
 from importlib.metadata import version
-print(f"llmock {version('llmock')}, litellm {version('litellm')}")
+print(f"llmock {version('llmock')}, litellm {version('litellm')}, openai {version('openai')}")
 PY

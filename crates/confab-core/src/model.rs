@@ -490,6 +490,20 @@ pub struct FinishedMessage {
     pub idempotent_response: Option<(UserId, String, serde_json::Value)>,
 }
 
+/// The ledger row of a turn stored in no chat (the OpenAI-compatible API's
+/// stateless turns, SPEC §13): counted like any other, keyed by the turn's
+/// own id. A turn stored in a chat is counted by [`FinishedMessage`] instead.
+#[derive(Clone, Debug)]
+pub struct LedgerEntry {
+    pub turn: MessageId,
+    pub org: OrgId,
+    pub user: UserId,
+    pub model: String,
+    pub status: MessageStatus,
+    pub usage: Usage,
+    pub cost: LedgerCost,
+}
+
 /// A stored idempotency key.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IdempotencyRecord {

@@ -41,6 +41,18 @@ pub struct ChatRequest {
     /// when nobody watches; real providers always stream upstream, so that
     /// timeouts and cancellation work the same for both routes.
     pub interactive: bool,
+    /// Sampling settings the client asked for (the OpenAI-compatible API).
+    pub sampling: Sampling,
+}
+
+/// Sampling settings passed to the model as asked; `None` and an empty
+/// `stop` leave the model's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sampling {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// Sequences that end the reply (at most 4, as OpenAI allows).
+    pub stop: Vec<String>,
 }
 
 /// Token accounting as reported by the model: the latest figures win (a

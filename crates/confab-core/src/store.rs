@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 
 use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 use crate::model::{
-    ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord, Message,
-    NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal, RateLimitOverride, TokenLimits,
-    UsageGroup, UsageReport, User,
+    ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord,
+    LedgerEntry, Message, NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal,
+    RateLimitOverride, TokenLimits, UsageGroup, UsageReport, User,
 };
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -150,6 +150,9 @@ pub trait Store: Send + Sync + 'static {
     /// row with the same figures, bump the chat's `updated_at`, and store the
     /// idempotent response if given, in one transaction.
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError>;
+    /// Write the ledger row of a turn stored in no chat; a second write of
+    /// the same turn changes nothing (a turn is counted once).
+    async fn record_usage(&self, entry: &LedgerEntry) -> Result<(), StoreError>;
     /// Save growing partial texts of many streaming messages at once (one
     /// statement or one transaction). Rows no longer `streaming` are left alone.
     async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError>;

@@ -30,12 +30,12 @@ use tracing::Instrument;
 use crate::flusher::{Flusher, LiveText};
 use crate::ids::{ChatId, MessageId};
 use crate::model::{
-    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, LedgerCost, MessageRole, MessageStatus,
-    MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
+    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, LedgerCost, LedgerEntry, MessageRole,
+    MessageStatus, MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
 };
 use crate::models::{Model, ModelRegistry};
 use crate::provider::{
-    ChatRequest, Chunk, PromptMessage, ProviderError, ReportedUsage, TimeoutPhase,
+    ChatRequest, Chunk, PromptMessage, ProviderError, ReportedUsage, Sampling, TimeoutPhase,
 };
 use crate::ratelimit::{BudgetState, BudgetWindow, Held, Reservation, ReserveRequest, TokenBudget};
 use crate::service::{Access, ChatService, ServiceError};
@@ -150,6 +150,7 @@ impl TurnMetrics for NoMetrics {}
 /// A validated request for a turn.
 #[derive(Clone, Debug)]
 pub struct TurnInput {
+    /// The new user message (stored, when the turn is stored).
     pub text: MessageText,
     pub chat_id: Option<ChatId>,
     /// A model name the client asked for.
@@ -161,6 +162,44 @@ pub struct TurnInput {
     pub interactive: bool,
     /// When the request arrived, for time-to-first-token.
     pub received: Instant,
+    /// The conversation the client sent (the OpenAI-compatible API), sent
+    /// as is instead of the chat's stored history; `text` is its last user
+    /// message.
+    pub given: Option<GivenConversation>,
+    /// Whether the turn is stored in a chat (`chat_id`, else a new one). The
+    /// native API always stores; the OpenAI-compatible API when asked
+    /// (SPEC §13). A turn stored nowhere still gets its ledger row.
+    pub store: bool,
+    /// The output cap the client asked for (never above the model's).
+    pub max_output_tokens: Option<u32>,
+    pub sampling: Sampling,
+}
+
+impl TurnInput {
+    /// A turn of the native chat API: stored, history from the chat.
+    pub fn chat(text: MessageText, interactive: bool, received: Instant) -> Self {
+        Self {
+            text,
+            chat_id: None,
+            model: None,
+            system: None,
+            idempotency: None,
+            interactive,
+            received,
+            given: None,
+            store: true,
+            max_output_tokens: None,
+            sampling: Sampling::default(),
+        }
+    }
+}
+
+/// A whole conversation sent by the client.
+#[derive(Clone, Debug)]
+pub struct GivenConversation {
+    pub system: Option<String>,
+    /// `user`/`assistant` messages, oldest first, a user message last.
+    pub messages: Vec<PromptMessage>,
 }
 
 /// One thing that happened in a turn, in order: tokens, then one final event.
@@ -179,6 +218,33 @@ pub enum TurnEvent {
 pub struct TurnSummary {
     pub text: String,
     pub usage: Usage,
+    pub finish: FinishReason,
+}
+
+/// Why the model stopped a complete reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It finished its answer (or hit a stop sequence).
+    Stop,
+    /// It reached the output cap.
+    Length,
+}
+
+impl FinishReason {
+    /// From a provider's own word (`length`, Anthropic's `max_tokens`).
+    pub fn from_provider(reason: &str) -> Self {
+        match reason {
+            "length" | "max_tokens" => FinishReason::Length,
+            _ => FinishReason::Stop,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
 }
 
 /// Why a turn did not complete.
@@ -197,7 +263,10 @@ pub enum TurnFailure {
 /// A begun turn: where it is stored, and its events.
 #[derive(Debug)]
 pub struct StartedTurn {
-    pub chat_id: ChatId,
+    /// The chat that stores the turn; `None` for a turn stored nowhere.
+    pub chat_id: Option<ChatId>,
+    /// The assistant message's id; for a turn stored nowhere, the turn's
+    /// own id (its ledger row's key).
     pub message_id: MessageId,
     pub created_at: DateTime<Utc>,
     pub model: String,
@@ -332,82 +401,112 @@ impl TurnEngine {
             None => None,
         };
         let model = self.resolve_model(who, input.model.as_deref(), existing.as_ref())?;
-        let system = if !model.provider.wants_history() {
-            None
-        } else {
-            let own = match &existing {
-                None => input.system.clone(),
-                Some(chat) => inner.service.system_prompt(who, chat.id).await?,
-            };
-            own.or_else(|| who.policy.system_prompt.clone())
+        let max_output = input
+            .max_output_tokens
+            .map_or(model.max_output_tokens, |asked| {
+                asked.clamp(1, model.max_output_tokens)
+            });
+        let (system, messages, counted) = match &input.given {
+            Some(given) => {
+                let system = given
+                    .system
+                    .clone()
+                    .or_else(|| who.policy.system_prompt.clone());
+                let counted = given_prompt_tokens(&model, system.as_deref(), &given.messages);
+                if counted + u64::from(max_output) > u64::from(model.context_tokens) {
+                    return Err(ServiceError::MessageTooLong(model.name.clone()));
+                }
+                (system, given.messages.clone(), counted)
+            }
+            None => {
+                let system = if !model.provider.wants_history() {
+                    None
+                } else {
+                    let own = match &existing {
+                        None => input.system.clone(),
+                        Some(chat) => inner.service.system_prompt(who, chat.id).await?,
+                    };
+                    own.or_else(|| who.policy.system_prompt.clone())
+                };
+                let fixed = fixed_prompt_tokens(&model, system.as_deref(), input.text.as_str());
+                if fixed + u64::from(max_output) > u64::from(model.context_tokens) {
+                    return Err(ServiceError::MessageTooLong(model.name.clone()));
+                }
+                let (messages, counted) = self
+                    .context(
+                        who,
+                        existing.as_ref().map(|c| c.id),
+                        &model,
+                        system.as_deref(),
+                        input.text.as_str(),
+                    )
+                    .await?;
+                (system, messages, counted)
+            }
         };
-        let fixed = fixed_prompt_tokens(&model, system.as_deref(), input.text.as_str());
-        if fixed + u64::from(model.max_output_tokens) > u64::from(model.context_tokens) {
-            return Err(ServiceError::MessageTooLong(model.name.clone()));
-        }
-        let (messages, counted) = self
-            .context(
-                who,
-                existing.as_ref().map(|c| c.id),
-                &model,
-                system.as_deref(),
-                input.text.as_str(),
-            )
-            .await?;
         let assistant_id = MessageId::new();
-        let need = counted + u64::from(model.max_output_tokens);
+        let need = counted + u64::from(max_output);
         let (held, budget) = self.reserve(who, assistant_id, need).await?;
 
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (ready_tx, ready_rx) = oneshot::channel();
         let engine = self.clone();
         let who = who.clone();
+        let model_name = model.name.clone();
         let task = async move {
-            let begun = match engine
-                .begin(&who, &input, &model, existing.is_some(), assistant_id)
-                .await
-            {
-                Ok(Begun::Turn(begun)) => *begun,
-                Ok(Begun::Replay(stored)) => {
-                    engine.release(held.as_ref()).await;
-                    let _ = ready_tx.send(Ok(Err(stored)));
-                    return;
-                }
-                Err(err) => {
-                    engine.release(held.as_ref()).await;
-                    let _ = ready_tx.send(Err(err));
-                    return;
+            let begun = if !input.store {
+                None
+            } else {
+                match engine
+                    .begin(&who, &input, &model, existing.is_some(), assistant_id)
+                    .await
+                {
+                    Ok(Begun::Turn(begun)) => Some(*begun),
+                    Ok(Begun::Replay(stored)) => {
+                        engine.release(held.as_ref()).await;
+                        let _ = ready_tx.send(Ok(Err(stored)));
+                        return;
+                    }
+                    Err(err) => {
+                        engine.release(held.as_ref()).await;
+                        let _ = ready_tx.send(Err(err));
+                        return;
+                    }
                 }
             };
-            let meta = StartedMeta {
+            let meta = begun.as_ref().map(|begun| StartedMeta {
                 chat_id: begun.chat_id,
                 message_id: begun.assistant_message.id,
                 created_at: begun.assistant_message.created_at,
                 model: model.name.clone(),
-            };
-            let _ = ready_tx.send(Ok(Ok(meta.clone())));
+            });
+            let created_at = meta.as_ref().map_or_else(Utc::now, |m| m.created_at);
+            let _ = ready_tx.send(Ok(Ok((meta.as_ref().map(|m| m.chat_id), created_at))));
             let run = Run::new(
                 engine,
                 who,
                 input,
                 model,
-                begun,
+                Turn {
+                    id: assistant_id,
+                    begun,
+                    meta,
+                },
                 system,
                 tx,
-                meta,
                 replay,
-                (messages, counted),
+                (messages, counted, max_output),
                 held,
             );
             run.go().await;
         };
         inner.tasks.spawn(task.instrument(tracing::Span::current()));
         match ready_rx.await {
-            Ok(Ok(Ok(meta))) => Ok(Started::Turn(StartedTurn {
-                chat_id: meta.chat_id,
-                message_id: meta.message_id,
-                created_at: meta.created_at,
-                model: meta.model,
+            Ok(Ok(Ok((chat_id, created_at)))) => Ok(Started::Turn(StartedTurn {
+                chat_id,
+                message_id: assistant_id,
+                created_at,
+                model: model_name,
                 events: rx,
                 budget,
             })),
@@ -686,6 +785,23 @@ fn fixed_prompt_tokens(model: &Model, system: Option<&str>, text: &str) -> u64 {
     system + model.tokenizer.count(text) + PER_MESSAGE_OVERHEAD
 }
 
+/// Tokens of a conversation the client sent, counted as the history is.
+fn given_prompt_tokens(model: &Model, system: Option<&str>, messages: &[PromptMessage]) -> u64 {
+    let system = system.map_or(0, |s| model.tokenizer.count(s) + PER_MESSAGE_OVERHEAD);
+    messages.iter().fold(system, |sum, m| {
+        sum + model.tokenizer.count(&m.content) + PER_MESSAGE_OVERHEAD
+    })
+}
+
+/// Where a running turn is kept: its id, and for a stored turn the
+/// messages `begin` wrote (and what a replay encoder is told).
+struct Turn {
+    /// The assistant message's id, or the id of a turn stored nowhere.
+    id: MessageId,
+    begun: Option<BegunTurn>,
+    meta: Option<StartedMeta>,
+}
+
 /// Why the provider loop stopped.
 enum Stop {
     Complete,
@@ -701,10 +817,9 @@ struct Run {
     who: Principal,
     input: TurnInput,
     model: Arc<Model>,
-    begun: BegunTurn,
+    turn: Turn,
     system: Option<String>,
     tx: mpsc::Sender<TurnEvent>,
-    meta: StartedMeta,
     replay: Option<ReplayEncoder>,
     live: Arc<LiveText>,
     guard: SettleGuard,
@@ -714,8 +829,10 @@ struct Run {
     prompt_counted: u64,
     forwarded: u64,
     disconnected_at: Option<Instant>,
-    /// The conversation to send and confab's count of it.
-    context: Option<(Vec<PromptMessage>, u64)>,
+    /// The conversation to send, confab's count of it, and the output cap.
+    context: Option<(Vec<PromptMessage>, u64, u32)>,
+    /// How the model said it finished.
+    finish: FinishReason,
     /// This turn's token reservation, settled with the final write.
     held: Option<Held>,
 }
@@ -727,21 +844,26 @@ impl Run {
         who: Principal,
         input: TurnInput,
         model: Arc<Model>,
-        begun: BegunTurn,
+        turn: Turn,
         system: Option<String>,
         tx: mpsc::Sender<TurnEvent>,
-        meta: StartedMeta,
         replay: Option<ReplayEncoder>,
-        context: (Vec<PromptMessage>, u64),
+        context: (Vec<PromptMessage>, u64, u32),
         held: Option<Held>,
     ) -> Self {
         let inner = &engine.inner;
-        let live = inner.flusher.register(begun.assistant_message.id);
+        // Only a stored turn has a row for the flusher to save into.
+        let live = match &turn.begun {
+            Some(begun) => inner.flusher.register(begun.assistant_message.id),
+            None => Arc::new(LiveText::default()),
+        };
         inner.metrics.turn_started(input.interactive);
         let guard = SettleGuard {
             engine: Some(engine.clone()),
             who: who.clone(),
-            begun: begun.clone(),
+            turn: turn.id,
+            stored: turn.begun.as_ref().map(|b| b.chat_id),
+            model: model.name.clone(),
             live: live.clone(),
             key: input.idempotency.as_ref().map(|c| c.key.clone()),
             interactive: input.interactive,
@@ -751,10 +873,9 @@ impl Run {
             who,
             input,
             model,
-            begun,
+            turn,
             system,
             tx,
-            meta,
             replay,
             live,
             guard,
@@ -763,6 +884,7 @@ impl Run {
             forwarded: 0,
             disconnected_at: None,
             context: Some(context),
+            finish: FinishReason::Stop,
             held,
         }
     }
@@ -809,13 +931,17 @@ impl Run {
         let closed = tx.closed();
         tokio::pin!(stopped, closed);
 
-        let (messages, counted) = self.context.take().unwrap_or_default();
+        let (messages, counted, max_output) =
+            self.context
+                .take()
+                .unwrap_or((Vec::new(), 0, self.model.max_output_tokens));
         let request = ChatRequest {
             upstream_model: self.model.upstream_model.clone(),
             system: self.system.clone(),
             messages,
-            max_output_tokens: self.model.max_output_tokens,
+            max_output_tokens: max_output,
             interactive: self.input.interactive,
+            sampling: self.input.sampling.clone(),
         };
         let model_name = self.model.name.clone();
         let provider = self.model.provider.clone();
@@ -892,6 +1018,7 @@ impl Run {
                     Some(Ok(Chunk::Usage(usage))) => self.reported = Some(usage),
                     Some(Ok(Chunk::Finish(reason))) => {
                         tracing::debug!(model = %model_name, finish_reason = %reason, "model finished");
+                        self.finish = FinishReason::from_provider(&reason);
                     }
                     Some(Ok(Chunk::Delta(text))) => {
                         if text.is_empty() {
@@ -1085,32 +1212,44 @@ impl Run {
         let summary = TurnSummary {
             text: text.clone(),
             usage,
+            finish: self.finish,
         };
-        let idempotent_response = match (&self.input.idempotency, self.replay.take()) {
-            (Some(claim), Some(encode)) if outcome == Outcome::Complete => Some((
-                self.who.user_id,
-                claim.key.clone(),
-                encode(&self.meta, &summary),
-            )),
-            _ => None,
-        };
+        let idempotent_response =
+            match (&self.input.idempotency, self.replay.take(), &self.turn.meta) {
+                (Some(claim), Some(encode), Some(meta)) if outcome == Outcome::Complete => {
+                    Some((self.who.user_id, claim.key.clone(), encode(meta, &summary)))
+                }
+                _ => None,
+            };
         let prices = self.model.prices;
         let cost = (usage.prompt_tokens as f64 * prices.input_per_mtok
             + usage.completion_tokens as f64 * prices.output_per_mtok)
             .round();
-        let finished = FinishedMessage {
-            org: self.who.org_id,
-            chat: self.begun.chat_id,
-            id: self.begun.assistant_message.id,
-            content: text,
-            status: outcome.status(),
-            usage,
-            cost: LedgerCost {
-                cost_micro_usd: if cost.is_finite() { cost as i64 } else { 0 },
-            },
-            idempotent_response,
+        let cost = LedgerCost {
+            cost_micro_usd: if cost.is_finite() { cost as i64 } else { 0 },
         };
-        let stored = self.guard.settle(&finished, outcome).await;
+        let settlement = match &self.turn.begun {
+            Some(begun) => Settlement::Message(FinishedMessage {
+                org: self.who.org_id,
+                chat: begun.chat_id,
+                id: begun.assistant_message.id,
+                content: text,
+                status: outcome.status(),
+                usage,
+                cost,
+                idempotent_response,
+            }),
+            None => Settlement::Ledger(LedgerEntry {
+                turn: self.turn.id,
+                org: self.who.org_id,
+                user: self.who.user_id,
+                model: self.model.name.clone(),
+                status: outcome.status(),
+                usage,
+                cost,
+            }),
+        };
+        let stored = self.guard.settle(&settlement, outcome).await;
         // The ledger row is written; the budget follows it (if this step
         // fails the ledger is still the truth and the reservation expires).
         let total =
@@ -1127,8 +1266,8 @@ impl Run {
                 tracing::info!(
                     outcome = outcome.as_str(),
                     model = %self.model.name,
-                    messageId = %self.begun.assistant_message.id,
-                    chatId = %self.begun.chat_id,
+                    messageId = %self.turn.id,
+                    chatId = self.turn.begun.as_ref().map(|b| b.chat_id.to_string()),
                     prompt_tokens = usage.prompt_tokens,
                     completion_tokens = usage.completion_tokens,
                     usage_source = usage.source.as_str(),
@@ -1154,6 +1293,13 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
     exp.mul_f64(rand::rng().random_range(0.5..1.5))
 }
 
+/// A turn's final write: the stored assistant message (with its ledger row),
+/// or only the ledger row of a turn stored nowhere.
+enum Settlement {
+    Message(FinishedMessage),
+    Ledger(LedgerEntry),
+}
+
 /// Owns the settlement: [`SettleGuard::settle`] on the normal path; if the
 /// turn's task is dropped without it (a panic, an abort), `Drop` stores the
 /// text as `failed` from a new tracked task, so nothing stays `streaming`.
@@ -1161,7 +1307,10 @@ struct SettleGuard {
     /// `None` once settled.
     engine: Option<TurnEngine>,
     who: Principal,
-    begun: BegunTurn,
+    turn: MessageId,
+    /// The chat of a stored turn.
+    stored: Option<ChatId>,
+    model: String,
     live: Arc<LiveText>,
     key: Option<String>,
     interactive: bool,
@@ -1170,7 +1319,7 @@ struct SettleGuard {
 impl SettleGuard {
     async fn settle(
         &mut self,
-        finished: &FinishedMessage,
+        settlement: &Settlement,
         outcome: Outcome,
     ) -> Result<(), StoreError> {
         let Some(engine) = self.engine.take() else {
@@ -1179,11 +1328,11 @@ impl SettleGuard {
         let inner = &engine.inner;
         // Stop the flusher first, so it cannot write a stale partial after
         // the final text.
-        inner.flusher.unregister(self.begun.assistant_message.id);
+        inner.flusher.unregister(self.turn);
         inner.metrics.turn_finished(self.interactive, outcome);
-        let stored = finish_with_retries(inner.store.as_ref(), finished).await;
+        let stored = settle_with_retries(inner.store.as_ref(), settlement).await;
         if let Err(err) = &stored {
-            tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.begun.assistant_message.id, "could not store the final reply");
+            tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.turn, "could not store the final reply");
         }
         if (outcome != Outcome::Complete || stored.is_err())
             && let Some(key) = &self.key
@@ -1200,30 +1349,42 @@ impl Drop for SettleGuard {
             return;
         };
         let inner = engine.inner.clone();
-        inner.flusher.unregister(self.begun.assistant_message.id);
+        inner.flusher.unregister(self.turn);
         inner
             .metrics
             .turn_finished(self.interactive, Outcome::Failed);
-        tracing::error!(messageId = %self.begun.assistant_message.id, "turn task ended without settling; storing it as failed");
-        let finished = FinishedMessage {
-            org: self.who.org_id,
-            chat: self.begun.chat_id,
-            id: self.begun.assistant_message.id,
-            content: self.live.text(),
-            status: MessageStatus::Failed,
-            usage: Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                source: UsageSource::Estimated,
-            },
-            cost: LedgerCost::default(),
-            idempotent_response: None,
+        tracing::error!(messageId = %self.turn, "turn task ended without settling; storing it as failed");
+        let usage = Usage {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            source: UsageSource::Estimated,
+        };
+        let settlement = match self.stored {
+            Some(chat) => Settlement::Message(FinishedMessage {
+                org: self.who.org_id,
+                chat,
+                id: self.turn,
+                content: self.live.text(),
+                status: MessageStatus::Failed,
+                usage,
+                cost: LedgerCost::default(),
+                idempotent_response: None,
+            }),
+            None => Settlement::Ledger(LedgerEntry {
+                turn: self.turn,
+                org: self.who.org_id,
+                user: self.who.user_id,
+                model: std::mem::take(&mut self.model),
+                status: MessageStatus::Failed,
+                usage,
+                cost: LedgerCost::default(),
+            }),
         };
         let who = self.who.clone();
         let key = self.key.take();
         let tasks = inner.tasks.clone();
         tasks.spawn(async move {
-            let _ = finish_with_retries(inner.store.as_ref(), &finished).await;
+            let _ = settle_with_retries(inner.store.as_ref(), &settlement).await;
             if let Some(key) = key {
                 release_key(inner.store.as_ref(), &who, &key).await;
             }
@@ -1233,15 +1394,16 @@ impl Drop for SettleGuard {
 
 /// The final text is the one write that must not be lost to a momentary
 /// overload (a pool timeout): retried a few times.
-async fn finish_with_retries(
-    store: &dyn Store,
-    finished: &FinishedMessage,
-) -> Result<(), StoreError> {
+async fn settle_with_retries(store: &dyn Store, settlement: &Settlement) -> Result<(), StoreError> {
     let mut backoff = FINAL_WRITE_BACKOFF;
     let mut attempts = 1;
     loop {
-        match store.finish_message(finished).await {
-            Ok(_) => return Ok(()),
+        let written = match settlement {
+            Settlement::Message(finished) => store.finish_message(finished).await.map(drop),
+            Settlement::Ledger(entry) => store.record_usage(entry).await,
+        };
+        match written {
+            Ok(()) => return Ok(()),
             Err(StoreError::Unavailable(err)) if attempts < FINAL_WRITE_ATTEMPTS => {
                 tracing::warn!(error = %err, attempts, "final write of a turn failed; retrying");
                 tokio::time::sleep(backoff).await;

@@ -30,7 +30,8 @@ use crate::http::{
 
 /// The version header sent. `2023-06-01` is the one every Messages API
 /// server (Anthropic, LiteLLM, llmock) accepts; the newer `2026-10-21` refuses
-/// sampling parameters we might add later and buys nothing for plain text.
+/// `temperature` and `top_p` together, which OpenAI clients send, and buys nothing
+/// for plain text.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// `base_url` when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -96,6 +97,12 @@ struct MessagesBody<'a> {
     system: Option<String>,
     messages: Vec<WireMessage>,
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
 }
 
 #[derive(Serialize, Debug, PartialEq)]
@@ -133,6 +140,9 @@ fn body(request: &ChatRequest) -> MessagesBody<'_> {
                 .map(|m| (m.role, m.content.as_str())),
         ),
         stream: true,
+        temperature: request.sampling.temperature,
+        top_p: request.sampling.top_p,
+        stop_sequences: &request.sampling.stop,
     }
 }
 
@@ -545,6 +555,7 @@ mod tests {
             ],
             max_output_tokens: 300,
             interactive: false,
+            sampling: Default::default(),
         };
         let body = serde_json::to_value(body(&request)).unwrap();
         assert_eq!(

@@ -92,6 +92,9 @@ impl OpenAiProvider {
             },
             max_tokens: cap.filter(|_| !self.completion_cap),
             max_completion_tokens: cap.filter(|_| self.completion_cap),
+            temperature: request.sampling.temperature,
+            top_p: request.sampling.top_p,
+            stop: &request.sampling.stop,
         }
     }
 }
@@ -118,6 +121,12 @@ struct ChatBody<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -449,6 +458,7 @@ mod tests {
                 .collect(),
             max_output_tokens: 256,
             interactive: true,
+            sampling: Default::default(),
         }
     }
 

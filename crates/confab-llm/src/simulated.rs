@@ -304,6 +304,7 @@ mod tests {
             }],
             max_output_tokens: 1024,
             interactive: true,
+            sampling: Default::default(),
         }
     }
 

@@ -145,6 +145,7 @@ fn request(model: &str) -> ChatRequest {
         ],
         max_output_tokens: 64,
         interactive: true,
+        sampling: Default::default(),
     }
 }
 

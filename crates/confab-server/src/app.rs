@@ -147,6 +147,7 @@ impl App {
             hard_stop,
             tasks,
             readiness: Readiness::new(),
+            started_at: Utc::now(),
         };
         recover_dead_streams(&state).await;
         let app = App {

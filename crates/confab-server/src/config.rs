@@ -201,6 +201,8 @@ pub struct Config {
     /// accepting this long before it closes (so balancers notice first).
     pub shutdown_readiness_delay: Duration,
     pub max_body_bytes: usize,
+    /// The body limit of `/v1/*` (the OpenAI-compatible API).
+    pub openai_max_body_bytes: usize,
     /// Seed the demo tenants when the database has no org.
     pub seed_demo: bool,
     /// How often streaming replies' growing text is saved.
@@ -392,6 +394,12 @@ impl Config {
         if max_body_bytes < 64 {
             return Err(bad("MAX_BODY_BYTES", "must be at least 64"));
         }
+        // An OpenAI client sends the whole conversation with every turn.
+        let openai_max_body_bytes: usize =
+            src.parse("OPENAI_MAX_BODY_BYTES", 1_048_576, "a number of bytes")?;
+        if openai_max_body_bytes < 64 {
+            return Err(bad("OPENAI_MAX_BODY_BYTES", "must be at least 64"));
+        }
 
         let stream_flush_interval = src.millis("STREAM_FLUSH_MS", 1000)?;
         if stream_flush_interval.is_zero() || stream_flush_interval > Duration::from_secs(60) {
@@ -504,6 +512,7 @@ impl Config {
             shutdown_grace,
             shutdown_readiness_delay,
             max_body_bytes,
+            openai_max_body_bytes,
             seed_demo: src.bool("SEED_DEMO", !production)?,
             stream_flush_interval,
             stream_stale_after,

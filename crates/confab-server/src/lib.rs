@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod middleware;
+pub mod openai_wire;
 pub mod readiness;
 pub mod routes;
 pub mod seed;

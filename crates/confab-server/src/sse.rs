@@ -57,7 +57,7 @@ pub struct EventBody {
     first: Option<TurnEvent>,
     opening: bool,
     seq: u64,
-    chat_id: ChatId,
+    chat_id: Option<ChatId>,
     message_id: MessageId,
     model: String,
     ping: tokio::time::Interval,
@@ -181,7 +181,7 @@ mod tests {
     fn body(keepalive: Duration) -> (mpsc::Sender<TurnEvent>, EventBody) {
         let (tx, rx) = mpsc::channel(8);
         let turn = StartedTurn {
-            chat_id: ChatId::new(),
+            chat_id: Some(ChatId::new()),
             message_id: MessageId::new(),
             created_at: chrono::Utc::now(),
             model: "m".into(),
@@ -208,6 +208,7 @@ mod tests {
                 completion_tokens: 2,
                 source: UsageSource::Provider,
             },
+            finish: confab_core::turn::FinishReason::Stop,
         }))
         .await
         .unwrap();

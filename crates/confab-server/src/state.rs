@@ -33,4 +33,6 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// What `/readyz` answers: database reachable, not draining.
     pub readiness: Arc<Readiness>,
+    /// When this process started (`created` of `GET /v1/models`).
+    pub started_at: chrono::DateTime<chrono::Utc>,
 }

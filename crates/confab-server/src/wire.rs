@@ -65,7 +65,9 @@ pub struct DoneEvent<'a> {
     pub done: bool,
     #[serde(rename = "fullText")]
     pub full_text: &'a str,
-    pub chat_id: ChatId,
+    /// Always there for the native API (its turns are stored in a chat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_id: Option<ChatId>,
     pub message_id: MessageId,
     pub model: &'a str,
     pub usage: UsageJson,

@@ -24,9 +24,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
-    IdempotencyRecord, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn, NewUser, Org,
-    OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits, TurnChat,
-    UsageGroup, UsageReport, User, UserId,
+    IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn,
+    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
+    TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
@@ -847,12 +847,12 @@ impl Store for PostgresStore {
                  WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
                 RETURNING user_id \
             ), l AS ( \
-                INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
                     prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
                 SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
                        m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, $12, now() \
                   FROM m, c \
-                ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
+                ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
                    prompt_tokens = EXCLUDED.prompt_tokens, \
                    completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
                    cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
@@ -880,6 +880,28 @@ impl Store for PostgresStore {
         row.as_ref()
             .map(rows::message)
             .ok_or(StoreError::NotFound)?
+    }
+
+    async fn record_usage(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+                prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, now()) \
+             ON CONFLICT (turn_id) DO NOTHING",
+        )
+        .bind(uuid(entry.turn))
+        .bind(uuid(entry.org))
+        .bind(uuid(entry.user))
+        .bind(&entry.model)
+        .bind(entry.status.as_str())
+        .bind(entry.usage.prompt_tokens)
+        .bind(entry.usage.completion_tokens)
+        .bind(entry.usage.source.as_str())
+        .bind(entry.cost.cost_micro_usd)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 
     async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError> {
@@ -921,12 +943,12 @@ impl Store for PostgresStore {
                 RETURNING id, org_id, chat_id, model, status, prompt_tokens, completion_tokens, \
                           usage_source \
              ), l AS ( \
-                INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
                     prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
                 SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
                        m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, 0, now() \
                   FROM m JOIN chats c ON c.id = m.chat_id \
-                ON CONFLICT (message_id) DO NOTHING \
+                ON CONFLICT (turn_id) DO NOTHING \
              ) SELECT count(*) AS n FROM m",
         )
         .bind(stale_after.as_secs_f64())

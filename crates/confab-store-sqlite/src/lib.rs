@@ -29,9 +29,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
-    IdempotencyRecord, Message, MessageId, MessageRole, MessageStatus, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
-    TurnChat, UsageGroup, UsageReport, User, UserId,
+    IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, MessageStatus, NewApiKey,
+    NewOrg, NewTurn, NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store,
+    StoreError, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -845,12 +845,12 @@ impl Store for SqliteStore {
         // The ledger row, in the same transaction as the final status:
         // exactly one per turn (rewritten if the message is finished again).
         sqlx::query(
-            "INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+            "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
                 prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
              SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), m.status, \
                     m.prompt_tokens, m.completion_tokens, m.usage_source, ?2, ?3 \
              FROM messages m JOIN chats c ON c.id = m.chat_id WHERE m.id = ?1 \
-             ON CONFLICT (message_id) DO UPDATE SET status = excluded.status, \
+             ON CONFLICT (turn_id) DO UPDATE SET status = excluded.status, \
                 prompt_tokens = excluded.prompt_tokens, \
                 completion_tokens = excluded.completion_tokens, source = excluded.source, \
                 cost_micro_usd = excluded.cost_micro_usd, created_at = excluded.created_at",
@@ -881,6 +881,29 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(map_err)?;
         Ok(message)
+    }
+
+    async fn record_usage(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+                prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+             VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             ON CONFLICT (turn_id) DO NOTHING",
+        )
+        .bind(uuid(entry.turn))
+        .bind(uuid(entry.org))
+        .bind(uuid(entry.user))
+        .bind(&entry.model)
+        .bind(entry.status.as_str())
+        .bind(entry.usage.prompt_tokens)
+        .bind(entry.usage.completion_tokens)
+        .bind(entry.usage.source.as_str())
+        .bind(entry.cost.cost_micro_usd)
+        .bind(now_micros())
+        .execute(&self.write)
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 
     async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError> {
@@ -931,13 +954,13 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         if done.rows_affected() > 0 {
             sqlx::query(
-                "INSERT INTO usage_ledger (message_id, org_id, user_id, chat_id, model, status, \
+                "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
                     prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
                  SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
                         m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, 0, ?1 \
                  FROM messages m JOIN chats c ON c.id = m.chat_id \
                  WHERE m.status = 'interrupted' AND m.updated_at = ?1 \
-                 ON CONFLICT (message_id) DO NOTHING",
+                 ON CONFLICT (turn_id) DO NOTHING",
             )
             .bind(now)
             .execute(&mut *tx)

@@ -51,13 +51,11 @@ impl TurnRequest {
         received: tokio::time::Instant,
     ) -> TurnInput {
         TurnInput {
-            text: self.text,
             chat_id: self.chat_id,
             model: self.model,
             system: self.system,
             idempotency,
-            interactive,
-            received,
+            ..TurnInput::chat(self.text, interactive, received)
         }
     }
 }
@@ -210,8 +208,11 @@ pub async fn post_chat(
         match event {
             TurnEvent::Token(_) => {}
             TurnEvent::Done(summary) => {
+                let Some(chat_id) = turn.chat_id else {
+                    return Err(ApiError::Internal("a chat turn was stored nowhere".into()));
+                };
                 let meta = confab_core::turn::StartedMeta {
-                    chat_id: turn.chat_id,
+                    chat_id,
                     message_id: turn.message_id,
                     created_at: turn.created_at,
                     model: turn.model.clone(),

@@ -13,6 +13,7 @@ use crate::state::AppState;
 
 pub mod chats;
 pub mod models;
+pub mod openai;
 pub mod playground;
 pub mod stream;
 pub mod system;
@@ -33,6 +34,14 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(usage::get_usage))
         .route_layer(from_fn_with_state(state.clone(), require_auth));
 
+    // The OpenAI-compatible API: the same authentication and limits, its
+    // own body limit, every error in OpenAI's shape (also a 404 under /v1).
+    let v1 = Router::new()
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route_layer(from_fn_with_state(state.clone(), require_auth))
+        .route_layer(DefaultBodyLimit::max(state.config.openai_max_body_bytes));
+
     let public = Router::new()
         .route("/", get(system::root))
         .route("/health", get(system::health))
@@ -44,11 +53,13 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(public)
         .merge(protected)
+        .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(from_fn_with_state(state.clone(), refuse_oversized))
         .layer(from_fn(json_errors))
+        .layer(from_fn(openai_errors_under_v1))
         .layer(cors())
         .layer(from_fn(nosniff))
         .layer(from_fn_with_state(state.clone(), observe))
@@ -69,13 +80,30 @@ async fn refuse_oversized(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > state.config.max_body_bytes as u64) {
+    let limit = if req.uri().path().starts_with("/v1/") {
+        state.config.openai_max_body_bytes
+    } else {
+        state.config.max_body_bytes
+    };
+    if declared.is_some_and(|n| n > limit as u64) {
         return crate::error::error_body(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             "Request body is too large",
         );
     }
     next.run(req).await
+}
+
+/// Errors of `/v1/*` in OpenAI's shape (see [`openai::openai_errors`]).
+async fn openai_errors_under_v1(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if req.uri().path().starts_with("/v1/") {
+        openai::openai_errors(req, next).await
+    } else {
+        next.run(req).await
+    }
 }
 
 /// `X-Content-Type-Options: nosniff` on every response (errors, CORS
@@ -119,6 +147,7 @@ fn cors() -> CorsLayer {
             HeaderName::from_static("x-user-id"),
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static(openai::CHAT_HEADER),
         ])
         .expose_headers([
             HeaderName::from_static("x-request-id"),
@@ -131,6 +160,7 @@ fn cors() -> CorsLayer {
             header::RETRY_AFTER,
             HeaderName::from_static("x-chat-id"),
             HeaderName::from_static("x-message-id"),
+            HeaderName::from_static(openai::CHAT_HEADER),
         ])
         .max_age(std::time::Duration::from_secs(600))
 }

@@ -57,7 +57,7 @@ pub async fn post_chat_stream(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if let Ok(v) = HeaderValue::from_str(&chat_id.to_string()) {
+    if let Some(Ok(v)) = chat_id.map(|id| HeaderValue::from_str(&id.to_string())) {
         headers.insert("x-chat-id", v);
     }
     if let Ok(v) = HeaderValue::from_str(&message_id.to_string()) {

@@ -414,7 +414,7 @@ struct LedgerRow {
 const MESSAGES_SQL: &str = "SELECT m.id, m.chat_id, c.user_id, m.role, m.content, m.status, \
      m.seq, m.model, m.prompt_tokens, m.completion_tokens, m.usage_source \
      FROM messages m JOIN chats c ON c.id = m.chat_id";
-const LEDGER_SQL: &str = "SELECT message_id, org_id, user_id, chat_id, model, status, \
+const LEDGER_SQL: &str = "SELECT turn_id AS message_id, org_id, user_id, chat_id, model, status, \
      prompt_tokens, completion_tokens, source, cost_micro_usd FROM usage_ledger";
 
 macro_rules! read_tables {

@@ -229,6 +229,7 @@ async fn models_served_through_litellm_answer_on_both_routes(db: Db) {
     let litellm = Litellm::start(LitellmOpts {
         openai_upstream: mock.openai_base_url(),
         num_retries: 0,
+        ..Default::default()
     })
     .await;
     let models = ModelsFile::new(&format!(

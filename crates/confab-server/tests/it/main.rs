@@ -21,6 +21,7 @@ mod hardening;
 mod ledger_exact;
 mod lifecycle;
 mod llm;
+mod openai_sdk;
 mod ops;
 mod peers_smoke;
 mod usage;

@@ -35,6 +35,7 @@ async fn llmock_and_litellm_answer_a_chat_completion() {
     let litellm = Litellm::start(LitellmOpts {
         openai_upstream: llmock.openai_base_url(),
         num_retries: 0,
+        ..Default::default()
     })
     .await;
     let proxied: Value = http

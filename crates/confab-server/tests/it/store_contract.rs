@@ -288,11 +288,11 @@ async fn migrating_twice_is_a_no_op(db: Db) {
         }
     );
     // The first migration ran on the fresh database (the original skipped it).
-    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4]);
     let org = new_org(&*store, "acme").await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4]);
     // Data survives, and a second store on the same database sees it.
     assert_eq!(store.find_org("acme").await.unwrap(), org);
     store.ping().await.unwrap();
@@ -1308,13 +1308,9 @@ fn echo_engine(store: &Arc<dyn Store>) -> TurnEngine {
 
 fn input(text: &MessageText, chat: Option<ChatId>, key: Option<IdempotencyClaim>) -> TurnInput {
     TurnInput {
-        text: text.clone(),
         chat_id: chat,
-        model: None,
-        system: None,
         idempotency: key,
-        interactive: false,
-        received: tokio::time::Instant::now(),
+        ..TurnInput::chat(text.clone(), false, tokio::time::Instant::now())
     }
 }
 
@@ -1332,7 +1328,9 @@ async fn run_turn(
             while let Some(event) = turn.events.recv().await {
                 match event {
                     TurnEvent::Token(_) => {}
-                    TurnEvent::Done(summary) => return Ok(Ok((turn.chat_id, summary.text))),
+                    TurnEvent::Done(summary) => {
+                        return Ok(Ok((turn.chat_id.unwrap(), summary.text)));
+                    }
                     TurnEvent::Failed(failure) => panic!("turn failed: {failure:?}"),
                 }
             }

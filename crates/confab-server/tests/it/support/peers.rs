@@ -359,6 +359,9 @@ pub struct LitellmOpts {
     /// LiteLLM's own retries of a failed upstream call (its default is 2,
     /// honouring `retry-after`); 0 passes every upstream failure through.
     pub num_retries: u32,
+    /// The key LiteLLM sends upstream (a confab API key when confab is the
+    /// upstream); a dummy by default.
+    pub upstream_api_key: Option<String>,
 }
 
 /// A running LiteLLM proxy (no database) whose models all go to one
@@ -392,18 +395,22 @@ impl Litellm {
         let port = free_port();
         let dir = Peer::dir_for("litellm", port);
         let upstream = opts.openai_upstream.trim_end_matches('/');
+        let upstream_key = opts
+            .upstream_api_key
+            .as_deref()
+            .unwrap_or("sk-upstream-unused");
         let config = format!(
             "model_list:
   - model_name: {openai_model}
     litellm_params:
       model: openai/gpt-4o-mini
       api_base: {upstream}
-      api_key: sk-upstream-unused
+      api_key: {upstream_key}
   - model_name: {anthropic_model}
     litellm_params:
       model: hosted_vllm/llmock-vllm
       api_base: {upstream}
-      api_key: sk-upstream-unused
+      api_key: {upstream_key}
 litellm_settings:
   num_retries: {retries}
 general_settings:
