@@ -334,7 +334,15 @@ async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
     let bobs = app.chat(&As::bob(), "mine", None).await;
     let bobs = bobs["chat_id"].as_str().unwrap().to_owned();
     mock.reset().await;
-    let cases: Vec<(Value, Option<(&str, &str)>, u16, Option<&str>, Option<&str>)> = vec![
+    // (body, extra header, status, param, code)
+    type Case<'a> = (
+        Value,
+        Option<(&'a str, &'a str)>,
+        u16,
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         (json!({"model": "mock-openai"}), None, 400, None, None),
         (
             json!({"model": "mock-openai", "messages": []}),
