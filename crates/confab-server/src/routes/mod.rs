@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::error::ApiError;
-use crate::middleware::{json_errors, observe, require_auth};
+use crate::middleware::{json_errors, observe, read_body, require_auth};
 use crate::state::AppState;
 
 pub mod chats;
@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), read_body))
         .layer(from_fn_with_state(state.clone(), refuse_oversized))
         .layer(from_fn(json_errors))
         .layer(cors())

@@ -17,6 +17,7 @@ mod api_stream;
 mod auth_keys;
 mod browser;
 mod budget_contract;
+mod connections;
 mod hardening;
 mod lifecycle;
 mod llm;
