@@ -23,6 +23,7 @@ mod lifecycle;
 mod llm;
 mod ops;
 mod peers_smoke;
+mod pg_reconnect;
 mod usage;
 
 mod ratelimit_contract;
