@@ -3,12 +3,10 @@
 //! gracefully (SPEC §10).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use chrono::Utc;
 use confab_core::Store;
 use confab_core::ratelimit::RateLimiter;
@@ -223,7 +221,7 @@ impl App {
         let readiness_delay = state.config.shutdown_readiness_delay;
         let hard_stop = state.hard_stop.clone();
         let readiness = state.readiness.clone();
-        // axum stops accepting as soon as this future resolves, so a
+        // The server stops accepting as soon as this future resolves, so a
         // balancer could never see `/readyz` answer 503. Readiness therefore
         // flips first, and the listener keeps accepting (and serving) for
         // SHUTDOWN_READINESS_DELAY_MS, long enough for the balancer's next
@@ -250,30 +248,32 @@ impl App {
             timer_stop.cancel();
         });
 
-        // Each token is a small write that must leave at once: without
-        // TCP_NODELAY, Nagle holds it until the client's delayed ACK (~40 ms).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "could not set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(
+        // Served through hyper directly (crate::conn) for the connection
+        // timeouts, the JSON answers to unparsable requests and half-closed
+        // clients. The future ends when every connection has closed; after
+        // the hard stop, streams close within a couple of seconds. A
+        // connection that still lingers (a client that never reads) must not
+        // keep the process alive forever: 5 s later the rest are dropped.
+        let abort = CancellationToken::new();
+        let server = crate::conn::serve(
             listener,
-            self.router()
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(graceful);
-        // The server future ends when every connection has closed; after the
-        // hard stop, streams close within a couple of seconds. A connection
-        // that still lingers (a client that never reads) must not keep the
-        // process alive forever.
-        let serve_result = tokio::select! {
-            r = server => r.context("HTTP server failed"),
+            self.router(),
+            state.metrics.clone(),
+            crate::conn::Timeouts {
+                header: state.config.http_header_timeout,
+                idle: state.config.http_idle_timeout,
+            },
+            graceful,
+            abort.clone(),
+        );
+        let serve_result: anyhow::Result<()> = tokio::select! {
+            () = server => Ok(()),
             _ = async {
                 hard_stop.cancelled().await;
                 tokio::time::sleep(Duration::from_secs(5)).await;
             } => {
                 tracing::warn!("connections still open 5 s after the grace period; closing them");
+                abort.cancel();
                 Ok(())
             }
         };

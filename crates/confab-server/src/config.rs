@@ -203,6 +203,15 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// The body limit of `/v1/*` (the OpenAI-compatible API).
     pub openai_max_body_bytes: usize,
+    /// Longest wait for a request's head (request line and headers), from
+    /// its first byte; past it the client gets 408 and the connection closes.
+    pub http_header_timeout: Duration,
+    /// Longest wait for a request's whole body, from the end of its head;
+    /// past it the client gets 408 and the connection closes.
+    pub http_body_timeout: Duration,
+    /// A connection with no request in progress is closed after this long
+    /// (keep-alive, or a client that connects and sends nothing).
+    pub http_idle_timeout: Duration,
     /// Seed the demo tenants when the database has no org.
     pub seed_demo: bool,
     /// How often streaming replies' growing text is saved.
@@ -291,6 +300,16 @@ impl Source<'_> {
 }
 
 impl Config {
+    /// The largest request body a path accepts: `OPENAI_MAX_BODY_BYTES` under
+    /// `/v1/` (conversations are sent whole), else `MAX_BODY_BYTES`.
+    pub fn body_limit(&self, path: &str) -> usize {
+        if path.starts_with("/v1/") {
+            self.openai_max_body_bytes
+        } else {
+            self.max_body_bytes
+        }
+    }
+
     /// From the process environment (after `.env` has been loaded into it).
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_lookup(&|var| std::env::var(var).ok())
@@ -473,6 +492,16 @@ impl Config {
             },
             negative_ttl: src.seconds("AUTH_NEGATIVE_CACHE_SECONDS", 2.0)?,
         };
+        let http_timeout = |var: &'static str, default: u64| {
+            let d = src.millis(var, default)?;
+            if d.is_zero() || d > Duration::from_secs(3600) {
+                return Err(bad(var, "must be between 1 and 3600000"));
+            }
+            Ok(d)
+        };
+        let http_header_timeout = http_timeout("HTTP_HEADER_TIMEOUT_MS", 10_000)?;
+        let http_body_timeout = http_timeout("HTTP_BODY_TIMEOUT_MS", 30_000)?;
+        let http_idle_timeout = http_timeout("HTTP_IDLE_TIMEOUT_MS", 75_000)?;
         let shutdown_grace = src.seconds("SHUTDOWN_GRACE_SECONDS", 30.0)?;
         let default_delay = if production {
             Duration::from_secs(5).min(shutdown_grace)
@@ -513,6 +542,9 @@ impl Config {
             shutdown_readiness_delay,
             max_body_bytes,
             openai_max_body_bytes,
+            http_header_timeout,
+            http_body_timeout,
+            http_idle_timeout,
             seed_demo: src.bool("SEED_DEMO", !production)?,
             stream_flush_interval,
             stream_stale_after,
@@ -581,6 +613,9 @@ mod tests {
         assert!(c.auth_mode.headers && c.auth_mode.api_key);
         assert!(c.seed_demo);
         assert_eq!(c.max_body_bytes, 65_536);
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_body_timeout, Duration::from_secs(30));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(75));
     }
 
     #[test]
@@ -620,6 +655,9 @@ mod tests {
             ("SIMULATED_TOKEN_DELAY_MS", "30-10"),
             ("RATE_LIMIT_FAIL_OPEN", "maybe"),
             ("SHUTDOWN_GRACE_SECONDS", "-3"),
+            ("HTTP_HEADER_TIMEOUT_MS", "0"),
+            ("HTTP_BODY_TIMEOUT_MS", "1.5"),
+            ("HTTP_IDLE_TIMEOUT_MS", "3600001"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");

@@ -45,7 +45,7 @@ pub fn request_id_from(headers: &HeaderMap) -> String {
 }
 
 /// Bounded label values for the method.
-fn method_label(method: &Method) -> &'static str {
+pub(crate) fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::POST => "POST",
@@ -224,6 +224,56 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     }
     *fresh.headers_mut() = parts.headers;
     fresh
+}
+
+/// Reads the request body within `HTTP_BODY_TIMEOUT_MS` of the end of its
+/// head, and at most the path's body limit of it, before the route runs. A body
+/// that does not arrive in time (sent slowly, or declared and never sent) is
+/// answered 408 and a body that cannot be read 400, both with
+/// `Connection: close`; a body larger than the limit 413. The route then
+/// reads the body from memory.
+pub async fn read_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::body::{Body, HttpBody};
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let limited = Limited::new(body, state.config.body_limit(parts.uri.path()));
+    let refused =
+        match tokio::time::timeout(state.config.http_body_timeout, limited.collect()).await {
+            Ok(Ok(collected)) => {
+                let body = Body::from(collected.to_bytes());
+                return next.run(Request::from_parts(parts, body)).await;
+            }
+            Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
+                return error_body(StatusCode::PAYLOAD_TOO_LARGE, "Request body is too large");
+            }
+            Ok(Err(err)) => {
+                tracing::info!(error = %err, "request body could not be read");
+                error_body(
+                    StatusCode::BAD_REQUEST,
+                    "The request body could not be read",
+                )
+            }
+            Err(_) => {
+                tracing::info!(
+                    timeout_ms = state.config.http_body_timeout.as_millis() as u64,
+                    "request body not received within HTTP_BODY_TIMEOUT_MS"
+                );
+                error_body(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "The request body was not received in time",
+                )
+            }
+        };
+    let mut response = refused;
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// The authenticated caller, for handlers behind [`require_auth`].

@@ -14,7 +14,26 @@ fn is_unavailable(code: &str) -> bool {
             "53300"
             // admin_shutdown, crash_shutdown, cannot_connect_now
             | "57P01" | "57P02" | "57P03"
+            // object_not_in_prerequisite_state: none of our statements
+            // raises it; a new connection gets it when the database does
+            // not accept connections (ALLOW_CONNECTIONS false), which the
+            // pool meets when it replaces dead connections during an outage
+            | "55000"
         )
+}
+
+/// Whether `err` says the statement's connection is gone (so a fresh one
+/// may succeed): I/O errors, and PostgreSQL's connection-exception class
+/// (08) and shutdown codes (57P01 admin_shutdown — `pg_terminate_backend`
+/// or a fast shutdown —, 57P02 crash_shutdown, 57P03 cannot_connect_now).
+pub(crate) fn connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+        _ => false,
+    }
 }
 
 /// The one place sqlx errors become [`StoreError`]s.
@@ -65,6 +84,7 @@ mod tests {
         assert!(is_unavailable("08006"));
         assert!(is_unavailable("57P01"));
         assert!(is_unavailable("53300"));
+        assert!(is_unavailable("55000"));
         assert!(!is_unavailable("23505"));
         assert!(!is_unavailable("42P01"));
     }

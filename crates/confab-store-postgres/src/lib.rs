@@ -18,6 +18,8 @@ mod rows;
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,7 +35,7 @@ use sqlx::query::Query;
 use sqlx::{Connection, Row};
 use uuid::Uuid;
 
-use crate::error::map_err;
+use crate::error::{connection_lost, map_err};
 use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
 
 /// How long a request waits for a pooled connection (or a new connection
@@ -49,6 +51,7 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    liveness: Arc<Liveness>,
 }
 
 impl PostgresStore {
@@ -59,11 +62,14 @@ impl PostgresStore {
         id: Uuid,
         limits: TokenLimits,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(sql)
-            .bind(id)
-            .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
-            .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
-            .execute(&self.pool)
+        let done = self
+            .retry(move || {
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(i64::try_from(limits.per_minute).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(limits.per_day).unwrap_or(i64::MAX))
+                    .execute(&self.pool)
+            })
             .await
             .map_err(map_err)?;
         if done.rows_affected() == 0 {
@@ -89,14 +95,22 @@ impl PostgresStore {
             options.get_port(),
             options.get_database().unwrap_or(options.get_username())
         );
+        let liveness = Arc::new(Liveness::new());
+        let check = liveness.clone();
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
+            .before_acquire(move |conn, meta| {
+                let check = check.clone();
                 Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
-                        conn.ping().await?;
+                    if check.suspect(meta.idle_for) {
+                        // A failed ping closes the connection; the pool
+                        // then tries the next one or opens a new one.
+                        if let Err(err) = conn.ping().await {
+                            check.lost();
+                            return Err(err);
+                        }
                     }
                     Ok(true)
                 })
@@ -112,7 +126,100 @@ impl PostgresStore {
                 }
                 other => other,
             })?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore { pool, liveness })
+    }
+
+    /// Run `op`, and once more when it failed because its pooled connection
+    /// was already dead (PostgreSQL restarted, failed over, or terminated
+    /// it). The loss is recorded first, so the retry — and every other
+    /// request — gets a connection that is pinged if it went idle before the
+    /// loss (see [`Liveness`]): no dead pooled connection costs a client an
+    /// error.
+    ///
+    /// Every statement of this store may run twice without applying a
+    /// write twice: reads; updates that set values (`GREATEST`/`COALESCE`
+    /// for the last-used and revocation times); deletes; inserts keyed by
+    /// ids the caller chose, which a replay after a lost commit answer
+    /// turns into a conflict; and the idempotency transaction, which did
+    /// not commit when a statement before `COMMIT` failed, and whose
+    /// message keys guard a replay after a lost `COMMIT` answer.
+    async fn retry<T, F, Fut>(&self, op: F) -> Result<T, sqlx::Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        match op().await {
+            Err(err) if connection_lost(&err) => {
+                self.liveness.lost();
+                tracing::info!(
+                    error = %err,
+                    "a pooled PostgreSQL connection was dead; retrying once on another"
+                );
+                match op().await {
+                    // The retry's own answer when the statement ran: its
+                    // result, or what the data says (a conflict, nothing
+                    // found). Anything else — typically the new connection
+                    // refused while the server is still going away — is the
+                    // same outage as the first failure, reported as such.
+                    Err(again) if !statement_answer(&again) => Err(err),
+                    answered => answered,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Whether `err` is an answer about the data (a constraint, no row) rather
+/// than a failure to run the statement.
+fn statement_answer(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::RowNotFound => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("23")),
+        _ => false,
+    }
+}
+
+/// When a pooled connection was last found dead. A connection that went
+/// idle before that (or long ago) may be dead too — PostgreSQL drops every
+/// connection at once on a restart — and is pinged before it is handed out;
+/// the others are handed out as they are, so a healthy pool pays nothing.
+#[derive(Debug)]
+struct Liveness {
+    started: std::time::Instant,
+    /// Milliseconds since `started`, plus one, of the last loss; 0: never.
+    lost_at: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            started: std::time::Instant::now(),
+            lost_at: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    fn lost(&self) {
+        self.lost_at.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Whether a connection idle for `idle_for` must be pinged before use.
+    fn suspect(&self, idle_for: Duration) -> bool {
+        if idle_for >= PING_IF_IDLE_FOR {
+            return true;
+        }
+        let lost_at = self.lost_at.load(Ordering::Relaxed);
+        if lost_at == 0 {
+            return false;
+        }
+        let idle_ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
+        self.now().saturating_sub(idle_ms) <= lost_at
     }
 }
 
@@ -301,8 +408,7 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        self.retry(move || sqlx::query("SELECT 1").execute(&self.pool))
             .await
             .map(drop)
             .map_err(map_err)
@@ -322,47 +428,56 @@ impl Store for PostgresStore {
     // ---- tenancy -------------------------------------------------------
 
     async fn create_org(&self, org: &NewOrg) -> Result<Org, StoreError> {
-        let row = sqlx::query(concat!(
-            "INSERT INTO orgs (id, name, slug, metadata, created_at, updated_at) \
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "INSERT INTO orgs (id, name, slug, metadata, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, now(), now()) RETURNING ",
-            org_columns!()
-        ))
-        .bind(uuid(org.id))
-        .bind(&org.name)
-        .bind(org.slug.as_str())
-        .bind(&org.metadata)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)?;
+                    org_columns!()
+                ))
+                .bind(uuid(org.id))
+                .bind(&org.name)
+                .bind(org.slug.as_str())
+                .bind(&org.metadata)
+                .fetch_one(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         rows::org(&row)
     }
 
     async fn list_orgs(&self) -> Result<Vec<Org>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            org_columns!(),
-            " FROM orgs WHERE deleted_at IS NULL ORDER BY created_at, id"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let rows = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    org_columns!(),
+                    " FROM orgs WHERE deleted_at IS NULL ORDER BY created_at, id"
+                ))
+                .fetch_all(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         rows.iter().map(rows::org).collect()
     }
 
     async fn find_org(&self, id_or_slug: &str) -> Result<Org, StoreError> {
         // A slug may itself look like a UUID; an id match wins.
         let id = Uuid::parse_str(id_or_slug).ok();
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            org_columns!(),
-            " FROM orgs WHERE deleted_at IS NULL AND (id = $1 OR slug = $2) \
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    org_columns!(),
+                    " FROM orgs WHERE deleted_at IS NULL AND (id = $1 OR slug = $2) \
              ORDER BY id = $1 DESC NULLS LAST LIMIT 1"
-        ))
-        .bind(id)
-        .bind(id_or_slug)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                ))
+                .bind(id)
+                .bind(id_or_slug)
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref().map(rows::org).ok_or(StoreError::NotFound)?
     }
 
@@ -375,7 +490,9 @@ impl Store for PostgresStore {
             .map(|l| i32::try_from(l.burst))
             .transpose()
             .map_err(|_| StoreError::Other("rate-limit burst is too large".into()))?;
-        let done = sqlx::query(
+        let done = self
+            .retry(move || {
+                sqlx::query(
             "UPDATE orgs SET rate_limit_burst = $2, rate_limit_per_second = $3, updated_at = now() \
              WHERE id = $1 AND deleted_at IS NULL",
         )
@@ -383,8 +500,9 @@ impl Store for PostgresStore {
         .bind(burst)
         .bind(limit.map(|l| l.per_second))
         .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
+            })
+            .await
+            .map_err(map_err)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -459,7 +577,10 @@ impl Store for PostgresStore {
                 .bind(from)
                 .bind(to)
         };
-        let row = bind(TOTALS).fetch_one(&self.pool).await.map_err(map_err)?;
+        let row = self
+            .retry(|| bind(TOTALS).fetch_one(&self.pool))
+            .await
+            .map_err(map_err)?;
         let totals = rows::usage_totals(&row)?;
         let groups = match group_by {
             None => Vec::new(),
@@ -469,7 +590,10 @@ impl Store for PostgresStore {
                     UsageGroup::User => BY_USER,
                     UsageGroup::Day => BY_DAY,
                 };
-                let found = bind(sql).fetch_all(&self.pool).await.map_err(map_err)?;
+                let found = self
+                    .retry(|| bind(sql).fetch_all(&self.pool))
+                    .await
+                    .map_err(map_err)?;
                 let mut groups = Vec::with_capacity(found.len());
                 for row in &found {
                     let key: String = row.try_get("key").map_err(map_err)?;
@@ -482,16 +606,19 @@ impl Store for PostgresStore {
     }
 
     async fn set_org_policy(&self, org: OrgId, policy: &OrgPolicy) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE orgs SET allowed_models = $2, system_prompt = $3, updated_at = now() \
+        let done = self
+            .retry(move || {
+                sqlx::query(
+                    "UPDATE orgs SET allowed_models = $2, system_prompt = $3, updated_at = now() \
              WHERE id = $1 AND deleted_at IS NULL",
-        )
-        .bind(uuid(org))
-        .bind(policy.allowed_models.as_deref())
-        .bind(policy.system_prompt.as_deref())
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(uuid(org))
+                .bind(policy.allowed_models.as_deref())
+                .bind(policy.system_prompt.as_deref())
+                .execute(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -502,47 +629,56 @@ impl Store for PostgresStore {
         // INSERT … SELECT from the live org: an unknown *or deleted* org
         // inserts nothing (→ NotFound); a foreign key alone would accept a
         // deleted org.
-        let row = sqlx::query(concat!(
-            "INSERT INTO users (id, org_id, email, name, role, created_at, updated_at) \
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "INSERT INTO users (id, org_id, email, name, role, created_at, updated_at) \
              SELECT $1::uuid, o.id, $3::text, $4::text, $5::text, now(), now() \
              FROM orgs o WHERE o.id = $2 AND o.deleted_at IS NULL \
              RETURNING ",
-            user_columns!()
-        ))
-        .bind(uuid(user.id))
-        .bind(uuid(user.org_id))
-        .bind(user.email.as_str())
-        .bind(&user.name)
-        .bind(user.role.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                    user_columns!()
+                ))
+                .bind(uuid(user.id))
+                .bind(uuid(user.org_id))
+                .bind(user.email.as_str())
+                .bind(&user.name)
+                .bind(user.role.as_str())
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref().map(rows::user).ok_or(StoreError::NotFound)?
     }
 
     async fn list_users(&self, org: OrgId) -> Result<Vec<User>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            user_columns!(),
-            " FROM users WHERE org_id = $1 AND deleted_at IS NULL ORDER BY created_at, id"
-        ))
-        .bind(uuid(org))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let rows = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    user_columns!(),
+                    " FROM users WHERE org_id = $1 AND deleted_at IS NULL ORDER BY created_at, id"
+                ))
+                .bind(uuid(org))
+                .fetch_all(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         rows.iter().map(rows::user).collect()
     }
 
     async fn delete_user(&self, org: OrgId, user: UserId) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE users SET deleted_at = now(), updated_at = now() \
+        let done = self
+            .retry(move || {
+                sqlx::query(
+                    "UPDATE users SET deleted_at = now(), updated_at = now() \
              WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL",
-        )
-        .bind(uuid(user))
-        .bind(uuid(org))
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(uuid(user))
+                .bind(uuid(org))
+                .execute(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -551,8 +687,10 @@ impl Store for PostgresStore {
 
     async fn has_orgs(&self) -> Result<bool, StoreError> {
         // Deleted orgs count: seeding is for a database nobody has used yet.
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM orgs) AS any_org")
-            .fetch_one(&self.pool)
+        let row = self
+            .retry(move || {
+                sqlx::query("SELECT EXISTS (SELECT 1 FROM orgs) AS any_org").fetch_one(&self.pool)
+            })
             .await
             .map_err(map_err)?;
         row.try_get::<bool, _>("any_org").map_err(map_err)
@@ -561,25 +699,30 @@ impl Store for PostgresStore {
     // ---- authentication -------------------------------------------------
 
     async fn find_principal(&self, user: UserId) -> Result<Option<Principal>, StoreError> {
-        let row = sqlx::query(
-            "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
+        let row = self
+            .retry(move || {
+                sqlx::query(
+                    "SELECT u.id AS user_id, u.org_id, u.email, u.role, \
                     o.rate_limit_burst, o.rate_limit_per_second, \
                     o.allowed_models, o.system_prompt, \
                     o.tokens_per_minute AS org_tpm, o.tokens_per_day AS org_tpd, \
                     u.tokens_per_minute AS user_tpm, u.tokens_per_day AS user_tpd \
              FROM users u JOIN orgs o ON o.id = u.org_id \
              WHERE u.id = $1 AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
-        )
-        .bind(uuid(user))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(uuid(user))
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.map(|r| rows::principal(&r, false)).transpose()
     }
 
     async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKey, StoreError> {
         // Only for a live user of that org (nothing inserted → NotFound).
-        let row = sqlx::query(concat!(
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
             "INSERT INTO api_keys (id, org_id, user_id, key_hash, prefix, name, created_at) \
              SELECT $1::uuid, u.org_id, u.id, $4::bytea, $5::text, $6::text, now() FROM users u \
              WHERE u.id = $3 AND u.org_id = $2 AND u.deleted_at IS NULL \
@@ -593,41 +736,47 @@ impl Store for PostgresStore {
         .bind(&key.prefix)
         .bind(&key.name)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref()
             .map(rows::api_key)
             .ok_or(StoreError::NotFound)?
     }
 
     async fn list_api_keys(&self, org: OrgId) -> Result<Vec<ApiKey>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            api_key_columns!(),
-            " FROM api_keys WHERE org_id = $1 ORDER BY created_at DESC, id DESC"
-        ))
-        .bind(uuid(org))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let rows = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    api_key_columns!(),
+                    " FROM api_keys WHERE org_id = $1 ORDER BY created_at DESC, id DESC"
+                ))
+                .bind(uuid(org))
+                .fetch_all(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         rows.iter().map(rows::api_key).collect()
     }
 
     async fn revoke_api_key(&self, id: ApiKeyId) -> Result<(), StoreError> {
         // COALESCE keeps the first revocation time: revoking twice is a no-op.
-        let row = sqlx::query(
+        let row = self.retry(move || sqlx::query(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING id",
         )
         .bind(uuid(id))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.pool))
         .await
         .map_err(map_err)?;
         row.map(drop).ok_or(StoreError::NotFound)
     }
 
     async fn find_principal_by_key(&self, hash: &[u8]) -> Result<Option<Principal>, StoreError> {
-        let row = sqlx::query(
-            "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
+        let row = self
+            .retry(move || {
+                sqlx::query(
+                    "SELECT k.id AS api_key_id, u.id AS user_id, u.org_id, u.email, u.role, \
                     o.rate_limit_burst, o.rate_limit_per_second, \
                     o.allowed_models, o.system_prompt, \
                     o.tokens_per_minute AS org_tpm, o.tokens_per_day AS org_tpd, \
@@ -637,11 +786,12 @@ impl Store for PostgresStore {
              JOIN orgs o ON o.id = u.org_id \
              WHERE k.key_hash = $1 AND k.revoked_at IS NULL \
                AND u.deleted_at IS NULL AND o.deleted_at IS NULL",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(hash)
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.map(|r| rows::principal(&r, true)).transpose()
     }
 
@@ -658,14 +808,17 @@ impl Store for PostgresStore {
         }
         let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) =
             latest.into_iter().map(|(id, at)| (uuid(id), at)).unzip();
-        sqlx::query(
-            "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, t.at) \
+        let (ids, times) = (&ids[..], &times[..]);
+        self.retry(move || {
+            sqlx::query(
+                "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, t.at) \
              FROM unnest($1::uuid[], $2::timestamptz[]) AS t(id, at) \
              WHERE k.id = t.id",
-        )
-        .bind(ids)
-        .bind(times)
-        .execute(&self.pool)
+            )
+            .bind(ids)
+            .bind(times)
+            .execute(&self.pool)
+        })
         .await
         .map(drop)
         .map_err(map_err)
@@ -674,16 +827,19 @@ impl Store for PostgresStore {
     // ---- chats ------------------------------------------------------------
 
     async fn get_chat(&self, org: OrgId, chat: ChatId) -> Result<Chat, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            chat_columns!(),
-            " FROM chats WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL"
-        ))
-        .bind(uuid(chat))
-        .bind(uuid(org))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    chat_columns!(),
+                    " FROM chats WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL"
+                ))
+                .bind(uuid(chat))
+                .bind(uuid(org))
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref().map(rows::chat).ok_or(StoreError::NotFound)?
     }
 
@@ -696,7 +852,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<Chat>, StoreError> {
         // Two fixed statements rather than one with `$3 IS NULL OR …`, so
         // each gets a plan that walks `chats_user_recent` from the right spot.
-        let query = match after {
+        let query = move || match after {
             None => sqlx::query(concat!(
                 "SELECT ",
                 chat_columns!(),
@@ -719,7 +875,10 @@ impl Store for PostgresStore {
             .bind(cursor.updated_at)
             .bind(uuid(cursor.id)),
         };
-        let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
+        let rows = self
+            .retry(|| query().fetch_all(&self.pool))
+            .await
+            .map_err(map_err)?;
         rows.iter().map(rows::chat).collect()
     }
 
@@ -729,30 +888,36 @@ impl Store for PostgresStore {
         chat: ChatId,
         title: &ChatTitle,
     ) -> Result<Chat, StoreError> {
-        let row = sqlx::query(concat!(
-            "UPDATE chats SET title = $3, updated_at = now() \
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "UPDATE chats SET title = $3, updated_at = now() \
              WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL RETURNING ",
-            chat_columns!()
-        ))
-        .bind(uuid(chat))
-        .bind(uuid(org))
-        .bind(title.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                    chat_columns!()
+                ))
+                .bind(uuid(chat))
+                .bind(uuid(org))
+                .bind(title.as_str())
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref().map(rows::chat).ok_or(StoreError::NotFound)?
     }
 
     async fn delete_chat(&self, org: OrgId, chat: ChatId) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE chats SET deleted_at = now(), updated_at = now() \
+        let done = self
+            .retry(move || {
+                sqlx::query(
+                    "UPDATE chats SET deleted_at = now(), updated_at = now() \
              WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL",
-        )
-        .bind(uuid(chat))
-        .bind(uuid(org))
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(uuid(chat))
+                .bind(uuid(org))
+                .execute(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -769,22 +934,25 @@ impl Store for PostgresStore {
         // Newest first through the (chat_id, seq) index, then reversed. The
         // chat's org and liveness are part of the same query, so another
         // org's chat yields nothing.
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages \
+        let rows = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages \
              WHERE chat_id = $1 AND org_id = $2 AND seq < $3 \
                AND EXISTS (SELECT 1 FROM chats c \
                            WHERE c.id = $1 AND c.org_id = $2 AND c.deleted_at IS NULL) \
              ORDER BY seq DESC LIMIT $4"
-        ))
-        .bind(uuid(chat))
-        .bind(uuid(org))
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+                ))
+                .bind(uuid(chat))
+                .bind(uuid(org))
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         if rows.is_empty() {
             // Nothing: an empty page of a readable chat, or no such chat.
             self.get_chat(org, chat).await?;
@@ -799,30 +967,35 @@ impl Store for PostgresStore {
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+        // Retried like every statement here: the messages' primary keys
+        // (ids chosen by the caller) make a turn apply at most once, so a
+        // replay after a commit whose answer was lost fails instead of
+        // writing the turn twice.
         if turn.idempotency.is_none() {
             // The hot path: one self-contained statement, one round trip.
-            let rows = begin_turn_query(turn)
-                .fetch_all(&self.pool)
+            let rows = self
+                .retry(|| begin_turn_query(turn).fetch_all(&self.pool))
                 .await
                 .map_err(map_err)?;
             return begun_turn(turn, &rows);
         }
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let rows = begin_turn_query(turn)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        match begun_turn(turn, &rows) {
-            Ok(begun) => {
-                tx.commit().await.map_err(map_err)?;
-                Ok(begun)
+        self.retry(move || async move {
+            let mut tx = self.pool.begin().await?;
+            let rows = begin_turn_query(turn).fetch_all(&mut *tx).await?;
+            match begun_turn(turn, &rows) {
+                Ok(begun) => {
+                    tx.commit().await?;
+                    Ok(Ok(begun))
+                }
+                Err(err) => {
+                    // Undo the claim when the chat was gone; nothing else was written.
+                    tx.rollback().await?;
+                    Ok(Err(err))
+                }
             }
-            Err(err) => {
-                // Undo the claim when the chat was gone; nothing else was written.
-                tx.rollback().await.map_err(map_err)?;
-                Err(err)
-            }
-        }
+        })
+        .await
+        .map_err(map_err)?
     }
 
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {
@@ -834,15 +1007,17 @@ impl Store for PostgresStore {
             Some((user, key, response)) => (Some(uuid(*user)), Some(key.as_str()), Some(response)),
             None => (None, None, None),
         };
-        let row = sqlx::query(concat!(
-            "WITH m AS ( \
+        let row = self
+            .retry(move || {
+                sqlx::query(concat!(
+                    "WITH m AS ( \
                 UPDATE messages \
                    SET content = $4, status = $5, token_count = $6, updated_at = now(), \
                        prompt_tokens = $10, completion_tokens = $6, usage_source = $11 \
                  WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
                 RETURNING ",
-            message_columns!(),
-            " ), c AS ( \
+                    message_columns!(),
+                    " ), c AS ( \
                 UPDATE chats SET updated_at = now() \
                  WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
                 RETURNING user_id \
@@ -861,22 +1036,23 @@ impl Store for PostgresStore {
                  WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
             ) \
             SELECT * FROM m"
-        ))
-        .bind(uuid(msg.id))
-        .bind(uuid(msg.org))
-        .bind(uuid(msg.chat))
-        .bind(&msg.content)
-        .bind(msg.status.as_str())
-        .bind(msg.usage.completion_tokens)
-        .bind(user)
-        .bind(key)
-        .bind(response)
-        .bind(msg.usage.prompt_tokens)
-        .bind(msg.usage.source.as_str())
-        .bind(msg.cost.cost_micro_usd)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                ))
+                .bind(uuid(msg.id))
+                .bind(uuid(msg.org))
+                .bind(uuid(msg.chat))
+                .bind(&msg.content)
+                .bind(msg.status.as_str())
+                .bind(msg.usage.completion_tokens)
+                .bind(user)
+                .bind(key)
+                .bind(response)
+                .bind(msg.usage.prompt_tokens)
+                .bind(msg.usage.source.as_str())
+                .bind(msg.cost.cost_micro_usd)
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref()
             .map(rows::message)
             .ok_or(StoreError::NotFound)?
@@ -912,16 +1088,19 @@ impl Store for PostgresStore {
             .into_iter()
             .map(|(id, text)| (uuid(id), text.as_str()))
             .unzip();
+        let (ids, texts) = (&ids[..], &texts[..]);
         // updated_at moves even when the text did not: it is the heartbeat
         // that keeps a live stream from looking stale.
-        sqlx::query(
-            "UPDATE messages m SET content = p.content, updated_at = now() \
+        self.retry(move || {
+            sqlx::query(
+                "UPDATE messages m SET content = p.content, updated_at = now() \
              FROM unnest($1::uuid[], $2::text[]) AS p(id, content) \
              WHERE m.id = p.id AND m.status = 'streaming'",
-        )
-        .bind(ids)
-        .bind(texts)
-        .execute(&self.pool)
+            )
+            .bind(ids)
+            .bind(texts)
+            .execute(&self.pool)
+        })
         .await
         .map(drop)
         .map_err(map_err)
@@ -933,8 +1112,10 @@ impl Store for PostgresStore {
     ) -> Result<u64, StoreError> {
         // One statement: the estimated usage, the final status and the
         // ledger rows together.
-        let row = sqlx::query(
-            "WITH m AS ( \
+        let row = self
+            .retry(move || {
+                sqlx::query(
+                    "WITH m AS ( \
                 UPDATE messages SET status = 'interrupted', updated_at = now(), \
                     prompt_tokens = coalesce(prompt_tokens, 0), \
                     completion_tokens = (length(content) + 3) / 4, \
@@ -950,11 +1131,12 @@ impl Store for PostgresStore {
                   FROM m JOIN chats c ON c.id = m.chat_id \
                 ON CONFLICT (turn_id) DO NOTHING \
              ) SELECT count(*) AS n FROM m",
-        )
-        .bind(stale_after.as_secs_f64())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(stale_after.as_secs_f64())
+                .fetch_one(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         let n: i64 = row.try_get("n").map_err(map_err)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
@@ -966,32 +1148,40 @@ impl Store for PostgresStore {
         user: UserId,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT request_hash, response, created_at FROM idempotency_keys \
+        let row = self
+            .retry(move || {
+                sqlx::query(
+                    "SELECT request_hash, response, created_at FROM idempotency_keys \
              WHERE user_id = $1 AND key = $2",
-        )
-        .bind(uuid(user))
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?;
+                )
+                .bind(uuid(user))
+                .bind(key)
+                .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
         row.as_ref().map(rows::idempotency).transpose()
     }
 
     async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2")
-            .bind(uuid(user))
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .map(drop)
-            .map_err(map_err)
+        self.retry(move || {
+            sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2")
+                .bind(uuid(user))
+                .bind(key)
+                .execute(&self.pool)
+        })
+        .await
+        .map(drop)
+        .map_err(map_err)
     }
 
     async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-            .bind(older_than)
-            .execute(&self.pool)
+        let done = self
+            .retry(move || {
+                sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+                    .bind(older_than)
+                    .execute(&self.pool)
+            })
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())

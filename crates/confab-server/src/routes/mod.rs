@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::error::ApiError;
-use crate::middleware::{json_errors, observe, require_auth};
+use crate::middleware::{json_errors, observe, read_body, require_auth};
 use crate::state::AppState;
 
 pub mod chats;
@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), read_body))
         .layer(from_fn_with_state(state.clone(), refuse_oversized))
         .layer(from_fn(json_errors))
         .layer(from_fn(openai_errors_under_v1))
@@ -80,11 +81,7 @@ async fn refuse_oversized(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let limit = if req.uri().path().starts_with("/v1/") {
-        state.config.openai_max_body_bytes
-    } else {
-        state.config.max_body_bytes
-    };
+    let limit = state.config.body_limit(req.uri().path());
     if declared.is_some_and(|n| n > limit as u64) {
         return crate::error::error_body(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,

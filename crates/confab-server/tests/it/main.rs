@@ -17,6 +17,7 @@ mod api_stream;
 mod auth_keys;
 mod browser;
 mod budget_contract;
+mod connections;
 mod hardening;
 mod ledger_exact;
 mod lifecycle;
@@ -24,6 +25,7 @@ mod llm;
 mod openai_sdk;
 mod ops;
 mod peers_smoke;
+mod pg_reconnect;
 mod usage;
 
 mod ratelimit_contract;
