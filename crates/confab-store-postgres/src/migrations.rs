@@ -9,6 +9,11 @@ const MIGRATIONS: &EmbeddedMigrations = &[
     (1, "init", include_str!("../migrations/0001_init.sql")),
     (2, "models", include_str!("../migrations/0002_models.sql")),
     (3, "usage", include_str!("../migrations/0003_usage.sql")),
+    (
+        5,
+        "stream_events",
+        include_str!("../migrations/0005_stream_events.sql"),
+    ),
 ];
 
 /// The migrator for this backend's schema.
