@@ -1016,7 +1016,12 @@ impl Run {
             Err(TrySendError::Full(event)) => tokio::select! {
                 biased;
                 _ = stopped.as_mut() => return Some(Stop::Interrupted),
-                _ = cancel.cancelled() => return Some(Stop::Cancelled { stalled: false }),
+                _ = cancel.cancelled() => {
+                    // This token never reached the request's reader: end its
+                    // stream here (a resume has the rest, with the right ids).
+                    self.tx = mpsc::channel(1).0;
+                    return Some(Stop::Cancelled { stalled: false });
+                }
                 sent = tokio::time::timeout(inner.config.send_timeout, self.tx.send(event)) => {
                     match sent {
                         Ok(Ok(())) => Ok(()),

@@ -22,6 +22,7 @@ mod lifecycle;
 mod llm;
 mod ops;
 mod peers_smoke;
+mod resume;
 mod usage;
 
 mod ratelimit_contract;
