@@ -18,6 +18,7 @@ per_store!(
     without_detach_a_disconnect_cancels_and_the_rest_resumes_from_the_database,
     cancel_stops_the_generation_and_readers_get_the_final_event,
     resume_and_cancel_follow_the_chat_rules,
+    a_detached_generation_nobody_resumes_is_cancelled_after_the_detach_time,
 );
 
 /// Alice's headers, for requests to a process.
@@ -369,7 +370,66 @@ async fn with_redis_down_finished_replies_resume_and_live_ones_answer_503() {
     assert_eq!(assert_exactly_once(&[], &whole), text);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_on_another_instance_keeps_a_detached_generation_going() {
+    crate::support::init();
+    let db = seeded_postgres().await;
+    let redis = PrivateRedis::start();
+    let redis_url = redis.url();
+    let mut env = process_env(&db, &redis_url);
+    env.retain(|(k, _)| *k != "STREAM_DETACH_SECONDS" && *k != "SIMULATED_TOKEN_DELAY_MS");
+    env.push(("STREAM_DETACH_SECONDS", "1"));
+    env.push(("SIMULATED_TOKEN_DELAY_MS", "20"));
+    let a = Confab::start(&env).await;
+    let b = Confab::start(&env).await;
+    let client = reqwest::Client::new();
+    // 200 words at 20 ms: about 4 s, far beyond the 1 s detach time, which
+    // only B's reader (watched through Redis) can bridge.
+    let (chat, msg, mut reader) = start(&client, &a.base, "Keep going for B").await;
+    let before = read_tokens(&mut reader, 5).await;
+    drop(reader);
+    let res = resume(&client, &b.base, &chat, &msg, 5).await;
+    let after = SseReader::new(res).rest().await;
+    let text = assert_exactly_once(&before, &after);
+    let saved = stored(&client, &a.base, &chat, &msg).await;
+    assert_eq!(saved["status"], "complete");
+    assert_eq!(saved["content"].as_str().unwrap(), text);
+}
+
 // ------------------------------------------------------------ embedded mode
+
+async fn a_detached_generation_nobody_resumes_is_cancelled_after_the_detach_time(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("STREAM_DETACH_SECONDS", "1"),
+            ("SIMULATED_MIN_WORDS", "300"),
+            ("SIMULATED_TOKEN_DELAY_MS", "20"),
+        ],
+    )
+    .await;
+    let (chat, msg, mut reader) = start_on(&app, "Nobody comes back").await;
+    read_tokens(&mut reader, 3).await;
+    let left = Instant::now();
+    drop(reader);
+    // Still generating a moment after the disconnect (detached) ...
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        stored(&app.client, &app.base, &chat, &msg).await["status"],
+        "streaming"
+    );
+    // ... then cancelled once the detach time passed with no reader, long
+    // before the 6 s reply would have completed.
+    let saved = wait_status(&app.client, &app.base, &chat, &msg, "cancelled").await;
+    let took = left.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(!saved["content"].as_str().unwrap().is_empty());
+    let metrics = metrics(&app.client, &app.base).await;
+    assert!(counter(&metrics, "sse_detached_total") >= 1.0);
+}
 
 async fn start_on(app: &TestApp, message: &str) -> (String, String, SseReader) {
     start(&app.client, &app.base, message).await
