@@ -13,15 +13,25 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::MessageId;
+use crate::model::PartialText;
 use crate::store::Store;
 use crate::turn::TurnMetrics;
 
-/// The text of one live stream, shared between its generator and the flusher.
+/// The text of one live stream, shared between its generator, the flusher
+/// and the stream's readers: the text and where each token event ends in it
+/// ([`crate::live::EventLengths`]), changed together under one lock so that a
+/// save or a replay never sees one without the other (SPEC §14).
 #[derive(Default)]
 pub(crate) struct LiveText {
-    text: Mutex<String>,
+    text: Mutex<TextAndEvents>,
     dirty: AtomicBool,
     last_saved: Mutex<Option<Instant>>,
+}
+
+#[derive(Default)]
+pub(crate) struct TextAndEvents {
+    pub(crate) text: String,
+    pub(crate) lengths: crate::live::EventLengths,
 }
 
 /// The registry of live turns and the task that saves them.
@@ -31,15 +41,35 @@ pub struct Flusher {
 }
 
 impl LiveText {
-    pub(crate) fn push(&self, token: &str) {
-        if let Ok(mut text) = self.text.lock() {
-            text.push_str(token);
-        }
+    /// Append one token event; its event id (1, 2, …).
+    pub(crate) fn push(&self, token: &str) -> u64 {
+        let id = match self.text.lock() {
+            Ok(mut t) => {
+                t.text.push_str(token);
+                t.lengths.push(token.len());
+                t.lengths.count()
+            }
+            Err(_) => 0,
+        };
         self.dirty.store(true, Ordering::Release);
+        id
     }
 
     pub(crate) fn text(&self) -> String {
-        self.text.lock().map(|t| t.clone()).unwrap_or_default()
+        self.text.lock().map(|t| t.text.clone()).unwrap_or_default()
+    }
+
+    /// The encoded event boundaries of the text so far.
+    pub(crate) fn lengths(&self) -> Vec<u8> {
+        self.text
+            .lock()
+            .map(|t| t.lengths.as_bytes().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Run `f` on the text and its events under the lock.
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&TextAndEvents) -> T) -> Option<T> {
+        self.text.lock().ok().map(|t| f(&t))
     }
 }
 
@@ -76,7 +106,7 @@ impl Flusher {
     /// `heartbeat`), written at once.
     pub async fn flush(&self, store: &dyn Store, metrics: &dyn TurnMetrics, heartbeat: Duration) {
         let now = Instant::now();
-        let batch: Vec<(MessageId, String)> = {
+        let batch: Vec<PartialText> = {
             let Ok(live) = self.live.lock() else { return };
             live.iter()
                 .filter_map(|(id, entry)| {
@@ -88,11 +118,19 @@ impl Flusher {
                     if !(entry.dirty.swap(false, Ordering::AcqRel) || stale) {
                         return None;
                     }
-                    let text = entry.text.lock().map(|t| t.clone()).ok()?;
+                    let partial = entry
+                        .text
+                        .lock()
+                        .map(|t| PartialText {
+                            id: *id,
+                            content: t.text.clone(),
+                            event_lengths: t.lengths.as_bytes().to_vec(),
+                        })
+                        .ok()?;
                     if let Ok(mut saved) = entry.last_saved.lock() {
                         *saved = Some(now);
                     }
-                    Some((*id, text))
+                    Some(partial)
                 })
                 .collect()
         };
@@ -107,8 +145,8 @@ impl Flusher {
                 tracing::error!(error = %err, streams = batch.len(), "could not save partial replies");
                 // Mark them dirty again so the next tick retries.
                 if let Ok(live) = self.live.lock() {
-                    for (id, _) in &batch {
-                        if let Some(entry) = live.get(id) {
+                    for partial in &batch {
+                        if let Some(entry) = live.get(&partial.id) {
                             entry.dirty.store(true, Ordering::Release);
                         }
                     }

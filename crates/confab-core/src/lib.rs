@@ -7,6 +7,7 @@
 
 pub mod flusher;
 pub mod ids;
+pub mod live;
 pub mod model;
 pub mod models;
 pub mod provider;

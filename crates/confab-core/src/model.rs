@@ -488,6 +488,27 @@ pub struct FinishedMessage {
     pub cost: LedgerCost,
     /// For an idempotent `POST /chat`: the response to replay for this key.
     pub idempotent_response: Option<(UserId, String, serde_json::Value)>,
+    /// Where each token event ends in `content` ([`crate::live::EventLengths`]),
+    /// so a resumed stream replays the same events with the same ids.
+    pub event_lengths: Vec<u8>,
+}
+
+/// The growing text of a `streaming` message, as the flusher saves it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartialText {
+    pub id: MessageId,
+    pub content: String,
+    /// The token events `content` is made of ([`crate::live::EventLengths`]).
+    pub event_lengths: Vec<u8>,
+}
+
+/// A message with the event boundaries of its text: what a resumed stream
+/// replays (SPEC §14). `event_lengths` is `None` for messages stored before
+/// event boundaries were kept (replayed as one token event).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredStream {
+    pub message: Message,
+    pub event_lengths: Option<Vec<u8>>,
 }
 
 /// The ledger row of a turn stored in no chat (the OpenAI-compatible API's

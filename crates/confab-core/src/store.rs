@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use crate::ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 use crate::model::{
     ApiKey, BegunTurn, Chat, ChatCursor, ChatTitle, FinishedMessage, IdempotencyRecord,
-    LedgerEntry, Message, NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, Principal,
-    RateLimitOverride, TokenLimits, UsageGroup, UsageReport, User,
+    LedgerEntry, Message, NewApiKey, NewOrg, NewTurn, NewUser, Org, OrgPolicy, PartialText,
+    Principal, RateLimitOverride, StoredStream, TokenLimits, UsageGroup, UsageReport, User,
 };
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -155,7 +155,16 @@ pub trait Store: Send + Sync + 'static {
     async fn record_usage(&self, entry: &LedgerEntry) -> Result<(), StoreError>;
     /// Save growing partial texts of many streaming messages at once (one
     /// statement or one transaction). Rows no longer `streaming` are left alone.
-    async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError>;
+    /// Each partial's event boundaries are saved with its text.
+    async fn save_partials(&self, partials: &[PartialText]) -> Result<(), StoreError>;
+    /// One message of a chat of this org with its stored event boundaries
+    /// (SPEC §14); `NotFound` when the message is not in that chat.
+    async fn stream_state(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<StoredStream, StoreError>;
     /// Mark `streaming` messages not saved for `stale_after` as `interrupted`
     /// (they belong to a dead process), each with an estimated usage (the
     /// prompt figure saved so far, the text's length / 4) and its ledger row

@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use crate::flusher::{Flusher, LiveText};
 use crate::ids::{ChatId, MessageId};
+use crate::live::{LiveHub, Publication};
 use crate::model::{
     BegunTurn, Chat, FinishedMessage, IdempotencyClaim, LedgerCost, LedgerEntry, MessageRole,
     MessageStatus, MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
@@ -141,6 +142,12 @@ pub trait TurnMetrics: Send + Sync + 'static {
     fn budget(&self, _event: &'static str, _kind: &'static str, _tokens: u64) {}
     fn flushed(&self, _rows: u64, _took: Duration) {}
     fn flush_failed(&self, _took: Duration) {}
+    /// A generation lost its last reader and goes on waiting for one
+    /// (`STREAM_DETACH_SECONDS`).
+    fn generation_detached(&self) {}
+    /// A step of the cross-instance relay failed (`op`: `publish`, `read`,
+    /// `cancel`, `watch`).
+    fn relay_error(&self, _op: &'static str) {}
 }
 
 /// Metrics that go nowhere (tests, tools).
@@ -258,6 +265,8 @@ pub enum TurnFailure {
     Interrupted,
     /// The reply was produced but could not be stored.
     NotSaved(StoreError),
+    /// Stopped by an explicit cancel (SPEC §14); the partial text is stored.
+    Cancelled,
 }
 
 /// A begun turn: where it is stored, and its events.
@@ -308,6 +317,7 @@ struct Inner {
     service: ChatService,
     models: ModelRegistry,
     flusher: Flusher,
+    live: LiveHub,
     metrics: Arc<dyn TurnMetrics>,
     config: EngineConfig,
     tasks: TaskTracker,
@@ -331,6 +341,7 @@ impl TurnEngine {
                 budget,
                 models,
                 flusher: Flusher::default(),
+                live: LiveHub::new(metrics.clone()),
                 metrics,
                 config,
                 tasks,
@@ -345,6 +356,11 @@ impl TurnEngine {
 
     pub fn flusher(&self) -> &Flusher {
         &self.inner.flusher
+    }
+
+    /// The live streams of this process (SPEC §14).
+    pub fn live(&self) -> &LiveHub {
+        &self.inner.live
     }
 
     /// The model a turn uses: the one asked for, else the chat's, else the
@@ -822,6 +838,8 @@ struct Run {
     tx: mpsc::Sender<TurnEvent>,
     replay: Option<ReplayEncoder>,
     live: Arc<LiveText>,
+    /// The stream's events for its readers, and its cancel.
+    publication: Publication,
     guard: SettleGuard,
     /// Usage as the model reported it, latest figures.
     reported: Option<ReportedUsage>,
@@ -852,10 +870,23 @@ impl Run {
         held: Option<Held>,
     ) -> Self {
         let inner = &engine.inner;
-        // Only a stored turn has a row for the flusher to save into.
-        let live = match &turn.begun {
-            Some(begun) => inner.flusher.register(begun.assistant_message.id),
-            None => Arc::new(LiveText::default()),
+        // Only a stored turn has a row for the flusher to save into, and
+        // a message to resume or cancel (SPEC §14).
+        let (live, publication) = match &turn.begun {
+            Some(begun) => {
+                let live = inner.flusher.register(begun.assistant_message.id);
+                let publication = inner.live.open(
+                    begun.assistant_message.id,
+                    begun.chat_id,
+                    live.clone(),
+                    input.interactive,
+                );
+                (live, publication)
+            }
+            None => {
+                let live = Arc::new(LiveText::default());
+                (live.clone(), inner.live.private(live))
+            }
         };
         inner.metrics.turn_started(input.interactive);
         let guard = SettleGuard {
@@ -878,6 +909,7 @@ impl Run {
             tx,
             replay,
             live,
+            publication,
             guard,
             reported: None,
             prompt_counted: 0,
@@ -907,11 +939,15 @@ impl Run {
             );
         }
         let settled = self.settle(outcome).await;
+        self.publication.finish(outcome.status(), settled.is_ok());
         if let Some(at) = self.disconnected_at {
             self.engine.inner.metrics.disconnect_detected(at.elapsed());
         }
         let last = match (outcome, settled) {
-            (Outcome::Cancelled { .. }, _) => None,
+            (Outcome::Cancelled { .. }, _) => self
+                .publication
+                .cancel_requested()
+                .then_some(TurnEvent::Failed(TurnFailure::Cancelled)),
             (Outcome::Complete, Ok(summary)) => Some(TurnEvent::Done(summary)),
             (Outcome::Complete, Err(err)) => Some(TurnEvent::Failed(TurnFailure::NotSaved(err))),
             (_, _) => failure.map(TurnEvent::Failed),
@@ -928,7 +964,7 @@ impl Run {
         let config = &inner.config;
         let tx = self.tx.clone();
         let stopped = inner.hard_stop.cancelled();
-        let closed = tx.closed();
+        let closed = self.publication.stop_signal(tx.clone());
         tokio::pin!(stopped, closed);
 
         let (messages, counted, max_output) =
@@ -1093,7 +1129,7 @@ impl Run {
         tokio::select! {
             biased;
             _ = inner.hard_stop.cancelled() => Some(Stop::Interrupted),
-            _ = tx.closed() => Some(self.cancelled(false)),
+            _ = self.publication.stop_signal(tx) => Some(self.cancelled(false)),
             _ = tokio::time::sleep(wait) => None,
         }
     }
@@ -1106,13 +1142,20 @@ impl Run {
     ) -> Option<Stop> {
         use tokio::sync::mpsc::error::TrySendError;
         let inner = self.engine.inner.clone();
-        self.live.push(&text);
+        self.publication.push(&text);
+        let cancel = self.publication.cancel_token();
         let sent = match self.tx.try_send(TurnEvent::Token(text)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(false),
             Err(TrySendError::Full(event)) => tokio::select! {
                 biased;
                 _ = stopped.as_mut() => return Some(Stop::Interrupted),
+                _ = cancel.cancelled() => {
+                    // This token never reached the request's reader: end its
+                    // stream here (a resume has the rest, with the right ids).
+                    self.tx = mpsc::channel(1).0;
+                    return Some(Stop::Cancelled { stalled: false });
+                }
                 sent = tokio::time::timeout(inner.config.send_timeout, self.tx.send(event)) => {
                     match sent {
                         Ok(Ok(())) => Ok(()),
@@ -1123,7 +1166,15 @@ impl Run {
             },
         };
         if let Err(stalled) = sent {
-            return Some(self.cancelled(stalled));
+            if !self.publication.detaches() {
+                return Some(self.cancelled(stalled));
+            }
+            // Detach mode: the reader is gone (or stalled, and is let go),
+            // the generation goes on for readers that resume.
+            if stalled {
+                self.publication.original_gone();
+                self.tx = mpsc::channel(1).0;
+            }
         }
         self.forwarded += 1;
         inner.metrics.token_forwarded(self.input.interactive);
@@ -1238,6 +1289,7 @@ impl Run {
                 usage,
                 cost,
                 idempotent_response,
+                event_lengths: self.live.lengths(),
             }),
             None => Settlement::Ledger(LedgerEntry {
                 turn: self.turn.id,
@@ -1369,6 +1421,7 @@ impl Drop for SettleGuard {
                 usage,
                 cost: LedgerCost::default(),
                 idempotent_response: None,
+                event_lengths: self.live.lengths(),
             }),
             None => Settlement::Ledger(LedgerEntry {
                 turn: self.turn,

@@ -17,12 +17,17 @@
 //! process, and [`RedisRateLimiter`] also implements
 //! [`confab_core::ratelimit::TokenBudget`] with one script step per
 //! reservation or settlement (`lua/token_budget.lua`).
+//!
+//! The same Redis carries live streams between instances (SPEC §14):
+//! [`RedisLiveRelay`].
 
 mod bucket;
 mod budget;
+mod live_relay;
 mod memory;
 mod redis_limiter;
 
 pub use budget::MemoryTokenBudget;
+pub use live_relay::RedisLiveRelay;
 pub use memory::MemoryRateLimiter;
 pub use redis_limiter::{KEY_PREFIX, RedisRateLimiter};

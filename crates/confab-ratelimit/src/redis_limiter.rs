@@ -124,6 +124,11 @@ impl RedisRateLimiter {
         })
     }
 
+    /// The client, for connections of their own (a blocking read, pub/sub).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The per-call time budget given to [`RedisRateLimiter::connect`].
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -169,7 +174,11 @@ impl RedisRateLimiter {
 
     /// Run `op` on a connection within the time budget, mapping every
     /// failure to `Unavailable`.
-    async fn run<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, RateLimitError>
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        what: &'static str,
+        op: F,
+    ) -> Result<T, RateLimitError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,

@@ -69,6 +69,8 @@
   const MESSAGE_PAGE = 50;       // GET /chat/{id}?limit=
   const MAX_MESSAGE_CHARS = 10000;
   const STOP_RECHECK_MS = 500;   // delay before re-reading a stopped chat
+  const RESUME_ATTEMPTS = 6;     // a broken stream is resumed this many times in a row
+  const RESUME_DELAY_MS = 300;   // first pause before a resume (grows per attempt)
   const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
   const KNOWN_STATUSES = ['complete', 'streaming', 'cancelled', 'failed', 'interrupted', 'pending'];
 
@@ -283,7 +285,8 @@
     const rid = newRequestId();
     const headers = Object.assign(
       { Accept: o.accept || 'application/json', 'X-Request-ID': rid },
-      authHeaders(o.identity === undefined ? state.identity : o.identity)
+      authHeaders(o.identity === undefined ? state.identity : o.identity),
+      o.headers || {}
     );
     const init = { method, headers, cache: 'no-store', signal: o.signal };
     if (o.body !== undefined) {
@@ -957,6 +960,8 @@
       lastStatsAt: 0,
       finished: false,   // done or error event handled
       stopped: false,    // aborted by Stop / switching away
+      lastId: 0,         // id of the last event shown (SSE id: 1, 2, …)
+      resumes: 0,        // resumes in a row without a new event
       responded: false,  // response headers arrived
       counted: false,    // the chat header's message count includes this exchange
     };
@@ -1002,6 +1007,44 @@
     adoptChat(s, true);
     if (!s.stopped && !s.finished) setStatus('Waiting for the first token…', 'busy');
 
+    let broken = await readStream(s, res);
+    // A broken stream resumes by itself where it stopped (SPEC §14): the
+    // server sends the events after the last id shown, each exactly once.
+    while (broken && !s.finished && !s.stopped && s.chatId && s.messageId && s.resumes < RESUME_ATTEMPTS) {
+      s.resumes += 1;
+      setStatus(`The connection broke (${broken}) — resuming the reply…`, 'warn');
+      await new Promise((r) => setTimeout(r, RESUME_DELAY_MS * s.resumes));
+      if (s.finished || s.stopped) return;
+      let again;
+      try {
+        again = await request('GET', `/chat/${encodeURIComponent(s.chatId)}/messages/${encodeURIComponent(s.messageId)}/stream`, {
+          signal: s.controller.signal,
+          accept: 'text/event-stream',
+          headers: { 'Last-Event-ID': String(s.lastId) },
+        });
+      } catch (err) {
+        if (s.stopped) return;
+        broken = clean(err && err.message) || 'network error';
+        continue;
+      }
+      if (!again.ok || !again.body || !/text\/event-stream/i.test(again.headers.get('Content-Type') || '')) {
+        await readJson(again);
+        broken = `the server answered ${again.status}`;
+        continue;
+      }
+      broken = await readStream(s, again);
+    }
+    if (s.stopped || s.finished) return;
+    finishLocally(s, 'failed');
+    setStatus(`The connection broke before the reply finished (${broken || 'stream ended'}). Checking what the server stored…`, 'warn');
+    scheduleRecheck(s);
+  }
+
+  /**
+   * Read one SSE response into the reply. Returns '' when the stream ended
+   * with its final event (or was stopped), else why it broke.
+   */
+  async function readStream(s, res) {
     const parser = new SseParser((ev) => onSseEvent(s, ev), { onComment: () => { s.pings += 1; } });
     const reader = res.body.getReader();
     const decoder = new TextDecoder('utf-8');
@@ -1016,18 +1059,11 @@
         parser.push(decoder.decode(value, { stream: true }));
       }
     } catch (err) {
-      if (s.stopped || s.finished) return;
-      // The connection broke mid-reply.
-      finishLocally(s, 'failed');
-      setStatus(`The connection broke before the reply finished (${clean(err && err.message) || 'network error'}). Checking what the server stored…`, 'warn');
-      scheduleRecheck(s);
-      return;
+      if (s.stopped || s.finished) return '';
+      return clean(err && err.message) || 'network error';
     }
-    if (!s.finished && !s.stopped) {
-      finishLocally(s, 'failed');
-      setStatus('The stream ended before the reply finished. Checking what the server stored…', 'warn');
-      scheduleRecheck(s);
-    }
+    if (s.finished || s.stopped) return '';
+    return 'the stream ended early';
   }
 
   /**
@@ -1086,6 +1122,14 @@
       return;
     }
     if (!msg || typeof msg !== 'object') return;
+    // Events carry their id; one already shown (never sent twice by the
+    // server, but cheap to guard) is skipped.
+    const id = /^[0-9]+$/.test(ev.id) ? parseInt(ev.id, 10) : null;
+    if (id !== null) {
+      if (id <= s.lastId) return;
+      s.lastId = id;
+      s.resumes = 0;
+    }
 
     if (typeof msg.error === 'string') {
       s.tEnd = performance.now();
@@ -1147,12 +1191,19 @@
     }
   }
 
-  /** Stop the streaming reply: abort the fetch; the server stores the partial reply as cancelled. */
+  /**
+   * Stop the streaming reply: ask the server to cancel it (wherever it is
+   * generated; it stores the partial reply as cancelled), and stop reading.
+   */
   function stopStream(reason) {
     const s = state.stream;
     if (!s) return;
     s.stopped = true;
     s.tEnd = performance.now();
+    if (s.chatId && s.messageId) {
+      const path = `/chat/${encodeURIComponent(s.chatId)}/messages/${encodeURIComponent(s.messageId)}/cancel`;
+      request('POST', path).then(readJson).catch(() => {});
+    }
     s.controller.abort();
     state.stream = null;
     setMessageStatus(s.li, 'cancelled');

@@ -14,7 +14,7 @@ use confab_core::ratelimit::TokenBudget;
 use confab_core::service::ChatService;
 use confab_core::turn::TurnEngine;
 use confab_llm::SimulatedModel;
-use confab_ratelimit::{MemoryRateLimiter, MemoryTokenBudget, RedisRateLimiter};
+use confab_ratelimit::{MemoryRateLimiter, MemoryTokenBudget, RedisLiveRelay, RedisRateLimiter};
 use confab_store_postgres::PostgresStore;
 use confab_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
@@ -78,6 +78,8 @@ pub struct App {
     pub state: AppState,
     /// Stops the background loops (after the streams are done).
     background_stop: CancellationToken,
+    /// The live-stream relay, with `REDIS_URL`.
+    relay: Option<Arc<RedisLiveRelay>>,
 }
 
 impl App {
@@ -126,6 +128,28 @@ impl App {
             tasks.clone(),
             hard_stop.clone(),
         );
+        let background_stop = CancellationToken::new();
+        // Live streams cross instances on their own Redis connection, so
+        // that relayed tokens never queue behind rate-limit decisions.
+        let relay = match &config.redis_url {
+            None => None,
+            Some(url) => {
+                let redis = Arc::new(
+                    RedisRateLimiter::connect(url.expose(), config.redis_timeout)
+                        .with_context(|| format!("configuring Redis at {}", url.redacted()))?,
+                );
+                let (relay, writer) =
+                    RedisLiveRelay::new(redis, metrics.clone(), background_stop.clone());
+                tasks.spawn(writer);
+                Some(relay)
+            }
+        };
+        engine.live().configure(
+            relay
+                .clone()
+                .map(|r| r as Arc<dyn confab_core::live::LiveRelay>),
+            config.stream_detach,
+        );
         let service = ChatService::new(store.clone());
         let auth = Arc::new(Authenticator::new(
             store.clone(),
@@ -150,7 +174,8 @@ impl App {
         recover_dead_streams(&state).await;
         let app = App {
             state,
-            background_stop: CancellationToken::new(),
+            background_stop,
+            relay,
         };
         app.start_background();
         Ok(app)
@@ -159,6 +184,10 @@ impl App {
     fn start_background(&self) {
         let s = &self.state;
         let stop = self.background_stop.clone();
+        if let Some(relay) = &self.relay {
+            s.tasks
+                .spawn(relay.listen_for_cancels(s.engine.live().clone(), stop.clone()));
+        }
         let redis = s.config.redis_url.is_some().then(|| s.limiter.clone());
         s.tasks.spawn(s.readiness.clone().run(
             s.store.clone(),

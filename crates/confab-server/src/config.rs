@@ -222,6 +222,9 @@ pub struct Config {
     pub sse_keepalive: Duration,
     /// A client that accepts no event for this long is treated as gone.
     pub stream_send_timeout: Duration,
+    /// `STREAM_DETACH_SECONDS`: how long a generation goes on after its
+    /// last reader left, waiting to be resumed; 0 = a disconnect cancels.
+    pub stream_detach: Duration,
     /// The models (SPEC §11): the models file and the environment shortcuts.
     pub catalog: Catalog,
     /// Retries and timeouts of model calls (`PROVIDER_*`).
@@ -441,6 +444,10 @@ impl Config {
         let catalog = Catalog::load(Some(&models_file), models_file_required, lookup)
             .map_err(|e| bad("MODELS_FILE", e.0))?;
         let stream_send_timeout = src.seconds("STREAM_SEND_TIMEOUT_SECONDS", 30.0)?;
+        let stream_detach = src.seconds("STREAM_DETACH_SECONDS", 0.0)?;
+        if stream_detach > Duration::from_secs(3600) {
+            return Err(bad("STREAM_DETACH_SECONDS", "must be at most 3600"));
+        }
         let rate_limit_fail_open = src.bool("RATE_LIMIT_FAIL_OPEN", true)?;
         let max_retries: u32 = src.parse("PROVIDER_MAX_RETRIES", 2, "a whole number")?;
         if max_retries > 10 {
@@ -550,6 +557,7 @@ impl Config {
             stream_stale_after,
             sse_keepalive: src.seconds("SSE_KEEPALIVE_SECONDS", 15.0)?,
             stream_send_timeout,
+            stream_detach,
             app_env,
         })
     }
@@ -658,6 +666,8 @@ mod tests {
             ("HTTP_HEADER_TIMEOUT_MS", "0"),
             ("HTTP_BODY_TIMEOUT_MS", "1.5"),
             ("HTTP_IDLE_TIMEOUT_MS", "3600001"),
+            ("STREAM_DETACH_SECONDS", "7200"),
+            ("STREAM_DETACH_SECONDS", "soon"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");

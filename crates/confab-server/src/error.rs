@@ -271,6 +271,9 @@ impl ApiError {
                 retry_after: 1,
             },
             TurnFailure::Context(err) | TurnFailure::NotSaved(err) => err.into(),
+            TurnFailure::Cancelled => {
+                ApiError::Conflict("The reply was cancelled; the partial reply was saved".into())
+            }
         }
     }
 }

@@ -38,6 +38,21 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub delivery: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitLabels {
     pub backend: &'static str,
     pub outcome: &'static str,
@@ -105,6 +120,12 @@ pub struct Metrics {
     pub stream_flush_rows: Counter,
     pub stream_flush_errors: Counter,
     pub streams_recovered: Counter,
+    pub stream_resumes: Family<SourceLabels, Counter>,
+    pub stream_replayed_events: Counter,
+    pub stream_relay_deliveries: Counter,
+    pub stream_detached: Counter,
+    pub stream_relay_errors: Family<OpLabels, Counter>,
+    pub stream_cancels: Family<DeliveryLabels, Counter>,
     pub ratelimit_decisions: Family<RateLimitLabels, Counter>,
     pub ratelimit_duration: Histogram,
     pub auth_failures: Family<ReasonLabels, Counter>,
@@ -202,6 +223,43 @@ impl Metrics {
             streams_recovered.clone(),
         );
 
+        let stream_resumes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "sse_resumes",
+            "Resumed streams (GET /chat/{chat_id}/messages/{message_id}/stream) by source: stored, local, relay, database",
+            stream_resumes.clone(),
+        );
+        let stream_replayed_events = Counter::default();
+        registry.register(
+            "sse_replayed_events",
+            "Events sent to resumed streams that were generated before the reader came back",
+            stream_replayed_events.clone(),
+        );
+        let stream_relay_deliveries = Counter::default();
+        registry.register(
+            "sse_relay_deliveries",
+            "Events of a generation on another instance delivered through Redis",
+            stream_relay_deliveries.clone(),
+        );
+        let stream_detached = Counter::default();
+        registry.register(
+            "sse_detached",
+            "Generations that lost their last reader and went on waiting for one (STREAM_DETACH_SECONDS)",
+            stream_detached.clone(),
+        );
+        let stream_relay_errors = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "sse_relay_errors",
+            "Failed steps of the cross-instance stream relay by op: publish, read, cancel, watch",
+            stream_relay_errors.clone(),
+        );
+        let stream_cancels = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "sse_cancels",
+            "Cancel requests by delivery: local, relay, finished (nothing to stop)",
+            stream_cancels.clone(),
+        );
+
         let ratelimit_decisions = Family::<RateLimitLabels, Counter>::default();
         registry.register(
             "ratelimit_decisions",
@@ -297,6 +355,12 @@ impl Metrics {
             stream_flush_rows,
             stream_flush_errors,
             streams_recovered,
+            stream_resumes,
+            stream_replayed_events,
+            stream_relay_deliveries,
+            stream_detached,
+            stream_relay_errors,
+            stream_cancels,
             ratelimit_decisions,
             ratelimit_duration,
             auth_failures,
@@ -372,6 +436,16 @@ impl confab_core::turn::TurnMetrics for Metrics {
                 model: model.to_owned(),
             })
             .observe(ms(since_attempt));
+    }
+
+    fn generation_detached(&self) {
+        self.stream_detached.inc();
+    }
+
+    fn relay_error(&self, op: &'static str) {
+        self.stream_relay_errors
+            .get_or_create(&OpLabels { op })
+            .inc();
     }
 
     fn disconnect_detected(&self, elapsed: std::time::Duration) {

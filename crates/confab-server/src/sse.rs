@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use confab_core::model::{MessageStatus, Usage};
 use confab_core::turn::{StartedTurn, TurnEvent, TurnFailure};
 use confab_core::{ChatId, MessageId};
 use tokio::sync::mpsc;
@@ -101,20 +102,7 @@ impl EventBody {
             }
             TurnEvent::Failed(failure) => {
                 self.finished = true;
-                let message = match failure {
-                    TurnFailure::Provider(err) => {
-                        format!("Model provider error: {err}; the partial reply was saved")
-                    }
-                    TurnFailure::Interrupted => {
-                        "The server is shutting down; the partial reply was saved".to_owned()
-                    }
-                    TurnFailure::NotSaved(_) => {
-                        "The reply could not be saved; it will show as interrupted".to_owned()
-                    }
-                    TurnFailure::Context(_) => {
-                        "The conversation could not be loaded; try again".to_owned()
-                    }
-                };
+                let message = failure_message(failure);
                 serde_json::to_string(&ErrorEvent {
                     error: "Stream failed",
                     message: &message,
@@ -126,6 +114,172 @@ impl EventBody {
         if let Ok(json) = json {
             write_frame(out, self.seq, &json);
         }
+    }
+}
+
+/// The error event's message for a turn that failed after its first byte.
+fn failure_message(failure: &TurnFailure) -> String {
+    match failure {
+        TurnFailure::Provider(err) => {
+            format!("Model provider error: {err}; the partial reply was saved")
+        }
+        TurnFailure::Interrupted => {
+            "The server is shutting down; the partial reply was saved".to_owned()
+        }
+        TurnFailure::NotSaved(_) => {
+            "The reply could not be saved; it will show as interrupted".to_owned()
+        }
+        TurnFailure::Context(_) => "The conversation could not be loaded; try again".to_owned(),
+        TurnFailure::Cancelled => "The reply was cancelled; the partial reply was saved".to_owned(),
+    }
+}
+
+/// The error event's message for a resumed stream whose message ended
+/// other than `complete` (the stored status is all that is known then).
+pub fn ended_message(status: MessageStatus, saved: bool) -> &'static str {
+    match (status, saved) {
+        (_, false) | (MessageStatus::Streaming, _) => {
+            "The reply could not be saved; it will show as interrupted"
+        }
+        (MessageStatus::Cancelled, _) => "The reply was cancelled; the partial reply was saved",
+        (MessageStatus::Interrupted, _) => {
+            "The reply was interrupted (the server stopped); the partial reply was saved"
+        }
+        (MessageStatus::Failed | MessageStatus::Complete, _) => {
+            "The model failed; the partial reply was saved"
+        }
+    }
+}
+
+/// One event of a resumed stream (SPEC §14), with its original id.
+#[derive(Debug)]
+pub enum ReplayEvent {
+    Token {
+        id: u64,
+        text: String,
+    },
+    /// The message is stored `complete`.
+    Done {
+        id: u64,
+        text: String,
+        usage: Usage,
+        model: String,
+    },
+    Failed {
+        id: u64,
+        message: &'static str,
+    },
+}
+
+/// A resumed stream as an SSE body: the same framing, batching and
+/// keep-alives as [`EventBody`], with the ids the events were made with.
+pub struct ReplayBody {
+    rx: mpsc::Receiver<ReplayEvent>,
+    opening: bool,
+    chat_id: ChatId,
+    message_id: MessageId,
+    ping: tokio::time::Interval,
+    sent_since_tick: bool,
+    finished: bool,
+}
+
+impl ReplayBody {
+    pub fn new(
+        rx: mpsc::Receiver<ReplayEvent>,
+        chat_id: ChatId,
+        message_id: MessageId,
+        keepalive: Duration,
+    ) -> Self {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            rx,
+            opening: true,
+            chat_id,
+            message_id,
+            ping,
+            sent_since_tick: false,
+            finished: false,
+        }
+    }
+
+    fn encode(&mut self, event: ReplayEvent, out: &mut BytesMut) {
+        let (id, json) = match &event {
+            ReplayEvent::Token { id, text } => (
+                *id,
+                serde_json::to_string(&TokenEvent {
+                    token: text,
+                    done: false,
+                }),
+            ),
+            ReplayEvent::Done {
+                id,
+                text,
+                usage,
+                model,
+            } => {
+                self.finished = true;
+                (
+                    *id,
+                    serde_json::to_string(&DoneEvent {
+                        token: "",
+                        done: true,
+                        full_text: text,
+                        chat_id: Some(self.chat_id),
+                        message_id: self.message_id,
+                        model,
+                        usage: (*usage).into(),
+                    }),
+                )
+            }
+            ReplayEvent::Failed { id, message } => {
+                self.finished = true;
+                (
+                    *id,
+                    serde_json::to_string(&ErrorEvent {
+                        error: "Stream failed",
+                        message,
+                    }),
+                )
+            }
+        };
+        if let Ok(json) = json {
+            write_frame(out, id, &json);
+        }
+    }
+}
+
+impl futures::Stream for ReplayBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let mut out = BytesMut::new();
+        if this.opening {
+            this.opening = false;
+            out.extend_from_slice(PING);
+        }
+        let opened = out.len();
+        while !this.finished && out.len() < MAX_BATCH_BYTES {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(event)) => this.encode(event, &mut out),
+                Poll::Ready(None) => this.finished = true,
+                Poll::Pending => break,
+            }
+        }
+        if !out.is_empty() {
+            this.sent_since_tick |= out.len() > opened;
+            return Poll::Ready(Some(Ok(out.freeze())));
+        }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        while this.ping.poll_tick(cx).is_ready() {
+            if !std::mem::replace(&mut this.sent_since_tick, false) {
+                return Poll::Ready(Some(Ok(ping_frame())));
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -174,7 +328,7 @@ impl futures::Stream for EventBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confab_core::model::{Usage, UsageSource};
+    use confab_core::model::UsageSource;
     use confab_core::turn::TurnSummary;
     use futures::StreamExt;
 

@@ -80,6 +80,15 @@ pub struct ErrorEvent<'a> {
     pub message: &'a str,
 }
 
+/// `POST /chat/{chat_id}/messages/{message_id}/cancel` → 202: `status` is
+/// `cancelling`, or the final status of a message that had already finished.
+#[derive(Serialize)]
+pub struct CancelReply<'a> {
+    pub chat_id: ChatId,
+    pub message_id: MessageId,
+    pub status: &'a str,
+}
+
 /// An assistant message's additions (SPEC §11): the model, and the usage
 /// (`null` while it streams).
 #[derive(Serialize)]

@@ -27,8 +27,8 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
-    TurnChat, UsageGroup, UsageReport, User, UserId,
+    NewUser, Org, OrgId, OrgPolicy, PartialText, Principal, RateLimitOverride, Store, StoreError,
+    StoredStream, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
@@ -1013,7 +1013,8 @@ impl Store for PostgresStore {
                     "WITH m AS ( \
                 UPDATE messages \
                    SET content = $4, status = $5, token_count = $6, updated_at = now(), \
-                       prompt_tokens = $10, completion_tokens = $6, usage_source = $11 \
+                       prompt_tokens = $10, completion_tokens = $6, usage_source = $11, \
+                       event_lengths = $13 \
                  WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
                 RETURNING ",
                     message_columns!(),
@@ -1049,6 +1050,7 @@ impl Store for PostgresStore {
                 .bind(msg.usage.prompt_tokens)
                 .bind(msg.usage.source.as_str())
                 .bind(msg.cost.cost_micro_usd)
+                .bind(&msg.event_lengths)
                 .fetch_optional(&self.pool)
             })
             .await
@@ -1059,51 +1061,88 @@ impl Store for PostgresStore {
     }
 
     async fn record_usage(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
-                prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
-             VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, now()) \
-             ON CONFLICT (turn_id) DO NOTHING",
-        )
-        .bind(uuid(entry.turn))
-        .bind(uuid(entry.org))
-        .bind(uuid(entry.user))
-        .bind(&entry.model)
-        .bind(entry.status.as_str())
-        .bind(entry.usage.prompt_tokens)
-        .bind(entry.usage.completion_tokens)
-        .bind(entry.usage.source.as_str())
-        .bind(entry.cost.cost_micro_usd)
-        .execute(&self.pool)
+        // Keyed by the turn's own id: a retried insert cannot count twice.
+        self.retry(|| {
+            sqlx::query(
+                "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+                 VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, now()) \
+                 ON CONFLICT (turn_id) DO NOTHING",
+            )
+            .bind(uuid(entry.turn))
+            .bind(uuid(entry.org))
+            .bind(uuid(entry.user))
+            .bind(&entry.model)
+            .bind(entry.status.as_str())
+            .bind(entry.usage.prompt_tokens)
+            .bind(entry.usage.completion_tokens)
+            .bind(entry.usage.source.as_str())
+            .bind(entry.cost.cost_micro_usd)
+            .execute(&self.pool)
+        })
         .await
         .map_err(map_err)?;
         Ok(())
     }
 
-    async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError> {
+    async fn save_partials(&self, partials: &[PartialText]) -> Result<(), StoreError> {
         if partials.is_empty() {
             return Ok(());
         }
-        let (ids, texts): (Vec<Uuid>, Vec<&str>) = last_per_id(partials)
-            .into_iter()
-            .map(|(id, text)| (uuid(id), text.as_str()))
-            .unzip();
-        let (ids, texts) = (&ids[..], &texts[..]);
+        let keyed: Vec<(MessageId, &PartialText)> = partials.iter().map(|p| (p.id, p)).collect();
+        let mut ids = Vec::with_capacity(keyed.len());
+        let mut texts = Vec::with_capacity(keyed.len());
+        let mut lengths = Vec::with_capacity(keyed.len());
+        for (id, partial) in last_per_id(&keyed) {
+            ids.push(uuid(id));
+            texts.push(partial.content.as_str());
+            lengths.push(partial.event_lengths.as_slice());
+        }
         // updated_at moves even when the text did not: it is the heartbeat
         // that keeps a live stream from looking stale.
+        let (ids, texts, lengths) = (&ids[..], &texts[..], &lengths[..]);
         self.retry(move || {
             sqlx::query(
-                "UPDATE messages m SET content = p.content, updated_at = now() \
-             FROM unnest($1::uuid[], $2::text[]) AS p(id, content) \
-             WHERE m.id = p.id AND m.status = 'streaming'",
+                "UPDATE messages m SET content = p.content, event_lengths = p.lengths, \
+                        updated_at = now() \
+                 FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS p(id, content, lengths) \
+                 WHERE m.id = p.id AND m.status = 'streaming'",
             )
             .bind(ids)
             .bind(texts)
+            .bind(lengths)
             .execute(&self.pool)
         })
         .await
         .map(drop)
         .map_err(map_err)
+    }
+
+    async fn stream_state(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<StoredStream, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            ", event_lengths FROM messages \
+             WHERE id = $1 AND chat_id = $2 AND org_id = $3 \
+               AND EXISTS (SELECT 1 FROM chats c \
+                           WHERE c.id = $2 AND c.org_id = $3 AND c.deleted_at IS NULL)"
+        ))
+        .bind(uuid(message))
+        .bind(uuid(chat))
+        .bind(uuid(org))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .ok_or(StoreError::NotFound)?;
+        Ok(StoredStream {
+            message: rows::message(&row)?,
+            event_lengths: row.try_get("event_lengths").map_err(map_err)?,
+        })
     }
 
     async fn interrupt_stale_streams(

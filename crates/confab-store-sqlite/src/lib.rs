@@ -30,8 +30,8 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, MessageStatus, NewApiKey,
-    NewOrg, NewTurn, NewUser, Org, OrgId, OrgPolicy, Principal, RateLimitOverride, Store,
-    StoreError, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
+    NewOrg, NewTurn, NewUser, Org, OrgId, OrgPolicy, PartialText, Principal, RateLimitOverride,
+    Store, StoreError, StoredStream, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -822,7 +822,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(concat!(
             "UPDATE messages SET content = ?4, status = ?5, token_count = ?6, updated_at = ?7, \
-                prompt_tokens = ?8, completion_tokens = ?6, usage_source = ?9 \
+                prompt_tokens = ?8, completion_tokens = ?6, usage_source = ?9, event_lengths = ?10 \
              WHERE id = ?1 AND org_id = ?2 AND chat_id = ?3 RETURNING ",
             message_columns!()
         ))
@@ -835,6 +835,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(msg.usage.prompt_tokens)
         .bind(msg.usage.source.as_str())
+        .bind(&msg.event_lengths)
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -906,27 +907,55 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn save_partials(&self, partials: &[(MessageId, String)]) -> Result<(), StoreError> {
+    async fn save_partials(&self, partials: &[PartialText]) -> Result<(), StoreError> {
         if partials.is_empty() {
             return Ok(());
         }
         let now = now_micros();
         let mut tx = self.begin_write().await?;
-        for (id, content) in partials {
+        for partial in partials {
             // updated_at moves even when the text did not: it is the
             // heartbeat that keeps a live stream from looking stale.
             sqlx::query(
-                "UPDATE messages SET content = ?2, updated_at = ?3 \
+                "UPDATE messages SET content = ?2, updated_at = ?3, event_lengths = ?4 \
                  WHERE id = ?1 AND status = 'streaming'",
             )
-            .bind(uuid(*id))
-            .bind(content)
+            .bind(uuid(partial.id))
+            .bind(&partial.content)
             .bind(now)
+            .bind(&partial.event_lengths)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)
+    }
+
+    async fn stream_state(
+        &self,
+        org: OrgId,
+        chat: ChatId,
+        message: MessageId,
+    ) -> Result<StoredStream, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            ", event_lengths FROM messages \
+             WHERE id = ?1 AND chat_id = ?2 AND org_id = ?3 \
+               AND EXISTS (SELECT 1 FROM chats c \
+                           WHERE c.id = ?2 AND c.org_id = ?3 AND c.deleted_at IS NULL)"
+        ))
+        .bind(uuid(message))
+        .bind(uuid(chat))
+        .bind(uuid(org))
+        .fetch_optional(&self.read)
+        .await
+        .map_err(map_err)?
+        .ok_or(StoreError::NotFound)?;
+        Ok(StoredStream {
+            message: rows::message(&row)?,
+            event_lengths: row.try_get("event_lengths").map_err(map_err)?,
+        })
     }
 
     async fn interrupt_stale_streams(

@@ -14,6 +14,11 @@ const MIGRATIONS: &EmbeddedMigrations = &[
         "stateless_usage",
         include_str!("../migrations/0004_stateless_usage.sql"),
     ),
+    (
+        5,
+        "stream_events",
+        include_str!("../migrations/0005_stream_events.sql"),
+    ),
 ];
 
 /// The migrator for this backend's schema.

@@ -15,6 +15,7 @@ pub mod chats;
 pub mod models;
 pub mod openai;
 pub mod playground;
+pub mod resume;
 pub mod stream;
 pub mod system;
 pub mod usage;
@@ -28,6 +29,14 @@ pub fn router(state: AppState) -> Router {
             get(chats::get_chat)
                 .patch(chats::rename_chat)
                 .delete(chats::delete_chat),
+        )
+        .route(
+            "/chat/{chat_id}/messages/{message_id}/stream",
+            get(resume::get_message_stream),
+        )
+        .route(
+            "/chat/{chat_id}/messages/{message_id}/cancel",
+            post(resume::cancel_message),
         )
         .route("/chats", get(chats::list_chats))
         .route("/models", get(models::list_models))
@@ -145,6 +154,7 @@ fn cors() -> CorsLayer {
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static(openai::CHAT_HEADER),
+            HeaderName::from_static("last-event-id"),
         ])
         .expose_headers([
             HeaderName::from_static("x-request-id"),

@@ -572,6 +572,197 @@ async fn scenario(browser: Client, db: Db) {
     assert_eq!(messages, 0, "no conversation is shown after switching user");
 }
 
+// ------------------------------------------------- resume after a broken stream
+
+/// A TCP proxy in front of the app whose open connections the test can cut
+/// at once (what a load balancer or a network change does to a stream); new
+/// connections keep being accepted.
+struct CutProxy {
+    port: u16,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(upstream: std::net::SocketAddr) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (list, count) = (connections.clone(), accepted.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                list.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        CutProxy {
+            port,
+            connections,
+            accepted,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Close every open connection (both sides).
+    fn cut(&self) {
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_resumes_a_broken_stream_without_duplicate_text() {
+    crate::support::init();
+    let driver = ChromeDriver::start().await;
+    let browser = driver.session().await;
+    let outcome = tokio::spawn(resume_scenario(browser.clone())).await;
+    if outcome.is_err()
+        && let Ok(png) = browser.screenshot().await
+    {
+        let path = out_dir().join("playground-resume-failure.png");
+        let _ = std::fs::write(&path, png);
+        eprintln!("screenshot of the failure: {}", path.display());
+    }
+    let _ = browser.close().await;
+    drop(driver);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn resume_scenario(browser: Client) {
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("STREAM_DETACH_SECONDS", "30"),
+            ("SIMULATED_TOKEN_DELAY_MS", "25"),
+            ("SIMULATED_MIN_WORDS", "150"),
+        ],
+    )
+    .await;
+    let proxy = CutProxy::start(app.addr).await;
+    browser
+        .goto(&format!("{}/playground", proxy.url()))
+        .await
+        .expect("open the playground through the proxy");
+    pick_user(&browser, "alice", "Alice Admin").await;
+    type_message(&browser, "Tell me a long story, the network will break").await;
+    click(&browser, "send").await;
+    let partial = wait_for("a good part of the reply", || async {
+        let r = assistant_reply(&browser).await;
+        let words = r["text"]
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .count();
+        if r["status"] == "streaming" && words >= 30 {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await;
+    let before_cut = proxy.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    proxy.cut();
+    let reply = wait_for("the reply to complete after the break", || async {
+        let r = assistant_reply(&browser).await;
+        if r["status"] == "complete" {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await;
+    let message_id = reply["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(partial["id"], reply["id"], "the same reply continued");
+    // Completed by the stream's own done event (a re-read of the chat after
+    // giving up would say "stored as").
+    let status = js(
+        &browser,
+        r#"return document.querySelector('[data-testid="status"]').textContent;"#,
+    )
+    .await;
+    assert!(
+        status
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Reply complete"),
+        "{status}"
+    );
+    let chat_id = listed_chats(&browser).await["current"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let stored = stored_message(&app, &As::alice(), &chat_id, &message_id).await;
+    assert_eq!(stored["status"], "complete", "{stored}");
+    assert_eq!(
+        reply["text"], stored["content"],
+        "the page shows the whole reply exactly once"
+    );
+    let partial_text = partial["text"].as_str().unwrap_or_default();
+    assert!(
+        stored["content"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(partial_text),
+        "what was shown before the break is the start of the reply"
+    );
+    assert!(
+        proxy.accepted.load(std::sync::atomic::Ordering::SeqCst) > before_cut,
+        "the page reconnected"
+    );
+    let metrics = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"sse_resumes_total{source="local"} "#),
+        "the page resumed the stream (rather than re-reading the chat)"
+    );
+
+    // Stop asks the server to cancel: with STREAM_DETACH_SECONDS the
+    // disconnect alone would let the generation run on to `complete`.
+    type_message(&browser, "Another long story, which I will stop").await;
+    click(&browser, "send").await;
+    let stopping = wait_for("the second reply's first tokens", || async {
+        let r = assistant_reply(&browser).await;
+        if r["status"] == "streaming" && r["id"] != message_id.as_str() && r["text"] != "" {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await;
+    click(&browser, "stop").await;
+    let second = stopping["id"].as_str().unwrap_or_default().to_owned();
+    let finished = wait_for("the stopped reply's final status", || async {
+        let m = stored_message(&app, &As::alice(), &chat_id, &second).await;
+        if m["status"] == "streaming" {
+            Err(m.to_string())
+        } else {
+            Ok(m)
+        }
+    })
+    .await;
+    assert_eq!(finished["status"], "cancelled", "{finished}");
+}
+
 /// The page's JavaScript unit tests (`assets/*.test.js`: the SSE parser) under Node.
 #[test]
 fn playground_javascript_unit_tests_pass_under_node() {

@@ -26,6 +26,7 @@ mod openai_sdk;
 mod ops;
 mod peers_smoke;
 mod pg_reconnect;
+mod resume;
 mod usage;
 
 mod ratelimit_contract;

@@ -337,7 +337,25 @@ async fn readme_metrics_reference_lists_exactly_the_families_metrics_exposes() {
     let res = app
         .post_json("/chat/stream", &As::alice(), &json!({ "message": "hi" }))
         .await;
+    let resumed = format!(
+        "/chat/{}/messages/{}/",
+        res.headers()["x-chat-id"].to_str().unwrap(),
+        res.headers()["x-message-id"].to_str().unwrap()
+    );
     SseReader::new(res).all().await;
+    // A resume and a cancel of the finished stream (sse_resumes, sse_cancels).
+    let res = app.get(&format!("{resumed}stream"), &As::alice()).await;
+    SseReader::new(res).all().await;
+    let _ = app
+        .request(
+            reqwest::Method::POST,
+            &format!("{resumed}cancel"),
+            &As::alice(),
+        )
+        .send()
+        .await;
+    // No relay here (no Redis): record a relay failure the way it is counted.
+    confab_core::turn::TurnMetrics::relay_error(app.state.metrics.as_ref(), "publish");
     // No simulated turn is ever retried: record one the way the engine does.
     confab_core::turn::TurnMetrics::upstream_retry(
         app.state.metrics.as_ref(),

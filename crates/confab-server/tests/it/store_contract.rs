@@ -59,6 +59,7 @@ per_store!(
     an_abandoned_unanswered_claim_can_be_taken_over,
     purge_removes_only_old_idempotency_keys,
     save_partials_updates_streaming_messages_only,
+    stream_state_keeps_event_boundaries_with_the_text,
     interrupt_stale_streams_marks_only_stale_streams,
     concurrent_turns_with_one_idempotency_key_admit_exactly_one,
     concurrent_turns_on_one_chat_get_gap_free_sequence_numbers,
@@ -175,6 +176,25 @@ fn finished(
         },
         cost: Default::default(),
         idempotent_response: None,
+        event_lengths: lengths(&[content]),
+    }
+}
+
+/// The encoded event boundaries of `tokens`.
+fn lengths(tokens: &[&str]) -> Vec<u8> {
+    let mut l = confab_core::live::EventLengths::default();
+    for t in tokens {
+        l.push(t.len());
+    }
+    l.as_bytes().to_vec()
+}
+
+/// A partial text made of one event.
+fn partial(id: MessageId, text: &str) -> confab_core::PartialText {
+    confab_core::PartialText {
+        id,
+        content: text.to_owned(),
+        event_lengths: lengths(&[text]),
     }
 }
 
@@ -288,11 +308,11 @@ async fn migrating_twice_is_a_no_op(db: Db) {
         }
     );
     // The first migration ran on the fresh database (the original skipped it).
-    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4, 5]);
     let org = new_org(&*store, "acme").await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4, 5]);
     // Data survives, and a second store on the same database sees it.
     assert_eq!(store.find_org("acme").await.unwrap(), org);
     store.ping().await.unwrap();
@@ -1090,11 +1110,11 @@ async fn save_partials_updates_streaming_messages_only(db: Db) {
     store.save_partials(&[]).await.unwrap();
     store
         .save_partials(&[
-            (streaming.assistant_message.id, "Once".into()),
-            (done.assistant_message.id, "must not land".into()),
-            (other.assistant_message.id, "Hi".into()),
-            (streaming.assistant_message.id, "Once upon".into()),
-            (MessageId::new(), "nobody".into()),
+            partial(streaming.assistant_message.id, "Once"),
+            partial(done.assistant_message.id, "must not land"),
+            partial(other.assistant_message.id, "Hi"),
+            partial(streaming.assistant_message.id, "Once upon"),
+            partial(MessageId::new(), "nobody"),
         ])
         .await
         .unwrap();
@@ -1115,12 +1135,66 @@ async fn save_partials_updates_streaming_messages_only(db: Db) {
     // The same text again is a heartbeat: updated_at still moves.
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     store
-        .save_partials(&[(streaming.assistant_message.id, "Once upon".into())])
+        .save_partials(&[partial(streaming.assistant_message.id, "Once upon")])
         .await
         .unwrap();
     let beat = reply(all_messages(&*store, acme.id, streaming.chat_id).await);
     assert_eq!(beat.content, "Once upon");
     assert!(beat.updated_at > saved.updated_at);
+}
+
+async fn stream_state_keeps_event_boundaries_with_the_text(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let other_org = new_org(&*store, "other").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let live = start_chat(&*store, &alice, "one").await;
+    let id = live.assistant_message.id;
+    let fresh = store.stream_state(acme.id, live.chat_id, id).await.unwrap();
+    assert_eq!(fresh.message.status, MessageStatus::Streaming);
+    assert_eq!(fresh.event_lengths, None, "nothing saved yet");
+
+    let tokens = ["Once", " upon", " a tïme"];
+    store
+        .save_partials(&[confab_core::PartialText {
+            id,
+            content: tokens[..2].concat(),
+            event_lengths: lengths(&tokens[..2]),
+        }])
+        .await
+        .unwrap();
+    let saved = store.stream_state(acme.id, live.chat_id, id).await.unwrap();
+    assert_eq!(saved.message.content, "Once upon");
+    let split =
+        confab_core::live::split_events(&saved.message.content, saved.event_lengths.as_deref());
+    assert_eq!(split, Some(vec!["Once", " upon"]));
+
+    let mut done = finished(&alice, &live, &tokens.concat(), MessageStatus::Complete);
+    done.event_lengths = lengths(&tokens);
+    store.finish_message(&done).await.unwrap();
+    let finished = store.stream_state(acme.id, live.chat_id, id).await.unwrap();
+    assert_eq!(finished.message.status, MessageStatus::Complete);
+    assert_eq!(
+        confab_core::live::split_events(
+            &finished.message.content,
+            finished.event_lengths.as_deref()
+        ),
+        Some(tokens.to_vec())
+    );
+
+    // Another chat, another org, a deleted chat: not found.
+    let elsewhere = start_chat(&*store, &alice, "two").await;
+    for (org, chat) in [(acme.id, elsewhere.chat_id), (other_org.id, live.chat_id)] {
+        assert!(matches!(
+            store.stream_state(org, chat, id).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+    store.delete_chat(acme.id, live.chat_id).await.unwrap();
+    assert!(matches!(
+        store.stream_state(acme.id, live.chat_id, id).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
@@ -1159,7 +1233,7 @@ async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
 
     // An interrupted message no longer takes partial saves.
     store
-        .save_partials(&[(stale.assistant_message.id, "late tokens".into())])
+        .save_partials(&[partial(stale.assistant_message.id, "late tokens")])
         .await
         .unwrap();
     let after = all_messages(&*store, acme.id, stale.chat_id).await;

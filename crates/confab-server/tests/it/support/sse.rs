@@ -38,6 +38,36 @@ impl SseReader {
         }
     }
 
+    /// The next event as `(id, data as JSON)`; `None` at the end of the stream.
+    pub async fn next_event(&mut self) -> Option<(u64, Value)> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                let id = ev
+                    .id
+                    .as_deref()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or_else(|| panic!("event without a numeric id: {ev:?}"));
+                let data = serde_json::from_str(&ev.data)
+                    .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", ev.data));
+                return Some((id, data));
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.pending.extend(self.parser.push(&chunk)),
+                Some(Err(e)) => panic!("stream error: {e}"),
+                None => return None,
+            }
+        }
+    }
+
+    /// Every remaining event with its id.
+    pub async fn rest(mut self) -> Vec<(u64, Value)> {
+        let mut out = Vec::new();
+        while let Some(ev) = self.next_event().await {
+            out.push(ev);
+        }
+        out
+    }
+
     /// Every remaining event.
     pub async fn all(mut self) -> (Vec<Value>, usize) {
         let mut out = Vec::new();

@@ -1,0 +1,576 @@
+//! Resumable streams and cancel (SPEC §14).
+//!
+//! `GET /chat/{chat_id}/messages/{message_id}/stream` is an adapter over
+//! what the engine already produced: events are never made here, only read
+//! back with their ids — from the stored text and its event boundaries (a
+//! finished message, or what a live one has saved), from the generation's
+//! [`LiveStream`] when it runs in this process, or from the Redis relay when
+//! it runs on another instance. Every event goes out exactly when its id is
+//! the next one the client lacks, so whichever source has it, nothing is
+//! missed or sent twice.
+//!
+//! `POST /chat/{chat_id}/messages/{message_id}/cancel` stops a generation
+//! wherever it runs: in this process directly, elsewhere through the relay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use confab_core::live::{Cursor, LiveStream, RelayEntry, RelayFollower, StreamEnd, split_events};
+use confab_core::model::{Message, MessageRole, MessageStatus, StoredStream, Usage, UsageSource};
+use confab_core::service::Access;
+use confab_core::{ChatId, MessageId, OrgId, StoreError};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::metrics::{DeliveryLabels, SourceLabels};
+use crate::middleware::Auth;
+use crate::sse::{ReplayBody, ReplayEvent, ended_message};
+use crate::state::AppState;
+use crate::wire::CancelReply;
+
+/// Tokens taken from a live stream at a time.
+const READ_MAX: usize = 256;
+/// How long one relay read waits for news before the follower renews its
+/// watch and looks at the database.
+const RELAY_WAIT: Duration = Duration::from_millis(1000);
+/// A following reader renews its watch key this often (it lives 5 s).
+const WATCH_EVERY: Duration = Duration::from_millis(1500);
+/// A relay follower re-reads the stored message this often: what a
+/// generation that died (or whose relay writes fail) saved, and its end.
+const DB_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Events buffered for a slow reader of a resumed stream.
+const CHANNEL: usize = 32;
+
+const RELAY_DOWN: &str = "This reply is being generated on another instance and the live relay \
+     between instances is unavailable; try again shortly (finished replies can be resumed)";
+
+fn message_not_found() -> ApiError {
+    ApiError::NotFound("Message not found".into())
+}
+
+fn parse_ids(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(ChatId, MessageId), ApiError> {
+    let Ok(Path((chat, message))) = path else {
+        return Err(ApiError::chat_not_found());
+    };
+    let chat = chat.parse().map_err(|_| ApiError::chat_not_found())?;
+    let message = message.parse().map_err(|_| message_not_found())?;
+    Ok((chat, message))
+}
+
+/// The last event id the client has: `Last-Event-ID`, else `?after=`, else 0.
+fn parse_after(headers: &HeaderMap, query: &HashMap<String, String>) -> Result<u64, ApiError> {
+    let bad = || {
+        ApiError::BadRequest(
+            "Last-Event-ID (or after) must be the id of the last event received, a whole number"
+                .into(),
+        )
+    };
+    let raw = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map_err(|_| bad())?.to_owned()),
+        None => query.get("after").cloned(),
+    };
+    match raw.as_deref().map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n < 1 << 40)
+            .ok_or_else(bad),
+    }
+}
+
+/// An assistant message of the chat, with its stored events.
+async fn load(
+    state: &AppState,
+    org: OrgId,
+    chat: ChatId,
+    message: MessageId,
+) -> Result<StoredStream, ApiError> {
+    match state.store.stream_state(org, chat, message).await {
+        Ok(s) if s.message.role == MessageRole::Assistant => Ok(s),
+        Ok(_) | Err(StoreError::NotFound) => Err(message_not_found()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The token events of a stored message.
+fn stored_events(stored: &StoredStream) -> Vec<&str> {
+    split_events(&stored.message.content, stored.event_lengths.as_deref()).unwrap_or_else(|| {
+        tracing::warn!(messageId = %stored.message.id, "stored event boundaries do not match the text; replaying it as one event");
+        vec![stored.message.content.as_str()]
+    })
+}
+
+/// The final event of a message stored with a final status.
+fn final_event(message: &Message, id: u64) -> ReplayEvent {
+    match message.status {
+        MessageStatus::Complete => ReplayEvent::Done {
+            id,
+            text: message.content.clone(),
+            usage: message.usage.unwrap_or(Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                source: UsageSource::Estimated,
+            }),
+            model: message.model.clone().unwrap_or_default(),
+        },
+        status => ReplayEvent::Failed {
+            id,
+            message: ended_message(status, true),
+        },
+    }
+}
+
+enum Source {
+    /// The message is finished: everything comes from the database.
+    Stored,
+    /// Generated in this process.
+    Local(Arc<LiveStream>),
+    /// Generated on another instance.
+    Relay(Box<dyn RelayFollower>),
+    /// Generated elsewhere and no relay is configured: the saved text.
+    Database,
+}
+
+impl Source {
+    fn label(&self) -> &'static str {
+        match self {
+            Source::Stored => "stored",
+            Source::Local(_) => "local",
+            Source::Relay(_) => "relay",
+            Source::Database => "database",
+        }
+    }
+}
+
+pub async fn get_message_stream(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    path: Result<Path<(String, String)>, PathRejection>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (chat_id, message_id) = parse_ids(path)?;
+    let after = parse_after(&headers, &query)?;
+    state
+        .service
+        .chat_for(&principal, chat_id, Access::Read)
+        .await?;
+    let stored = load(&state, principal.org_id, chat_id, message_id).await?;
+    let hub = state.engine.live();
+    let source = if stored.message.status != MessageStatus::Streaming {
+        if after > stored_events(&stored).len() as u64 {
+            // The client has the final event already: nothing to send (and
+            // 204 tells an EventSource to stop reconnecting).
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        Source::Stored
+    } else if let Some(live) = hub.get(message_id) {
+        Source::Local(live)
+    } else if let Some(relay) = hub.relay() {
+        match relay.follow(message_id).await {
+            Ok(follower) => Source::Relay(follower),
+            Err(err) => {
+                tracing::warn!(error = %err, messageId = %message_id, "live resume refused: the stream relay is unavailable");
+                return Err(ApiError::Unavailable(RELAY_DOWN.into()));
+            }
+        }
+    } else {
+        Source::Database
+    };
+    state
+        .metrics
+        .stream_resumes
+        .get_or_create(&SourceLabels {
+            source: source.label(),
+        })
+        .inc();
+    tracing::info!(messageId = %message_id, chatId = %chat_id, after, source = source.label(), "stream resumed");
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    let follower = Follower {
+        state: state.clone(),
+        org: principal.org_id,
+        chat: chat_id,
+        message: message_id,
+        next: after + 1,
+        replaying: true,
+        tx,
+    };
+    state.tasks.spawn(
+        follower
+            .run(source, stored)
+            .instrument(tracing::Span::current()),
+    );
+    let keepalive = state.config.sse_keepalive.max(Duration::from_millis(100));
+    let mut response = Response::new(Body::from_stream(ReplayBody::new(
+        rx, chat_id, message_id, keepalive,
+    )));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(&chat_id.to_string()) {
+        headers.insert("x-chat-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&message_id.to_string()) {
+        headers.insert("x-message-id", v);
+    }
+    Ok(response)
+}
+
+pub async fn cancel_message(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (chat_id, message_id) = parse_ids(path)?;
+    // The chat's owner only (an admin reading a member's chat gets 403).
+    state
+        .service
+        .chat_for(&principal, chat_id, Access::Write)
+        .await?;
+    let stored = load(&state, principal.org_id, chat_id, message_id).await?;
+    let hub = state.engine.live();
+    let delivery = if stored.message.status != MessageStatus::Streaming {
+        "finished"
+    } else if hub.cancel_local(message_id) {
+        "local"
+    } else if let Some(relay) = hub.relay() {
+        if let Err(err) = relay.cancel(message_id).await {
+            tracing::warn!(error = %err, messageId = %message_id, "cancel could not be relayed");
+            return Err(ApiError::Unavailable(
+                "The cancel could not be delivered to the instance generating this reply; try again shortly"
+                    .into(),
+            ));
+        }
+        "relay"
+    } else {
+        // Streaming, but not here and no other instance can be asked: a
+        // generation of a dead process, which recovery marks `interrupted`.
+        "none"
+    };
+    state
+        .metrics
+        .stream_cancels
+        .get_or_create(&DeliveryLabels { delivery })
+        .inc();
+    tracing::info!(messageId = %message_id, chatId = %chat_id, delivery, "cancel requested");
+    let status = match delivery {
+        "finished" => stored.message.status.as_str(),
+        _ => "cancelling",
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CancelReply {
+            chat_id,
+            message_id,
+            status,
+        }),
+    )
+        .into_response())
+}
+
+/// What a follower does next.
+enum Flow {
+    Continue,
+    Finished,
+    /// The client went away (or the server stops): end without a final event.
+    Gone,
+}
+
+/// Feeds one resumed stream. `next` is the id the client lacks; every event
+/// is sent only when its id is `next`, so sources can be mixed freely.
+struct Follower {
+    state: AppState,
+    org: OrgId,
+    chat: ChatId,
+    message: MessageId,
+    next: u64,
+    /// Events sent now were generated before the reader came (metrics).
+    replaying: bool,
+    tx: mpsc::Sender<ReplayEvent>,
+}
+
+impl Follower {
+    async fn run(mut self, source: Source, stored: StoredStream) {
+        let flow = match source {
+            Source::Stored => self.send_stored(&stored).await,
+            Source::Local(live) => self.follow_local(live).await,
+            Source::Relay(follower) => self.follow_relay(follower).await,
+            Source::Database => self.follow_database(Some(stored)).await,
+        };
+        if matches!(flow, Flow::Continue) {
+            tracing::warn!(messageId = %self.message, "a resumed stream ended early");
+        }
+    }
+
+    async fn send(&mut self, event: ReplayEvent) -> bool {
+        let id = match &event {
+            ReplayEvent::Token { id, .. }
+            | ReplayEvent::Done { id, .. }
+            | ReplayEvent::Failed { id, .. } => *id,
+        };
+        debug_assert_eq!(id, self.next, "events go out in order, once");
+        if self.replaying {
+            self.state.metrics.stream_replayed_events.inc();
+        }
+        self.next = id + 1;
+        let stop = self.state.hard_stop.clone();
+        tokio::select! {
+            sent = self.tx.send(event) => sent.is_ok(),
+            _ = stop.cancelled() => false,
+        }
+    }
+
+    /// Wait for `d`, or `Gone` when the client leaves or the server stops.
+    async fn pause(&self, d: Duration) -> Flow {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Flow::Continue,
+            _ = self.tx.closed() => Flow::Gone,
+            _ = self.state.hard_stop.cancelled() => Flow::Gone,
+        }
+    }
+
+    /// Send the stored events from `next` on, and the final event when the
+    /// message is finished.
+    async fn send_stored(&mut self, stored: &StoredStream) -> Flow {
+        let events = stored_events(stored);
+        let count = events.len() as u64;
+        for (id, text) in (1u64..).zip(&events) {
+            if id < self.next {
+                continue;
+            }
+            let token = ReplayEvent::Token {
+                id,
+                text: (*text).to_owned(),
+            };
+            if !self.send(token).await {
+                return Flow::Gone;
+            }
+        }
+        if stored.message.status == MessageStatus::Streaming {
+            return Flow::Continue;
+        }
+        if self.next > count + 1 {
+            return Flow::Finished;
+        }
+        if !self.send(final_event(&stored.message, count + 1)).await {
+            return Flow::Gone;
+        }
+        Flow::Finished
+    }
+
+    /// The end of a live stream: the final event from the stored message.
+    async fn finish(&mut self, end: StreamEnd) -> Flow {
+        if end.saved {
+            match load(&self.state, self.org, self.chat, self.message).await {
+                Ok(stored) if stored.message.status != MessageStatus::Streaming => {
+                    return self.send_stored(&stored).await;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, messageId = %self.message, "could not read the finished message for a resumed stream");
+                    return Flow::Gone;
+                }
+            }
+        }
+        if self.next > end.id {
+            return Flow::Finished;
+        }
+        let failed = ReplayEvent::Failed {
+            id: self.next,
+            message: ended_message(end.status, false),
+        };
+        if self.send(failed).await {
+            Flow::Finished
+        } else {
+            Flow::Gone
+        }
+    }
+
+    async fn follow_local(&mut self, live: Arc<LiveStream>) -> Flow {
+        let _reader = live.attach();
+        let mut changes = live.changes();
+        let mut cursor = Cursor::after(self.next - 1);
+        loop {
+            changes.borrow_and_update();
+            let (tokens, end) = live.read(&mut cursor, READ_MAX);
+            let caught_up = tokens.len() < READ_MAX;
+            for (id, text) in tokens {
+                if id < self.next {
+                    continue;
+                }
+                if !self.send(ReplayEvent::Token { id, text }).await {
+                    return Flow::Gone;
+                }
+            }
+            if let Some(end) = end {
+                return self.finish(end).await;
+            }
+            if !caught_up {
+                continue;
+            }
+            self.replaying = false;
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = self.tx.closed() => return Flow::Gone,
+                _ = self.state.hard_stop.cancelled() => return Flow::Gone,
+            }
+        }
+    }
+
+    async fn follow_relay(&mut self, mut follower: Box<dyn RelayFollower>) -> Flow {
+        let Some(relay) = self.state.engine.live().relay().cloned() else {
+            return self.follow_database(None).await;
+        };
+        let mut watched: Option<Instant> = None;
+        let mut checked = Instant::now();
+        let mut wait = Duration::ZERO;
+        loop {
+            if watched.is_none_or(|t| t.elapsed() >= WATCH_EVERY) {
+                // Tells a detached generation that someone reads it.
+                let _ = relay.watch(self.message).await;
+                watched = Some(Instant::now());
+            }
+            let read = tokio::select! {
+                r = follower.read(self.next - 1, wait) => r,
+                _ = self.tx.closed() => return Flow::Gone,
+                _ = self.state.hard_stop.cancelled() => return Flow::Gone,
+            };
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(err) => {
+                    self.state
+                        .metrics
+                        .stream_relay_errors
+                        .get_or_create(&crate::metrics::OpLabels { op: "read" })
+                        .inc();
+                    tracing::warn!(error = %err, messageId = %self.message, "lost the stream relay; following the saved text instead");
+                    return self.follow_database(None).await;
+                }
+            };
+            for entry in entries {
+                let id = entry.id();
+                if id < self.next {
+                    continue;
+                }
+                if id > self.next {
+                    // Events the relay no longer has (or never got): the
+                    // saved text has them.
+                    match self.fill_from_database(id).await {
+                        Flow::Continue => {}
+                        other => return other,
+                    }
+                    if id < self.next {
+                        continue;
+                    }
+                }
+                self.state.metrics.stream_relay_deliveries.inc();
+                match entry {
+                    RelayEntry::Token { id, text } => {
+                        if !self.send(ReplayEvent::Token { id, text }).await {
+                            return Flow::Gone;
+                        }
+                    }
+                    RelayEntry::End(end) => return self.finish(end).await,
+                }
+            }
+            self.replaying = wait.is_zero() && self.replaying;
+            wait = RELAY_WAIT;
+            if checked.elapsed() >= DB_CHECK_EVERY {
+                checked = Instant::now();
+                // A generation whose instance died never sends its end, and
+                // one whose relay writes fail sends nothing: the database
+                // has what was saved, and the last word.
+                if let Ok(stored) = load(&self.state, self.org, self.chat, self.message).await {
+                    match self.send_stored(&stored).await {
+                        Flow::Continue => {}
+                        other => return other,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send stored events until `next` reaches `target`, waiting for the
+    /// flusher to save them (a few flush intervals at most).
+    async fn fill_from_database(&mut self, target: u64) -> Flow {
+        let deadline =
+            Instant::now() + self.state.config.stream_flush_interval * 3 + Duration::from_secs(1);
+        loop {
+            let stored = match load(&self.state, self.org, self.chat, self.message).await {
+                Ok(stored) => stored,
+                Err(err) => {
+                    tracing::warn!(error = %err, messageId = %self.message, "could not read saved events for a resumed stream");
+                    return Flow::Gone;
+                }
+            };
+            match self.send_stored(&stored).await {
+                Flow::Continue => {}
+                other => return other,
+            }
+            if self.next >= target {
+                return Flow::Continue;
+            }
+            if Instant::now() >= deadline {
+                self.state
+                    .metrics
+                    .stream_relay_errors
+                    .get_or_create(&crate::metrics::OpLabels { op: "read" })
+                    .inc();
+                tracing::warn!(messageId = %self.message, missing_from = self.next, "events missing from the relay and the saved text; ending the resumed stream (resuming again continues it)");
+                return Flow::Gone;
+            }
+            match self.pause(Duration::from_millis(250)).await {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Follow what the generation saves (every flush), until it finishes.
+    async fn follow_database(&mut self, first: Option<StoredStream>) -> Flow {
+        let mut first = first;
+        loop {
+            let stored = match first.take() {
+                Some(stored) => stored,
+                None => match load(&self.state, self.org, self.chat, self.message).await {
+                    Ok(stored) => stored,
+                    Err(err) => {
+                        tracing::warn!(error = %err, messageId = %self.message, "could not read saved events for a resumed stream");
+                        return Flow::Gone;
+                    }
+                },
+            };
+            match self.send_stored(&stored).await {
+                Flow::Continue => {}
+                other => return other,
+            }
+            if let Some(live) = self.state.engine.live().get(self.message) {
+                return self.follow_local(live).await;
+            }
+            self.replaying = false;
+            let every = self
+                .state
+                .config
+                .stream_flush_interval
+                .max(Duration::from_millis(100));
+            match self.pause(every).await {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+    }
+}
