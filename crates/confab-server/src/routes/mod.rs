@@ -92,10 +92,17 @@ async fn refuse_oversized(
         .and_then(|v| v.trim().parse::<u64>().ok());
     let limit = state.config.body_limit(req.uri().path());
     if declared.is_some_and(|n| n > limit as u64) {
-        return crate::error::error_body(
+        let mut response = crate::error::error_body(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             "Request body is too large",
         );
+        // The body is left unread: the connection cannot carry another
+        // request, and the client must not reuse it.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
     }
     next.run(req).await
 }
