@@ -32,6 +32,8 @@ pub(crate) struct LiveText {
 pub(crate) struct TextAndEvents {
     pub(crate) text: String,
     pub(crate) lengths: crate::live::EventLengths,
+    /// See [`PartialText::prompt_tokens`].
+    pub(crate) prompt_tokens: i64,
 }
 
 /// The registry of live turns and the task that saves them.
@@ -53,6 +55,19 @@ impl LiveText {
         };
         self.dirty.store(true, Ordering::Release);
         id
+    }
+
+    /// The prompt reached the model (`tokens`: its count), saved with the
+    /// next flush.
+    pub(crate) fn set_prompt(&self, tokens: u64) {
+        if let Ok(mut t) = self.text.lock() {
+            let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+            if t.prompt_tokens == tokens {
+                return;
+            }
+            t.prompt_tokens = tokens;
+        }
+        self.dirty.store(true, Ordering::Release);
     }
 
     pub(crate) fn text(&self) -> String {
@@ -125,6 +140,7 @@ impl Flusher {
                             id: *id,
                             content: t.text.clone(),
                             event_lengths: t.lengths.as_bytes().to_vec(),
+                            prompt_tokens: t.prompt_tokens,
                         })
                         .ok()?;
                     if let Ok(mut saved) = entry.last_saved.lock() {

@@ -500,6 +500,10 @@ pub struct PartialText {
     pub content: String,
     /// The token events `content` is made of ([`crate::live::EventLengths`]).
     pub event_lengths: Vec<u8>,
+    /// The prompt's tokens once the model has it (the provider's figure
+    /// when it reported one, else confab's count); 0 until then. A turn
+    /// found `streaming` after a crash is counted with it.
+    pub prompt_tokens: i64,
 }
 
 /// A message with the event boundaries of its text: what a resumed stream

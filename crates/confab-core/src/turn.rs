@@ -1013,8 +1013,10 @@ impl Run {
             };
             let mut chunks = match opened {
                 Ok(chunks) => {
-                    // The model has the prompt: from here on it counts.
+                    // The model has the prompt: from here on it counts
+                    // (saved with the partial text, for crash recovery).
                     self.prompt_counted = counted;
+                    self.live.set_prompt(counted);
                     chunks
                 }
                 Err(err) => match self.retry_or_fail(err, attempt, attempt_started).await {
@@ -1051,7 +1053,12 @@ impl Run {
                         self.log_attempt(attempt, "ok", None, attempt_started);
                         return Stop::Complete;
                     }
-                    Some(Ok(Chunk::Usage(usage))) => self.reported = Some(usage),
+                    Some(Ok(Chunk::Usage(usage))) => {
+                        if usage.prompt_tokens > 0 {
+                            self.live.set_prompt(usage.prompt_tokens);
+                        }
+                        self.reported = Some(usage);
+                    }
                     Some(Ok(Chunk::Finish(reason))) => {
                         tracing::debug!(model = %model_name, finish_reason = %reason, "model finished");
                         self.finish = FinishReason::from_provider(&reason);

@@ -1093,24 +1093,30 @@ impl Store for PostgresStore {
         let mut ids = Vec::with_capacity(keyed.len());
         let mut texts = Vec::with_capacity(keyed.len());
         let mut lengths = Vec::with_capacity(keyed.len());
+        let mut prompts = Vec::with_capacity(keyed.len());
         for (id, partial) in last_per_id(&keyed) {
             ids.push(uuid(id));
             texts.push(partial.content.as_str());
             lengths.push(partial.event_lengths.as_slice());
+            prompts.push(partial.prompt_tokens);
         }
         // updated_at moves even when the text did not: it is the heartbeat
         // that keeps a live stream from looking stale.
-        let (ids, texts, lengths) = (&ids[..], &texts[..], &lengths[..]);
+        let (ids, texts, lengths, prompts) = (&ids[..], &texts[..], &lengths[..], &prompts[..]);
         self.retry(move || {
             sqlx::query(
                 "UPDATE messages m SET content = p.content, event_lengths = p.lengths, \
+                        prompt_tokens = CASE WHEN p.prompt > 0 THEN p.prompt \
+                                             ELSE m.prompt_tokens END, \
                         updated_at = now() \
-                 FROM unnest($1::uuid[], $2::text[], $3::bytea[]) AS p(id, content, lengths) \
+                 FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bigint[]) \
+                      AS p(id, content, lengths, prompt) \
                  WHERE m.id = p.id AND m.status = 'streaming'",
             )
             .bind(ids)
             .bind(texts)
             .bind(lengths)
+            .bind(prompts)
             .execute(&self.pool)
         })
         .await

@@ -917,13 +917,15 @@ impl Store for SqliteStore {
             // updated_at moves even when the text did not: it is the
             // heartbeat that keeps a live stream from looking stale.
             sqlx::query(
-                "UPDATE messages SET content = ?2, updated_at = ?3, event_lengths = ?4 \
+                "UPDATE messages SET content = ?2, updated_at = ?3, event_lengths = ?4, \
+                    prompt_tokens = CASE WHEN ?5 > 0 THEN ?5 ELSE prompt_tokens END \
                  WHERE id = ?1 AND status = 'streaming'",
             )
             .bind(uuid(partial.id))
             .bind(&partial.content)
             .bind(now)
             .bind(&partial.event_lengths)
+            .bind(partial.prompt_tokens)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

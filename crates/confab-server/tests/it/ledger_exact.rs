@@ -836,6 +836,9 @@ async fn a_thousand_mixed_turns_and_a_crash_leave_an_exact_ledger(db: Db) {
             Kind::Cancel | Kind::Cut | Kind::Crash => {
                 assert!(!m.content.is_empty(), "{what}: partial text kept");
                 assert!(row.completion > 0, "{what}");
+                // The model had the prompt: counted, even after a crash
+                // (saved with the partial text).
+                assert!(row.prompt > 0, "{what}");
             }
             _ => assert!(row.completion > 0 && row.prompt > 0, "{what}"),
         }

@@ -195,6 +195,7 @@ fn partial(id: MessageId, text: &str) -> confab_core::PartialText {
         id,
         content: text.to_owned(),
         event_lengths: lengths(&[text]),
+        prompt_tokens: 0,
     }
 }
 
@@ -1160,6 +1161,7 @@ async fn stream_state_keeps_event_boundaries_with_the_text(db: Db) {
             id,
             content: tokens[..2].concat(),
             event_lengths: lengths(&tokens[..2]),
+            prompt_tokens: 0,
         }])
         .await
         .unwrap();
@@ -1213,6 +1215,15 @@ async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
         ))
         .await
         .unwrap();
+    // What the dead process had saved: a partial text, and the prompt's
+    // tokens once the model had it.
+    store
+        .save_partials(&[confab_core::PartialText {
+            prompt_tokens: 37,
+            ..partial(stale.assistant_message.id, "half a reply")
+        }])
+        .await
+        .unwrap();
     age_message(&t, stale.assistant_message.id, 1).await;
     age_message(&t, stale.user_message.id, 1).await;
     age_message(&t, finished_long_ago.assistant_message.id, 1).await;
@@ -1226,6 +1237,11 @@ async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
     assert_eq!(stale_now[0].status, MessageStatus::Complete);
     assert_eq!(stale_now[1].status, MessageStatus::Interrupted);
     assert!(stale_now[1].updated_at > cutoff);
+    // Counted with the saved prompt figure and the text's estimate.
+    let usage = stale_now[1].usage.expect("usage");
+    assert_eq!(usage.prompt_tokens, 37);
+    assert_eq!(usage.completion_tokens, 3);
+    assert_eq!(usage.source, confab_core::UsageSource::Estimated);
     let live_now = all_messages(&*store, acme.id, live.chat_id).await;
     assert_eq!(live_now[1].status, MessageStatus::Streaming);
     let done_now = all_messages(&*store, acme.id, finished_long_ago.chat_id).await;
@@ -1237,7 +1253,7 @@ async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
         .await
         .unwrap();
     let after = all_messages(&*store, acme.id, stale.chat_id).await;
-    assert_eq!(after[1].content, "");
+    assert_eq!(after[1].content, "half a reply");
 }
 
 // ---- races --------------------------------------------------------------------
