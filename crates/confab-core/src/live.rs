@@ -219,6 +219,15 @@ impl LiveHub {
         }
     }
 
+    /// The messages generated in this process now.
+    pub fn ids(&self) -> Vec<MessageId> {
+        self.inner
+            .streams
+            .lock()
+            .map(|s| s.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Streams live in this process.
     pub fn len(&self) -> usize {
         self.inner.streams.lock().map(|s| s.len()).unwrap_or(0)

@@ -11,7 +11,11 @@
 //!   engine never waits for Redis: an event that cannot be written is a gap
 //!   the reader fills from the database.
 //! - Cancel: `PUBLISH confab:cancel <message id>`; every instance listens and
-//!   stops the generation if it runs there.
+//!   stops the generation if it runs there. The cancel is also kept as a key
+//!   `confab:cancelled:<message id>` (for [`STREAM_TTL`]), which an instance
+//!   checks for its live streams each time it (re)subscribes: a cancel sent
+//!   while its subscription was down (a Redis restart, a dropped connection)
+//!   is not lost.
 //! - Readers elsewhere: a key `confab:watch:<message id>` that a following
 //!   reader renews while it reads, which a detached generation checks.
 
@@ -34,6 +38,7 @@ use crate::RedisRateLimiter;
 pub const STREAM_PREFIX: &str = "confab:live:";
 pub const WATCH_PREFIX: &str = "confab:watch:";
 pub const CANCEL_CHANNEL: &str = "confab:cancel";
+pub const CANCELLED_PREFIX: &str = "confab:cancelled:";
 /// Entries kept per message (approximately): far above any reply's tokens.
 const MAXLEN: u64 = 20_000;
 /// A message's stream is dropped this long after its last event.
@@ -94,6 +99,9 @@ impl RedisLiveRelay {
                 match connected {
                     Ok(Ok(pubsub)) => {
                         tracing::debug!("listening for stream cancels");
+                        // Subscribed first, then the keys: a cancel is either
+                        // delivered from here on or already in its key.
+                        relay.missed_cancels(&hub).await;
                         let mut messages = pubsub.into_on_message();
                         loop {
                             let message = tokio::select! {
@@ -127,6 +135,43 @@ impl RedisLiveRelay {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
+            }
+        }
+    }
+}
+
+impl RedisLiveRelay {
+    /// Stop the live streams of this process whose cancel was sent while
+    /// nobody here listened.
+    async fn missed_cancels(&self, hub: &LiveHub) {
+        let ids = hub.ids();
+        if ids.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{CANCELLED_PREFIX}{id}"))
+            .collect();
+        let found = self
+            .redis
+            .run("check for missed cancels", |mut conn| async move {
+                redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async::<Vec<Option<i64>>>(&mut conn)
+                    .await
+            })
+            .await;
+        match found {
+            Ok(found) => {
+                for (id, cancelled) in ids.iter().zip(found) {
+                    if cancelled.is_some() && hub.cancel_local(*id) {
+                        tracing::info!(messageId = %id, "cancel sent while the subscription was down; stopping now");
+                    }
+                }
+            }
+            Err(err) => {
+                self.metrics.relay_error("cancel");
+                tracing::warn!(error = %err, "cannot check for cancels missed while unsubscribed");
             }
         }
     }
@@ -178,12 +223,21 @@ impl LiveRelay for RedisLiveRelay {
 
     async fn cancel(&self, message: MessageId) -> Result<(), RelayError> {
         let id = message.to_string();
+        let ttl = u64::try_from(STREAM_TTL.as_millis()).unwrap_or(600_000);
         self.redis
             .run("publish a cancel", |mut conn| async move {
-                redis::cmd("PUBLISH")
+                redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(format!("{CANCELLED_PREFIX}{id}"))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl)
+                    .ignore()
+                    .cmd("PUBLISH")
                     .arg(CANCEL_CHANNEL)
-                    .arg(id)
-                    .query_async::<i64>(&mut conn)
+                    .arg(&id)
+                    .query_async::<(i64,)>(&mut conn)
                     .await
             })
             .await

@@ -333,6 +333,44 @@ async fn a_cancel_sent_to_one_instance_stops_the_generation_on_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_while_the_generating_instance_was_unsubscribed_still_stops_it() {
+    crate::support::init();
+    let db = seeded_postgres().await;
+    let redis = PrivateRedis::start();
+    let redis_url = redis.url();
+    let mut env = process_env(&db, &redis_url);
+    // A reply long enough to outlast A's resubscription (≈ 1 s).
+    env.retain(|(k, _)| *k != "SIMULATED_TOKEN_DELAY_MS");
+    env.push(("SIMULATED_TOKEN_DELAY_MS", "30"));
+    let a = Confab::start(&env).await;
+    let b = Confab::start(&env).await;
+    let client = reqwest::Client::new();
+    let (chat, msg, mut reader) = start(&client, &a.base, "A story cancelled unheard").await;
+    read_tokens(&mut reader, 5).await;
+    // Drop every subscriber (A's too): the cancel below is published while
+    // nobody listens, as during a Redis restart or a dropped connection.
+    let port = redis_url.rsplit(':').next().unwrap().trim_end_matches('/');
+    let killed = std::process::Command::new("redis-cli")
+        .args(["-p", port, "CLIENT", "KILL", "TYPE", "pubsub"])
+        .output()
+        .expect("redis-cli");
+    assert!(killed.status.success(), "{killed:?}");
+    let res = alice(client.post(format!("{}/chat/{chat}/messages/{msg}/cancel", b.base)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    // A resubscribes, finds the cancel it missed, and stops.
+    let saved = wait_status(&client, &a.base, &chat, &msg, "cancelled").await;
+    let words = saved["content"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .count();
+    assert!(words < 150, "stopped well before the end: {words} words");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_finished_replies_resume_and_live_ones_answer_503() {
     crate::support::init();
     let db = seeded_postgres().await;
