@@ -237,13 +237,15 @@ impl LiveHub {
         self.len() == 0
     }
 
-    /// Register a generation; `relayed` also sends its events to the relay.
+    /// Register a generation; `relayed` also sends its events to the relay;
+    /// `detachable` lets it outlive its reader (`STREAM_DETACH_SECONDS`).
     pub(crate) fn open(
         &self,
         message: MessageId,
         chat: ChatId,
         text: Arc<LiveText>,
         relayed: bool,
+        detachable: bool,
     ) -> Publication {
         let stream = Arc::new(LiveStream {
             id: message,
@@ -262,7 +264,11 @@ impl LiveHub {
             hub: self.clone(),
             relay: if relayed { self.relay().cloned() } else { None },
             watch_relay: self.relay().cloned(),
-            detach: self.detach(),
+            detach: if detachable {
+                self.detach()
+            } else {
+                Duration::ZERO
+            },
             stream,
             finished: false,
         }
@@ -587,7 +593,7 @@ mod tests {
     async fn readers_start_anywhere_and_see_the_end_after_the_last_token() {
         let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
         let text = Arc::new(LiveText::default());
-        let mut publication = hub.open(MessageId::new(), ChatId::new(), text, false);
+        let mut publication = hub.open(MessageId::new(), ChatId::new(), text, false, true);
         let stream = hub.get(publication.stream.id).unwrap();
         for t in ["a", "bb", "ccc"] {
             publication.push(t);

@@ -180,6 +180,10 @@ pub struct TurnInput {
     /// The output cap the client asked for (never above the model's).
     pub max_output_tokens: Option<u32>,
     pub sampling: Sampling,
+    /// Whether the generation may outlive its reader, waiting to be resumed
+    /// (`STREAM_DETACH_SECONDS`, SPEC §14). The OpenAI-compatible API's
+    /// clients cannot resume: closing their stream always cancels.
+    pub detachable: bool,
 }
 
 impl TurnInput {
@@ -197,6 +201,7 @@ impl TurnInput {
             store: true,
             max_output_tokens: None,
             sampling: Sampling::default(),
+            detachable: true,
         }
     }
 }
@@ -880,6 +885,7 @@ impl Run {
                     begun.chat_id,
                     live.clone(),
                     input.interactive,
+                    input.detachable,
                 );
                 (live, publication)
             }

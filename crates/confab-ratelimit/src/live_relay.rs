@@ -154,11 +154,14 @@ impl RedisLiveRelay {
             .collect();
         let found = self
             .redis
-            .run("check for missed cancels", |mut conn| async move {
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async::<Vec<Option<i64>>>(&mut conn)
-                    .await
+            .run_idempotent("check for missed cancels", |mut conn| {
+                let keys = keys.clone();
+                async move {
+                    redis::cmd("MGET")
+                        .arg(&keys)
+                        .query_async::<Vec<Option<i64>>>(&mut conn)
+                        .await
+                }
             })
             .await;
         match found {
@@ -225,20 +228,23 @@ impl LiveRelay for RedisLiveRelay {
         let id = message.to_string();
         let ttl = u64::try_from(STREAM_TTL.as_millis()).unwrap_or(600_000);
         self.redis
-            .run("publish a cancel", |mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("SET")
-                    .arg(format!("{CANCELLED_PREFIX}{id}"))
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ttl)
-                    .ignore()
-                    .cmd("PUBLISH")
-                    .arg(CANCEL_CHANNEL)
-                    .arg(&id)
-                    .query_async::<(i64,)>(&mut conn)
-                    .await
+            .run_idempotent("publish a cancel", |mut conn| {
+                let id = id.clone();
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .cmd("SET")
+                        .arg(format!("{CANCELLED_PREFIX}{id}"))
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ttl)
+                        .ignore()
+                        .cmd("PUBLISH")
+                        .arg(CANCEL_CHANNEL)
+                        .arg(&id)
+                        .query_async::<(i64,)>(&mut conn)
+                        .await
+                }
             })
             .await
             .map(drop)
@@ -252,14 +258,17 @@ impl LiveRelay for RedisLiveRelay {
         let key = format!("{WATCH_PREFIX}{message}");
         let ttl = u64::try_from(WATCH_TTL.as_millis()).unwrap_or(5000);
         self.redis
-            .run("renew a stream watch", |mut conn| async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ttl)
-                    .query_async::<()>(&mut conn)
-                    .await
+            .run_idempotent("renew a stream watch", |mut conn| {
+                let key = key.clone();
+                async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ttl)
+                        .query_async::<()>(&mut conn)
+                        .await
+                }
             })
             .await
             .map_err(|e| {
@@ -271,11 +280,14 @@ impl LiveRelay for RedisLiveRelay {
     async fn watched(&self, message: MessageId) -> Result<bool, RelayError> {
         let key = format!("{WATCH_PREFIX}{message}");
         self.redis
-            .run("check a stream watch", |mut conn| async move {
-                redis::cmd("EXISTS")
-                    .arg(key)
-                    .query_async::<i64>(&mut conn)
-                    .await
+            .run_idempotent("check a stream watch", |mut conn| {
+                let key = key.clone();
+                async move {
+                    redis::cmd("EXISTS")
+                        .arg(key)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
             })
             .await
             .map(|n| n > 0)

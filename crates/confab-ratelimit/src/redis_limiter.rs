@@ -183,20 +183,56 @@ impl RedisRateLimiter {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let attempt = async {
-            let current = self.connection().await?;
-            let result = op(current.conn).await;
-            if let Err(e) = &result {
-                // Dropped connections, protocol errors: this connection is
-                // done. Timeouts and script errors leave it in place — a slow
-                // Redis is not helped by reconnecting to it.
-                if e.is_unrecoverable_error() {
-                    self.discard(current.generation);
-                }
+        let attempt = self.attempt(op);
+        self.answer(what, tokio::time::timeout(self.timeout, attempt).await)
+    }
+
+    /// [`RedisRateLimiter::run`] for a step that may safely run twice (a
+    /// read, a `SET`, a `PUBLISH`): when the connection turns out dead (the
+    /// first call after a Redis restart), it is tried once more on a fresh
+    /// one instead of failing its caller.
+    pub(crate) async fn run_idempotent<T, F, Fut>(
+        &self,
+        what: &'static str,
+        op: F,
+    ) -> Result<T, RateLimitError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let attempts = async {
+            match self.attempt(&op).await {
+                Err(e) if e.is_unrecoverable_error() => self.attempt(&op).await,
+                other => other,
             }
-            result
         };
-        match tokio::time::timeout(self.timeout, attempt).await {
+        self.answer(what, tokio::time::timeout(self.timeout, attempts).await)
+    }
+
+    async fn attempt<T, F, Fut>(&self, op: F) -> RedisResult<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let current = self.connection().await?;
+        let result = op(current.conn).await;
+        if let Err(e) = &result {
+            // Dropped connections, protocol errors: this connection is
+            // done. Timeouts and script errors leave it in place — a slow
+            // Redis is not helped by reconnecting to it.
+            if e.is_unrecoverable_error() {
+                self.discard(current.generation);
+            }
+        }
+        result
+    }
+
+    fn answer<T>(
+        &self,
+        what: &'static str,
+        outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, RateLimitError> {
+        match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 self.warnings.warn(what, &e);
@@ -389,7 +425,7 @@ impl WarnThrottle {
             operation,
             error = %error,
             suppressed,
-            "Redis rate limiter call failed"
+            "Redis call failed"
         );
     }
 }

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
     // own body limit, every error in OpenAI's shape (also a 404 under /v1).
     let v1 = Router::new()
         .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{model}", get(openai::get_model))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route_layer(from_fn_with_state(state.clone(), require_auth))
         .route_layer(DefaultBodyLimit::max(state.config.openai_max_body_bytes));

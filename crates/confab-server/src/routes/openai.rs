@@ -138,6 +138,12 @@ pub async fn openai_errors(req: Request, next: Next) -> Response {
         Some((serde_json::Value::Object(_), _)) => {
             return Response::from_parts(parts, Body::from(bytes));
         }
+        // An OpenAI client sends keys, not confab's tenant headers.
+        Some((_, serde_json::Value::String(message)))
+            if status == StatusCode::UNAUTHORIZED && message == crate::auth::MISSING_HEADERS =>
+        {
+            "Missing API key: send Authorization: Bearer <confab API key>".to_owned()
+        }
         Some((_, serde_json::Value::String(message))) => message.clone(),
         _ => status.canonical_reason().unwrap_or("Error").to_owned(),
     };
@@ -170,6 +176,31 @@ pub async fn list_models(State(state): State<AppState>, Auth(principal): Auth) -
         data,
     })
     .into_response()
+}
+
+/// `GET /v1/models/{model}`: one of the org's models, else 404
+/// `model_not_found` (the same for a model that does not exist and one the
+/// org may not use).
+pub async fn get_model(
+    State(state): State<AppState>,
+    Auth(principal): Auth,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let model = state
+        .engine
+        .models()
+        .allowed(&principal.policy)
+        .find(|m| m.name == name);
+    match model {
+        Some(m) => Json(ModelOut {
+            id: &m.name,
+            object: "model",
+            created: state.started_at.timestamp(),
+            owned_by: "confab",
+        })
+        .into_response(),
+        None => OpenAiError::model_not_found(&name).into_response(),
+    }
 }
 
 /// A request, checked: what the engine is given, and how to answer.
@@ -305,6 +336,7 @@ fn check(
     input.system = system.clone();
     input.given = Some(GivenConversation { system, messages });
     input.max_output_tokens = max_output_tokens;
+    input.detachable = false;
     input.sampling = Sampling {
         temperature: req.temperature,
         top_p: req.top_p,
@@ -429,6 +461,7 @@ pub async fn chat_completions(
         model: turn.model.clone(),
         created: head.created,
         include_usage,
+        span: tracing::Span::current(),
     };
     let body = Body::from_stream(stream_body(turn.events, first, chunks, keepalive));
     let mut response = Response::new(body);
@@ -517,6 +550,9 @@ struct ChunkStream {
     model: String,
     created: i64,
     include_usage: bool,
+    /// The request's span: the body is polled outside it, and a failure's
+    /// log line must carry the request id.
+    span: tracing::Span,
 }
 
 impl ChunkStream {
@@ -592,7 +628,9 @@ impl ChunkStream {
             ApiError::StoreUnavailable(_) => crate::error::DATABASE_UNAVAILABLE.to_owned(),
             other => other.to_string(),
         };
-        tracing::warn!(status = status.as_u16(), error = %message, "completion stream failed after its first byte");
+        self.span.in_scope(|| {
+            tracing::warn!(status = status.as_u16(), error = %message, "completion stream failed after its first byte");
+        });
         let (kind, code) = kind_and_code(status, &message);
         let body = ErrorBody {
             error: ErrorObject {

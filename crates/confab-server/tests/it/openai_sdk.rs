@@ -117,7 +117,15 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
         "{}\n[[model]]\nname = \"simulated\"\nprovider = \"simulated\"\n",
         llmock_models(&mock)
     ));
-    let app = app_with_models(db, &models, &[("SIMULATED_TOKEN_DELAY_MS", "5")]).await;
+    let app = app_with_models(
+        db,
+        &models,
+        &[
+            ("SIMULATED_TOKEN_DELAY_MS", "5"),
+            ("STREAM_DETACH_SECONDS", "30"),
+        ],
+    )
+    .await;
     // The second org may make one request per 2 s.
     app.state
         .store
@@ -208,6 +216,7 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
     let cancelled: Vec<_> = ledger.iter().filter(|r| r.status == "cancelled").collect();
     assert_eq!(cancelled.len(), 1, "{ledger:#?}");
     assert_eq!(cancelled[0].model, "mock-openai");
+    assert!(cancelled[0].chat.is_some(), "stored in a chat, still cancelled");
     // The rate-limited org's refused attempts reached no model.
     let tech: uuid::Uuid = TECH.parse().unwrap();
     assert!(ledger.iter().all(|r| r.org != tech), "{ledger:#?}");

@@ -39,8 +39,14 @@ def check(cond, message):
 
 client = OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=30)
 
-# 1. The org's models.
+# 1. The org's models, and one of them.
 out["models"] = sorted(m.id for m in client.models.list())
+check(client.models.retrieve(MODELS[0]).id == MODELS[0], "models.retrieve")
+try:
+    client.models.retrieve("no-such-model")
+    check(False, "an unknown model was found")
+except openai.NotFoundError as e:
+    check(e.code == "model_not_found", f"code {e.code}")
 
 # 2. Non-streamed and streamed turns (with the usage chunk) on every model.
 for model in MODELS:
@@ -125,11 +131,14 @@ out["stored"] = {
 check(out["stored"]["chat_id"], "the response names the chat")
 
 # 6. Closing the SDK's stream after 2 chunks cancels the upstream request:
-#    llmock's journal shows it `completed: false` within 1 s.
+#    llmock's journal shows it `completed: false` within 1 s — also for a
+#    turn stored in a chat, on a server where native streams detach (an
+#    OpenAI client cannot resume).
 httpx.post(f"{LLMOCK}/reset")
 stream = client.chat.completions.create(
     model=STREAM_MODEL, stream=True,
     messages=[{"role": "user", "content": " ".join(["word"] * 30)}],
+    extra_headers={"X-Confab-Chat-Id": "new"},
 )
 seen = 0
 for _ in stream:
