@@ -171,7 +171,9 @@ pub async fn get_message_stream(
     let stored = load(&state, principal.org_id, chat_id, message_id).await?;
     let hub = state.engine.live();
     let source = if stored.message.status != MessageStatus::Streaming {
-        if after > stored_events(&stored).len() as u64 {
+        let count = stored_events(&stored).len() as u64;
+        let lost_tail = stored.message.status != MessageStatus::Complete && after > count + 1;
+        if after > count && !lost_tail {
             // The client has the final event already: nothing to send (and
             // 204 tells an EventSource to stop reconnecting).
             return Ok(StatusCode::NO_CONTENT.into_response());
@@ -363,10 +365,18 @@ impl Follower {
         if stored.message.status == MessageStatus::Streaming {
             return Flow::Continue;
         }
-        if self.next > count + 1 {
+        let id = if self.next <= count + 1 {
+            count + 1
+        } else if stored.message.status == MessageStatus::Complete {
+            // The client has the whole reply and its final event.
             return Flow::Finished;
-        }
-        if !self.send(final_event(&stored.message, count + 1)).await {
+        } else {
+            // The client saw tokens the store never got (its generating
+            // process died between two saves): it still learns how the
+            // reply ended, as the next event it lacks.
+            self.next
+        };
+        if !self.send(final_event(&stored.message, id)).await {
             return Flow::Gone;
         }
         Flow::Finished

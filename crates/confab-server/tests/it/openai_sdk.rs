@@ -216,7 +216,10 @@ async fn the_official_openai_sdk_works_against_confab(db: Db) {
     let cancelled: Vec<_> = ledger.iter().filter(|r| r.status == "cancelled").collect();
     assert_eq!(cancelled.len(), 1, "{ledger:#?}");
     assert_eq!(cancelled[0].model, "mock-openai");
-    assert!(cancelled[0].chat.is_some(), "stored in a chat, still cancelled");
+    assert!(
+        cancelled[0].chat.is_some(),
+        "stored in a chat, still cancelled"
+    );
     // The rate-limited org's refused attempts reached no model.
     let tech: uuid::Uuid = TECH.parse().unwrap();
     assert!(ledger.iter().all(|r| r.org != tech), "{ledger:#?}");

@@ -371,6 +371,66 @@ async fn a_cancel_sent_while_the_generating_instance_was_unsubscribed_still_stop
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_learns_the_reply_was_interrupted_when_the_generating_instance_dies() {
+    crate::support::init();
+    let db = seeded_postgres().await;
+    let redis = PrivateRedis::start();
+    let redis_url = redis.url();
+    let mut env = process_env(&db, &redis_url);
+    env.retain(|(k, _)| *k != "SIMULATED_TOKEN_DELAY_MS");
+    env.extend([
+        ("SIMULATED_TOKEN_DELAY_MS", "40"),
+        ("STREAM_STALE_SECONDS", "2"),
+    ]);
+    let a = Confab::start(&env).await;
+    let b = Confab::start(&env).await;
+    let client = reqwest::Client::new();
+    let (chat, msg, mut reader) =
+        start(&client, &a.base, "A story its server will not finish").await;
+    read_tokens(&mut reader, 30).await;
+    drop(reader);
+    // Follow on B, then A dies mid-reply (SIGKILL: nothing settles).
+    let mut follower = SseReader::new(resume(&client, &b.base, &chat, &msg, 30).await);
+    let mut last = 30;
+    for _ in 0..20 {
+        let (id, ev) = follower.next_event().await.expect("a relayed token");
+        assert_eq!(id, last + 1, "{ev}");
+        last = id;
+    }
+    a.signal("KILL");
+    // The follower ends with a final event — the reply was interrupted —
+    // as the next id it lacks, however much the dead process had saved.
+    let (id, ev) = loop {
+        let (id, ev) = tokio::time::timeout(Duration::from_secs(30), follower.next_event())
+            .await
+            .expect("the follower hears the end")
+            .expect("a final event before the stream ends");
+        assert_eq!(id, last + 1, "{ev}");
+        last = id;
+        if ev.get("error").is_some() {
+            break (id, ev);
+        }
+    };
+    assert!(
+        ev["message"].as_str().unwrap().contains("interrupted"),
+        "{ev}"
+    );
+    assert!(follower.next_event().await.is_none(), "the stream ends");
+    let saved = wait_status(&client, &b.base, &chat, &msg, "interrupted").await;
+    assert!(!saved["content"].as_str().unwrap().is_empty());
+    // A client that reconnects from any id it saw (tokens the dead process
+    // never saved included) hears how the reply ended, as its next event.
+    for from in [id - 1, id] {
+        let again = SseReader::new(resume(&client, &b.base, &chat, &msg, from).await)
+            .rest()
+            .await;
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].0, from + 1);
+        assert!(again[0].1.get("error").is_some(), "{again:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_finished_replies_resume_and_live_ones_answer_503() {
     crate::support::init();
     let db = seeded_postgres().await;
