@@ -603,3 +603,39 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(header: Option<&str>, query: Option<&str>) -> Result<u64, ApiError> {
+        let mut headers = HeaderMap::new();
+        if let Some(h) = header {
+            headers.insert("last-event-id", HeaderValue::from_str(h).unwrap());
+        }
+        let query: HashMap<String, String> = query
+            .map(|q| ("after".to_owned(), q.to_owned()))
+            .into_iter()
+            .collect();
+        parse_after(&headers, &query)
+    }
+
+    /// Found by schemathesis: a blank `Last-Event-ID` was read as 0, and a
+    /// malformed `?after=` passed when the header was there too.
+    #[test]
+    fn every_given_event_id_must_be_a_number() {
+        assert_eq!(after(None, None).unwrap(), 0);
+        assert_eq!(after(Some("7"), None).unwrap(), 7);
+        assert_eq!(after(None, Some(" 3 ")).unwrap(), 3);
+        assert_eq!(after(Some("7"), Some("3")).unwrap(), 7);
+        for (h, q) in [
+            (Some(""), None),
+            (None, Some("")),
+            (Some("1000000"), Some("6.8e-271")),
+            (Some("+5"), None),
+            (None, Some("1099511627776")),
+        ] {
+            assert!(after(h, q).is_err(), "{h:?} {q:?}");
+        }
+    }
+}
