@@ -99,7 +99,25 @@ if ! "$peers_venv/bin/python" -c "import openai, sys; sys.exit(openai.__version_
     exit 1
   fi
 fi
+# The contract checkers (tests/it/contract.rs): openapi-spec-validator
+# validates GET /openapi.json as OpenAPI 3.1, schemathesis tests the
+# running server against it. Pinned; checked and installed on their own
+# like the SDK, so the stamp above stays as it is.
+contract_pins=(schemathesis==4.32.5 openapi-spec-validator==0.9.0)
+if ! "$peers_venv/bin/python" - "${contract_pins[@]}" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(any(version(name) != want for name, want in (p.split("==") for p in sys.argv[1:])))
+PY
+then
+  echo "installing ${contract_pins[*]} into $peers_venv"
+  if ! "$peers_venv/bin/pip" install -q "${contract_pins[@]}"; then
+    echo "ERROR: pip install ${contract_pins[*]} failed" >&2
+    exit 1
+  fi
+fi
 "$peers_venv/bin/python" - <<'PY'
 from importlib.metadata import version
-print(f"llmock {version('llmock')}, litellm {version('litellm')}, openai {version('openai')}")
+print(f"llmock {version('llmock')}, litellm {version('litellm')}, openai {version('openai')}, "
+      f"schemathesis {version('schemathesis')}, openapi-spec-validator {version('openapi-spec-validator')}")
 PY

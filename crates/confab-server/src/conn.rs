@@ -629,7 +629,11 @@ fn rejection(
     let request_id = uuid::Uuid::new_v4().to_string();
     let reason = status.canonical_reason().unwrap_or("Error");
     let message = rejection_message(status);
-    let body = serde_json::json!({ "error": reason, "message": message }).to_string();
+    let body = serde_json::to_string(&crate::wire::ErrorJson {
+        error: reason,
+        message,
+    })
+    .unwrap_or_default();
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let labels = HttpLabels {
         method: method.to_owned(),

@@ -10,7 +10,8 @@ use confab_core::provider::ProviderError;
 use confab_core::ratelimit::BudgetState;
 use confab_core::service::ServiceError;
 use confab_core::turn::TurnFailure;
-use serde_json::json;
+
+use crate::wire::{ErrorJson, LimitErrorJson};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -109,7 +110,10 @@ pub fn error_body(status: StatusCode, message: &str) -> Response {
     let reason = status.canonical_reason().unwrap_or("Error");
     let mut response = (
         status,
-        axum::Json(json!({ "error": reason, "message": message })),
+        axum::Json(ErrorJson {
+            error: reason,
+            message,
+        }),
     )
         .into_response();
     response.headers_mut().insert(
@@ -143,13 +147,13 @@ impl IntoResponse for ApiError {
                 error_body(status, detail)
             }
             ApiError::TokenBudget(budget) => {
-                let body = json!({
-                    "error": "Too Many Requests",
-                    "message": "Token budget exceeded",
-                    "limit": budget.limit,
-                    "remaining": budget.remaining,
-                    "resetAt": token_limit_reset(budget),
-                });
+                let body = LimitErrorJson {
+                    error: "Too Many Requests",
+                    message: "Token budget exceeded",
+                    limit: budget.limit,
+                    remaining: budget.remaining,
+                    reset_at: token_limit_reset(budget),
+                };
                 let mut response = (status, axum::Json(body)).into_response();
                 set_token_limit_headers(response.headers_mut(), budget);
                 let retry = budget.reset_after.as_secs_f64().ceil().max(1.0) as u64;

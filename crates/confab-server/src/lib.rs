@@ -11,6 +11,7 @@ pub mod error;
 pub mod metrics;
 pub mod middleware;
 pub mod openai_wire;
+pub mod openapi;
 pub mod readiness;
 pub mod routes;
 pub mod seed;

@@ -15,7 +15,6 @@ use chrono::Utc;
 use confab_core::Principal;
 use confab_core::model::rfc3339_millis;
 use confab_core::ratelimit::{Decision, Limit};
-use serde_json::json;
 use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
@@ -441,13 +440,13 @@ fn too_many_requests(decision: &Decision) -> Response {
         .unwrap_or(1)
         .max(1);
     let reset = reset_at(decision);
-    let body = json!({
-        "error": "Too Many Requests",
-        "message": "Rate limit exceeded. Please try again later.",
-        "limit": decision.limit,
-        "remaining": 0,
-        "resetAt": reset,
-    });
+    let body = crate::wire::LimitErrorJson {
+        error: "Too Many Requests",
+        message: "Rate limit exceeded. Please try again later.",
+        limit: decision.limit.into(),
+        remaining: 0,
+        reset_at: reset,
+    };
     let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
     set_rate_limit_headers(response.headers_mut(), decision);
     response

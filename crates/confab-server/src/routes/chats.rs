@@ -175,6 +175,14 @@ fn idempotency_claim(
     }))
 }
 
+/// Send a message and wait for the whole reply (SPEC §5, §11).
+#[utoipa::path(
+    post, path = "/chat", tag = "chats", operation_id = "postChat",
+    request_body = crate::wire::TurnRequestBody,
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$",
+        description = "A retry with the same key (per user, kept 24 h) returns the first response")),
+    responses((status = 200, description = "The reply, stored with the message", body = TurnReply)),
+)]
 pub async fn post_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
@@ -256,6 +264,15 @@ fn parse_limit(query: &HashMap<String, String>, default: u32, max: u32) -> Resul
     }
 }
 
+/// A query parameter that was given and is not blank (`?cursor=` is the
+/// first page, as no cursor).
+fn given<'q>(query: &'q HashMap<String, String>, name: &str) -> Option<&'q str> {
+    query
+        .get(name)
+        .map(String::as_str)
+        .filter(|v| !v.trim().is_empty())
+}
+
 fn encode_cursor(raw: &str) -> String {
     URL_SAFE_NO_PAD.encode(raw)
 }
@@ -303,6 +320,16 @@ fn parse_message_cursor(cursor: &str) -> Result<i64, ApiError> {
         .ok_or_else(bad)
 }
 
+/// A chat with its newest messages, in conversation order.
+#[utoipa::path(
+    get, path = "/chat/{id}", tag = "chats", operation_id = "getChat",
+    params(
+        ("id" = uuid::Uuid, Path, description = "A chat the caller may read"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "How many of the newest messages (default 100)"),
+        ("before" = Option<String>, Query, description = "`older_cursor` of the previous page (opaque; blank: none)"),
+    ),
+    responses((status = 200, description = "The chat", body = HistoryJson)),
+)]
 pub async fn get_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
@@ -311,9 +338,8 @@ pub async fn get_chat(
 ) -> Result<Response, ApiError> {
     let id = parse_path_id(id)?;
     let limit = parse_limit(&query, MESSAGES_DEFAULT_LIMIT, MESSAGES_MAX_LIMIT)?;
-    let before = query
-        .get("before")
-        .map(|c| parse_message_cursor(c))
+    let before = given(&query, "before")
+        .map(parse_message_cursor)
         .transpose()?;
     let history = state.service.history(&principal, id, limit, before).await?;
     Ok(Json(HistoryJson {
@@ -324,16 +350,22 @@ pub async fn get_chat(
     .into_response())
 }
 
+/// The caller's own chats, most recently updated first.
+#[utoipa::path(
+    get, path = "/chats", tag = "chats", operation_id = "listChats",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page (opaque; blank: none)"),
+    ),
+    responses((status = 200, description = "One page of chats", body = ChatListJson)),
+)]
 pub async fn list_chats(
     State(state): State<AppState>,
     Auth(principal): Auth,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let limit = parse_limit(&query, CHATS_DEFAULT_LIMIT, CHATS_MAX_LIMIT)?;
-    let after = query
-        .get("cursor")
-        .map(|c| parse_chat_cursor(c))
-        .transpose()?;
+    let after = given(&query, "cursor").map(parse_chat_cursor).transpose()?;
     let (chats, next) = state.service.list_chats(&principal, after, limit).await?;
     Ok(Json(ChatListJson {
         chats: chats.iter().map(ChatSummary::from).collect(),
@@ -343,6 +375,13 @@ pub async fn list_chats(
     .into_response())
 }
 
+/// Rename a chat (its owner only).
+#[utoipa::path(
+    patch, path = "/chat/{id}", tag = "chats", operation_id = "renameChat",
+    params(("id" = uuid::Uuid, Path, description = "A chat the caller owns")),
+    request_body = crate::wire::RenameRequestBody,
+    responses((status = 200, description = "The renamed chat", body = ChatJson)),
+)]
 pub async fn rename_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
@@ -360,6 +399,12 @@ pub async fn rename_chat(
     Ok(Json(ChatJson::from(&chat)).into_response())
 }
 
+/// Delete a chat (soft: it answers 404 afterwards).
+#[utoipa::path(
+    delete, path = "/chat/{id}", tag = "chats", operation_id = "deleteChat",
+    params(("id" = uuid::Uuid, Path, description = "A chat the caller owns")),
+    responses((status = 204, description = "Deleted")),
+)]
 pub async fn delete_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,

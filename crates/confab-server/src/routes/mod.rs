@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(system::metrics))
         .route("/livez", get(system::livez))
         .route("/readyz", get(system::readyz))
+        .route("/openapi.json", get(crate::openapi::serve))
         .merge(playground::routes());
 
     Router::new()

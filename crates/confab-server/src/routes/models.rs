@@ -10,6 +10,11 @@ use crate::middleware::Auth;
 use crate::state::AppState;
 use crate::wire::{ModelJson, ModelListJson};
 
+/// The models the caller's org may use, and the default (SPEC §11).
+#[utoipa::path(
+    get, path = "/models", tag = "models", operation_id = "listModels",
+    responses((status = 200, description = "The models", body = ModelListJson)),
+)]
 pub async fn list_models(
     State(state): State<AppState>,
     Auth(principal): Auth,

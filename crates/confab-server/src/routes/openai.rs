@@ -158,6 +158,11 @@ pub async fn openai_errors(req: Request, next: Next) -> Response {
 }
 
 /// `GET /v1/models`: the models the caller's org may use.
+/// The models the caller's org may use, in OpenAI's shape (SPEC §13).
+#[utoipa::path(
+    get, path = "/v1/models", tag = "openai", operation_id = "openaiListModels",
+    responses((status = 200, description = "The models", body = ModelList)),
+)]
 pub async fn list_models(State(state): State<AppState>, Auth(principal): Auth) -> Response {
     let created = state.started_at.timestamp();
     let data = state
@@ -390,7 +395,17 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<CompletionRequest, 
     })
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions`, streamed (`"stream": true`) or not.
+#[utoipa::path(
+    post, path = "/v1/chat/completions", tag = "openai", operation_id = "openaiChatCompletions",
+    request_body = CompletionRequest,
+    params(("X-Confab-Chat-Id" = Option<String>, Header,
+        pattern = "^[ \\t]*([Nn][Ee][Ww]|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})[ \\t]*$",
+        description = "`new`, or the id of one of the caller's chats: the turn is also stored in that chat")),
+    responses((status = 200, description = "The completion (`application/json`), or its chunks, ending with `data: [DONE]`",
+        content((Completion = "application/json"), (crate::openai_wire::CompletionStreamEvent = "text/event-stream")),
+        headers(("X-Confab-Chat-Id" = Option<uuid::Uuid>, description = "The chat the turn was stored in")))),
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     Auth(principal): Auth,

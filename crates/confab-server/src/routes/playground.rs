@@ -32,25 +32,44 @@ pub const PLAYGROUND_CSP: &str = "default-src 'none'; script-src 'self'; style-s
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route(
-            "/playground",
-            get(|| async {
-                (
-                    [(header::CONTENT_SECURITY_POLICY, PLAYGROUND_CSP)],
-                    asset("text/html; charset=utf-8", HTML),
-                )
-            }),
-        )
-        .route(
-            "/playground/playground.js",
-            get(|| async { asset("text/javascript; charset=utf-8", JS) }),
-        )
-        .route(
-            "/playground/playground.css",
-            get(|| async { asset("text/css; charset=utf-8", CSS) }),
-        )
-        .route(
-            "/playground/sse.js",
-            get(|| async { asset("text/javascript; charset=utf-8", SSE_JS) }),
-        )
+        .route("/playground", get(page))
+        .route("/playground/playground.js", get(script))
+        .route("/playground/playground.css", get(style))
+        .route("/playground/sse.js", get(sse_script))
+}
+
+/// The playground page (SPEC §9).
+#[utoipa::path(
+    get, path = "/playground", tag = "playground", operation_id = "playground",
+    responses((status = 200, description = "The page", content_type = "text/html; charset=utf-8", body = String)),
+)]
+pub async fn page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_SECURITY_POLICY, PLAYGROUND_CSP)],
+        asset("text/html; charset=utf-8", HTML),
+    )
+}
+
+#[utoipa::path(
+    get, path = "/playground/playground.js", tag = "playground", operation_id = "playgroundScript",
+    responses((status = 200, description = "The page's script", content_type = "text/javascript; charset=utf-8", body = String)),
+)]
+pub async fn script() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", JS)
+}
+
+#[utoipa::path(
+    get, path = "/playground/playground.css", tag = "playground", operation_id = "playgroundStyle",
+    responses((status = 200, description = "The page's style", content_type = "text/css; charset=utf-8", body = String)),
+)]
+pub async fn style() -> impl IntoResponse {
+    asset("text/css; charset=utf-8", CSS)
+}
+
+#[utoipa::path(
+    get, path = "/playground/sse.js", tag = "playground", operation_id = "playgroundSse",
+    responses((status = 200, description = "The page's SSE parser", content_type = "text/javascript; charset=utf-8", body = String)),
+)]
+pub async fn sse_script() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", SSE_JS)
 }

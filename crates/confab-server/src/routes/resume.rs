@@ -69,7 +69,9 @@ fn parse_ids(
     Ok((chat, message))
 }
 
-/// The last event id the client has: `Last-Event-ID`, else `?after=`, else 0.
+/// The last event id the client has: `Last-Event-ID`, else `?after=`, else
+/// 0. Each one given must be a whole number below 2^40 (a blank one too is
+/// refused: a client that has no event sends neither).
 fn parse_after(headers: &HeaderMap, query: &HashMap<String, String>) -> Result<u64, ApiError> {
     let bad = || {
         ApiError::BadRequest(
@@ -77,17 +79,19 @@ fn parse_after(headers: &HeaderMap, query: &HashMap<String, String>) -> Result<u
                 .into(),
         )
     };
-    let raw = match headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().map_err(|_| bad())?.to_owned()),
-        None => query.get("after").cloned(),
-    };
-    match raw.as_deref().map(str::trim) {
-        None | Some("") => Ok(0),
-        Some(v) => v
-            .parse::<u64>()
-            .ok()
+    let number = |v: &str| {
+        let v = v.trim();
+        v.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| v.parse::<u64>().ok())
+            .flatten()
             .filter(|n| *n < 1 << 40)
-            .ok_or_else(bad),
+            .ok_or_else(bad)
+    };
+    let from_query = query.get("after").map(|v| number(v)).transpose()?;
+    match headers.get("last-event-id") {
+        Some(v) => number(v.to_str().map_err(|_| bad())?),
+        None => Ok(from_query.unwrap_or(0)),
     }
 }
 
@@ -155,6 +159,22 @@ impl Source {
     }
 }
 
+/// Resume a reply's stream after the last event received (SPEC §14): what
+/// was generated already, then live until the final event.
+#[utoipa::path(
+    get, path = "/chat/{chat_id}/messages/{message_id}/stream", tag = "chats", operation_id = "resumeStream",
+    params(
+        ("chat_id" = uuid::Uuid, Path, description = "A chat the caller may read"),
+        ("message_id" = uuid::Uuid, Path, description = "An assistant message of the chat"),
+        ("Last-Event-ID" = Option<u64>, Header, maximum = 1099511627775_u64, description = "The id of the last event received"),
+        ("after" = Option<u64>, Query, maximum = 1099511627775_u64, description = "As `Last-Event-ID`, when the header cannot be set"),
+    ),
+    responses(
+        (status = 200, description = "The events after the given id, in the format of `POST /chat/stream`",
+            content_type = "text/event-stream", body = crate::wire::ChatStreamEvent),
+        (status = 204, description = "The client has the final event already"),
+    ),
+)]
 pub async fn get_message_stream(
     State(state): State<AppState>,
     Auth(principal): Auth,
@@ -232,6 +252,15 @@ pub async fn get_message_stream(
     Ok(response)
 }
 
+/// Stop a reply being generated, on whichever instance runs it (SPEC §14).
+#[utoipa::path(
+    post, path = "/chat/{chat_id}/messages/{message_id}/cancel", tag = "chats", operation_id = "cancelMessage",
+    params(
+        ("chat_id" = uuid::Uuid, Path, description = "A chat the caller owns"),
+        ("message_id" = uuid::Uuid, Path, description = "An assistant message of the chat"),
+    ),
+    responses((status = 202, description = "Cancelling, or the status of a reply that had finished", body = CancelReply)),
+)]
 pub async fn cancel_message(
     State(state): State<AppState>,
     Auth(principal): Auth,
@@ -581,6 +610,42 @@ impl Follower {
                 Flow::Continue => {}
                 other => return other,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(header: Option<&str>, query: Option<&str>) -> Result<u64, ApiError> {
+        let mut headers = HeaderMap::new();
+        if let Some(h) = header {
+            headers.insert("last-event-id", HeaderValue::from_str(h).unwrap());
+        }
+        let query: HashMap<String, String> = query
+            .map(|q| ("after".to_owned(), q.to_owned()))
+            .into_iter()
+            .collect();
+        parse_after(&headers, &query)
+    }
+
+    /// Found by schemathesis: a blank `Last-Event-ID` was read as 0, and a
+    /// malformed `?after=` passed when the header was there too.
+    #[test]
+    fn every_given_event_id_must_be_a_number() {
+        assert_eq!(after(None, None).unwrap(), 0);
+        assert_eq!(after(Some("7"), None).unwrap(), 7);
+        assert_eq!(after(None, Some(" 3 ")).unwrap(), 3);
+        assert_eq!(after(Some("7"), Some("3")).unwrap(), 7);
+        for (h, q) in [
+            (Some(""), None),
+            (None, Some("")),
+            (Some("1000000"), Some("6.8e-271")),
+            (Some("+5"), None),
+            (None, Some("1099511627776")),
+        ] {
+            assert!(after(h, q).is_err(), "{h:?} {q:?}");
         }
     }
 }

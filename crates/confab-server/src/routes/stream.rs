@@ -21,6 +21,16 @@ use crate::routes::chats::parse_turn_request;
 use crate::sse::EventBody;
 use crate::state::AppState;
 
+/// Send a message and receive the reply as Server-Sent Events (SPEC §6).
+/// Errors found before the first byte are ordinary JSON responses.
+#[utoipa::path(
+    post, path = "/chat/stream", tag = "chats", operation_id = "postChatStream",
+    request_body = crate::wire::TurnRequestBody,
+    responses((status = 200, description = "One event per token (`id:` 1, 2, …), then the `done` event, \
+        or an error event if the reply fails after its first byte; `: ping` comments keep an idle stream open",
+        content_type = "text/event-stream", body = crate::wire::ChatStreamEvent,
+        headers(("X-Chat-Id" = uuid::Uuid, description = "The chat"), ("X-Message-Id" = uuid::Uuid, description = "The assistant message")))),
+)]
 pub async fn post_chat_stream(
     State(state): State<AppState>,
     Auth(principal): Auth,

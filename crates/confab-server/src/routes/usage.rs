@@ -12,6 +12,17 @@ use crate::middleware::Auth;
 use crate::state::AppState;
 use crate::wire::{UsageReportJson, usage_query};
 
+/// Usage from the ledger (SPEC §12): members see their own, owners and
+/// admins their whole org.
+#[utoipa::path(
+    get, path = "/usage", tag = "usage", operation_id = "getUsage",
+    params(
+        ("from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "Start (inclusive); default: the current UTC month"),
+        ("to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "End (exclusive), after `from`"),
+        ("group_by" = Option<String>, Query, description = "`model`, `user` or `day`"),
+    ),
+    responses((status = 200, description = "Totals and groups", body = UsageReportJson)),
+)]
 pub async fn get_usage(
     State(state): State<AppState>,
     Auth(principal): Auth,

@@ -18,6 +18,7 @@ mod auth_keys;
 mod browser;
 mod budget_contract;
 mod connections;
+mod contract;
 mod hardening;
 mod ledger_exact;
 mod lifecycle;
