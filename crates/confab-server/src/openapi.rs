@@ -41,6 +41,7 @@ pub mod schema;
         routes::models::list_models,
         routes::usage::get_usage,
         routes::openai::list_models,
+        routes::openai::get_model,
         routes::openai::chat_completions,
         routes::system::root,
         routes::system::health,
@@ -120,6 +121,7 @@ fn errors_of(operation_id: &str, method: &str, auth: Auth) -> Vec<u16> {
         "renameChat" | "deleteChat" | "cancelMessage" => &[404][..],
         "resumeStream" => &[400, 404][..],
         "openaiChatCompletions" => &[404, 409, 502, 504][..],
+        "openaiGetModel" => &[404][..],
         _ => &[][..],
     });
     statuses.sort_unstable();

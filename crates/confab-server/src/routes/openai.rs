@@ -183,6 +183,11 @@ pub async fn list_models(State(state): State<AppState>, Auth(principal): Auth) -
     .into_response()
 }
 
+#[utoipa::path(
+    get, path = "/v1/models/{model}", tag = "openai", operation_id = "openaiGetModel",
+    params(("model" = String, Path, description = "A model name")),
+    responses((status = 200, description = "The model", body = ModelOut)),
+)]
 /// `GET /v1/models/{model}`: one of the org's models, else 404
 /// `model_not_found` (the same for a model that does not exist and one the
 /// org may not use).
