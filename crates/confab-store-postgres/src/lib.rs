@@ -25,9 +25,11 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn, NewUser, Org,
-    OrgId, OrgPolicy, Principal, RateLimitOverride, Store, StoreError, TokenLimits, TurnChat,
-    UsageGroup, UsageReport, User, UserId,
+    OrgId, OrgPolicy, PoolConfig, Principal, RateLimitOverride, Store, StoreError, TokenLimits,
+    TurnChat, UsageGroup, UsageReport, User, UserId,
 };
+use confab_store_sql::patient_acquire;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
 use sqlx::{Connection, Row};
@@ -36,9 +38,6 @@ use uuid::Uuid;
 use crate::error::map_err;
 use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
 
-/// How long a request waits for a pooled connection (or a new connection
-/// for the server to answer) before `Unavailable`.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pooled connection idle for longer than this is pinged before use: it
 /// may have been cut by a server restart or a NAT timeout meanwhile. Busy
 /// connections skip the ping, which would otherwise double the round trips
@@ -73,13 +72,19 @@ impl PostgresStore {
     }
 
     /// Connect to `url` (`postgres://user:pass@host:port/db?…`) with a pool of
-    /// up to `max_connections`, opening one connection right away so that a
-    /// wrong URL or a down server is reported at start-up.
+    /// up to `max_connections`, requests waiting up to 5 s for a connection.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
+        Self::connect_with(url, PoolConfig::new(max_connections)).await
+    }
+
+    /// Connect with a pool sized and timed by `pool`, opening one connection
+    /// right away so that a wrong URL or a down server is reported at
+    /// start-up.
     ///
     /// `Unavailable` when the server cannot be reached within ~5 s (the
     /// message names host, port and database, never the password); `Other`
     /// for a malformed URL or a refused login.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
+    pub async fn connect_with(url: &str, pool: PoolConfig) -> Result<PostgresStore, StoreError> {
         // The URL may hold a password: it never goes into an error message.
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
@@ -90,8 +95,8 @@ impl PostgresStore {
             options.get_database().unwrap_or(options.get_username())
         );
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .max_connections(pool.max_connections.max(1))
+            .acquire_timeout(pool.acquire_timeout)
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
@@ -101,8 +106,12 @@ impl PostgresStore {
                     Ok(true)
                 })
             })
-            .connect_with(options)
+            .connect_lazy_with(options);
+        // However short the request paths' wait, the first connection gets
+        // the patient one: a server that is still starting is waited for.
+        patient_acquire(&pool, PoolConfig::PATIENT_ACQUIRE)
             .await
+            .map(drop)
             .map_err(|e| match map_err(e) {
                 StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
                     "cannot connect to PostgreSQL at {target}: {msg}"
@@ -113,6 +122,15 @@ impl PostgresStore {
                 other => other,
             })?;
         Ok(PostgresStore { pool })
+    }
+
+    /// A connection for a write that finishes work already done (a turn's
+    /// final write, the flusher's batch, the dead-stream sweep): it waits up
+    /// to [`PoolConfig::PATIENT_ACQUIRE`], not the request paths' short wait.
+    async fn patient(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE)
+            .await
+            .map_err(map_err)
     }
 }
 
@@ -874,7 +892,7 @@ impl Store for PostgresStore {
         .bind(msg.usage.prompt_tokens)
         .bind(msg.usage.source.as_str())
         .bind(msg.cost.cost_micro_usd)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.patient().await?)
         .await
         .map_err(map_err)?;
         row.as_ref()
@@ -899,7 +917,7 @@ impl Store for PostgresStore {
         )
         .bind(ids)
         .bind(texts)
-        .execute(&self.pool)
+        .execute(&mut *self.patient().await?)
         .await
         .map(drop)
         .map_err(map_err)
@@ -930,7 +948,7 @@ impl Store for PostgresStore {
              ) SELECT count(*) AS n FROM m",
         )
         .bind(stale_after.as_secs_f64())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.patient().await?)
         .await
         .map_err(map_err)?;
         let n: i64 = row.try_get("n").map_err(map_err)?;

@@ -22,6 +22,7 @@ mod ledger_exact;
 mod lifecycle;
 mod llm;
 mod ops;
+mod overload;
 mod peers_smoke;
 mod usage;
 
