@@ -140,6 +140,7 @@ impl App {
             store.clone(),
             config.auth_mode,
             config.auth_cache_ttl,
+            config.auth_cache_grace,
             config.auth_failures,
             metrics.clone(),
         ));

@@ -191,6 +191,9 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// How long an authenticated principal is cached (revocation takes effect within it).
     pub auth_cache_ttl: Duration,
+    /// How long past its TTL a cached principal is still served while its
+    /// refresh runs or the database cannot answer.
+    pub auth_cache_grace: Duration,
     /// Failed authentications allowed per client address, and how long an
     /// unknown credential is remembered.
     pub auth_failures: crate::auth::FailurePolicy,
@@ -515,6 +518,7 @@ impl Config {
             rate_limit_fail_open,
             auth_mode,
             auth_cache_ttl: src.seconds("AUTH_CACHE_TTL_SECONDS", 5.0)?,
+            auth_cache_grace: src.seconds("AUTH_CACHE_GRACE_SECONDS", 60.0)?,
             log_level,
             log_format,
             token_delay,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod middleware;
+pub mod principal_cache;
 pub mod readiness;
 pub mod routes;
 pub mod seed;

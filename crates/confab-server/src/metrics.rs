@@ -110,6 +110,8 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabels, Counter>,
     pub auth_cache_hits: Counter,
     pub auth_cache_misses: Counter,
+    pub auth_cache_stale: Counter,
+    pub auth_cache_refresh_errors: Counter,
     pub idempotent_replays: Counter,
     pub llm_requests: Family<ModelOutcomeLabels, Counter>,
     pub llm_ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
@@ -235,6 +237,18 @@ impl Metrics {
             "Principals looked up in the database",
             auth_cache_misses.clone(),
         );
+        let auth_cache_stale = Counter::default();
+        registry.register(
+            "auth_cache_stale",
+            "Principals served past AUTH_CACHE_TTL_SECONDS while their refresh ran or the database could not answer",
+            auth_cache_stale.clone(),
+        );
+        let auth_cache_refresh_errors = Counter::default();
+        registry.register(
+            "auth_cache_refresh_errors",
+            "Background refreshes of cached principals that failed (the stale entry stays until its grace ends)",
+            auth_cache_refresh_errors.clone(),
+        );
         let idempotent_replays = Counter::default();
         registry.register(
             "idempotent_replays",
@@ -323,6 +337,8 @@ impl Metrics {
             auth_failures,
             auth_cache_hits,
             auth_cache_misses,
+            auth_cache_stale,
+            auth_cache_refresh_errors,
             idempotent_replays,
             llm_requests,
             llm_ttft,

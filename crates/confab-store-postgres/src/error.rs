@@ -14,6 +14,10 @@ fn is_unavailable(code: &str) -> bool {
             "53300"
             // admin_shutdown, crash_shutdown, cannot_connect_now
             | "57P01" | "57P02" | "57P03"
+            // object_not_in_prerequisite_state: what connecting to a database
+            // that refuses connections (ALLOW_CONNECTIONS false, maintenance)
+            // answers; none of confab's statements can raise it otherwise.
+            | "55000"
         )
 }
 
@@ -65,6 +69,7 @@ mod tests {
         assert!(is_unavailable("08006"));
         assert!(is_unavailable("57P01"));
         assert!(is_unavailable("53300"));
+        assert!(is_unavailable("55000"));
         assert!(!is_unavailable("23505"));
         assert!(!is_unavailable("42P01"));
     }

@@ -17,6 +17,23 @@ per_store!(
     a_request_that_gets_no_connection_in_time_is_refused_quickly,
 );
 
+/// PostgreSQL only: an embedded SQLite file cannot be taken away from a
+/// running process (WAL readers are never blocked), so "the database is
+/// down" is a PostgreSQL situation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_principals_keep_working_through_a_database_outage_for_the_grace() {
+    crate::support::init();
+    cached_principals_outlive_an_outage(Db::Postgres).await;
+}
+
+/// PostgreSQL only, for the same reason: a lookup that hangs needs a lock
+/// that readers wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_principal_is_served_at_once_while_one_refresh_runs() {
+    crate::support::init();
+    stale_principals_are_served_during_their_refresh(Db::Postgres).await;
+}
+
 fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
@@ -248,5 +265,181 @@ async fn a_request_that_gets_no_connection_in_time_is_refused_quickly(db: Db) {
             "turns_refused_total{reason=\"database\"}"
         ),
         1.0
+    );
+}
+
+const TTL: Duration = Duration::from_millis(500);
+const GRACE: Duration = Duration::from_secs(3);
+
+async fn set_allow_connections(db: &TestDb, allow: bool) {
+    let name = db.name().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&crate::support::postgres_admin_url())
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
+
+async fn new_key(app: &TestApp) -> As {
+    let generated = confab_server::auth::generate_key();
+    app.state
+        .store
+        .create_api_key(&confab_core::NewApiKey {
+            id: confab_core::ApiKeyId::new(),
+            org_id: crate::support::app::ACME.parse().unwrap(),
+            user_id: crate::support::app::BOB.parse().unwrap(),
+            hash: generated.hash,
+            prefix: generated.prefix,
+            name: "outage".into(),
+        })
+        .await
+        .unwrap();
+    As::Key(generated.secret)
+}
+
+async fn cached_principals_outlive_an_outage(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("AUTH_CACHE_TTL_SECONDS", "0.5"),
+            ("AUTH_CACHE_GRACE_SECONDS", "3"),
+        ],
+    )
+    .await;
+    let by_key = new_key(&app).await;
+    // `GET /` with credentials needs nothing but the principal (and the
+    // in-process limiter): it shows what authentication alone does.
+    let root_org = |body: &Value| body["org"].as_str().map(str::to_owned);
+    for who in [&As::alice(), &by_key] {
+        let (status, body) = app.get_json("/", who).await;
+        assert_eq!(status, 200);
+        assert_eq!(root_org(&body).as_deref(), Some(crate::support::app::ACME));
+    }
+    let cached_at = Instant::now();
+
+    crate::hardening::make_database_unavailable(&app.db).await;
+    let (status, _) = app.get_json("/chats", &As::alice()).await;
+    assert_eq!(status, 503, "the database is really gone");
+
+    // Past the TTL, within the grace: every request with a cached principal
+    // is served — one at a time and many at once, while refreshes fail.
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    while cached_at.elapsed() < TTL + GRACE - Duration::from_millis(700) {
+        let burst = (0..20).map(|i| {
+            let who = if i % 2 == 0 {
+                As::alice()
+            } else {
+                by_key.clone()
+            };
+            let req = app.request(reqwest::Method::GET, "/", &who);
+            async move { req.send().await.unwrap().status().as_u16() }
+        });
+        let statuses = futures::future::join_all(burst).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{statuses:?} at {:?}",
+            cached_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = metrics(&app).await;
+    assert!(sample(&text, "auth_cache_stale_total") >= 20.0, "{text}");
+    assert!(
+        sample(&text, "auth_cache_refresh_errors_total") >= 2.0,
+        "{text}"
+    );
+
+    // Past the grace the principal is gone: the request needs the database
+    // and is told it is unavailable (not 401: nothing says the key is bad).
+    tokio::time::sleep(
+        (TTL + GRACE + Duration::from_millis(200)).saturating_sub(cached_at.elapsed()),
+    )
+    .await;
+    let asked = Instant::now();
+    let res = app.get("/", &by_key).await;
+    assert_refused(res).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Back: served again, and fresh.
+    set_allow_connections(&app.db, true).await;
+    let back = Instant::now();
+    loop {
+        let (status, body) = app.get_json("/", &by_key).await;
+        if status == 200 {
+            assert_eq!(root_org(&body).as_deref(), Some(crate::support::app::ACME));
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(5), "still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn stale_principals_are_served_during_their_refresh(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("AUTH_CACHE_TTL_SECONDS", "0.3"),
+            ("AUTH_CACHE_GRACE_SECONDS", "30"),
+        ],
+    )
+    .await;
+    let by_key = new_key(&app).await;
+    assert_eq!(app.get("/", &by_key).await.status(), 200);
+    let misses = sample(&metrics(&app).await, "auth_cache_misses_total");
+
+    // Key lookups now wait for this lock: a refresh hangs.
+    let mut locker = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let burst = (0..20).map(|_| {
+            let req = app.request(reqwest::Method::GET, "/", &by_key);
+            async move { req.send().await.unwrap().status().as_u16() }
+        });
+        let statuses = futures::future::join_all(burst).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        // Nobody waited for the hanging lookup.
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 100 stale requests, one refresh.
+    let text = metrics(&app).await;
+    assert_eq!(sample(&text, "auth_cache_misses_total"), misses + 1.0);
+    assert!(sample(&text, "auth_cache_stale_total") >= 100.0);
+
+    // The refresh finishes once the lock goes, and the entry is fresh again:
+    // no more stale serving until the next TTL.
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    let released = Instant::now();
+    while sample(&metrics(&app).await, "auth_cache_misses_total") < misses + 1.0
+        || app.state.auth.refreshes_running() > 0
+    {
+        assert!(
+            released.elapsed() < Duration::from_secs(2),
+            "refresh never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stale = sample(&metrics(&app).await, "auth_cache_stale_total");
+    assert_eq!(app.get("/", &by_key).await.status(), 200);
+    assert_eq!(
+        sample(&metrics(&app).await, "auth_cache_stale_total"),
+        stale
     );
 }
