@@ -334,7 +334,9 @@ litellm_settings:
 general_settings:
   master_key: $LITELLM_KEY
 YAML
-    log "LiteLLM proxy ($("$LITELLM_BIN" --version 2>/dev/null | tail -n 1 || echo '?'), --num_workers 2) in front of the upstream"
+    LITELLM_VERSION=$(find "$PEERS_DIR"/venv/lib -maxdepth 3 -name 'litellm-*.dist-info' 2>/dev/null \
+      | sed -n 's/.*litellm-\([0-9.]*\)\.dist-info/\1/p' | head -n 1)
+    log "LiteLLM proxy ${LITELLM_VERSION:-?} (--num_workers 2) in front of the upstream"
     # Its own directory and a clean environment; every lookup it would make
     # on the internet kept local (tests/it/support/peers.rs does the same).
     ( cd "$WORK/litellm" && exec env -i PATH="$(dirname "$LITELLM_BIN"):$PATH" HOME="$WORK/litellm" \
