@@ -4,8 +4,9 @@
 #   bench/run.sh [scenario…] [--quick]
 #
 # Scenarios: post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k
-# embedded footprint (default: all). --quick runs each for a few seconds at
-# low concurrency: a smoke test (CI runs it), not numbers to compare.
+# gateway embedded footprint (default: all). --quick runs each for a few
+# seconds at low concurrency: a smoke test (CI runs it), not numbers to
+# compare; its gateway scenario skips LiteLLM (BENCH_GATEWAY_LITELLM=1 keeps it).
 #
 # Builds release, starts a dedicated Redis and confab (as deployed: API-key
 # auth, PostgreSQL, Redis rate limiting raised so it never refuses, JSON logs
@@ -14,18 +15,19 @@
 # the tables and writes out/bench/<run>.json and out/bench/latest.json.
 #
 # Environment: BENCH_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
-# CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs.
+# CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs,
+# CONFAB_PEERS_DIR (default ~/.cache/confab-peers: the venv holding litellm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ALL=(post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k embedded footprint)
+ALL=(post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k gateway embedded footprint)
 QUICK=0
 SELECTED=()
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *)
       if [[ " ${ALL[*]} " != *" $arg "* ]]; then
         echo "bench/run.sh: unknown scenario '$arg' (known: ${ALL[*]})" >&2
@@ -43,11 +45,15 @@ if [ $QUICK = 1 ]; then
   CLIENTS=8; DURATION=3; WARMUP=0.5; PGBENCH_DURATION=3
   SSE_CLIENTS=50; SSE_DURATION=3; BURSTS=(50 250)
   LONG_STREAMS=200; LONG_RAMP=1; LONG_MIN_WORDS=0; LONG_DELAY=100
+  GW_LEVELS=(20); GW_DURATION=3; GW_LITELLM=${BENCH_GATEWAY_LITELLM:-0}
 else
   CLIENTS=64; DURATION=20; WARMUP=3; PGBENCH_DURATION=20
   SSE_CLIENTS=1000; SSE_DURATION=20; BURSTS=(1000 5000)
   LONG_STREAMS=10000; LONG_RAMP=10; LONG_MIN_WORDS=300; LONG_DELAY=100
+  GW_LEVELS=(100 1000); GW_DURATION=20; GW_LITELLM=1
 fi
+# The gateway scenario's upstream: tokens per reply, delay before each.
+GW_TOKENS=16; GW_DELAY_MS=25
 
 # Thousands of sockets per process: raise the open-files limit for the
 # server and the client (they inherit it). Containers may cap the hard limit.
@@ -69,6 +75,9 @@ DB_URL=$PG_BASE/$DB
 DB_CREATED=0
 SERVER_PID=
 REDIS_PID=
+UPSTREAM_PID=
+LITELLM_PID=
+PEERS_DIR=${CONFAB_PEERS_DIR:-$HOME/.cache/confab-peers}
 started=$(date +%s)
 LOADAVG_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -90,6 +99,8 @@ cleanup() {
   local status=$?
   trap - EXIT INT TERM
   if [ -n "$SERVER_PID" ]; then stop_pid "$SERVER_PID"; fi
+  if [ -n "$LITELLM_PID" ]; then stop_pid "$LITELLM_PID"; fi
+  if [ -n "$UPSTREAM_PID" ]; then stop_pid "$UPSTREAM_PID"; fi
   if [ -n "$REDIS_PID" ]; then stop_pid "$REDIS_PID"; fi
   if [ $DB_CREATED = 1 ]; then
     psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 \
@@ -198,7 +209,7 @@ BOB=00000000-0000-0000-0001-000000000002
 PROBE_PG=()
 deployed_env=()
 
-if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k footprint; then
+if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k gateway footprint; then
   log "fresh database $DB and a dedicated Redis"
   psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $DB" >/dev/null
   DB_CREATED=1
@@ -279,6 +290,108 @@ if want sse-10k; then
     --url "$SERVER_URL" --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
     --scenario sse-10k --label "$LONG_STREAMS streams" --out "$FRAG"
   stop_server
+fi
+
+# ---- gateway overhead: the upstream directly, confab, LiteLLM; same client -------
+# One fast OpenAI-compatible upstream (confab-bench upstream: GW_TOKENS tokens,
+# one every GW_DELAY_MS). The same closed-loop client streams from it
+# directly, through confab (PostgreSQL + Redis as deployed, persistence, rate
+# limits, token budgets and the ledger on) and through LiteLLM proxy
+# (--num_workers 2), at each concurrency level in turn.
+wait_http() { # url, seconds, [bearer key]
+  local url=$1 limit=$2 key=${3:-} i
+  for i in $(seq 1 $((limit * 10))); do
+    if curl -sf -o /dev/null ${key:+-H "Authorization: Bearer $key"} "$url"; then return 0; fi
+    sleep 0.1
+  done
+  log "no answer from $url within $limit s"; return 1
+}
+
+if want gateway; then
+  UP_PORT=$("$BENCH" free-port)
+  "$BENCH" upstream --port "$UP_PORT" --tokens $GW_TOKENS --delay-ms $GW_DELAY_MS \
+    >"$WORK/upstream.log" 2>&1 &
+  UPSTREAM_PID=$!
+  wait_http "http://127.0.0.1:$UP_PORT/v1/models" 10
+  UPSTREAM_V1=http://127.0.0.1:$UP_PORT/v1
+
+  LITELLM_URL=
+  LITELLM_KEY=sk-confab-bench-litellm
+  if [ "$GW_LITELLM" = 1 ]; then
+    LITELLM_BIN=$PEERS_DIR/venv/bin/litellm
+    [ -x "$LITELLM_BIN" ] || { log "LiteLLM is not installed at $LITELLM_BIN (scripts/services.sh installs it)"; exit 1; }
+    LITELLM_PORT=$("$BENCH" free-port)
+    mkdir -p "$WORK/litellm"
+    cat >"$WORK/litellm/config.yaml" <<YAML
+model_list:
+  - model_name: gw
+    litellm_params:
+      model: openai/bench-upstream
+      api_base: $UPSTREAM_V1
+      api_key: sk-upstream-unused
+litellm_settings:
+  num_retries: 0
+general_settings:
+  master_key: $LITELLM_KEY
+YAML
+    LITELLM_VERSION=$(find "$PEERS_DIR"/venv/lib -maxdepth 3 -name 'litellm-*.dist-info' 2>/dev/null \
+      | sed -n 's/.*litellm-\([0-9.]*\)\.dist-info/\1/p' | head -n 1)
+    log "LiteLLM proxy ${LITELLM_VERSION:-?} (--num_workers 2) in front of the upstream"
+    # Its own directory and a clean environment; every lookup it would make
+    # on the internet kept local (tests/it/support/peers.rs does the same).
+    ( cd "$WORK/litellm" && exec env -i PATH="$(dirname "$LITELLM_BIN"):$PATH" HOME="$WORK/litellm" \
+        LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+        HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+        LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS=True \
+        LITELLM_LOCAL_BLOG_POSTS=True LITELLM_LOCAL_POLICY_TEMPLATES=True \
+        LITELLM_LOCAL_AUTOROUTER_PRESETS=True LITELLM_DONT_SHOW_FEEDBACK_BOX=True \
+        DISABLE_ADMIN_UI=True NO_DOCS=True \
+        "$LITELLM_BIN" --config config.yaml --host 127.0.0.1 --port "$LITELLM_PORT" --num_workers 2 \
+        >"$WORK/litellm.log" 2>&1 ) &
+    LITELLM_PID=$!
+    wait_http "http://127.0.0.1:$LITELLM_PORT/v1/models" 240 "$LITELLM_KEY"
+    LITELLM_URL=http://127.0.0.1:$LITELLM_PORT
+  else
+    log "gateway: LiteLLM skipped in --quick (it takes 15-60 s to start; BENCH_GATEWAY_LITELLM=1 keeps it)"
+  fi
+
+  cat >"$WORK/gateway-models.toml" <<TOML
+default = "gw"
+[[model]]
+name = "gw"
+provider = "openai"
+base_url = "$UPSTREAM_V1"
+upstream_model = "bench-upstream"
+context_tokens = 8192
+max_output_tokens = 64
+TOML
+  # Token budgets on (a large daily limit: every turn reserves and settles).
+  DATABASE_URL=$DB_URL "$CONFAB" org set-token-limit acme-corp --per-minute 0 --per-day 1000000000000 >/dev/null
+  log "confab (postgres, redis) with model gw -> the upstream"
+  start_server gateway "${deployed_env[@]}" MODELS_FILE="$WORK/gateway-models.toml"
+  CONFAB_GW_PID=$SERVER_PID
+  for c in "${GW_LEVELS[@]}"; do
+    gw=(--duration-s $GW_DURATION --tokens $GW_TOKENS --concurrency "$c" --scenario gateway)
+    fragment "gateway-direct-$c"
+    log "gateway: upstream directly, $c concurrent, ${GW_DURATION}s"
+    run_scenario "gateway-direct-$c" "$BENCH" gateway --kind openai --url "http://127.0.0.1:$UP_PORT" \
+      --model bench-upstream --server-pid "$UPSTREAM_PID" "${gw[@]}" --label "direct $c" --out "$FRAG"
+    fragment "gateway-confab-$c"
+    log "gateway: through confab, $c concurrent, ${GW_DURATION}s"
+    run_scenario "gateway-confab-$c" env BENCH_API_KEY="$ALICE_KEY" "$BENCH" gateway --kind confab \
+      --url "$SERVER_URL" --model gw --server-pid "$CONFAB_GW_PID" --upstream-pid "$UPSTREAM_PID" \
+      "${PROBE_PG[@]}" "${gw[@]}" --label "confab $c" --out "$FRAG"
+    if [ -n "$LITELLM_URL" ]; then
+      fragment "gateway-litellm-$c"
+      log "gateway: through LiteLLM, $c concurrent, ${GW_DURATION}s"
+      run_scenario "gateway-litellm-$c" env BENCH_API_KEY="$LITELLM_KEY" "$BENCH" gateway --kind openai \
+        --url "$LITELLM_URL" --model gw --server-pid "$LITELLM_PID" --server-tree \
+        --upstream-pid "$UPSTREAM_PID" "${gw[@]}" --label "litellm $c" --out "$FRAG"
+    fi
+  done
+  stop_server
+  if [ -n "$LITELLM_PID" ]; then stop_pid "$LITELLM_PID"; LITELLM_PID=; fi
+  stop_pid "$UPSTREAM_PID"; UPSTREAM_PID=
 fi
 
 # ---- the embedded default: SQLite file, in-process limiter ----------------------

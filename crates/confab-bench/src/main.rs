@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 mod client;
+mod gateway;
 mod load;
 mod pgbench;
 mod procfs;
@@ -15,6 +16,7 @@ mod report;
 mod server_metrics;
 mod sse;
 mod stats;
+mod upstream;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,6 +52,10 @@ enum Command {
     Sse(Sse),
     /// pgbench with the writes of one POST /chat (db-ceiling).
     Pgbench(Pgbench),
+    /// Serve the fast OpenAI-compatible upstream of the gateway scenario.
+    Upstream(UpstreamArgs),
+    /// Closed-loop streams through one gateway target (gateway scenario).
+    Gateway(Gateway),
     /// Merge the fragments of a run, write the JSON and print the tables.
     Report(report::ReportArgs),
 }
@@ -77,6 +83,12 @@ struct Probe {
     /// The benchmark database (its backends are accounted as PostgreSQL).
     #[arg(long)]
     db_name: Option<String>,
+    /// Account the server's child processes to it too (LiteLLM's workers).
+    #[arg(long)]
+    server_tree: bool,
+    /// The gateway scenario's upstream (accounted on its own).
+    #[arg(long)]
+    upstream_pid: Option<u32>,
 }
 
 impl Probe {
@@ -85,6 +97,8 @@ impl Probe {
             server_pid: self.server_pid,
             redis_pid: self.redis_pid,
             db_name: self.db_name.clone(),
+            server_tree: self.server_tree,
+            upstream_pid: self.upstream_pid,
         }
     }
 }
@@ -231,6 +245,55 @@ struct Pgbench {
     output: Output,
 }
 
+#[derive(Args)]
+struct UpstreamArgs {
+    #[arg(long)]
+    port: u16,
+    /// Tokens per reply.
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    /// Delay before each token, in milliseconds.
+    #[arg(long, default_value_t = 25)]
+    delay_ms: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GatewayKind {
+    /// `POST /v1/chat/completions` (the upstream itself, LiteLLM).
+    Openai,
+    /// `POST /chat/stream` (confab).
+    Confab,
+}
+
+#[derive(Args)]
+struct Gateway {
+    #[arg(long, value_enum)]
+    kind: GatewayKind,
+    /// Base URL (http://127.0.0.1:<port>; without `/v1`).
+    #[arg(long)]
+    url: String,
+    /// `Authorization: Bearer` (confab: an API key; LiteLLM: its master key).
+    #[arg(long, env = "BENCH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 20.0)]
+    duration_s: f64,
+    #[arg(long, default_value_t = 1.0)]
+    spread_s: f64,
+    /// The upstream's tokens per reply (what every stream must carry).
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    #[arg(long, default_value_t = 120.0)]
+    stream_timeout_s: f64,
+    #[command(flatten)]
+    probe: Probe,
+    #[command(flatten)]
+    output: Output,
+}
+
 /// One scenario's result, as written by its subcommand.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Fragment {
@@ -312,6 +375,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Http(args) => http(args).await,
         Command::Sse(args) => sse(args).await,
         Command::Pgbench(args) => pgbench(args).await,
+        Command::Upstream(args) => {
+            upstream::serve(args.port, args.tokens, Duration::from_millis(args.delay_ms)).await
+        }
+        Command::Gateway(args) => gateway(args).await,
         Command::Report(args) => report::run(args),
     }
 }
@@ -495,6 +562,67 @@ async fn sse(args: Sse) -> anyhow::Result<()> {
             "spread_s": args.spread_s,
             "token_delay_ms": args.token_delay,
             "min_words": args.min_words,
+        }),
+        serde_json::to_value(&result)?,
+        Some(&usage),
+        metrics.as_ref(),
+    )
+}
+
+async fn gateway(args: Gateway) -> anyhow::Result<()> {
+    let base = local_base(&args.url)?;
+    let auth = Auth::Key(args.api_key.clone().unwrap_or_else(|| "unused".into()));
+    let kind = match args.kind {
+        GatewayKind::Openai => gateway::Kind::OpenAi,
+        GatewayKind::Confab => gateway::Kind::Confab,
+    };
+    let metrics_client = new_client()?;
+    let before = match kind {
+        gateway::Kind::Confab => server_metrics::scrape(&metrics_client, &base).await,
+        gateway::Kind::OpenAi => None,
+    };
+    let monitor = Monitor::start(args.probe.targets());
+    let result = gateway::run(
+        new_client()?,
+        &base,
+        auth,
+        gateway::Plan {
+            kind,
+            model: args.model.clone(),
+            concurrency: args.concurrency,
+            duration: seconds(args.duration_s),
+            stagger: seconds(args.spread_s),
+            stream_timeout: seconds(args.stream_timeout_s),
+            expected: upstream::reply_text(args.tokens),
+            run_tag: run_tag(),
+        },
+    )
+    .await?;
+    let usage = monitor.finish().await;
+    let after = match kind {
+        gateway::Kind::Confab => server_metrics::scrape(&metrics_client, &base).await,
+        gateway::Kind::OpenAi => None,
+    };
+    let metrics = before
+        .zip(after)
+        .map(|(b, a)| server_metrics::delta(&b, &a));
+    eprintln!(
+        "  gateway {}: {}/{} complete, {} errors, {:.0} streams/s, TTFT p50 {:.1} ms p99 {:.1} ms",
+        args.output.label,
+        result.completed,
+        result.streams,
+        result.errors,
+        result.completed_per_s,
+        result.ttft_ms.p50,
+        result.ttft_ms.p99,
+    );
+    write_fragment(
+        &args.output,
+        json!({
+            "target": args.output.label.split_whitespace().next().unwrap_or(""),
+            "concurrency": args.concurrency,
+            "duration_s": args.duration_s,
+            "tokens": args.tokens,
         }),
         serde_json::to_value(&result)?,
         Some(&usage),

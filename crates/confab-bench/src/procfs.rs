@@ -26,6 +26,10 @@ pub struct Targets {
     pub redis_pid: Option<u32>,
     /// PostgreSQL backends show the database name in their process title.
     pub db_name: Option<String>,
+    /// Count the server's descendants (worker processes) as the server.
+    pub server_tree: bool,
+    /// The gateway scenario's upstream.
+    pub upstream_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +40,7 @@ enum Group {
     PostgresShared,
     Redis,
     Pgbench,
+    Upstream,
     Ignored,
     /// Not known yet: a PostgreSQL child that has not set its process title
     /// (right after the fork it still shows the postmaster's command line).
@@ -58,6 +63,8 @@ pub struct CpuSplit {
     pub postgres_shared_s: f64,
     pub redis_s: f64,
     pub pgbench_s: f64,
+    /// The gateway scenario's upstream (`confab-bench upstream`).
+    pub upstream_s: f64,
     /// Process time (user + system) of everything else: other engineers'
     /// builds, kernel threads. What makes a run "disturbed".
     pub other_s: f64,
@@ -178,6 +185,7 @@ impl Monitor {
                     Group::PostgresShared => split.postgres_shared_s += secs,
                     Group::Redis => split.redis_s += secs,
                     Group::Pgbench => split.pgbench_s += secs,
+                    Group::Upstream => split.upstream_s += secs,
                     Group::Ignored | Group::Undecided => {}
                 }
             }
@@ -187,7 +195,8 @@ impl Monitor {
             + split.postgres_s
             + split.postgres_shared_s
             + split.redis_s
-            + split.pgbench_s;
+            + split.pgbench_s
+            + split.upstream_s;
         split.other_s = (secs(machine.process) - ours).max(0.0);
         let server_memory = self.targets.server_pid.map(|pid| {
             let end = status_kb(pid, "VmRSS:").unwrap_or(0);
@@ -258,6 +267,14 @@ fn classify(pid: u32, targets: &Targets, self_pid: u32) -> Group {
     if Some(pid) == targets.redis_pid {
         return Group::Redis;
     }
+    if Some(pid) == targets.upstream_pid {
+        return Group::Upstream;
+    }
+    if let Some(server) = targets.server_pid.filter(|_| targets.server_tree)
+        && descends_from(pid, server)
+    {
+        return Group::Server;
+    }
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return Group::Ignored;
     };
@@ -293,6 +310,31 @@ fn classify(pid: u32, targets: &Targets, self_pid: u32) -> Group {
         return Group::Undecided;
     }
     Group::Ignored
+}
+
+/// Whether `root` is among `pid`'s ancestors (a few generations up).
+fn descends_from(pid: u32, root: u32) -> bool {
+    let mut current = pid;
+    for _ in 0..8 {
+        let Some(parent) = parent_pid(current) else {
+            return false;
+        };
+        if parent == root {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        current = parent;
+    }
+    false
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // After the name: state, then ppid.
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// utime + stime of a process (all its threads), in ticks.

@@ -87,6 +87,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         "post_chat_over_db_ceiling_autocommit": ratio(post, ceiling_auto),
         "embedded_over_post_chat": ratio(embedded, post),
         "sse_burst_floor": bursts,
+        "gateway": gateway_ratios(&fragments),
     });
     let targets = targets(&fragments, ratio(post, ceiling));
 
@@ -137,6 +138,49 @@ fn machine() -> Value {
     })
 }
 
+/// Per concurrency of the gateway scenario: each gateway's TTFT over the
+/// upstream's own (same run, same client), and confab's streams/s over
+/// LiteLLM's.
+fn gateway_ratios(fragments: &[Fragment]) -> Vec<Value> {
+    let gateway: Vec<&Fragment> = fragments
+        .iter()
+        .filter(|f| f.scenario == "gateway")
+        .collect();
+    let mut levels: Vec<u64> = gateway
+        .iter()
+        .filter_map(|f| f.params["concurrency"].as_u64())
+        .collect();
+    levels.sort_unstable();
+    levels.dedup();
+    levels
+        .into_iter()
+        .map(|c| {
+            let of = |target: &str| {
+                gateway
+                    .iter()
+                    .find(|f| f.params["target"] == target && f.params["concurrency"] == c)
+                    .map(|f| &f.result)
+            };
+            let (direct, confab, litellm) = (of("direct"), of("confab"), of("litellm"));
+            let get = |r: Option<&Value>, p: &str| r.and_then(|r| r.pointer(p)).and_then(Value::as_f64);
+            let added = |r: Option<&Value>, p: &str| {
+                get(r, p).zip(get(direct, p)).map(|(g, d)| g - d)
+            };
+            let per_s = |r: Option<&Value>| get(r, "/completed_per_s");
+            json!({
+                "concurrency": c,
+                "confab_added_ttft_p50_ms": added(confab, "/ttft_ms/p50"),
+                "confab_added_ttft_p99_ms": added(confab, "/ttft_ms/p99"),
+                "litellm_added_ttft_p50_ms": added(litellm, "/ttft_ms/p50"),
+                "litellm_added_ttft_p99_ms": added(litellm, "/ttft_ms/p99"),
+                "confab_over_direct_streams_per_s": per_s(confab).zip(per_s(direct)).filter(|(_, d)| *d > 0.0).map(|(a, d)| a / d),
+                "litellm_over_direct_streams_per_s": per_s(litellm).zip(per_s(direct)).filter(|(_, d)| *d > 0.0).map(|(a, d)| a / d),
+                "confab_over_litellm_streams_per_s": per_s(confab).zip(per_s(litellm)).filter(|(_, l)| *l > 0.0).map(|(a, l)| a / l),
+            })
+        })
+        .collect()
+}
+
 fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value> {
     let find = |name: &str| fragments.iter().find(|f| f.scenario == name);
     let get = |name: &str, pointer: &str| {
@@ -167,7 +211,32 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             "met": value.map(met),
         })
     };
-    vec![
+    let gateway = gateway_ratios(fragments);
+    let level = |c: u64, key: &str| {
+        gateway
+            .iter()
+            .find(|l| l["concurrency"] == c)
+            .and_then(|l| l[key].as_f64())
+    };
+    let mut gateway_checks = Vec::new();
+    for c in gateway.iter().filter_map(|l| l["concurrency"].as_u64()) {
+        if c == 100 {
+            gateway_checks.push(check(
+                "gateway 100: confab added TTFT p99 (ms)",
+                level(c, "confab_added_ttft_p99_ms"),
+                "<= 5",
+                |v| v <= 5.0,
+            ));
+        }
+        let name = format!("gateway {c}: confab / LiteLLM streams/s");
+        gateway_checks.push(check(
+            &name,
+            level(c, "confab_over_litellm_streams_per_s"),
+            ">= 10",
+            |v| v >= 10.0,
+        ));
+    }
+    let mut all = vec![
         check(
             "post-chat / db-ceiling",
             post_over_ceiling,
@@ -215,7 +284,9 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             "< 1000",
             |v| v < 1000.0,
         ),
-    ]
+    ];
+    all.extend(gateway_checks);
+    all
 }
 
 fn ms(v: Option<&Value>) -> String {
@@ -246,6 +317,7 @@ fn cpu_split(usage: Option<&Value>) -> String {
         ("pg", &["postgres_s", "postgres_shared_s"][..]),
         ("pgbench", &["pgbench_s"][..]),
         ("redis", &["redis_s"][..]),
+        ("upstream", &["upstream_s"][..]),
         ("irq", &["interrupts_s"][..]),
         ("other", &["other_s"][..]),
     ] {
@@ -417,6 +489,77 @@ pub fn render(doc: &Value) -> String {
                 errors,
                 ms(f.pointer("/usage/server_memory/rss_peak_mb")),
                 cpu_split(f.get("usage")),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    let gateway: Vec<&Value> = all
+        .iter()
+        .copied()
+        .filter(|f| is(f, &["gateway"]))
+        .collect();
+    if !gateway.is_empty() {
+        let _ = writeln!(
+            out,
+            "| gateway (same client, same upstream) | done / streams | streams/s | TTFT p50 ms | TTFT p99 ms | added TTFT p50 · p99 ms | errors | server peak RSS MiB | CPU |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|---:|---|");
+        let ratios = doc["ratios"]["gateway"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for f in gateway {
+            let r = &f["result"];
+            let target = f["params"]["target"].as_str().unwrap_or("");
+            let c = &f["params"]["concurrency"];
+            let level = ratios.iter().find(|l| &l["concurrency"] == c);
+            let added = match (target, level) {
+                ("direct", _) => "(baseline)".to_owned(),
+                (t, Some(l)) => format!(
+                    "{} · {}",
+                    ms(l.get(format!("{t}_added_ttft_p50_ms").as_str())),
+                    ms(l.get(format!("{t}_added_ttft_p99_ms").as_str()))
+                ),
+                _ => "–".into(),
+            };
+            let errors = r["error_kinds"]
+                .as_object()
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    let kinds: Vec<String> = k.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!(" ({})", kinds.join(", "))
+                })
+                .unwrap_or_default();
+            let flag = disturbed(f.get("usage"))
+                .map(|s| format!(" ⚠ other load {:.0}%", s * 100.0))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| {} | {} / {} | {:.0} | {} | {} | {added} | {}{errors} | {} | {}{flag} |",
+                f["label"].as_str().unwrap_or(""),
+                r["completed"],
+                r["streams"],
+                r["completed_per_s"].as_f64().unwrap_or(0.0),
+                ms(at(r, "/ttft_ms/p50")),
+                ms(at(r, "/ttft_ms/p99")),
+                r["errors"],
+                ms(f.pointer("/usage/server_memory/rss_peak_mb")),
+                cpu_split(f.get("usage")),
+            );
+        }
+        for l in &ratios {
+            let x = |k: &str| {
+                l[k].as_f64()
+                    .map_or_else(|| "–".into(), |v| format!("{v:.2}×"))
+            };
+            let _ = writeln!(
+                out,
+                "\n{} concurrent: confab / LiteLLM streams/s = {}; confab / direct = {}; LiteLLM / direct = {}",
+                l["concurrency"],
+                x("confab_over_litellm_streams_per_s"),
+                x("confab_over_direct_streams_per_s"),
+                x("litellm_over_direct_streams_per_s"),
             );
         }
         let _ = writeln!(out);

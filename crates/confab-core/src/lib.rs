@@ -5,6 +5,7 @@
 //! Nothing in here knows about HTTP or SQL; the server crate maps HTTP onto
 //! these types and the store crates map them onto their SQL dialect.
 
+pub mod admission;
 pub mod flusher;
 pub mod ids;
 pub mod live;
@@ -18,4 +19,4 @@ pub mod turn;
 
 pub use ids::{ApiKeyId, ChatId, MessageId, OrgId, UserId};
 pub use model::*;
-pub use store::{Store, StoreError};
+pub use store::{PoolConfig, Store, StoreError};

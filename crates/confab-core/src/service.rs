@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// The token budget backend is unreachable and the policy is fail-closed.
     #[error("Token budgets are unavailable; try again shortly")]
     BudgetUnavailable,
+    /// `max_concurrent_turns` turns are running already (admission control).
+    #[error("The server is at capacity; try again shortly")]
+    AtCapacity,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -27,6 +27,31 @@ pub enum StoreError {
     Other(String),
 }
 
+/// How a store's connection pool is sized and how long a caller waits for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// `DB_POOL_MAX`.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before
+    /// `Unavailable` (`DB_ACQUIRE_TIMEOUT_MS`). A turn's final write and the
+    /// flusher's batches wait longer ([`PoolConfig::PATIENT_ACQUIRE`]): an
+    /// admitted turn must not lose its reply to a moment of contention.
+    pub acquire_timeout: std::time::Duration,
+}
+
+impl PoolConfig {
+    /// How long writes that finish work already done wait for a connection.
+    pub const PATIENT_ACQUIRE: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// `max_connections` connections, waiting up to 5 s for one (tools, tests).
+    pub fn new(max_connections: u32) -> Self {
+        Self {
+            max_connections,
+            acquire_timeout: Self::PATIENT_ACQUIRE,
+        }
+    }
+}
+
 /// Everything confab keeps. All methods are safe to call concurrently from
 /// many tasks and, for PostgreSQL, from many processes.
 #[async_trait]

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Admitted};
 use crate::flusher::{Flusher, LiveText};
 use crate::ids::{ChatId, MessageId};
 use crate::live::{LiveHub, Publication};
@@ -76,6 +77,10 @@ pub struct EngineConfig {
     pub send_timeout: Duration,
     /// Token budget backend unreachable: admit (and count) or refuse (503).
     pub budget_fail_open: bool,
+    /// Turns that may run at once, all routes together
+    /// (`MAX_CONCURRENT_STREAMS`); past it a turn is refused at once
+    /// ([`ServiceError::AtCapacity`]).
+    pub max_concurrent_turns: usize,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +94,7 @@ impl Default for EngineConfig {
             total_timeout: Duration::from_secs(600),
             send_timeout: Duration::from_secs(30),
             budget_fail_open: true,
+            max_concurrent_turns: crate::admission::UNBOUNDED,
         }
     }
 }
@@ -148,6 +154,11 @@ pub trait TurnMetrics: Send + Sync + 'static {
     /// A step of the cross-instance relay failed (`op`: `publish`, `read`,
     /// `cancel`, `watch`).
     fn relay_error(&self, _op: &'static str) {}
+    /// A turn was refused before it began: `reason` is `capacity` (the
+    /// concurrent-turn bound) or `database` (no connection in time, or down).
+    fn turn_refused(&self, _interactive: bool, _reason: &'static str) {}
+    /// A turn took (`true`) or gave back (`false`) its admission place.
+    fn admission(&self, _admitted: bool) {}
 }
 
 /// Metrics that go nowhere (tests, tools).
@@ -327,6 +338,19 @@ struct Inner {
     config: EngineConfig,
     tasks: TaskTracker,
     hard_stop: CancellationToken,
+    admission: Admission,
+}
+
+/// An admitted turn's place, reported to the metrics while it is held.
+struct Place {
+    _admitted: Admitted,
+    metrics: Arc<dyn TurnMetrics>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.metrics.admission(false);
+    }
 }
 
 impl TurnEngine {
@@ -348,6 +372,7 @@ impl TurnEngine {
                 flusher: Flusher::default(),
                 live: LiveHub::new(metrics.clone()),
                 metrics,
+                admission: Admission::new(config.max_concurrent_turns),
                 config,
                 tasks,
                 hard_stop,
@@ -366,6 +391,11 @@ impl TurnEngine {
     /// The live streams of this process (SPEC §14).
     pub fn live(&self) -> &LiveHub {
         &self.inner.live
+    }
+
+    /// The bound on concurrent turns, and how many run now.
+    pub fn admission(&self) -> &Admission {
+        &self.inner.admission
     }
 
     /// The model a turn uses: the one asked for, else the chat's, else the
@@ -410,11 +440,40 @@ impl TurnEngine {
     /// The turn is begun inside the tracked task that then runs it: if the
     /// caller goes away while the user message is being stored, the task
     /// still owns the turn and settles it (`cancelled`, as nobody listens).
+    ///
+    /// Admission comes first: past `max_concurrent_turns` the turn is
+    /// refused with [`ServiceError::AtCapacity`] before anything is read or
+    /// written.
     pub async fn start(
         &self,
         who: &Principal,
         input: TurnInput,
         replay: Option<ReplayEncoder>,
+    ) -> Result<Started, ServiceError> {
+        let inner = &self.inner;
+        let interactive = input.interactive;
+        let Some(admitted) = inner.admission.try_admit() else {
+            inner.metrics.turn_refused(interactive, "capacity");
+            return Err(ServiceError::AtCapacity);
+        };
+        inner.metrics.admission(true);
+        let place = Place {
+            _admitted: admitted,
+            metrics: inner.metrics.clone(),
+        };
+        let started = self.start_admitted(who, input, replay, place).await;
+        if let Err(ServiceError::Store(StoreError::Unavailable(_))) = &started {
+            inner.metrics.turn_refused(interactive, "database");
+        }
+        started
+    }
+
+    async fn start_admitted(
+        &self,
+        who: &Principal,
+        input: TurnInput,
+        replay: Option<ReplayEncoder>,
+        place: Place,
     ) -> Result<Started, ServiceError> {
         let inner = &self.inner;
         let existing = match input.chat_id {
@@ -475,6 +534,8 @@ impl TurnEngine {
         let who = who.clone();
         let model_name = model.name.clone();
         let task = async move {
+            // Held until the turn is settled, whichever way it ends.
+            let _place = place;
             let begun = if !input.store {
                 None
             } else {

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use confab_core::Store;
 use confab_core::ratelimit::RateLimiter;
 use confab_core::ratelimit::TokenBudget;
 use confab_core::service::ChatService;
 use confab_core::turn::TurnEngine;
+use confab_core::{PoolConfig, Store};
 use confab_llm::SimulatedModel;
 use confab_ratelimit::{MemoryRateLimiter, MemoryTokenBudget, RedisLiveRelay, RedisRateLimiter};
 use confab_store_postgres::PostgresStore;
@@ -36,15 +36,19 @@ const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 /// Open the configured store (the URL scheme picks the backend) and migrate it.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let url = config.database_url.expose();
+    let pool = PoolConfig {
+        max_connections: config.db_pool_max,
+        acquire_timeout: config.db_acquire_timeout,
+    };
     let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
         Arc::new(
-            SqliteStore::connect(url, config.db_pool_max)
+            SqliteStore::connect_with(url, pool)
                 .await
                 .with_context(|| format!("opening {}", config.database_url.redacted()))?,
         )
     } else {
         Arc::new(
-            PostgresStore::connect(url, config.db_pool_max)
+            PostgresStore::connect_with(url, pool)
                 .await
                 .with_context(|| format!("connecting to {}", config.database_url.redacted()))?,
         )
@@ -96,6 +100,9 @@ impl App {
         }
         let (limiter, budget) = open_limiter(&config).await?;
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .turns_max_concurrent
+            .set(i64::try_from(config.engine.max_concurrent_turns).unwrap_or(i64::MAX));
         let simulated = SimulatedModel::new(config.token_delay, config.simulated_min_words);
         let models = config
             .catalog
@@ -155,6 +162,7 @@ impl App {
             store.clone(),
             config.auth_mode,
             config.auth_cache_ttl,
+            config.auth_cache_grace,
             config.auth_failures,
             metrics.clone(),
         ));

@@ -4,7 +4,9 @@
 //!
 //! Principals are cached for `AUTH_CACHE_TTL_SECONDS` so the hot path does not
 //! query the database on every request; a revoked key or deleted user is
-//! therefore refused within that TTL (per instance), not instantly.
+//! therefore refused within that TTL (per instance), not instantly. A stale
+//! entry is served while one refresh runs, and for `AUTH_CACHE_GRACE_SECONDS`
+//! while the database cannot answer (see [`crate::principal_cache`]).
 //!
 //! Failures are not free either: an unknown key or user is remembered for
 //! `AUTH_NEGATIVE_CACHE_SECONDS` (so a flood of one bad credential costs one
@@ -30,6 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::config::AuthMode;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::principal_cache::{CacheKey, PrincipalCache};
 
 /// Every key starts with this, so leaked keys are recognisable (secret scanners).
 pub const KEY_PREFIX: &str = "cfb_";
@@ -84,16 +87,10 @@ pub struct FailurePolicy {
     pub negative_ttl: Duration,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum CacheKey {
-    User(UserId),
-    Key(Vec<u8>),
-}
-
 pub struct Authenticator {
     store: Arc<dyn Store>,
     mode: AuthMode,
-    cache: moka::future::Cache<CacheKey, Principal>,
+    cache: PrincipalCache,
     /// Credentials found unknown a moment ago (bounded, short TTL).
     unknown: moka::future::Cache<CacheKey, ()>,
     /// Failed authentications per client address (in memory, per instance).
@@ -110,13 +107,11 @@ impl Authenticator {
         store: Arc<dyn Store>,
         mode: AuthMode,
         ttl: Duration,
+        grace: Duration,
         failures: FailurePolicy,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let cache = moka::future::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(ttl.max(Duration::from_millis(1)))
-            .build();
+        let cache = PrincipalCache::new(store.clone(), ttl, grace, metrics.clone());
         let unknown = moka::future::Cache::builder()
             .max_capacity(UNKNOWN_CACHE_CAPACITY)
             .time_to_live(failures.negative_ttl.max(Duration::from_millis(1)))
@@ -135,6 +130,11 @@ impl Authenticator {
 
     pub fn mode(&self) -> AuthMode {
         self.mode
+    }
+
+    /// Background refreshes of stale principals running now.
+    pub fn refreshes_running(&self) -> usize {
+        self.cache.refreshes_running()
     }
 
     /// The message for a request that sent no credentials at all.
@@ -284,48 +284,18 @@ impl Authenticator {
     }
 
     async fn lookup(&self, key: CacheKey) -> Result<Option<Principal>, ApiError> {
-        if let Some(hit) = self.cache.get(&key).await {
-            self.metrics.auth_cache_hits.inc();
-            return Ok(Some(hit));
-        }
         if self.unknown.contains_key(&key) {
             self.metrics.auth_cache_hits.inc();
             return Ok(None);
         }
-        let unknown_key = key.clone();
-        // Single flight: when an entry expires under load, the requests that
-        // arrive meanwhile wait for one database lookup instead of each
-        // taking a pooled connection for the same row. Only positive answers
-        // are cached here (an unknown credential is an `Err`); unknown ones go
-        // to the short-lived `unknown` cache, so a key or user created a
-        // moment ago works within AUTH_NEGATIVE_CACHE_SECONDS.
-        let store = self.store.clone();
-        let misses = self.metrics.auth_cache_misses.clone();
-        let lookup_key = key.clone();
-        let found = self
-            .cache
-            .try_get_with(key, async move {
-                misses.inc();
-                let found = match &lookup_key {
-                    CacheKey::User(id) => store.find_principal(*id).await,
-                    CacheKey::Key(hash) => store.find_principal_by_key(hash).await,
-                };
-                match found {
-                    Ok(Some(principal)) => Ok(principal),
-                    Ok(None) => Err(None),
-                    Err(err) => Err(Some(err)),
-                }
-            })
-            .await;
-        match found {
-            Ok(principal) => Ok(Some(principal)),
-            Err(err) => match err.as_ref() {
-                None => {
-                    self.unknown.insert(unknown_key, ()).await;
-                    Ok(None)
-                }
-                Some(store_error) => Err(store_error.clone().into()),
-            },
+        // Unknown credentials go to the short-lived `unknown` cache, so a key
+        // or user created a moment ago works within AUTH_NEGATIVE_CACHE_SECONDS.
+        match self.cache.get(key.clone()).await? {
+            Some(principal) => Ok(Some(principal)),
+            None => {
+                self.unknown.insert(key, ()).await;
+                Ok(None)
+            }
         }
     }
 

@@ -328,6 +328,9 @@ fn announce(app: &App, addr: std::net::SocketAddr) {
         rateLimiter = app.state.limiter.backend(),
         authMode = %cfg.auth_mode,
         env = %cfg.app_env,
+        maxConcurrentStreams = cfg.engine.max_concurrent_turns,
+        dbPoolMax = cfg.db_pool_max,
+        dbAcquireTimeoutMs = u64::try_from(cfg.db_acquire_timeout.as_millis()).unwrap_or(u64::MAX),
         "confab listening"
     );
     eprintln!("\nconfab is listening on {base}");

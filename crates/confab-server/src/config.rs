@@ -180,6 +180,9 @@ pub struct Config {
     pub app_env: String,
     pub database_url: Secret,
     pub db_pool_max: u32,
+    /// How long a request waits for a pooled database connection before it
+    /// is answered 503 (`DB_ACQUIRE_TIMEOUT_MS`).
+    pub db_acquire_timeout: Duration,
     pub redis_url: Option<Secret>,
     /// Per-request timeout for Redis calls; past it the fail-open/closed policy applies.
     pub redis_timeout: Duration,
@@ -188,6 +191,9 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// How long an authenticated principal is cached (revocation takes effect within it).
     pub auth_cache_ttl: Duration,
+    /// How long past its TTL a cached principal is still served while its
+    /// refresh runs or the database cannot answer.
+    pub auth_cache_grace: Duration,
     /// Failed authentications allowed per client address, and how long an
     /// unknown credential is remembered.
     pub auth_failures: crate::auth::FailurePolicy,
@@ -358,6 +364,19 @@ impl Config {
             return Err(bad("DB_POOL_MAX", "must be between 1 and 1000"));
         }
 
+        let db_acquire_timeout = src.millis("DB_ACQUIRE_TIMEOUT_MS", 1000)?;
+        if db_acquire_timeout.is_zero() || db_acquire_timeout > Duration::from_secs(60) {
+            return Err(bad("DB_ACQUIRE_TIMEOUT_MS", "must be between 1 and 60000"));
+        }
+        let max_concurrent_streams: usize = src.parse(
+            "MAX_CONCURRENT_STREAMS",
+            default_max_concurrent_streams(available_cores(), db_pool_max),
+            "a whole number",
+        )?;
+        if max_concurrent_streams == 0 {
+            return Err(bad("MAX_CONCURRENT_STREAMS", "must be at least 1"));
+        }
+
         let redis_url = src.get("REDIS_URL").map(|v| v.trim().to_owned());
         if let Some(url) = &redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
@@ -478,6 +497,7 @@ impl Config {
             )?,
             send_timeout: stream_send_timeout,
             budget_fail_open: rate_limit_fail_open,
+            max_concurrent_turns: max_concurrent_streams,
         };
         let provider_connect_timeout = positive(
             "PROVIDER_CONNECT_TIMEOUT_MS",
@@ -535,12 +555,14 @@ impl Config {
             port,
             database_url: Secret::new(database_url),
             db_pool_max,
+            db_acquire_timeout,
             redis_url: redis_url.map(Secret::new),
             redis_timeout: src.millis("REDIS_TIMEOUT_MS", 250)?,
             rate_limit: Limit { burst, per_second },
             rate_limit_fail_open,
             auth_mode,
             auth_cache_ttl: src.seconds("AUTH_CACHE_TTL_SECONDS", 5.0)?,
+            auth_cache_grace: src.seconds("AUTH_CACHE_GRACE_SECONDS", 60.0)?,
             log_level,
             log_format,
             token_delay,
@@ -565,6 +587,28 @@ impl Config {
     pub fn is_production(&self) -> bool {
         self.app_env == "production"
     }
+}
+
+/// Streams one core carries at a real model's pace: ≈ 35 µs of server CPU
+/// per token event (BENCHMARKS.md) is ≈ 28,000 events/s per core, i.e.
+/// ≈ 1,000 streams at ≈ 28 tokens/s each.
+pub const STREAMS_PER_CORE: usize = 1000;
+/// Turns one pooled connection keeps going: a turn commits twice (begin and
+/// final write) at ≈ 2 ms per commit under load, so a connection turns over
+/// ≈ 250 turns/s, and turns last ≥ 2 s.
+pub const STREAMS_PER_CONNECTION: usize = 500;
+
+/// The default of `MAX_CONCURRENT_STREAMS`: what the CPU and the pool can
+/// each carry, whichever is less (README "Overload").
+pub fn default_max_concurrent_streams(cores: usize, db_pool_max: u32) -> usize {
+    let by_cpu = STREAMS_PER_CORE.saturating_mul(cores.max(1));
+    let by_pool = STREAMS_PER_CONNECTION.saturating_mul(db_pool_max.max(1) as usize);
+    by_cpu.min(by_pool)
+}
+
+/// The cores this process may run on (cgroup and affinity limits included).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 fn parse_auth_mode(v: &str) -> Result<AuthMode, ConfigError> {
@@ -627,6 +671,23 @@ mod tests {
     }
 
     #[test]
+    fn the_concurrency_bound_follows_the_cores_and_the_pool() {
+        // 2 cores, the default pool: the CPU bounds it.
+        assert_eq!(default_max_concurrent_streams(2, 10), 2000);
+        // A small pool bounds it instead.
+        assert_eq!(default_max_concurrent_streams(8, 2), 1000);
+        assert_eq!(default_max_concurrent_streams(0, 0), 500);
+        let c = cfg(&[("DB_POOL_MAX", "3")]).unwrap();
+        assert_eq!(
+            c.engine.max_concurrent_turns,
+            default_max_concurrent_streams(available_cores(), 3)
+        );
+        assert_eq!(c.db_acquire_timeout, Duration::from_secs(1));
+        let c = cfg(&[("MAX_CONCURRENT_STREAMS", "7")]).unwrap();
+        assert_eq!(c.engine.max_concurrent_turns, 7);
+    }
+
+    #[test]
     fn production_turns_off_header_auth_and_seeding() {
         let c = cfg(&[("APP_ENV", "production")]).unwrap();
         assert!(!c.auth_mode.headers && c.auth_mode.api_key);
@@ -668,6 +729,8 @@ mod tests {
             ("HTTP_IDLE_TIMEOUT_MS", "3600001"),
             ("STREAM_DETACH_SECONDS", "7200"),
             ("STREAM_DETACH_SECONDS", "soon"),
+            ("MAX_CONCURRENT_STREAMS", "0"),
+            ("DB_ACQUIRE_TIMEOUT_MS", "0"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");

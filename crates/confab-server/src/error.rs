@@ -105,6 +105,10 @@ pub const DATABASE_UNAVAILABLE: &str = "Database unavailable, try again shortly"
 /// `Retry-After` of a 503 that has no better estimate, in seconds.
 pub const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 
+/// `Retry-After` of a turn refused because `MAX_CONCURRENT_STREAMS` turns
+/// are running: the typical turn lasts seconds, so places free up all the time.
+pub const AT_CAPACITY_RETRY_AFTER_SECS: u64 = 1;
+
 /// `{"error": reason, "message": message}` with the given status.
 pub fn error_body(status: StatusCode, message: &str) -> Response {
     let reason = status.canonical_reason().unwrap_or("Error");
@@ -166,7 +170,7 @@ impl IntoResponse for ApiError {
                 message,
                 retry_after,
             } => {
-                tracing::warn!(error = %message, status = status.as_u16(), "dependency failure");
+                tracing::warn!(error = %message, status = status.as_u16(), retry_after, "overloaded");
                 with_retry_after(error_body(status, message), *retry_after)
             }
             ApiError::TooManyRequests {
@@ -210,6 +214,12 @@ impl From<ServiceError> for ApiError {
             ServiceError::BudgetUnavailable => ApiError::Overloaded {
                 message: err.to_string(),
                 retry_after: 1,
+            },
+            // Admission control (README "Overload"): refused before any work,
+            // so coming back in a second is cheap for both sides.
+            ServiceError::AtCapacity => ApiError::Overloaded {
+                message: err.to_string(),
+                retry_after: AT_CAPACITY_RETRY_AFTER_SECS,
             },
             ServiceError::UnknownModel(_) | ServiceError::MessageTooLong(_) => {
                 ApiError::BadRequest(err.to_string())

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod openai_wire;
 pub mod openapi;
+pub mod principal_cache;
 pub mod readiness;
 pub mod routes;
 pub mod seed;

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabels, Counter>,
     pub auth_cache_hits: Counter,
     pub auth_cache_misses: Counter,
+    pub auth_cache_stale: Counter,
+    pub auth_cache_refresh_errors: Counter,
     pub idempotent_replays: Counter,
     pub llm_requests: Family<ModelOutcomeLabels, Counter>,
     pub llm_ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
@@ -139,6 +141,9 @@ pub struct Metrics {
     pub budget_tokens: Family<BudgetLabels, Counter>,
     pub budget_steps: Family<BudgetLabels, Counter>,
     pub dependency_up: Family<DependencyLabels, Gauge>,
+    pub turns_in_flight: Gauge,
+    pub turns_max_concurrent: Gauge,
+    pub turns_refused: Family<ReasonLabels, Counter>,
 }
 
 fn http_histogram() -> Histogram {
@@ -290,6 +295,18 @@ impl Metrics {
             "Principals looked up in the database",
             auth_cache_misses.clone(),
         );
+        let auth_cache_stale = Counter::default();
+        registry.register(
+            "auth_cache_stale",
+            "Principals served past AUTH_CACHE_TTL_SECONDS while their refresh ran or the database could not answer",
+            auth_cache_stale.clone(),
+        );
+        let auth_cache_refresh_errors = Counter::default();
+        registry.register(
+            "auth_cache_refresh_errors",
+            "Background refreshes of cached principals that failed (the stale entry stays until its grace ends)",
+            auth_cache_refresh_errors.clone(),
+        );
         let idempotent_replays = Counter::default();
         registry.register(
             "idempotent_replays",
@@ -339,6 +356,24 @@ impl Metrics {
             "1 when the last readiness probe reached the dependency (database, redis), else 0",
             dependency_up.clone(),
         );
+        let turns_in_flight = Gauge::default();
+        registry.register(
+            "turns_in_flight",
+            "Turns running now (streams, POST /chat and /v1 together), bounded by MAX_CONCURRENT_STREAMS",
+            turns_in_flight.clone(),
+        );
+        let turns_max_concurrent = Gauge::default();
+        registry.register(
+            "turns_max_concurrent",
+            "The bound on concurrent turns (MAX_CONCURRENT_STREAMS)",
+            turns_max_concurrent.clone(),
+        );
+        let turns_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "turns_refused",
+            "Turns refused with 503 before they began: capacity (the concurrent-turn bound) or database (no connection within DB_ACQUIRE_TIMEOUT_MS, or down)",
+            turns_refused.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
 
         Self {
@@ -366,6 +401,8 @@ impl Metrics {
             auth_failures,
             auth_cache_hits,
             auth_cache_misses,
+            auth_cache_stale,
+            auth_cache_refresh_errors,
             idempotent_replays,
             llm_requests,
             llm_ttft,
@@ -374,6 +411,9 @@ impl Metrics {
             budget_tokens,
             budget_steps,
             dependency_up,
+            turns_in_flight,
+            turns_max_concurrent,
+            turns_refused,
         }
     }
 
@@ -495,6 +535,20 @@ impl confab_core::turn::TurnMetrics for Metrics {
     fn flush_failed(&self, took: std::time::Duration) {
         self.stream_flush_errors.inc();
         self.stream_flush_duration.observe(ms(took));
+    }
+
+    fn turn_refused(&self, _interactive: bool, reason: &'static str) {
+        self.turns_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    fn admission(&self, admitted: bool) {
+        if admitted {
+            self.turns_in_flight.inc();
+        } else {
+            self.turns_in_flight.dec();
+        }
     }
 }
 

@@ -14,10 +14,9 @@ fn is_unavailable(code: &str) -> bool {
             "53300"
             // admin_shutdown, crash_shutdown, cannot_connect_now
             | "57P01" | "57P02" | "57P03"
-            // object_not_in_prerequisite_state: none of our statements
-            // raises it; a new connection gets it when the database does
-            // not accept connections (ALLOW_CONNECTIONS false), which the
-            // pool meets when it replaces dead connections during an outage
+            // object_not_in_prerequisite_state: what connecting to a database
+            // that refuses connections (ALLOW_CONNECTIONS false, maintenance)
+            // answers; none of confab's statements can raise it otherwise.
             | "55000"
         )
 }

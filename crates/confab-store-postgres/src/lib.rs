@@ -27,9 +27,10 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn,
-    NewUser, Org, OrgId, OrgPolicy, PartialText, Principal, RateLimitOverride, Store, StoreError,
-    StoredStream, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
+    NewUser, Org, OrgId, OrgPolicy, PartialText, PoolConfig, Principal, RateLimitOverride, Store,
+    StoreError, StoredStream, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
 };
+use confab_store_sql::patient_acquire;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::query::Query;
 use sqlx::{Connection, Row};
@@ -38,9 +39,6 @@ use uuid::Uuid;
 use crate::error::{connection_lost, map_err};
 use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
 
-/// How long a request waits for a pooled connection (or a new connection
-/// for the server to answer) before `Unavailable`.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pooled connection idle for longer than this is pinged before use: it
 /// may have been cut by a server restart or a NAT timeout meanwhile. Busy
 /// connections skip the ping, which would otherwise double the round trips
@@ -79,13 +77,19 @@ impl PostgresStore {
     }
 
     /// Connect to `url` (`postgres://user:pass@host:port/db?…`) with a pool of
-    /// up to `max_connections`, opening one connection right away so that a
-    /// wrong URL or a down server is reported at start-up.
+    /// up to `max_connections`, requests waiting up to 5 s for a connection.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
+        Self::connect_with(url, PoolConfig::new(max_connections)).await
+    }
+
+    /// Connect with a pool sized and timed by `pool`, opening one connection
+    /// right away so that a wrong URL or a down server is reported at
+    /// start-up.
     ///
     /// `Unavailable` when the server cannot be reached within ~5 s (the
     /// message names host, port and database, never the password); `Other`
     /// for a malformed URL or a refused login.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<PostgresStore, StoreError> {
+    pub async fn connect_with(url: &str, pool: PoolConfig) -> Result<PostgresStore, StoreError> {
         // The URL may hold a password: it never goes into an error message.
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
@@ -98,8 +102,8 @@ impl PostgresStore {
         let liveness = Arc::new(Liveness::new());
         let check = liveness.clone();
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .max_connections(pool.max_connections.max(1))
+            .acquire_timeout(pool.acquire_timeout)
             .test_before_acquire(false)
             .before_acquire(move |conn, meta| {
                 let check = check.clone();
@@ -115,8 +119,12 @@ impl PostgresStore {
                     Ok(true)
                 })
             })
-            .connect_with(options)
+            .connect_lazy_with(options);
+        // However short the request paths' wait, the first connection gets
+        // the patient one: a server that is still starting is waited for.
+        patient_acquire(&pool, PoolConfig::PATIENT_ACQUIRE)
             .await
+            .map(drop)
             .map_err(|e| match map_err(e) {
                 StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
                     "cannot connect to PostgreSQL at {target}: {msg}"
@@ -1008,7 +1016,10 @@ impl Store for PostgresStore {
             None => (None, None, None),
         };
         let row = self
-            .retry(move || {
+            .retry(move || async move {
+                // A write that finishes work already done waits up to
+                // PATIENT_ACQUIRE for a connection, not the request paths' wait.
+                let mut conn = patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE).await?;
                 sqlx::query(concat!(
                     "WITH m AS ( \
                 UPDATE messages \
@@ -1051,7 +1062,8 @@ impl Store for PostgresStore {
                 .bind(msg.usage.source.as_str())
                 .bind(msg.cost.cost_micro_usd)
                 .bind(&msg.event_lengths)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
+                .await
             })
             .await
             .map_err(map_err)?;
@@ -1103,7 +1115,8 @@ impl Store for PostgresStore {
         // updated_at moves even when the text did not: it is the heartbeat
         // that keeps a live stream from looking stale.
         let (ids, texts, lengths, prompts) = (&ids[..], &texts[..], &lengths[..], &prompts[..]);
-        self.retry(move || {
+        self.retry(move || async move {
+            let mut conn = patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE).await?;
             sqlx::query(
                 "UPDATE messages m SET content = p.content, event_lengths = p.lengths, \
                         prompt_tokens = CASE WHEN p.prompt > 0 THEN p.prompt \
@@ -1117,7 +1130,8 @@ impl Store for PostgresStore {
             .bind(texts)
             .bind(lengths)
             .bind(prompts)
-            .execute(&self.pool)
+            .execute(&mut *conn)
+            .await
         })
         .await
         .map(drop)
@@ -1158,7 +1172,8 @@ impl Store for PostgresStore {
         // One statement: the estimated usage, the final status and the
         // ledger rows together.
         let row = self
-            .retry(move || {
+            .retry(move || async move {
+                let mut conn = patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE).await?;
                 sqlx::query(
                     "WITH m AS ( \
                 UPDATE messages SET status = 'interrupted', updated_at = now(), \
@@ -1178,7 +1193,8 @@ impl Store for PostgresStore {
              ) SELECT count(*) AS n FROM m",
                 )
                 .bind(stale_after.as_secs_f64())
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *conn)
+                .await
             })
             .await
             .map_err(map_err)?;

@@ -59,3 +59,21 @@ pub fn check_folder(dir: &Path, migrations: &EmbeddedMigrations) -> Result<(), S
     }
     Ok(())
 }
+
+/// A pooled connection for work that must not be lost to a moment of
+/// contention (a turn's final write, the flusher's batch, start-up): the
+/// pool's own `acquire_timeout` is the short wait of request paths, so this
+/// asks again while the pool merely timed out, for up to `within` in all.
+/// Any other error (pool closed, login refused) is returned at once.
+pub async fn patient_acquire<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    within: std::time::Duration,
+) -> Result<sqlx::pool::PoolConnection<DB>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match pool.acquire().await {
+            Err(sqlx::Error::PoolTimedOut) if started.elapsed() < within => continue,
+            other => return other,
+        }
+    }
+}

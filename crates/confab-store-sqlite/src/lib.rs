@@ -30,9 +30,12 @@ use chrono::{DateTime, Utc};
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, MessageStatus, NewApiKey,
-    NewOrg, NewTurn, NewUser, Org, OrgId, OrgPolicy, PartialText, Principal, RateLimitOverride,
-    Store, StoreError, StoredStream, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
+    NewOrg, NewTurn, NewUser, Org, OrgId, OrgPolicy, PartialText, PoolConfig, Principal,
+    RateLimitOverride, Store, StoreError, StoredStream, TokenLimits, TurnChat, UsageGroup,
+    UsageReport, User, UserId,
 };
+use confab_store_sql::patient_acquire;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -46,8 +49,9 @@ use crate::rows::{
     user_columns,
 };
 
-/// How long a statement waits for another process's write lock, and a
-/// request for a pooled connection, before giving up with `Unavailable`.
+/// How long a statement waits for another process's write lock before
+/// giving up with `Unavailable` (the wait for a pooled connection is
+/// [`PoolConfig::acquire_timeout`]).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idempotency keys older than this are expired and may be claimed again.
 const IDEMPOTENCY_TTL_MICROS: i64 = 24 * 60 * 60 * 1_000_000;
@@ -72,6 +76,14 @@ impl SqliteStore {
     ///
     /// `Unavailable` when the file cannot be opened; `Other` for a bad URL.
     pub async fn connect(url: &str, max_connections: u32) -> Result<SqliteStore, StoreError> {
+        Self::connect_with(url, PoolConfig::new(max_connections)).await
+    }
+
+    /// As [`SqliteStore::connect`], the read pool sized by `pool` and every
+    /// request waiting at most `pool.acquire_timeout` for a connection (the
+    /// writer included: writes queue for its single connection).
+    pub async fn connect_with(url: &str, pool: PoolConfig) -> Result<SqliteStore, StoreError> {
+        let max_connections = pool.max_connections;
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Other(format!("invalid SQLite URL {url:?}: {e}")))?
             .create_if_missing(true)
@@ -91,7 +103,7 @@ impl SqliteStore {
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .acquire_timeout(BUSY_TIMEOUT)
+            .acquire_timeout(pool.acquire_timeout)
             .idle_timeout(None)
             .max_lifetime(None)
             // A local file does not go stale; a ping per acquire would cost a
@@ -103,7 +115,7 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let read = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(BUSY_TIMEOUT)
+            .acquire_timeout(pool.acquire_timeout)
             .test_before_acquire(false)
             .connect_with(options)
             .await
@@ -136,6 +148,16 @@ impl SqliteStore {
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.write
             .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)
+    }
+
+    /// The writer connection for a write that finishes work already done (a
+    /// turn's final write, the flusher's batch, the dead-stream sweep): it
+    /// waits up to [`PoolConfig::PATIENT_ACQUIRE`], not the request paths'
+    /// short wait. Begin with `BEGIN IMMEDIATE` on it, as [`Self::begin_write`].
+    async fn patient_writer(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        patient_acquire(&self.write, PoolConfig::PATIENT_ACQUIRE)
             .await
             .map_err(map_err)
     }
@@ -819,7 +841,11 @@ impl Store for SqliteStore {
 
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {
         let now = now_micros();
-        let mut tx = self.begin_write().await?;
+        let mut writer = self.patient_writer().await?;
+        let mut tx = writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         let row = sqlx::query(concat!(
             "UPDATE messages SET content = ?4, status = ?5, token_count = ?6, updated_at = ?7, \
                 prompt_tokens = ?8, completion_tokens = ?6, usage_source = ?9, event_lengths = ?10 \
@@ -912,7 +938,11 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let now = now_micros();
-        let mut tx = self.begin_write().await?;
+        let mut writer = self.patient_writer().await?;
+        let mut tx = writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         for partial in partials {
             // updated_at moves even when the text did not: it is the
             // heartbeat that keeps a live stream from looking stale.
@@ -970,7 +1000,11 @@ impl Store for SqliteStore {
         // One transaction: the estimated usage, the final status and the
         // ledger rows together (SQLite has one writer, so the two statements
         // see the same rows).
-        let mut tx = self.begin_write().await?;
+        let mut writer = self.patient_writer().await?;
+        let mut tx = writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         let done = sqlx::query(
             "UPDATE messages SET status = 'interrupted', updated_at = ?2, \
                 prompt_tokens = coalesce(prompt_tokens, 0), \

@@ -112,7 +112,7 @@ async fn database_passwords_are_never_printed_in_any_url_or_dsn_form() {
 /// Make the test database unusable from outside the app: PostgreSQL refuses
 /// new connections and its existing ones are terminated; SQLite is locked by
 /// another connection holding an exclusive transaction (returned: keep it).
-async fn make_database_unavailable(db: &TestDb) -> Option<sqlx::SqliteConnection> {
+pub(crate) async fn make_database_unavailable(db: &TestDb) -> Option<sqlx::SqliteConnection> {
     use sqlx::Connection;
     match db.kind {
         Db::Postgres => {

@@ -25,6 +25,7 @@ mod lifecycle;
 mod llm;
 mod openai_sdk;
 mod ops;
+mod overload;
 mod peers_smoke;
 mod pg_reconnect;
 mod resume;

@@ -362,6 +362,8 @@ async fn readme_metrics_reference_lists_exactly_the_families_metrics_exposes() {
         "simulated",
         "overloaded",
     );
+    // A refusal at capacity (tests/it/overload.rs makes real ones).
+    confab_core::turn::TurnMetrics::turn_refused(app.state.metrics.as_ref(), false, "capacity");
     let _ = app.get("/nope", &As::Nobody).await;
     let _ = app
         .get("/chats", &As::Headers(ACME.into(), ACME.into()))

@@ -1,0 +1,445 @@
+//! Overload (README "Overload"): past `MAX_CONCURRENT_STREAMS` running turns,
+//! and past `DB_ACQUIRE_TIMEOUT_MS` of waiting for a database connection, a
+//! request is answered 503 with `Retry-After` and the JSON error body at once
+//! — not after seconds — while the turns already admitted finish intact.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+use crate::per_store;
+use crate::support::sse::SseReader;
+use crate::support::{As, Db, TestApp, TestDb, assert_error, spawn_app_with};
+
+per_store!(
+    past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish,
+    a_request_that_gets_no_connection_in_time_is_refused_quickly,
+);
+
+/// PostgreSQL only: an embedded SQLite file cannot be taken away from a
+/// running process (WAL readers are never blocked), so "the database is
+/// down" is a PostgreSQL situation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_principals_keep_working_through_a_database_outage_for_the_grace() {
+    crate::support::init();
+    cached_principals_outlive_an_outage(Db::Postgres).await;
+}
+
+/// PostgreSQL only, for the same reason: a lookup that hangs needs a lock
+/// that readers wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_principal_is_served_at_once_while_one_refresh_runs() {
+    crate::support::init();
+    stale_principals_are_served_during_their_refresh(Db::Postgres).await;
+}
+
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in metrics:\n{metrics}"))
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.get("/metrics", &As::Nobody).await.text().await.unwrap()
+}
+
+/// A 503 with `Retry-After` (whole seconds, ≥ 1) and SPEC's error body.
+async fn assert_refused(res: reqwest::Response) -> String {
+    let retry_after: u64 = res
+        .headers()
+        .get("retry-after")
+        .expect("a 503 carries Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in whole seconds");
+    assert!(retry_after >= 1);
+    assert_error(res, 503, "Service Unavailable").await
+}
+
+/// Each stream lasts ≈ 60 words × 100 ms = 6 s.
+const SLOW_STREAM: &[(&str, &str)] = &[
+    ("MAX_CONCURRENT_STREAMS", "3"),
+    ("SIMULATED_TOKEN_DELAY_MS", "100"),
+    ("SIMULATED_MIN_WORDS", "60"),
+];
+
+async fn past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish(db: Db) {
+    let app = spawn_app_with(db, SLOW_STREAM).await;
+    let opened = Instant::now();
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        let res = app
+            .post_json(
+                "/chat/stream",
+                &As::alice(),
+                &json!({ "message": format!("long stream {i}") }),
+            )
+            .await;
+        // The head comes with the first token: the turn is running.
+        assert_eq!(res.status(), 200);
+        let chat = res.headers()["x-chat-id"].to_str().unwrap().to_owned();
+        streams.push((chat, SseReader::new(res)));
+    }
+    assert_eq!(sample(&metrics(&app).await, "turns_in_flight"), 3.0);
+    assert_eq!(sample(&metrics(&app).await, "turns_max_concurrent"), 3.0);
+
+    // The fourth turn, by either route, is refused at once: the bound is
+    // shared by every route that runs a turn.
+    let asked = Instant::now();
+    let res = app
+        .post_json(
+            "/chat/stream",
+            &As::bob(),
+            &json!({ "message": "one more" }),
+        )
+        .await;
+    let stream_refused_after = asked.elapsed();
+    let message = assert_refused(res).await;
+    assert!(message.contains("capacity"), "{message}");
+    let asked = Instant::now();
+    let res = app
+        .post_json("/chat", &As::bob(), &json!({ "message": "and another" }))
+        .await;
+    let chat_refused_after = asked.elapsed();
+    assert_refused(res).await;
+    // Well within the streams' ≈ 6 s (they run meanwhile).
+    assert!(
+        stream_refused_after < Duration::from_secs(1)
+            && chat_refused_after < Duration::from_secs(1),
+        "refusals took {stream_refused_after:?} and {chat_refused_after:?}"
+    );
+    let text = metrics(&app).await;
+    assert_eq!(
+        sample(&text, "turns_refused_total{reason=\"capacity\"}"),
+        2.0
+    );
+    // Nothing was stored for the refused turns.
+    let (status, chats) = app.get_json("/chats", &As::bob()).await;
+    assert_eq!(status, 200);
+    assert_eq!(chats["count"], 0, "{chats}");
+
+    // The admitted streams finish, every token in order, and are stored whole.
+    for (chat, reader) in streams {
+        let (events, _) = reader.all().await;
+        let done = events.last().expect("events");
+        assert_eq!(done["done"], true, "{done}");
+        let tokens: String = events
+            .iter()
+            .filter(|e| e["done"] == false)
+            .map(|e| e["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(done["fullText"].as_str().unwrap(), tokens);
+        assert!(tokens.split_whitespace().count() >= 60, "{tokens}");
+        let (status, history) = app.get_json(&format!("/chat/{chat}"), &As::alice()).await;
+        assert_eq!(status, 200);
+        let reply = history["messages"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(reply["status"], "complete");
+        assert_eq!(reply["content"].as_str().unwrap(), tokens);
+    }
+    assert!(
+        opened.elapsed() > Duration::from_secs(4),
+        "the streams were meant to outlast the refusals by far ({:?})",
+        opened.elapsed()
+    );
+    // Their places are free again (a turn gives its place back as its task
+    // ends, just after the last event).
+    let freed = Instant::now();
+    while sample(&metrics(&app).await, "turns_in_flight") != 0.0 {
+        assert!(
+            freed.elapsed() < Duration::from_secs(1),
+            "places not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let res = app
+        .post_json("/chat", &As::bob(), &json!({ "message": "/fail fast" }))
+        .await;
+    assert_ne!(res.status(), 503);
+}
+
+/// Holds the database's only pooled connection busy: PostgreSQL, a lock on
+/// `chats` that the next `INSERT INTO chats` waits for; SQLite, the write
+/// lock, which the writer connection's `BEGIN IMMEDIATE` waits for.
+enum Blocker {
+    Postgres(sqlx::PgConnection),
+    Sqlite(sqlx::SqliteConnection),
+}
+
+impl Blocker {
+    async fn take(db: &TestDb) -> Blocker {
+        match db.kind {
+            Db::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+                sqlx::raw_sql("BEGIN; LOCK TABLE chats IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                Blocker::Postgres(conn)
+            }
+            Db::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                Blocker::Sqlite(conn)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Blocker::Postgres(mut conn) => {
+                sqlx::raw_sql("COMMIT").execute(&mut conn).await.unwrap();
+            }
+            Blocker::Sqlite(mut conn) => {
+                sqlx::raw_sql("COMMIT").execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+}
+
+async fn a_request_that_gets_no_connection_in_time_is_refused_quickly(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[("DB_POOL_MAX", "1"), ("DB_ACQUIRE_TIMEOUT_MS", "300")],
+    )
+    .await;
+    // Cache Alice's principal, so the requests below need the pool only for
+    // their turn.
+    let (status, _) = app.get_json("/chats", &As::alice()).await;
+    assert_eq!(status, 200);
+
+    let blocker = Blocker::take(&app.db).await;
+    // The first turn takes the pool's (SQLite: the writer's) only
+    // connection and waits on the lock with it.
+    let req = app
+        .request(reqwest::Method::POST, "/chat", &As::alice())
+        .json(&json!({ "message": "waits for the lock" }));
+    let first = tokio::spawn(async move { req.send().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let asked = Instant::now();
+    let res = app
+        .post_json(
+            "/chat",
+            &As::alice(),
+            &json!({ "message": "no connection for me" }),
+        )
+        .await;
+    let refused_after = asked.elapsed();
+    let message = assert_refused(res).await;
+    assert_eq!(message, "Database unavailable, try again shortly");
+    // DB_ACQUIRE_TIMEOUT_MS, not the 5 s the pool used to wait.
+    assert!(
+        refused_after >= Duration::from_millis(250) && refused_after < Duration::from_secs(1),
+        "refused after {refused_after:?}"
+    );
+    assert!(
+        !first.is_finished(),
+        "the first turn was meant to wait on the lock"
+    );
+
+    blocker.release().await;
+    // The first turn then completes: it never gave its connection up.
+    let res = first.await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["reply"].as_str().is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &metrics(&app).await,
+            "turns_refused_total{reason=\"database\"}"
+        ),
+        1.0
+    );
+}
+
+const TTL: Duration = Duration::from_millis(500);
+const GRACE: Duration = Duration::from_secs(3);
+
+async fn set_allow_connections(db: &TestDb, allow: bool) {
+    let name = db.name().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&crate::support::postgres_admin_url())
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
+
+async fn new_key(app: &TestApp) -> As {
+    let generated = confab_server::auth::generate_key();
+    app.state
+        .store
+        .create_api_key(&confab_core::NewApiKey {
+            id: confab_core::ApiKeyId::new(),
+            org_id: crate::support::app::ACME.parse().unwrap(),
+            user_id: crate::support::app::BOB.parse().unwrap(),
+            hash: generated.hash,
+            prefix: generated.prefix,
+            name: "outage".into(),
+        })
+        .await
+        .unwrap();
+    As::Key(generated.secret)
+}
+
+async fn cached_principals_outlive_an_outage(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("AUTH_CACHE_TTL_SECONDS", "0.5"),
+            ("AUTH_CACHE_GRACE_SECONDS", "3"),
+        ],
+    )
+    .await;
+    let by_key = new_key(&app).await;
+    // `GET /` with credentials needs nothing but the principal (and the
+    // in-process limiter): it shows what authentication alone does.
+    let root_org = |body: &Value| body["org"].as_str().map(str::to_owned);
+    for who in [&As::alice(), &by_key] {
+        let (status, body) = app.get_json("/", who).await;
+        assert_eq!(status, 200);
+        assert_eq!(root_org(&body).as_deref(), Some(crate::support::app::ACME));
+    }
+    let cached_at = Instant::now();
+
+    crate::hardening::make_database_unavailable(&app.db).await;
+    let (status, _) = app.get_json("/chats", &As::alice()).await;
+    assert_eq!(status, 503, "the database is really gone");
+
+    // Past the TTL, within the grace: every request with a cached principal
+    // is served — one at a time and many at once, while refreshes fail.
+    tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+    while cached_at.elapsed() < TTL + GRACE - Duration::from_millis(700) {
+        let burst = (0..20).map(|i| {
+            let who = if i % 2 == 0 {
+                As::alice()
+            } else {
+                by_key.clone()
+            };
+            let req = app.request(reqwest::Method::GET, "/", &who);
+            async move { req.send().await.unwrap().status().as_u16() }
+        });
+        let statuses = futures::future::join_all(burst).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{statuses:?} at {:?}",
+            cached_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = metrics(&app).await;
+    assert!(sample(&text, "auth_cache_stale_total") >= 20.0, "{text}");
+    assert!(
+        sample(&text, "auth_cache_refresh_errors_total") >= 2.0,
+        "{text}"
+    );
+
+    // Past the grace the principal is gone: the request needs the database
+    // and is told it is unavailable (not 401: nothing says the key is bad).
+    tokio::time::sleep(
+        (TTL + GRACE + Duration::from_millis(200)).saturating_sub(cached_at.elapsed()),
+    )
+    .await;
+    let asked = Instant::now();
+    let res = app.get("/", &by_key).await;
+    assert_refused(res).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Back: served again, and fresh.
+    set_allow_connections(&app.db, true).await;
+    let back = Instant::now();
+    loop {
+        let (status, body) = app.get_json("/", &by_key).await;
+        if status == 200 {
+            assert_eq!(root_org(&body).as_deref(), Some(crate::support::app::ACME));
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(5), "still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn stale_principals_are_served_during_their_refresh(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("AUTH_CACHE_TTL_SECONDS", "0.3"),
+            ("AUTH_CACHE_GRACE_SECONDS", "30"),
+        ],
+    )
+    .await;
+    let by_key = new_key(&app).await;
+    assert_eq!(app.get("/", &by_key).await.status(), 200);
+    let misses = sample(&metrics(&app).await, "auth_cache_misses_total");
+
+    // Key lookups now wait for this lock: a refresh hangs.
+    let mut locker = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let burst = (0..20).map(|_| {
+            let req = app.request(reqwest::Method::GET, "/", &by_key);
+            async move { req.send().await.unwrap().status().as_u16() }
+        });
+        let statuses = futures::future::join_all(burst).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        // Nobody waited for the hanging lookup.
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 100 stale requests, one refresh.
+    let text = metrics(&app).await;
+    assert_eq!(sample(&text, "auth_cache_misses_total"), misses + 1.0);
+    assert!(sample(&text, "auth_cache_stale_total") >= 100.0);
+
+    // The refresh finishes once the lock goes, and the entry is fresh again:
+    // no more stale serving until the next TTL.
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    let released = Instant::now();
+    while sample(&metrics(&app).await, "auth_cache_misses_total") < misses + 1.0
+        || app.state.auth.refreshes_running() > 0
+    {
+        assert!(
+            released.elapsed() < Duration::from_secs(2),
+            "refresh never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stale = sample(&metrics(&app).await, "auth_cache_stale_total");
+    assert_eq!(app.get("/", &by_key).await.status(), 200);
+    assert_eq!(
+        sample(&metrics(&app).await, "auth_cache_stale_total"),
+        stale
+    );
+}
