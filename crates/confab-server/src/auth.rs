@@ -164,40 +164,40 @@ impl Authenticator {
         client: Option<IpAddr>,
     ) -> Result<Option<Principal>, ApiError> {
         let Some(ip) = client else {
-            return self.judge(headers).await;
+            return self.judge(headers, None).await;
         };
         let key = format!("authfail:{ip}");
-        if let Ok(d) = self.failures.peek(&key, self.failure_limit).await
-            && !d.allowed
-        {
-            self.metrics
-                .auth_failures
-                .get_or_create(&ReasonLabels {
-                    reason: "throttled",
-                })
-                .inc();
-            return Err(ApiError::TooManyRequests {
-                message: "Too many failed authentication attempts; try again later".into(),
-                retry_after: d
-                    .retry_after
+        // Past the address's failure budget, only credentials already in the
+        // cache are accepted: behind a proxy many clients share an address,
+        // and one of them trying bad keys must not lock the others out.
+        let throttled = match self.failures.peek(&key, self.failure_limit).await {
+            Ok(d) if !d.allowed => Some(
+                d.retry_after
                     .map(|r| r.as_secs_f64().ceil() as u64)
                     .unwrap_or(1)
                     .max(1),
-            });
-        }
-        let result = self.judge(headers).await;
+            ),
+            _ => None,
+        };
+        let result = self.judge(headers, throttled).await;
         if matches!(result, Err(ApiError::Unauthorized(_))) {
             let _ = self.failures.acquire(&key, self.failure_limit, 1).await;
         }
         result
     }
 
-    async fn judge(&self, headers: &HeaderMap) -> Result<Option<Principal>, ApiError> {
+    /// `throttled`: the address is past its failure budget (`Retry-After`
+    /// seconds); only cached credentials are judged, the others get 429.
+    async fn judge(
+        &self,
+        headers: &HeaderMap,
+        throttled: Option<u64>,
+    ) -> Result<Option<Principal>, ApiError> {
         let authorization = headers.get(AUTHORIZATION);
         if let Some(value) = authorization
             && self.mode.api_key
         {
-            return self.by_key(value.as_bytes()).await.map(Some);
+            return self.by_key(value.as_bytes(), throttled).await.map(Some);
         }
         let org = headers.get("x-org-id");
         let user = headers.get("x-user-id");
@@ -232,7 +232,7 @@ impl Authenticator {
                 ),
             ));
         };
-        let Some(principal) = self.lookup(CacheKey::User(user)).await? else {
+        let Some(principal) = self.lookup(CacheKey::User(user), throttled).await? else {
             return Err(self.refuse(
                 "unknown_user",
                 ApiError::Unauthorized("Unknown user".into()),
@@ -244,7 +244,7 @@ impl Authenticator {
         Ok(Some(principal))
     }
 
-    async fn by_key(&self, header: &[u8]) -> Result<Principal, ApiError> {
+    async fn by_key(&self, header: &[u8], throttled: Option<u64>) -> Result<Principal, ApiError> {
         let malformed = || {
             self.refuse(
                 "malformed",
@@ -272,7 +272,7 @@ impl Authenticator {
         if !key.starts_with(KEY_PREFIX) || key.len() > 200 {
             return Err(invalid());
         }
-        let Some(principal) = self.lookup(CacheKey::Key(hash_key(key))).await? else {
+        let Some(principal) = self.lookup(CacheKey::Key(hash_key(key)), throttled).await? else {
             return Err(invalid());
         };
         if let Some(id) = principal.api_key
@@ -283,7 +283,25 @@ impl Authenticator {
         Ok(principal)
     }
 
-    async fn lookup(&self, key: CacheKey) -> Result<Option<Principal>, ApiError> {
+    async fn lookup(
+        &self,
+        key: CacheKey,
+        throttled: Option<u64>,
+    ) -> Result<Option<Principal>, ApiError> {
+        if let Some(retry_after) = throttled
+            && !self.cache.contains(&key)
+        {
+            self.metrics
+                .auth_failures
+                .get_or_create(&ReasonLabels {
+                    reason: "throttled",
+                })
+                .inc();
+            return Err(ApiError::TooManyRequests {
+                message: "Too many failed authentication attempts; try again later".into(),
+                retry_after,
+            });
+        }
         if self.unknown.contains_key(&key) {
             self.metrics.auth_cache_hits.inc();
             return Ok(None);

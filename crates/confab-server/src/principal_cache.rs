@@ -130,6 +130,11 @@ impl PrincipalCache {
         }
     }
 
+    /// Whether `key` has an entry (fresh, or stale within its grace).
+    pub(crate) fn contains(&self, key: &CacheKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
     pub(crate) fn refreshes_running(&self) -> usize {
         self.refreshing.lock().map_or(0, |set| set.len())
     }

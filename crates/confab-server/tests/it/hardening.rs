@@ -298,6 +298,14 @@ async fn failed_authentications_are_cached_and_limited_per_address(db: Db) {
     .await;
     let unknown = crate::support::As::Key("cfb_thisKeyDoesNotExistAnywhere000000000".into());
     let misses = || app.state.metrics.auth_cache_misses.get();
+    // Alice has used the service from this address before (her principal is
+    // cached); Bob has not.
+    assert_eq!(
+        app.get("/chats", &crate::support::As::alice())
+            .await
+            .status(),
+        200
+    );
     let before = misses();
     for i in 0..5 {
         let res = app.get("/chats", &unknown).await;
@@ -327,6 +335,14 @@ async fn failed_authentications_are_cached_and_limited_per_address(db: Db) {
         assert_eq!(body["error"], "Too Many Requests", "{body}");
         assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    assert_eq!(misses(), lookups, "throttled requests reached the store");
+    // A client whose credentials are already known is not locked out by
+    // another one at the same address (behind a proxy, every client shares
+    // one); an unknown-to-the-cache one waits like the attacker.
+    let res = app.get("/chats", &crate::support::As::alice()).await;
+    assert_eq!(res.status(), 200, "a cached principal passes");
+    let res = app.get("/chats", &crate::support::As::bob()).await;
+    assert_eq!(res.status(), 429, "an uncached one is throttled");
     assert_eq!(misses(), lookups, "throttled requests reached the store");
 }
 
