@@ -352,7 +352,8 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"GARBAGE\r\n\r\n".to_vec(), 400, "Bad Request"),
         (
-            b"GET / HTTP/1.1\r\nhost: x\r\nx-request-id: ab\x01cd\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-request-id: ab\x01cd\r\n\r\n"
+                .to_vec(),
             400,
             "Bad Request",
         ),
@@ -378,6 +379,17 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
         // The server may answer (and close) before it has read everything.
         let _ = tcp.write_all(request).await;
         let (raw, _) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+        if raw.contains("ab\x01cd") || raw.starts_with("HTTP/1.1 200") {
+            // hyper's parser does not always refuse a control byte in a
+            // header value (it depends on how the bytes arrive); then the
+            // request is served and SPEC §7 applies: the bad id is replaced
+            // by a fresh one, never echoed.
+            let (got, headers, _) = parse_response(&raw);
+            assert_eq!(got, 200, "{raw}");
+            let id = header(&headers, "x-request-id").unwrap_or_default();
+            assert!(uuid::Uuid::parse_str(id).is_ok(), "{raw}");
+            continue;
+        }
         ids.push((assert_json_error(&raw, *status, reason), *status));
     }
     // One log line per rejection, with its request id and status.

@@ -61,6 +61,10 @@ const TEST_DEFAULTS: &[(&str, &str)] = &[
     ("RATE_LIMIT_PER_SECOND", "1000"),
     ("SHUTDOWN_GRACE_SECONDS", "2"),
     ("LOG_LEVEL", "warn"),
+    // Correctness tests share two cores with the whole suite: a request
+    // waits for a database connection as long as it takes (the overload
+    // tests set their own, short, wait).
+    ("DB_ACQUIRE_TIMEOUT_MS", "10000"),
 ];
 
 pub async fn spawn_app(db: Db) -> TestApp {

@@ -27,6 +27,8 @@ pub fn command(env: &[(&str, &str)]) -> Command {
         .env("HOST", "127.0.0.1")
         .env("PORT", "0")
         .env("LOG_FORMAT", "json")
+        // See TEST_DEFAULTS in app.rs: tests that want a short wait set it.
+        .env("DB_ACQUIRE_TIMEOUT_MS", "10000")
         .current_dir(std::env::temp_dir())
         .stdin(Stdio::null())
         .kill_on_drop(true);
