@@ -1,4 +1,5 @@
-//! Server-side SSE framing for `POST /chat/stream`.
+//! Server-side SSE framing for every stream: `POST /chat/stream`, resumed
+//! streams and `/v1/chat/completions`.
 //!
 //! The response body encodes the turn's events and sends whatever is queued
 //! in one write: one event per write while the
@@ -47,49 +48,142 @@ pub fn ping_frame() -> Bytes {
     Bytes::from_static(PING)
 }
 
-/// A turn's events as an SSE body (SPEC §6): an opening `: ping`, one
-/// event per token (`id:` 1, 2, …), then the `done` or error event with the
-/// last id. Each poll sends every event already queued (up to
-/// [`MAX_BATCH_BYTES`]) as one chunk, and a `: ping` when nothing was sent
-/// for a keep-alive interval. Dropping the body (the client went away) drops
-/// the receiver, which the engine notices at once.
-pub struct EventBody {
-    rx: mpsc::Receiver<TurnEvent>,
-    first: Option<TurnEvent>,
+/// How one kind of stream writes its events into an [`SseBody`].
+pub trait Encoder {
+    type Event;
+    /// Written once, before anything else (the keep-alive comment, unless
+    /// the format opens otherwise).
+    fn opening(&mut self, out: &mut BytesMut) {
+        out.extend_from_slice(PING);
+    }
+    /// Write `event`; `true` when it was the stream's final event.
+    fn encode(&mut self, event: Self::Event, out: &mut BytesMut) -> bool;
+}
+
+/// A stream of events as an SSE body: the encoder's opening, then each
+/// poll sends every event already queued (up to [`MAX_BATCH_BYTES`]) as one
+/// chunk, and a `: ping` when nothing was sent for a keep-alive interval;
+/// the body ends after the final event. Dropping it (the client went away)
+/// drops the receiver, which the engine notices at once. One home for the
+/// batching and keep-alives of every stream: `POST /chat/stream`, a resumed
+/// stream and `/v1/chat/completions`.
+pub struct SseBody<E: Encoder> {
+    rx: mpsc::Receiver<E::Event>,
+    first: Option<E::Event>,
     opening: bool,
-    seq: u64,
-    chat_id: Option<ChatId>,
-    message_id: MessageId,
-    model: String,
+    encoder: E,
     ping: tokio::time::Interval,
     sent_since_tick: bool,
     finished: bool,
 }
 
-impl EventBody {
-    pub fn new(turn: StartedTurn, first: Option<TurnEvent>, keepalive: Duration) -> Self {
+impl<E: Encoder> SseBody<E> {
+    /// `first`: an event already taken from `rx` (sent first).
+    pub fn with_encoder(
+        rx: mpsc::Receiver<E::Event>,
+        first: Option<E::Event>,
+        encoder: E,
+        keepalive: Duration,
+    ) -> Self {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
-            rx: turn.events,
+            rx,
             first,
             opening: true,
-            seq: 0,
-            chat_id: turn.chat_id,
-            message_id: turn.message_id,
-            model: turn.model,
+            encoder,
             ping,
             sent_since_tick: false,
             finished: false,
         }
     }
 
-    fn encode(&mut self, event: TurnEvent, out: &mut BytesMut) {
+    fn encode(&mut self, event: E::Event, out: &mut BytesMut) {
+        if self.encoder.encode(event, out) {
+            self.finished = true;
+        }
+    }
+}
+
+impl<E> futures::Stream for SseBody<E>
+where
+    E: Encoder + Unpin,
+    E::Event: Unpin,
+{
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let mut out = BytesMut::new();
+        if this.opening {
+            this.opening = false;
+            this.encoder.opening(&mut out);
+        }
+        let opened = out.len();
+        if let Some(first) = this.first.take() {
+            this.encode(first, &mut out);
+        }
+        while !this.finished && out.len() < MAX_BATCH_BYTES {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(event)) => this.encode(event, &mut out),
+                Poll::Ready(None) => this.finished = true,
+                Poll::Pending => break,
+            }
+        }
+        if !out.is_empty() {
+            // The opening alone does not count as activity: the first
+            // keep-alive is due one interval after it.
+            this.sent_since_tick |= out.len() > opened;
+            return Poll::Ready(Some(Ok(out.freeze())));
+        }
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        // Nothing queued: a keep-alive when a whole interval passed silently.
+        while this.ping.poll_tick(cx).is_ready() {
+            if !std::mem::replace(&mut this.sent_since_tick, false) {
+                return Poll::Ready(Some(Ok(ping_frame())));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// A turn's events in SPEC §6's format: one event per token (`id:` 1, 2,
+/// …), then the `done` or error event with the last id.
+pub struct TurnEvents {
+    seq: u64,
+    chat_id: Option<ChatId>,
+    message_id: MessageId,
+    model: String,
+}
+
+/// The body of `POST /chat/stream`.
+pub type EventBody = SseBody<TurnEvents>;
+
+impl SseBody<TurnEvents> {
+    pub fn new(turn: StartedTurn, first: Option<TurnEvent>, keepalive: Duration) -> Self {
+        let encoder = TurnEvents {
+            seq: 0,
+            chat_id: turn.chat_id,
+            message_id: turn.message_id,
+            model: turn.model,
+        };
+        Self::with_encoder(turn.events, first, encoder, keepalive)
+    }
+}
+
+impl Encoder for TurnEvents {
+    type Event = TurnEvent;
+
+    fn encode(&mut self, event: TurnEvent, out: &mut BytesMut) -> bool {
         self.seq += 1;
-        let json = match &event {
-            TurnEvent::Token(token) => serde_json::to_string(&TokenEvent { token, done: false }),
-            TurnEvent::Done(summary) => {
-                self.finished = true;
+        let (json, last) = match &event {
+            TurnEvent::Token(token) => (
+                serde_json::to_string(&TokenEvent { token, done: false }),
+                false,
+            ),
+            TurnEvent::Done(summary) => (
                 serde_json::to_string(&DoneEvent {
                     token: "",
                     done: true,
@@ -98,15 +192,18 @@ impl EventBody {
                     message_id: self.message_id,
                     model: &self.model,
                     usage: summary.usage.into(),
-                })
-            }
+                }),
+                true,
+            ),
             TurnEvent::Failed(failure) => {
-                self.finished = true;
                 let message = failure_message(failure);
-                serde_json::to_string(&ErrorEvent {
-                    error: "Stream failed",
-                    message: &message,
-                })
+                (
+                    serde_json::to_string(&ErrorEvent {
+                        error: "Stream failed",
+                        message: &message,
+                    }),
+                    true,
+                )
             }
         };
         // Serialising these plain structs cannot fail; if it ever did, the
@@ -114,6 +211,7 @@ impl EventBody {
         if let Ok(json) = json {
             write_frame(out, self.seq, &json);
         }
+        last
     }
 }
 
@@ -173,37 +271,36 @@ pub enum ReplayEvent {
 
 /// A resumed stream as an SSE body: the same framing, batching and
 /// keep-alives as [`EventBody`], with the ids the events were made with.
-pub struct ReplayBody {
-    rx: mpsc::Receiver<ReplayEvent>,
-    opening: bool,
+/// A resumed stream (SPEC §14) in the same format, with the ids the events
+/// were made with.
+pub struct ReplayEvents {
     chat_id: ChatId,
     message_id: MessageId,
-    ping: tokio::time::Interval,
-    sent_since_tick: bool,
-    finished: bool,
 }
 
-impl ReplayBody {
+/// The body of a resumed stream.
+pub type ReplayBody = SseBody<ReplayEvents>;
+
+impl SseBody<ReplayEvents> {
     pub fn new(
         rx: mpsc::Receiver<ReplayEvent>,
         chat_id: ChatId,
         message_id: MessageId,
         keepalive: Duration,
     ) -> Self {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self {
-            rx,
-            opening: true,
+        let encoder = ReplayEvents {
             chat_id,
             message_id,
-            ping,
-            sent_since_tick: false,
-            finished: false,
-        }
+        };
+        Self::with_encoder(rx, None, encoder, keepalive)
     }
+}
 
-    fn encode(&mut self, event: ReplayEvent, out: &mut BytesMut) {
+impl Encoder for ReplayEvents {
+    type Event = ReplayEvent;
+
+    fn encode(&mut self, event: ReplayEvent, out: &mut BytesMut) -> bool {
+        let last = !matches!(event, ReplayEvent::Token { .. });
         let (id, json) = match &event {
             ReplayEvent::Token { id, text } => (
                 *id,
@@ -217,111 +314,30 @@ impl ReplayBody {
                 text,
                 usage,
                 model,
-            } => {
-                self.finished = true;
-                (
-                    *id,
-                    serde_json::to_string(&DoneEvent {
-                        token: "",
-                        done: true,
-                        full_text: text,
-                        chat_id: Some(self.chat_id),
-                        message_id: self.message_id,
-                        model,
-                        usage: (*usage).into(),
-                    }),
-                )
-            }
-            ReplayEvent::Failed { id, message } => {
-                self.finished = true;
-                (
-                    *id,
-                    serde_json::to_string(&ErrorEvent {
-                        error: "Stream failed",
-                        message,
-                    }),
-                )
-            }
+            } => (
+                *id,
+                serde_json::to_string(&DoneEvent {
+                    token: "",
+                    done: true,
+                    full_text: text,
+                    chat_id: Some(self.chat_id),
+                    message_id: self.message_id,
+                    model,
+                    usage: (*usage).into(),
+                }),
+            ),
+            ReplayEvent::Failed { id, message } => (
+                *id,
+                serde_json::to_string(&ErrorEvent {
+                    error: "Stream failed",
+                    message,
+                }),
+            ),
         };
         if let Ok(json) = json {
             write_frame(out, id, &json);
         }
-    }
-}
-
-impl futures::Stream for ReplayBody {
-    type Item = Result<Bytes, Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let mut out = BytesMut::new();
-        if this.opening {
-            this.opening = false;
-            out.extend_from_slice(PING);
-        }
-        let opened = out.len();
-        while !this.finished && out.len() < MAX_BATCH_BYTES {
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(event)) => this.encode(event, &mut out),
-                Poll::Ready(None) => this.finished = true,
-                Poll::Pending => break,
-            }
-        }
-        if !out.is_empty() {
-            this.sent_since_tick |= out.len() > opened;
-            return Poll::Ready(Some(Ok(out.freeze())));
-        }
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        while this.ping.poll_tick(cx).is_ready() {
-            if !std::mem::replace(&mut this.sent_since_tick, false) {
-                return Poll::Ready(Some(Ok(ping_frame())));
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl futures::Stream for EventBody {
-    type Item = Result<Bytes, Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let mut out = BytesMut::new();
-        if this.opening {
-            this.opening = false;
-            out.extend_from_slice(PING);
-        }
-        let opened = out.len();
-        if let Some(first) = this.first.take() {
-            this.encode(first, &mut out);
-        }
-        while !this.finished && out.len() < MAX_BATCH_BYTES {
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(event)) => this.encode(event, &mut out),
-                Poll::Ready(None) => {
-                    this.finished = true;
-                }
-                Poll::Pending => break,
-            }
-        }
-        if !out.is_empty() {
-            // The opening comment alone does not count as activity: the
-            // first keep-alive is due one interval after it.
-            this.sent_since_tick |= out.len() > opened;
-            return Poll::Ready(Some(Ok(out.freeze())));
-        }
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        // Nothing queued: a keep-alive when a whole interval passed silently.
-        while this.ping.poll_tick(cx).is_ready() {
-            if !std::mem::replace(&mut this.sent_since_tick, false) {
-                return Poll::Ready(Some(Ok(ping_frame())));
-            }
-        }
-        Poll::Pending
+        last
     }
 }
 

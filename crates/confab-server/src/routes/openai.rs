@@ -11,7 +11,6 @@
 //!
 //! [`TurnEngine`]: confab_core::turn::TurnEngine
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
@@ -30,8 +29,6 @@ use confab_core::turn::{
     GivenConversation, Started, StartedTurn, TurnEvent, TurnFailure, TurnInput, TurnSummary,
 };
 use confab_core::{ChatId, MessageId};
-use futures::Stream;
-use tokio::sync::mpsc;
 
 use crate::error::{ApiError, set_token_limit_headers};
 use crate::middleware::Auth;
@@ -39,6 +36,7 @@ use crate::openai_wire::{
     Choice, ChunkChoice, Completion, CompletionChunk, CompletionRequest, Content, Delta, ErrorBody,
     ErrorObject, ModelList, ModelOut, OutMessage, Stop, UsageOut, UsageSlot,
 };
+use crate::sse::{Encoder, SseBody};
 use crate::state::AppState;
 
 /// The header that stores a turn in a confab chat: `new` or a chat id.
@@ -483,7 +481,7 @@ pub async fn chat_completions(
         include_usage,
         span: tracing::Span::current(),
     };
-    let body = Body::from_stream(stream_body(turn.events, first, chunks, keepalive));
+    let body = Body::from_stream(SseBody::with_encoder(turn.events, first, chunks, keepalive));
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -608,7 +606,7 @@ impl ChunkStream {
     }
 
     /// The opening chunk: the role, no text yet (as OpenAI sends it).
-    fn opening(&self, out: &mut BytesMut) {
+    fn role_chunk(&self, out: &mut BytesMut) {
         self.delta(
             out,
             Delta {
@@ -664,6 +662,31 @@ impl ChunkStream {
     }
 }
 
+impl Encoder for ChunkStream {
+    type Event = TurnEvent;
+
+    fn opening(&mut self, out: &mut BytesMut) {
+        self.role_chunk(out);
+    }
+
+    fn encode(&mut self, event: TurnEvent, out: &mut BytesMut) -> bool {
+        match event {
+            TurnEvent::Token(text) => {
+                self.token(out, &text);
+                false
+            }
+            TurnEvent::Done(summary) => {
+                self.done(out, &summary);
+                true
+            }
+            TurnEvent::Failed(failure) => {
+                self.failed(out, failure);
+                true
+            }
+        }
+    }
+}
+
 fn data_line<T: serde::Serialize>(out: &mut BytesMut, value: &T) {
     out.extend_from_slice(b"data: ");
     // Serialising these types cannot fail (no maps with non-string keys).
@@ -671,80 +694,4 @@ fn data_line<T: serde::Serialize>(out: &mut BytesMut, value: &T) {
         out.extend_from_slice(&json);
     }
     out.extend_from_slice(b"\n\n");
-}
-
-/// The stream's body: the opening chunk, then every queued event per write
-/// (several when the client is slower than the model), a `: ping` comment
-/// when nothing was sent for a keep-alive interval, and the end after the
-/// final event. Dropping it (the client left) drops the receiver, which the
-/// engine sees at once and cancels the upstream.
-fn stream_body(
-    rx: mpsc::Receiver<TurnEvent>,
-    first: Option<TurnEvent>,
-    chunks: ChunkStream,
-    keepalive: Duration,
-) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    struct St {
-        rx: mpsc::Receiver<TurnEvent>,
-        first: Option<TurnEvent>,
-        chunks: ChunkStream,
-        opened: bool,
-        ended: bool,
-        ping: tokio::time::Interval,
-    }
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let st = St {
-        rx,
-        first,
-        chunks,
-        opened: false,
-        ended: false,
-        ping,
-    };
-    futures::stream::unfold(st, |mut st| async move {
-        if st.ended {
-            return None;
-        }
-        let mut out = BytesMut::new();
-        if !st.opened {
-            st.opened = true;
-            st.chunks.opening(&mut out);
-        }
-        let mut next = st.first.take();
-        if next.is_none() && out.is_empty() {
-            next = tokio::select! {
-                event = st.rx.recv() => match event {
-                    Some(event) => Some(event),
-                    // The engine always sends a final event unless the
-                    // client left; end the body either way.
-                    None => return None,
-                },
-                _ = st.ping.tick() => {
-                    return Some((Ok(Bytes::from_static(b": ping\n\n")), st));
-                }
-            };
-        }
-        while let Some(event) = next.take() {
-            match event {
-                TurnEvent::Token(text) => st.chunks.token(&mut out, &text),
-                TurnEvent::Done(summary) => {
-                    st.chunks.done(&mut out, &summary);
-                    st.ended = true;
-                    break;
-                }
-                TurnEvent::Failed(failure) => {
-                    st.chunks.failed(&mut out, failure);
-                    st.ended = true;
-                    break;
-                }
-            }
-            if out.len() >= 16 * 1024 {
-                break;
-            }
-            next = st.rx.try_recv().ok();
-        }
-        st.ping.reset();
-        Some((Ok(out.freeze()), st))
-    })
 }
