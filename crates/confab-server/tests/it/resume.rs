@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::per_store;
 use crate::support::app::{ACME, ALICE};
-use crate::support::process::{Confab, PrivateRedis, command};
+use crate::support::process::{Confab, PrivateRedis, seeded_postgres};
 use crate::support::sse::SseReader;
 use crate::support::{As, Db, TestApp, TestDb, spawn_app_with};
 
@@ -154,21 +154,6 @@ async fn metrics(client: &reqwest::Client, base: &str) -> String {
         .text()
         .await
         .unwrap()
-}
-
-async fn seeded_postgres() -> TestDb {
-    let db = TestDb::new(Db::Postgres).await;
-    let seeded = command(&[("DATABASE_URL", &db.url)])
-        .arg("seed-demo")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        seeded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&seeded.stderr)
-    );
-    db
 }
 
 fn process_env<'a>(db: &'a TestDb, redis: &'a str) -> Vec<(&'a str, &'a str)> {

@@ -12,9 +12,9 @@ use tokio::sync::Barrier;
 use crate::llm::{ModelsFile, app_with_models, llmock_models, stored};
 use crate::support::app::{ACME, ALICE, BOB};
 use crate::support::peers::{Llmock, LlmockOpts};
-use crate::support::process::{Confab, PrivateRedis, command};
+use crate::support::process::{Confab, PrivateRedis, command, seeded_postgres};
 use crate::support::sse::SseReader;
-use crate::support::{As, Db, Limiter, TestApp, TestDb};
+use crate::support::{As, Db, Limiter, TestApp};
 use crate::{per_limiter, per_store};
 
 per_store!(
@@ -309,19 +309,9 @@ async fn two_processes_sharing_redis_never_settle_more_than_the_token_limit() {
     crate::support::init();
     let mock = Llmock::start(LlmockOpts::default()).await;
     let models = ModelsFile::new(&llmock_models(&mock));
-    let db = TestDb::new(Db::Postgres).await;
+    let db = seeded_postgres().await;
     let redis = PrivateRedis::start();
     let limit = 6000u64;
-    let seeded = command(&[("DATABASE_URL", &db.url)])
-        .arg("seed-demo")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        seeded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&seeded.stderr)
-    );
     let set = command(&[("DATABASE_URL", &db.url)])
         .args([
             "org",

@@ -190,3 +190,19 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// A fresh PostgreSQL database with the demo tenants, seeded by the CLI.
+pub async fn seeded_postgres() -> super::TestDb {
+    let db = super::TestDb::new(super::Db::Postgres).await;
+    let seeded = command(&[("DATABASE_URL", &db.url)])
+        .arg("seed-demo")
+        .output()
+        .await
+        .expect("run confab seed-demo");
+    assert!(
+        seeded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seeded.stderr)
+    );
+    db
+}
