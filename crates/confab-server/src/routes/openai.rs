@@ -155,8 +155,8 @@ pub async fn openai_errors(req: Request, next: Next) -> Response {
     Response::from_parts(parts, body)
 }
 
-/// `GET /v1/models`: the models the caller's org may use.
-/// The models the caller's org may use, in OpenAI's shape (SPEC §13).
+/// `GET /v1/models`: the models the caller's org may use, in OpenAI's
+/// shape (SPEC §13).
 #[utoipa::path(
     get, path = "/v1/models", tag = "openai", operation_id = "openaiListModels",
     responses((status = 200, description = "The models", body = ModelList)),
