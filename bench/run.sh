@@ -16,7 +16,9 @@
 #
 # Environment: BENCH_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
 # CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs,
-# CONFAB_PEERS_DIR (default ~/.cache/confab-peers: the venv holding litellm).
+# CONFAB_PEERS_DIR (default ~/.cache/confab-peers: the venv holding litellm),
+# BENCH_SERVER_ENV: extra VAR=value words for every confab server (experiments,
+# e.g. BENCH_SERVER_ENV=DB_GROUP_COMMIT=off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -168,7 +170,7 @@ start_server() { # name, env assignments…
   ( cd "$dir" && exec env -i PATH="$PATH" HOME="$dir" \
       HOST=127.0.0.1 PORT="$port" LOG_LEVEL=info LOG_FORMAT=json \
       RATE_LIMIT_BURST=1000000000 RATE_LIMIT_PER_SECOND=1000000000 \
-      SHUTDOWN_GRACE_SECONDS=10 "$@" \
+      SHUTDOWN_GRACE_SECONDS=10 "$@" ${BENCH_SERVER_ENV:-} \
       "$CONFAB" serve >"$WORK/$name.log" 2>"$WORK/$name.stderr" ) &
   SERVER_PID=$!
   SERVER_URL=http://127.0.0.1:$port

@@ -37,6 +37,20 @@ pub struct PoolConfig {
     /// flusher's batches wait longer ([`PoolConfig::PATIENT_ACQUIRE`]): an
     /// admitted turn must not lose its reply to a moment of contention.
     pub acquire_timeout: std::time::Duration,
+    /// `DB_GROUP_COMMIT`: turn writes that arrive together share
+    /// transactions (PostgreSQL; SQLite has one writer anyway).
+    pub group_commit: bool,
+}
+
+/// Counters of a store's group commit, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    /// Transactions (or lone statements) that carried turn writes.
+    pub transactions: u64,
+    /// Turn writes they carried.
+    pub writes: u64,
+    /// Batches that failed and were rolled back, their writes then run alone.
+    pub fallbacks: u64,
 }
 
 impl PoolConfig {
@@ -48,6 +62,7 @@ impl PoolConfig {
         Self {
             max_connections,
             acquire_timeout: Self::PATIENT_ACQUIRE,
+            group_commit: true,
         }
     }
 }
@@ -67,6 +82,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Close the pool, waiting for connections in use to be returned.
     async fn close(&self);
+
+    /// The group commit's counters, when this store groups its writes.
+    fn group_commit_stats(&self) -> Option<GroupCommitStats> {
+        None
+    }
 
     // ---- tenancy -------------------------------------------------------
 

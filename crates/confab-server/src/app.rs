@@ -39,6 +39,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let pool = PoolConfig {
         max_connections: config.db_pool_max,
         acquire_timeout: config.db_acquire_timeout,
+        group_commit: config.db_group_commit,
     };
     let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
         Arc::new(
@@ -99,7 +100,9 @@ impl App {
             tracing::info!(rows = created, "seeded the demo tenants");
         }
         let (limiter, budget) = open_limiter(&config).await?;
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        metrics.watch_store(store.clone());
+        let metrics = Arc::new(metrics);
         metrics
             .turns_max_concurrent
             .set(i64::try_from(config.engine.max_concurrent_turns).unwrap_or(i64::MAX));

@@ -331,6 +331,7 @@ fn announce(app: &App, addr: std::net::SocketAddr) {
         maxConcurrentStreams = cfg.engine.max_concurrent_turns,
         dbPoolMax = cfg.db_pool_max,
         dbAcquireTimeoutMs = u64::try_from(cfg.db_acquire_timeout.as_millis()).unwrap_or(u64::MAX),
+        dbGroupCommit = cfg.db_group_commit,
         "confab listening"
     );
     eprintln!("\nconfab is listening on {base}");

@@ -183,6 +183,9 @@ pub struct Config {
     /// How long a request waits for a pooled database connection before it
     /// is answered 503 (`DB_ACQUIRE_TIMEOUT_MS`).
     pub db_acquire_timeout: Duration,
+    /// Turn writes that arrive together share PostgreSQL transactions
+    /// (`DB_GROUP_COMMIT`, default on).
+    pub db_group_commit: bool,
     pub redis_url: Option<Secret>,
     /// Per-request timeout for Redis calls; past it the fail-open/closed policy applies.
     pub redis_timeout: Duration,
@@ -365,6 +368,7 @@ impl Config {
         }
 
         let db_acquire_timeout = src.millis("DB_ACQUIRE_TIMEOUT_MS", 1000)?;
+        let db_group_commit = src.bool("DB_GROUP_COMMIT", true)?;
         if db_acquire_timeout.is_zero() || db_acquire_timeout > Duration::from_secs(60) {
             return Err(bad("DB_ACQUIRE_TIMEOUT_MS", "must be between 1 and 60000"));
         }
@@ -556,6 +560,7 @@ impl Config {
             database_url: Secret::new(database_url),
             db_pool_max,
             db_acquire_timeout,
+            db_group_commit,
             redis_url: redis_url.map(Secret::new),
             redis_timeout: src.millis("REDIS_TIMEOUT_MS", 250)?,
             rate_limit: Limit { burst, per_second },
@@ -683,6 +688,7 @@ mod tests {
             default_max_concurrent_streams(available_cores(), 3)
         );
         assert_eq!(c.db_acquire_timeout, Duration::from_secs(1));
+        assert!(c.db_group_commit);
         let c = cfg(&[("MAX_CONCURRENT_STREAMS", "7")]).unwrap();
         assert_eq!(c.engine.max_concurrent_turns, 7);
     }
@@ -731,6 +737,7 @@ mod tests {
             ("STREAM_DETACH_SECONDS", "soon"),
             ("MAX_CONCURRENT_STREAMS", "0"),
             ("DB_ACQUIRE_TIMEOUT_MS", "0"),
+            ("DB_GROUP_COMMIT", "sometimes"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");

@@ -10,9 +10,13 @@
 //! The hot paths are single statements: a turn without an idempotency key is
 //! one CTE (one round trip, atomic on its own), finishing a message is one
 //! CTE, and the periodic batches (`save_partials`, `touch_api_keys`) are one
-//! `UPDATE … FROM unnest(…)` each, whatever their size.
+//! `UPDATE … FROM unnest(…)` each, whatever their size. Turn writes
+//! (begin, finish, a stateless turn's ledger row) go through the group
+//! commit ([`group`]), which lets the ones that arrive together share a
+//! transaction.
 
 mod error;
+mod group;
 mod migrations;
 mod rows;
 
@@ -24,6 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use confab_core::store::GroupCommitStats;
 use confab_core::{
     ApiKey, ApiKeyId, BegunTurn, Chat, ChatCursor, ChatId, ChatTitle, FinishedMessage,
     IdempotencyRecord, LedgerEntry, Message, MessageId, MessageRole, NewApiKey, NewOrg, NewTurn,
@@ -37,6 +42,7 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::error::{connection_lost, map_err};
+use crate::group::{Answer, GroupCommit, Statement};
 use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
 
 /// A pooled connection idle for longer than this is pinged before use: it
@@ -50,6 +56,10 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
 pub struct PostgresStore {
     pool: PgPool,
     liveness: Arc<Liveness>,
+    /// `DB_ACQUIRE_TIMEOUT_MS`: how long a request waits for a connection.
+    acquire_timeout: Duration,
+    /// The turn writes' group commit (`DB_GROUP_COMMIT`).
+    group: Option<Arc<GroupCommit>>,
 }
 
 impl PostgresStore {
@@ -89,7 +99,7 @@ impl PostgresStore {
     /// `Unavailable` when the server cannot be reached within ~5 s (the
     /// message names host, port and database, never the password); `Other`
     /// for a malformed URL or a refused login.
-    pub async fn connect_with(url: &str, pool: PoolConfig) -> Result<PostgresStore, StoreError> {
+    pub async fn connect_with(url: &str, config: PoolConfig) -> Result<PostgresStore, StoreError> {
         // The URL may hold a password: it never goes into an error message.
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Other(format!("invalid PostgreSQL URL: {e}")))?;
@@ -102,8 +112,8 @@ impl PostgresStore {
         let liveness = Arc::new(Liveness::new());
         let check = liveness.clone();
         let pool = PgPoolOptions::new()
-            .max_connections(pool.max_connections.max(1))
-            .acquire_timeout(pool.acquire_timeout)
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(config.acquire_timeout)
             .test_before_acquire(false)
             .before_acquire(move |conn, meta| {
                 let check = check.clone();
@@ -134,7 +144,50 @@ impl PostgresStore {
                 }
                 other => other,
             })?;
-        Ok(PostgresStore { pool, liveness })
+        let group = config.group_commit.then(|| {
+            Arc::new(GroupCommit::start(
+                pool.clone(),
+                GroupCommit::writers_for(config.max_connections),
+            ))
+        });
+        Ok(PostgresStore {
+            pool,
+            liveness,
+            acquire_timeout: config.acquire_timeout,
+            group,
+        })
+    }
+
+    /// Run one turn write (`begins`: a turn's first write, which may be
+    /// refused when the database is too busy; otherwise a write that
+    /// finishes admitted work and waits patiently): through the group commit
+    /// when it is on, and alone — with the dead-connection retry — when it
+    /// is off or the write's batch failed.
+    async fn write_turn<F>(
+        &self,
+        build: F,
+        chat: Uuid,
+        begins: bool,
+    ) -> Result<Vec<PgRow>, sqlx::Error>
+    where
+        F: Fn() -> Statement,
+    {
+        if let Some(group) = &self.group {
+            let wait = begins.then_some(self.acquire_timeout);
+            match group.submit(build(), chat, wait).await? {
+                Answer::Done(rows) => return Ok(rows),
+                Answer::RunAlone => {}
+            }
+        }
+        self.retry(|| async {
+            let mut conn = if begins {
+                self.pool.acquire().await?
+            } else {
+                patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE).await?
+            };
+            build().fetch_all(&mut *conn).await
+        })
+        .await
     }
 
     /// Run `op`, and once more when it failed because its pooled connection
@@ -431,6 +484,10 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    fn group_commit_stats(&self) -> Option<GroupCommitStats> {
+        self.group.as_ref().map(|group| group.stats())
     }
 
     // ---- tenancy -------------------------------------------------------
@@ -981,8 +1038,11 @@ impl Store for PostgresStore {
         // writing the turn twice.
         if turn.idempotency.is_none() {
             // The hot path: one self-contained statement, one round trip.
+            let chat = match &turn.chat {
+                TurnChat::New { id, .. } | TurnChat::Existing(id) => uuid(*id),
+            };
             let rows = self
-                .retry(|| begin_turn_query(turn).fetch_all(&self.pool))
+                .write_turn(|| begin_turn_query(turn), chat, true)
                 .await
                 .map_err(map_err)?;
             return begun_turn(turn, &rows);
@@ -1015,21 +1075,17 @@ impl Store for PostgresStore {
             Some((user, key, response)) => (Some(uuid(*user)), Some(key.as_str()), Some(response)),
             None => (None, None, None),
         };
-        let row = self
-            .retry(move || async move {
-                // A write that finishes work already done waits up to
-                // PATIENT_ACQUIRE for a connection, not the request paths' wait.
-                let mut conn = patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE).await?;
-                sqlx::query(concat!(
-                    "WITH m AS ( \
+        let build = move || {
+            sqlx::query(concat!(
+                "WITH m AS ( \
                 UPDATE messages \
                    SET content = $4, status = $5, token_count = $6, updated_at = now(), \
                        prompt_tokens = $10, completion_tokens = $6, usage_source = $11, \
                        event_lengths = $13 \
                  WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
                 RETURNING ",
-                    message_columns!(),
-                    " ), c AS ( \
+                message_columns!(),
+                " ), c AS ( \
                 UPDATE chats SET updated_at = now() \
                  WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
                 RETURNING user_id \
@@ -1048,33 +1104,33 @@ impl Store for PostgresStore {
                  WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
             ) \
             SELECT * FROM m"
-                ))
-                .bind(uuid(msg.id))
-                .bind(uuid(msg.org))
-                .bind(uuid(msg.chat))
-                .bind(&msg.content)
-                .bind(msg.status.as_str())
-                .bind(msg.usage.completion_tokens)
-                .bind(user)
-                .bind(key)
-                .bind(response)
-                .bind(msg.usage.prompt_tokens)
-                .bind(msg.usage.source.as_str())
-                .bind(msg.cost.cost_micro_usd)
-                .bind(&msg.event_lengths)
-                .fetch_optional(&mut *conn)
-                .await
-            })
+            ))
+            .bind(uuid(msg.id))
+            .bind(uuid(msg.org))
+            .bind(uuid(msg.chat))
+            .bind(&msg.content)
+            .bind(msg.status.as_str())
+            .bind(msg.usage.completion_tokens)
+            .bind(user)
+            .bind(key)
+            .bind(response)
+            .bind(msg.usage.prompt_tokens)
+            .bind(msg.usage.source.as_str())
+            .bind(msg.cost.cost_micro_usd)
+            .bind(&msg.event_lengths)
+        };
+        let rows = self
+            .write_turn(build, uuid(msg.chat), false)
             .await
             .map_err(map_err)?;
-        row.as_ref()
+        rows.first()
             .map(rows::message)
             .ok_or(StoreError::NotFound)?
     }
 
     async fn record_usage(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
         // Keyed by the turn's own id: a retried insert cannot count twice.
-        self.retry(|| {
+        let build = || {
             sqlx::query(
                 "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
                     prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
@@ -1090,10 +1146,11 @@ impl Store for PostgresStore {
             .bind(entry.usage.completion_tokens)
             .bind(entry.usage.source.as_str())
             .bind(entry.cost.cost_micro_usd)
-            .execute(&self.pool)
-        })
-        .await
-        .map_err(map_err)?;
+        };
+        // No chat: its ledger row is the only row it writes.
+        self.write_turn(build, Uuid::nil(), false)
+            .await
+            .map_err(map_err)?;
         Ok(())
     }
 

@@ -18,6 +18,36 @@ use crate::support::{Db, TestDb, spawn_app_with};
 const SHORT: &str = "300";
 const LONG: &str = "20000";
 
+/// One whole response (head and a `content-length` body), or everything the
+/// server sent until it closed the connection; panics after `limit`.
+async fn read_one_response(tcp: &mut TcpStream, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if length.is_some_and(|n| got.len() >= end + 4 + n) {
+                return text;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Err(_) => panic!("no whole response after {limit:?}; received {text:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return text,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// Everything the server sends until it closes the connection, and when
 /// it closed; panics if it is still open after `limit`.
 async fn read_until_closed(tcp: &mut TcpStream, limit: Duration) -> (String, Instant) {
@@ -378,7 +408,7 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         // The server may answer (and close) before it has read everything.
         let _ = tcp.write_all(request).await;
-        let (raw, _) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+        let raw = read_one_response(&mut tcp, Duration::from_secs(5)).await;
         if raw.contains("ab\x01cd") || raw.starts_with("HTTP/1.1 200") {
             // hyper's parser does not always refuse a control byte in a
             // header value (it depends on how the bytes arrive); then the
@@ -416,7 +446,15 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
         .text()
         .await
         .unwrap();
-    for (status, count) in [("400", 3), ("414", 1), ("431", 1)] {
+    // As many as were refused: the control-byte case may have been served.
+    for (status, count) in [(400u16, 0), (414, 1), (431, 1)] {
+        let count = if status == 400 {
+            ids.iter().filter(|(_, s)| *s == 400).count() as u32
+        } else {
+            count
+        };
+        assert!(count > 0, "{status} never answered");
+        let status = status.to_string();
         // Summed over the method label (GET, or OTHER for "GARBAGE").
         let value: f64 = metrics
             .lines()

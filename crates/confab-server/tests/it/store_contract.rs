@@ -63,6 +63,7 @@ per_store!(
     interrupt_stale_streams_marks_only_stale_streams,
     concurrent_turns_with_one_idempotency_key_admit_exactly_one,
     concurrent_turns_on_one_chat_get_gap_free_sequence_numbers,
+    concurrent_writes_are_answered_each_on_its_own,
     chat_service_lets_only_the_owner_write_and_admins_read,
     connecting_to_an_unreachable_database_is_unavailable,
 );
@@ -1337,6 +1338,82 @@ async fn concurrent_turns_on_one_chat_get_gap_free_sequence_numbers(db: Db) {
         .map(|m| m.seq)
         .collect();
     assert_eq!(seqs, (1..=42).collect::<Vec<i64>>());
+}
+
+/// Many turn writes at once — begins and final writes, a few of them bound
+/// to fail (a message id that is taken) — each get their own answer: the
+/// failing ones `Conflict`, every other one written. On PostgreSQL they go
+/// through the group commit, so a failing write shares a transaction with
+/// good ones; the waves repeat until that has happened at least once.
+async fn concurrent_writes_are_answered_each_on_its_own(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let taken = start_chat(&*store, &alice, "taken").await;
+    let mut good_chats = Vec::new();
+    for _wave in 0..20 {
+        let tasks: Vec<_> = (0..48)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                let mut attempt =
+                    turn(&alice, new_chat(&format!("chat {i}")), &format!("turn {i}"));
+                let bad = i % 12 == 5;
+                if bad {
+                    attempt.user_message_id = taken.user_message.id;
+                }
+                let alice = alice.clone();
+                tokio::spawn(async move {
+                    let begun = store.begin_turn(&attempt).await;
+                    if let Ok(begun) = &begun {
+                        let done = store
+                            .finish_message(&finished(
+                                &alice,
+                                begun,
+                                "a reply",
+                                MessageStatus::Complete,
+                            ))
+                            .await
+                            .unwrap();
+                        assert_eq!(done.id, begun.assistant_message.id);
+                    }
+                    (bad, attempt.chat, begun)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (bad, chat, begun) = task.await.unwrap();
+            let TurnChat::New { id, .. } = chat else {
+                unreachable!()
+            };
+            if bad {
+                assert!(
+                    matches!(begun, Err(StoreError::Conflict { .. })),
+                    "a turn reusing a message id: {begun:?}"
+                );
+                assert!(is_not_found(store.get_chat(acme.id, id).await));
+            } else {
+                assert_eq!(begun.unwrap().chat_id, id);
+                good_chats.push(id);
+            }
+        }
+        match store.group_commit_stats() {
+            None => break,
+            Some(stats) if stats.fallbacks > 0 && stats.transactions < stats.writes => break,
+            Some(_) => {}
+        }
+    }
+    if let Some(stats) = store.group_commit_stats() {
+        assert!(
+            stats.fallbacks > 0,
+            "no failing write shared a group commit: {stats:?}"
+        );
+    }
+    for id in good_chats {
+        let messages = all_messages(&*store, acme.id, id).await;
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[1].content, "a reply");
+        assert_eq!(messages[1].status, MessageStatus::Complete);
+    }
 }
 
 // ---- the rules on top of the store --------------------------------------------

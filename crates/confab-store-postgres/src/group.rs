@@ -1,0 +1,262 @@
+//! Group commit: the turn writes that arrive together (begin-turn inserts,
+//! final writes with their ledger rows, ledger rows of stateless turns) go to
+//! PostgreSQL in shared transactions.
+//!
+//! A few writer tasks take turns at the queue: each takes whatever is waiting
+//! (up to [`MAX_BATCH`]) and runs it — alone as its own statement, or, when
+//! several were waiting, as the statements of one transaction: one commit and
+//! one WAL flush for all of them instead of one each. Nobody waits for a batch
+//! to fill: at light load every write finds an idle writer and runs at once,
+//! so a lone turn pays two task hand-offs (microseconds) and nothing else.
+//! Batches form only while every writer is busy, i.e. exactly when commits
+//! would otherwise queue for the pool. Each caller is answered only after the
+//! transaction holding its write has committed.
+//!
+//! Every statement sent here is self-contained and safe to replay (see
+//! [`crate::PostgresStore`]'s `retry`), so a batch that fails for any reason
+//! (a dead connection, a conflict of one of its writes, a deadlock with
+//! another transaction) is undone as a whole and each caller then runs its
+//! own statement alone, with the usual dead-connection retry: one write's
+//! failure is never another's. Writes are ordered by chat within a batch so
+//! that two batches take the chats' row locks in the same order.
+//!
+//! Hand-written because what it needs — answering each caller after a shared
+//! commit, falling back per caller — is specific to these statements; no
+//! crate batches arbitrary sqlx queries into transactions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use confab_core::PoolConfig;
+use confab_core::store::GroupCommitStats;
+use confab_store_sql::patient_acquire;
+use sqlx::postgres::{PgArguments, PgPool, PgRow, Postgres};
+use sqlx::query::Query;
+use sqlx::{Connection, Error};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+/// The most writes one transaction carries.
+pub(crate) const MAX_BATCH: usize = 128;
+
+/// A write's statement, built by its caller (its arguments are encoded
+/// already, so it owns them).
+pub(crate) type Statement = Query<'static, Postgres, PgArguments>;
+
+/// What the writers answer a caller.
+pub(crate) enum Answer {
+    /// The write is committed; these are its statement's rows.
+    Done(Vec<PgRow>),
+    /// Its batch failed and was rolled back: run the statement alone.
+    RunAlone,
+}
+
+struct Job {
+    statement: Statement,
+    /// Row-lock order within a batch (the chat's id).
+    chat: Uuid,
+    /// A turn's first write, which is refused (`PoolTimedOut`) rather than
+    /// queued past `DB_ACQUIRE_TIMEOUT_MS`. Its caller gives up at the
+    /// deadline unless a writer has taken the job by then: who moves
+    /// `state` first decides, so a write is never done for a caller that
+    /// was told it was refused.
+    impatient: Option<Arc<AtomicU8>>,
+    reply: oneshot::Sender<Result<Answer, Error>>,
+}
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Move `state` from queued to `to`; whether this side won.
+fn settle(state: &AtomicU8, to: u8) -> bool {
+    state
+        .compare_exchange(QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+#[derive(Default)]
+struct Stats {
+    transactions: AtomicU64,
+    writes: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+/// The queue and its writers. Dropping the last handle stops the writers
+/// once the queue is empty.
+pub(crate) struct GroupCommit {
+    queue: mpsc::UnboundedSender<Job>,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit").finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// How many writers a pool of `max_connections` gets: up to half of its
+    /// connections (the rest serve reads, keyed turns and the partial-text
+    /// flushes), at most 4 — beyond that more writers only make smaller
+    /// batches.
+    pub(crate) fn writers_for(max_connections: u32) -> usize {
+        usize::try_from(max_connections / 2)
+            .unwrap_or(1)
+            .clamp(1, 4)
+    }
+
+    /// Start `writers` writer tasks on the current runtime.
+    pub(crate) fn start(pool: PgPool, writers: usize) -> GroupCommit {
+        let (queue, jobs) = mpsc::unbounded_channel();
+        let jobs = Arc::new(Mutex::new(jobs));
+        let stats = Arc::new(Stats::default());
+        for _ in 0..writers.max(1) {
+            tokio::spawn(writer(pool.clone(), jobs.clone(), stats.clone()));
+        }
+        GroupCommit { queue, stats }
+    }
+
+    /// Queue `statement` and wait for its answer. `wait_at_most`: for a
+    /// turn's first write, how long it may wait for a writer and a
+    /// connection (then `PoolTimedOut`, nothing written). `Err` only for a
+    /// write that did not run (`PoolTimedOut`, or `PoolClosed` once the
+    /// store is closing).
+    pub(crate) async fn submit(
+        &self,
+        statement: Statement,
+        chat: Uuid,
+        wait_at_most: Option<Duration>,
+    ) -> Result<Answer, Error> {
+        let (reply, mut answer) = oneshot::channel();
+        let impatient = wait_at_most.map(|_| Arc::new(AtomicU8::new(QUEUED)));
+        let job = Job {
+            statement,
+            chat,
+            impatient: impatient.clone(),
+            reply,
+        };
+        if self.queue.send(job).is_err() {
+            return Err(Error::PoolClosed);
+        }
+        if let (Some(wait), Some(state)) = (wait_at_most, &impatient) {
+            match tokio::time::timeout(wait, &mut answer).await {
+                Ok(answered) => return answered.unwrap_or(Err(Error::PoolClosed)),
+                Err(_) if settle(state, ABANDONED) => return Err(Error::PoolTimedOut),
+                // A writer has it: its answer is on the way.
+                Err(_) => {}
+            }
+        }
+        // A writer that goes away (the runtime shutting down) drops the reply.
+        answer.await.unwrap_or(Err(Error::PoolClosed))
+    }
+
+    pub(crate) fn stats(&self) -> GroupCommitStats {
+        GroupCommitStats {
+            transactions: self.stats.transactions.load(Ordering::Relaxed),
+            writes: self.stats.writes.load(Ordering::Relaxed),
+            fallbacks: self.stats.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One writer: wait for the queue, take what is there, write it, repeat.
+async fn writer(pool: PgPool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>, stats: Arc<Stats>) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            // One writer at a time waits at the queue; the others are
+            // writing or waiting for their turn here.
+            let mut queue = jobs.lock().await;
+            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
+            }
+        }
+        write(&pool, batch, &stats).await;
+    }
+}
+
+async fn write(pool: &PgPool, batch: Vec<Job>, stats: &Stats) {
+    let mut live: Vec<Job> = batch
+        .into_iter()
+        .filter(|job| job.impatient.as_ref().is_none_or(|s| settle(s, TAKEN)))
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    live.sort_by_key(|job| job.chat);
+    let impatient = live.iter().any(|job| job.impatient.is_some());
+    let mut statements = Vec::with_capacity(live.len());
+    let mut replies = Vec::with_capacity(live.len());
+    for job in live {
+        statements.push(job.statement);
+        replies.push((job.impatient.is_some(), job.reply));
+    }
+    let count = statements.len() as u64;
+    match run(pool, statements, impatient).await {
+        Ok(rows) => {
+            stats.transactions.fetch_add(1, Ordering::Relaxed);
+            stats.writes.fetch_add(count, Ordering::Relaxed);
+            for ((_, reply), rows) in replies.into_iter().zip(rows) {
+                let _ = reply.send(Ok(Answer::Done(rows)));
+            }
+        }
+        // No connection in time: a turn that has not begun is refused, a
+        // write finishing admitted work waits again, patiently, alone.
+        Err(Error::PoolTimedOut) => {
+            for (impatient, reply) in replies {
+                let _ = reply.send(if impatient {
+                    Err(Error::PoolTimedOut)
+                } else {
+                    Ok(Answer::RunAlone)
+                });
+            }
+        }
+        Err(Error::PoolClosed) => {
+            for (_, reply) in replies {
+                let _ = reply.send(Err(Error::PoolClosed));
+            }
+        }
+        Err(err) => {
+            stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                writes = count,
+                error = %err,
+                "a group commit failed and was rolled back; its writes run one by one"
+            );
+            for (_, reply) in replies {
+                let _ = reply.send(Ok(Answer::RunAlone));
+            }
+        }
+    }
+}
+
+/// One statement on its own, or all of them in one transaction.
+async fn run(
+    pool: &PgPool,
+    statements: Vec<Statement>,
+    impatient: bool,
+) -> Result<Vec<Vec<PgRow>>, Error> {
+    // A batch holding a turn's first write waits for a connection as long
+    // as a request may (DB_ACQUIRE_TIMEOUT_MS, the pool's setting); one of
+    // final writes only as patiently as a turn's final write does.
+    let mut conn = if impatient {
+        pool.acquire().await?
+    } else {
+        patient_acquire(pool, PoolConfig::PATIENT_ACQUIRE).await?
+    };
+    let mut out = Vec::with_capacity(statements.len());
+    if statements.len() == 1 {
+        for statement in statements {
+            out.push(statement.fetch_all(&mut *conn).await?);
+        }
+        return Ok(out);
+    }
+    let mut tx = conn.begin().await?;
+    for statement in statements {
+        out.push(statement.fetch_all(&mut *tx).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
