@@ -17,6 +17,8 @@
 # Environment: BENCH_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
 # CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs,
 # CONFAB_PEERS_DIR (default ~/.cache/confab-peers: the venv holding litellm),
+# BENCH_BASELINE_BIN / BENCH_BASELINE_LABEL: run sse-1k on an older binary too
+# (same run; see below), BENCH_PERF=1: profile the server during sse-1k,
 # BENCH_SERVER_ENV: extra VAR=value words for every confab server (experiments,
 # e.g. BENCH_SERVER_ENV=DB_GROUP_COMMIT=off).
 set -euo pipefail
@@ -75,6 +77,8 @@ PG_BASE=${PG_ADMIN%/*}
 DB=confab_bench_$(date -u +%Y%m%d_%H%M%S)_$$
 DB_URL=$PG_BASE/$DB
 DB_CREATED=0
+BASE_DB=
+BASE_DB_CREATED=0
 SERVER_PID=
 REDIS_PID=
 UPSTREAM_PID=
@@ -104,6 +108,10 @@ cleanup() {
   if [ -n "$LITELLM_PID" ]; then stop_pid "$LITELLM_PID"; fi
   if [ -n "$UPSTREAM_PID" ]; then stop_pid "$UPSTREAM_PID"; fi
   if [ -n "$REDIS_PID" ]; then stop_pid "$REDIS_PID"; fi
+  if [ $BASE_DB_CREATED = 1 ]; then
+    psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $BASE_DB WITH (FORCE)" >/dev/null 2>&1 \
+      || log "could not drop database $BASE_DB"
+  fi
   if [ $DB_CREATED = 1 ]; then
     psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 \
       || log "could not drop database $DB"
@@ -177,6 +185,27 @@ start_server() { # name, env assignments…
   fragment "footprint-$name"
   "$BENCH" wait-ready --url "$SERVER_URL" --pid "$SERVER_PID" --started-at "$t0" \
     --scenario footprint --label "$name" --out "$FRAG"
+}
+
+# BENCH_PERF=1: sample the server's stacks with `perf record` (software
+# clock, 499 Hz) while a scenario runs, then write the hottest symbols to
+# out/bench/<run>-<scenario>.perf.txt (the profile summaries in BENCHMARKS.md).
+PERF_PID=
+profile_server() { # scenario, seconds
+  [ "${BENCH_PERF:-0}" = 1 ] || return 0
+  local data=$WORK/$1.perf.data
+  perf record -e cpu-clock -F 499 -g -p "$SERVER_PID" -o "$data" -- sleep "$2" \
+    >"$WORK/$1.perf.log" 2>&1 &
+  PERF_PID=$!
+  PERF_SCENARIO=$1
+}
+profile_report() {
+  [ -n "$PERF_PID" ] || return 0
+  wait "$PERF_PID" 2>/dev/null || true
+  PERF_PID=
+  perf report -i "$WORK/$PERF_SCENARIO.perf.data" --stdio --no-children --sort symbol \
+    --percent-limit 0.7 -g none 2>/dev/null | grep -v '^$' >"$OUT/$RUN_ID-$PERF_SCENARIO.perf.txt" || true
+  log "profile: $OUT/$RUN_ID-$PERF_SCENARIO.perf.txt"
 }
 
 stop_server() {
@@ -264,9 +293,11 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
   if want sse-1k; then
     fragment sse-1k
     log "sse-1k: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
+    profile_server sse-1k $((SSE_DURATION + 2))
     run_scenario sse-1k env BENCH_API_KEY="$ALICE_KEY" "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
       --duration-s $SSE_DURATION --spread-s 1 --token-delay 10-30 --url "$SERVER_URL" \
       "${probe[@]}" --scenario sse-1k --label "$SSE_CLIENTS clients" --out "$FRAG"
+    profile_report
   fi
   if want sse-burst; then
     for n in "${BURSTS[@]}"; do
@@ -277,6 +308,37 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
         --out "$FRAG"
     done
   fi
+  stop_server
+fi
+
+# ---- sse-1k again on a baseline binary, same run (BENCH_BASELINE_BIN) ------------
+# BENCH_BASELINE_BIN=<an older confab binary> [BENCH_BASELINE_LABEL=<its commit>]:
+# the same sse-1k, same client and Redis, against that binary on its own fresh
+# database (migrated, seeded and keyed by that binary), right after the
+# current one: the before/after ratio of CPU per token event within one run.
+if want sse-1k && [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+  log "baseline confab ($BENCH_BASELINE_BIN) on a fresh database of its own"
+  BASE_DB=${DB}_base
+  psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $BASE_DB" >/dev/null
+  BASE_DB_CREATED=1
+  BASE_URL=$PG_BASE/$BASE_DB
+  DATABASE_URL=$BASE_URL "$BENCH_BASELINE_BIN" migrate >/dev/null
+  DATABASE_URL=$BASE_URL "$BENCH_BASELINE_BIN" seed-demo >/dev/null
+  BASE_KEY=$(DATABASE_URL=$BASE_URL "$BENCH_BASELINE_BIN" key create --user $ALICE --name bench 2>/dev/null \
+    | awk '$1 == "key:" { print $2 }')
+  [ -n "$BASE_KEY" ] || { log "could not create the baseline's API key"; exit 1; }
+  current=$CONFAB
+  CONFAB=$BENCH_BASELINE_BIN
+  start_server baseline APP_ENV=production DATABASE_URL="$BASE_URL" REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  CONFAB=$current
+  fragment sse-1k-baseline
+  log "sse-1k-baseline: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
+  profile_server sse-1k-baseline $((SSE_DURATION + 2))
+  run_scenario sse-1k-baseline env BENCH_API_KEY="$BASE_KEY" "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
+    --duration-s $SSE_DURATION --spread-s 1 --token-delay 10-30 --url "$SERVER_URL" \
+    --server-pid "$SERVER_PID" --redis-pid "$REDIS_PID" --db-name "$BASE_DB" \
+    --scenario sse-1k-baseline --label "${BENCH_BASELINE_LABEL:-baseline}" --out "$FRAG"
+  profile_report
   stop_server
 fi
 

@@ -2,6 +2,7 @@
 //! and `latest.json`) and print the tables (Markdown, so they paste into
 //! BENCHMARKS.md as they are), with the ratios and the targets.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -429,7 +430,7 @@ pub fn render(doc: &Value) -> String {
     let streams: Vec<&Value> = all
         .iter()
         .copied()
-        .filter(|f| is(f, &["sse-1k", "sse-burst", "sse-10k"]))
+        .filter(|f| is(f, &["sse-1k", "sse-1k-baseline", "sse-burst", "sse-10k"]))
         .collect();
     if !streams.is_empty() {
         let _ = writeln!(
@@ -444,7 +445,7 @@ pub fn render(doc: &Value) -> String {
             .iter()
             .find(|f| f["scenario"] == "db-ceiling")
             .and_then(|f| f["result"]["tps"].as_f64());
-        for f in streams {
+        for f in streams.iter().copied() {
             let r = &f["result"];
             let burst = f["scenario"] == "sse-burst";
             let ttft = if burst {
@@ -489,6 +490,47 @@ pub fn render(doc: &Value) -> String {
                 errors,
                 ms(f.pointer("/usage/server_memory/rss_peak_mb")),
                 cpu_split(f.get("usage")),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    if !streams.is_empty() {
+        let _ = writeln!(
+            out,
+            "| scenario | token events | streams | server CPU s | server CPU per token event µs | per stream ms |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+        let mut per_token: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for f in &streams {
+            let r = &f["result"];
+            let num = |p: &str| r.pointer(p).and_then(Value::as_f64);
+            let tokens = num("/tokens_per_s").zip(num("/wall_s")).map(|(t, w)| t * w);
+            let cpu = f.pointer("/usage/cpu/server_s").and_then(Value::as_f64);
+            let n = r["streams"].as_f64();
+            let (Some(tokens), Some(cpu), Some(n)) = (tokens, cpu, n) else {
+                continue;
+            };
+            if tokens <= 0.0 || n <= 0.0 {
+                continue;
+            }
+            let name = f["scenario"].as_str().unwrap_or("");
+            per_token.insert(name.to_owned(), (cpu / tokens * 1e6, cpu / n * 1e3));
+            let _ = writeln!(
+                out,
+                "| {name} {} | {tokens:.0} | {n:.0} | {cpu:.2} | {:.1} | {:.2} |",
+                f["label"].as_str().unwrap_or(""),
+                cpu / tokens * 1e6,
+                cpu / n * 1e3,
+            );
+        }
+        if let (Some(now), Some(base)) = (per_token.get("sse-1k"), per_token.get("sse-1k-baseline"))
+        {
+            let _ = writeln!(
+                out,
+                "\nsse-1k / sse-1k-baseline (same run): CPU per token event {:.2}, per stream {:.2} (issue #15 goal ≤ 0.50)",
+                now.0 / base.0,
+                now.1 / base.1,
             );
         }
         let _ = writeln!(out);
