@@ -1030,7 +1030,11 @@ impl Run {
         let inner = self.engine.inner.clone();
         let config = &inner.config;
         let tx = self.tx.clone();
-        let stopped = inner.hard_stop.cancelled();
+        // A child of the process-wide stop: this loop polls it on every
+        // token, and the shared token's lock was contended across threads
+        // (visible in the sse-1k profile); the child's is this turn's own.
+        let hard_stop = inner.hard_stop.child_token();
+        let stopped = hard_stop.cancelled();
         let closed = self.publication.stop_signal(tx.clone());
         tokio::pin!(stopped, closed);
 

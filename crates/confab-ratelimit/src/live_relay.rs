@@ -19,6 +19,7 @@
 //! - Readers elsewhere: a key `confab:watch:<message id>` that a following
 //!   reader renews while it reads, which a detached generation checks.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -337,12 +338,19 @@ async fn write_batch(
 ) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    let mut keys: Vec<String> = Vec::new();
+    // One key per stream, built once: a batch holds up to BATCH events of
+    // up to thousands of streams (a linear search of the keys per event
+    // showed in the profile).
+    let mut keys: HashMap<MessageId, String> = HashMap::new();
+    let mut order: Vec<MessageId> = Vec::new();
     let ttl = STREAM_TTL.as_secs();
     for (message, entry) in batch {
-        let key = stream_key(*message);
+        let key = keys.entry(*message).or_insert_with(|| {
+            order.push(*message);
+            stream_key(*message)
+        });
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(&key)
+        xadd.arg(key.as_str())
             .arg("MAXLEN")
             .arg("~")
             .arg(MAXLEN)
@@ -359,12 +367,11 @@ async fn write_batch(
             }
         }
         pipe.add_command(xadd);
-        if keys.last() != Some(&key) && !keys.contains(&key) {
-            keys.push(key);
-        }
     }
-    for key in &keys {
-        pipe.cmd("EXPIRE").arg(key).arg(ttl);
+    for message in &order {
+        if let Some(key) = keys.get(message) {
+            pipe.cmd("EXPIRE").arg(key.as_str()).arg(ttl);
+        }
     }
     let results = redis
         .run("relay stream events", |mut conn| async move {
