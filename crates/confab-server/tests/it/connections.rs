@@ -439,32 +439,47 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // Counted under route="unmatched".
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    // As many as were refused: the control-byte case may have been served.
-    for (status, count) in [(400u16, 0), (414, 1), (431, 1)] {
-        let count = if status == 400 {
-            ids.iter().filter(|(_, s)| *s == 400).count() as u32
-        } else {
-            count
+    // Counted under route="unmatched", as many as were refused (the
+    // control-byte case may have been served). Polled like the log lines.
+    let expected: Vec<(String, u32)> = [400u16, 414, 431]
+        .iter()
+        .map(|status| {
+            let count = ids.iter().filter(|(_, s)| s == status).count() as u32;
+            assert!(count > 0, "{status} never answered");
+            (status.to_string(), count)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = reqwest::get(app.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted = |status: &str| -> f64 {
+            // Summed over the method label (GET, or OTHER for "GARBAGE").
+            metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("http_requests_total{")
+                        && l.contains(r#"route="unmatched""#)
+                        && l.contains(&format!(r#"status_code="{status}""#))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum()
         };
-        assert!(count > 0, "{status} never answered");
-        let status = status.to_string();
-        // Summed over the method label (GET, or OTHER for "GARBAGE").
-        let value: f64 = metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("http_requests_total{")
-                    && l.contains(r#"route="unmatched""#)
-                    && l.contains(&format!(r#"status_code="{status}""#))
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter(|(status, count)| counted(status) != f64::from(*count))
+            .map(|(status, count)| {
+                format!("{status}: {} counted, {count} answered", counted(status))
             })
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum();
-        assert_eq!(value, f64::from(count), "{status}: {metrics}");
+            .collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{wrong:?}\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
