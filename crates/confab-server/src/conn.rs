@@ -74,6 +74,9 @@ pub async fn serve(
     // done instead, and tells the two kinds of client apart.
     http.half_close(false)
         .keep_alive(true)
+        // Bounds what hyper buffers for an incomplete head; the exact
+        // limit is MAX_HEADER_BYTES, checked once the head is parsed.
+        .max_buf_size(HYPER_MAX_BUF)
         // Enforced by GuardedIo instead, which tells idle from reading.
         .header_read_timeout(None);
     let http = Arc::new(http);
@@ -143,17 +146,32 @@ async fn serve_connection(
     abort: CancellationToken,
 ) {
     let state = Arc::new(ConnState::new());
+    let service_metrics = metrics.clone();
     let io = GuardedIo::new(tcp, state.clone(), timeouts, metrics);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let router = router.clone();
+        let (_, started) = state.head();
+        let too_large = header_bytes(req.headers()) > MAX_HEADER_BYTES;
         let guard = RequestGuard::start(state.clone(), req.version() == Version::HTTP_11);
+        let refused = too_large.then(|| {
+            let method = crate::middleware::method_label(req.method());
+            rejection_response(
+                &service_metrics,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                method,
+                started,
+            )
+        });
         let mut req = req.map(Body::new);
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
         async move {
-            let response = match router.oneshot(req).await {
-                Ok(response) => response,
-                Err(never) => match never {},
+            let response = match refused {
+                Some(response) => response,
+                None => match router.oneshot(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
             };
             Ok::<_, Infallible>(response.map(|body| TrackedBody {
                 inner: body,
@@ -592,6 +610,25 @@ impl AsyncWrite for GuardedIo {
 
 // ----------------------------------------------------------------- rejections
 
+/// The most header bytes (names, values and their `": "`/CRLF framing, the
+/// request line not included) a request may send; more is 431. hyper's own
+/// bound is where its buffer fills before the head is complete, which
+/// depends on how the bytes arrive (one read of 500 KB parses), so the
+/// limit is checked on the parsed head instead.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// hyper's buffer for an incomplete head: the header limit, a URI at
+/// hyper's own 64 KB limit (414) and room for the request line. A head that
+/// fills it is over MAX_HEADER_BYTES, so hyper's 431 and ours agree.
+const HYPER_MAX_BUF: usize = MAX_HEADER_BYTES + 64 * 1024 + 8 * 1024;
+
+fn header_bytes(headers: &axum::http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
 /// The status of `buf` if it is the head hyper writes by itself for a
 /// request it could not parse: a 4xx with an empty body, nothing else.
 fn automatic_error_status(buf: &[u8]) -> Option<StatusCode> {
@@ -626,6 +663,57 @@ fn rejection(
     method: &'static str,
     started: Instant,
 ) -> Vec<u8> {
+    let (request_id, body) = record_rejection(metrics, status, method, started);
+    let reason = status.canonical_reason().unwrap_or("Error");
+    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         x-request-id: {request_id}\r\nx-content-type-options: nosniff\r\n\
+         connection: close\r\ndate: {date}\r\n\r\n{body}",
+        status.as_u16(),
+        body.len(),
+    )
+    .into_bytes()
+}
+
+/// The same refusal as [`rejection`] for a request hyper did parse but
+/// that is refused before routing (headers over [`MAX_HEADER_BYTES`]), as a
+/// response hyper writes; `Connection: close` makes hyper close after it.
+fn rejection_response(
+    metrics: &Metrics,
+    status: StatusCode,
+    method: &'static str,
+    started: Instant,
+) -> axum::response::Response {
+    let (request_id, body) = record_rejection(metrics, status, method, started);
+    let mut response = axum::response::Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    if let Ok(id) = axum::http::HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", id);
+    }
+    response
+}
+
+/// Count and log a refusal made before routing; its request id and body.
+fn record_rejection(
+    metrics: &Metrics,
+    status: StatusCode,
+    method: &'static str,
+    started: Instant,
+) -> (String, String) {
     let request_id = uuid::Uuid::new_v4().to_string();
     let reason = status.canonical_reason().unwrap_or("Error");
     let message = rejection_message(status);
@@ -657,15 +745,7 @@ fn rejection(
             "request completed"
         );
     });
-    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
-    format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         x-request-id: {request_id}\r\nx-content-type-options: nosniff\r\n\
-         connection: close\r\ndate: {date}\r\n\r\n{body}",
-        status.as_u16(),
-        body.len(),
-    )
-    .into_bytes()
+    (request_id, body)
 }
 
 #[cfg(test)]
