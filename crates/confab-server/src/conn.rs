@@ -615,7 +615,7 @@ impl AsyncWrite for GuardedIo {
 /// bound is where its buffer fills before the head is complete, which
 /// depends on how the bytes arrive (one read of 500 KB parses), so the
 /// limit is checked on the parsed head instead.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const MAX_HEADER_BYTES: usize = 128 * 1024;
 
 /// hyper's buffer for an incomplete head: the header limit, a URI at
 /// hyper's own 64 KB limit (414) and room for the request line. A head that

@@ -402,12 +402,12 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
             431,
             "Request Header Fields Too Large",
         ),
-        // Just over the 64 KiB limit, split over several headers.
+        // Just over the 128 KiB limit, split over several headers.
         (
             format!(
                 "GET / HTTP/1.1\r\nhost: x\r\nx-a: {a}\r\nx-b: {a}\r\nx-c: {b}\r\n\r\n",
-                a = "a".repeat(30_000),
-                b = "b".repeat(5_600)
+                a = "a".repeat(60_000),
+                b = "b".repeat(11_100)
             )
             .into_bytes(),
             431,
@@ -437,7 +437,7 @@ async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let request = format!(
         "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-a: {}\r\n\r\n",
-        "a".repeat(60_000)
+        "a".repeat(130_000)
     );
     tcp.write_all(request.as_bytes()).await.unwrap();
     let raw = read_one_response(&mut tcp, Duration::from_secs(5)).await;
