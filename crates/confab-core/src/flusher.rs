@@ -45,11 +45,20 @@ pub struct Flusher {
 impl LiveText {
     /// Append one token event; its event id (1, 2, …).
     pub(crate) fn push(&self, token: &str) -> u64 {
+        self.push_then(token, |_| {})
+    }
+
+    /// [`Self::push`], then `then(id)` still under the lock: what `then`
+    /// does is ordered with whatever [`Self::with`] does (the relay's
+    /// backfill, [`crate::live::LiveHub::relay_on_demand`]).
+    pub(crate) fn push_then(&self, token: &str, then: impl FnOnce(u64)) -> u64 {
         let id = match self.text.lock() {
             Ok(mut t) => {
                 t.text.push_str(token);
                 t.lengths.push(token.len());
-                t.lengths.count()
+                let id = t.lengths.count();
+                then(id);
+                id
             }
             Err(_) => 0,
         };

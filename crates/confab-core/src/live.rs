@@ -10,13 +10,22 @@
 //! stored boundaries make a replay from the database line up exactly with
 //! what was streamed live, on any instance and after a restart.
 //!
+//! Events go to the relay only while a reader on another instance follows
+//! the stream ([`LiveHub::relay_on_demand`], asked through the relay when
+//! such a reader starts): most streams are read only by the request that
+//! started them, and relaying every token of every stream was the largest
+//! per-token cost the engine had. The first follow backfills every event so
+//! far, in order, so the relay has the stream from event 1; the final event
+//! is always relayed (one entry per stream), so a reader elsewhere learns of
+//! the end at once even if its follow came too late.
+//!
 //! Cancel (an explicit request, or `STREAM_DETACH_SECONDS` running out with
 //! nobody reading) reaches the generation through [`LiveStream::cancel`]; the
 //! relay delivers cancels sent to other instances.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -146,7 +155,9 @@ pub trait LiveRelay: Send + Sync + 'static {
     async fn follow(&self, message: MessageId) -> Result<Box<dyn RelayFollower>, RelayError>;
     /// Ask whichever instance generates `message` to stop.
     async fn cancel(&self, message: MessageId) -> Result<(), RelayError>;
-    /// A reader on this instance follows `message` (renewed while it reads).
+    /// A reader on this instance follows `message` (renewed while it reads);
+    /// the instance generating it starts relaying its events
+    /// ([`LiveHub::relay_on_demand`]).
     async fn watch(&self, message: MessageId) -> Result<(), RelayError>;
     /// Whether a reader on some instance follows `message`.
     async fn watched(&self, message: MessageId) -> Result<bool, RelayError>;
@@ -219,6 +230,41 @@ impl LiveHub {
         }
     }
 
+    /// A reader on another instance follows `message`: relay its events from
+    /// now on, every event so far first (in order: under the text's lock,
+    /// which each push holds while it relays). True when this call started
+    /// relaying it; false when it is not generated here, not relayed (a
+    /// turn stored in no chat) or relayed already.
+    pub fn relay_on_demand(&self, message: MessageId) -> bool {
+        let (Some(stream), Some(relay)) = (self.get(message), self.relay()) else {
+            return false;
+        };
+        if !stream.relayable {
+            return false;
+        }
+        let started = stream.text.with(|t| {
+            if stream.relaying.swap(true, Ordering::AcqRel) {
+                return false;
+            }
+            let events = split_events(&t.text, Some(t.lengths.as_bytes())).unwrap_or_default();
+            for (id, text) in (1u64..).zip(events) {
+                relay.publish(
+                    message,
+                    RelayEntry::Token {
+                        id,
+                        text: text.to_owned(),
+                    },
+                );
+            }
+            true
+        });
+        let started = started.unwrap_or(false);
+        if started {
+            self.inner.metrics.relay_started();
+        }
+        started
+    }
+
     /// The messages generated in this process now.
     pub fn ids(&self) -> Vec<MessageId> {
         self.inner
@@ -256,6 +302,8 @@ impl LiveHub {
             cancel: CancellationToken::new(),
             original_gone: CancellationToken::new(),
             readers: AtomicUsize::new(0),
+            relayable: relayed,
+            relaying: AtomicBool::new(false),
         });
         if let Ok(mut streams) = self.inner.streams.lock() {
             streams.insert(message, stream.clone());
@@ -288,6 +336,8 @@ impl LiveHub {
             cancel: CancellationToken::new(),
             original_gone: CancellationToken::new(),
             readers: AtomicUsize::new(0),
+            relayable: false,
+            relaying: AtomicBool::new(false),
         });
         Publication {
             hub: self.clone(),
@@ -322,6 +372,10 @@ pub struct LiveStream {
     /// The request that started the stream stopped reading (detach mode).
     original_gone: CancellationToken,
     readers: AtomicUsize,
+    /// Its events may go to the relay (a turn stored in a chat)…
+    relayable: bool,
+    /// …and do, since a reader on another instance followed it.
+    relaying: AtomicBool,
 }
 
 /// Where a reader is in a [`LiveStream`].
@@ -442,17 +496,22 @@ pub(crate) struct Publication {
 impl Publication {
     /// Append a token event; its id.
     pub(crate) fn push(&self, token: &str) -> u64 {
-        let id = self.stream.text.push(token);
-        self.stream.version.send_modify(|v| *v += 1);
-        if let Some(relay) = &self.relay {
-            relay.publish(
-                self.stream.id,
-                RelayEntry::Token {
-                    id,
-                    text: token.to_owned(),
-                },
-            );
-        }
+        let stream = &self.stream;
+        let id = match &self.relay {
+            Some(relay) => stream.text.push_then(token, |id| {
+                if stream.relaying.load(Ordering::Acquire) {
+                    relay.publish(
+                        stream.id,
+                        RelayEntry::Token {
+                            id,
+                            text: token.to_owned(),
+                        },
+                    );
+                }
+            }),
+            None => stream.text.push(token),
+        };
+        stream.version.send_modify(|v| *v += 1);
         id
     }
 
@@ -587,6 +646,83 @@ mod tests {
         assert!(split_events("abc", Some(&[4])).is_none(), "long");
         assert!(split_events("é", Some(&[1, 1])).is_none(), "inside a char");
         assert!(split_events("abc", Some(&[0x80])).is_none(), "truncated");
+    }
+
+    /// Records what it is asked to publish.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<RelayEntry>>);
+
+    #[async_trait]
+    impl LiveRelay for Recorder {
+        fn publish(&self, _message: MessageId, entry: RelayEntry) {
+            self.0.lock().unwrap().push(entry);
+        }
+        async fn follow(&self, _: MessageId) -> Result<Box<dyn RelayFollower>, RelayError> {
+            Err(RelayError("not here".into()))
+        }
+        async fn cancel(&self, _: MessageId) -> Result<(), RelayError> {
+            Ok(())
+        }
+        async fn watch(&self, _: MessageId) -> Result<(), RelayError> {
+            Ok(())
+        }
+        async fn watched(&self, _: MessageId) -> Result<bool, RelayError> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn only_followed_streams_are_relayed_from_their_first_event_on() {
+        let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
+        let recorder = Arc::new(Recorder::default());
+        hub.configure(Some(recorder.clone()), Duration::ZERO);
+        let relayed = |r: &Recorder| -> Vec<(u64, Option<String>)> {
+            r.0.lock()
+                .unwrap()
+                .iter()
+                .map(|e| match e {
+                    RelayEntry::Token { id, text } => (*id, Some(text.clone())),
+                    RelayEntry::End(end) => (end.id, None),
+                })
+                .collect()
+        };
+
+        // Nobody follows: only the end is relayed.
+        let mut quiet = hub.open(MessageId::new(), ChatId::new(), Arc::default(), true, false);
+        quiet.push("a");
+        quiet.push("b");
+        quiet.finish(MessageStatus::Complete, true);
+        assert_eq!(relayed(&recorder), vec![(3, None)]);
+        recorder.0.lock().unwrap().clear();
+
+        // Followed after two tokens: those two first, then the rest, once.
+        let message = MessageId::new();
+        let mut followed = hub.open(message, ChatId::new(), Arc::default(), true, false);
+        followed.push("a");
+        followed.push("bb");
+        assert!(relayed(&recorder).is_empty());
+        assert!(hub.relay_on_demand(message));
+        assert!(!hub.relay_on_demand(message), "already relayed");
+        followed.push("ccc");
+        followed.finish(MessageStatus::Complete, true);
+        assert_eq!(
+            relayed(&recorder),
+            vec![
+                (1, Some("a".into())),
+                (2, Some("bb".into())),
+                (3, Some("ccc".into())),
+                (4, None)
+            ]
+        );
+        assert!(!hub.relay_on_demand(message), "finished: not here any more");
+
+        // A turn stored in no chat is never relayed.
+        recorder.0.lock().unwrap().clear();
+        let private = hub.private(Arc::default());
+        private.push("x");
+        assert!(!hub.relay_on_demand(private.stream.id));
+        drop(private);
+        assert!(relayed(&recorder).is_empty());
     }
 
     #[tokio::test]

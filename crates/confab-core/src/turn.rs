@@ -154,6 +154,9 @@ pub trait TurnMetrics: Send + Sync + 'static {
     /// A step of the cross-instance relay failed (`op`: `publish`, `read`,
     /// `cancel`, `watch`).
     fn relay_error(&self, _op: &'static str) {}
+    /// A live stream's events began to go to the relay: a reader on another
+    /// instance follows it.
+    fn relay_started(&self) {}
     /// A turn was refused before it began: `reason` is `capacity` (the
     /// concurrent-turn bound) or `database` (no connection in time, or down).
     fn turn_refused(&self, _interactive: bool, _reason: &'static str) {}

@@ -17,7 +17,12 @@
 //!   while its subscription was down (a Redis restart, a dropped connection)
 //!   is not lost.
 //! - Readers elsewhere: a key `confab:watch:<message id>` that a following
-//!   reader renews while it reads, which a detached generation checks.
+//!   reader renews while it reads, which a detached generation checks. Each
+//!   renewal also publishes the id on `confab:follow`: the instance that
+//!   generates the message starts relaying its events (only followed
+//!   streams are relayed, [`LiveHub::relay_on_demand`]). A follow sent while
+//!   that instance's subscription was down is found in the watch keys when
+//!   it resubscribes, and the next renewal publishes again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,6 +44,7 @@ use crate::RedisRateLimiter;
 pub const STREAM_PREFIX: &str = "confab:live:";
 pub const WATCH_PREFIX: &str = "confab:watch:";
 pub const CANCEL_CHANNEL: &str = "confab:cancel";
+pub const FOLLOW_CHANNEL: &str = "confab:follow";
 pub const CANCELLED_PREFIX: &str = "confab:cancelled:";
 /// Entries kept per message (approximately): far above any reply's tokens.
 const MAXLEN: u64 = 20_000;
@@ -77,9 +83,10 @@ impl RedisLiveRelay {
         (relay, write_loop(redis, rx, metrics, stop))
     }
 
-    /// Listen for cancels sent to any instance and stop the generations that
-    /// run here, until `stop`. Reconnects after failures.
-    pub fn listen_for_cancels(
+    /// Listen for cancels and follows sent to any instance, until `stop`:
+    /// stop the generations that run here, or start relaying them.
+    /// Reconnects after failures.
+    pub fn listen(
         self: &Arc<Self>,
         hub: LiveHub,
         stop: CancellationToken,
@@ -93,16 +100,18 @@ impl RedisLiveRelay {
                     _ = stop.cancelled() => return,
                     c = tokio::time::timeout(timeout, async {
                         let mut pubsub = relay.redis.client().get_async_pubsub().await?;
-                        pubsub.subscribe(CANCEL_CHANNEL).await?;
+                        pubsub.subscribe(&[CANCEL_CHANNEL, FOLLOW_CHANNEL]).await?;
                         Ok::<_, redis::RedisError>(pubsub)
                     }) => c,
                 };
                 match connected {
                     Ok(Ok(pubsub)) => {
-                        tracing::debug!("listening for stream cancels");
-                        // Subscribed first, then the keys: a cancel is either
-                        // delivered from here on or already in its key.
+                        tracing::debug!("listening for stream cancels and follows");
+                        // Subscribed first, then the keys: a cancel (or a
+                        // follow) is either delivered from here on or
+                        // already in its key.
                         relay.missed_cancels(&hub).await;
+                        relay.missed_follows(&hub).await;
                         let mut messages = pubsub.into_on_message();
                         loop {
                             let message = tokio::select! {
@@ -114,9 +123,12 @@ impl RedisLiveRelay {
                                 .get_payload::<String>()
                                 .ok()
                                 .and_then(|p| p.parse::<MessageId>().ok());
-                            if let Some(id) = id
-                                && hub.cancel_local(id)
-                            {
+                            let Some(id) = id else { continue };
+                            if message.get_channel_name() == FOLLOW_CHANNEL {
+                                if hub.relay_on_demand(id) {
+                                    tracing::info!(messageId = %id, "a reader on another instance follows this stream; relaying its events");
+                                }
+                            } else if hub.cancel_local(id) {
                                 tracing::info!(messageId = %id, "cancel received from another instance");
                             }
                         }
@@ -176,6 +188,43 @@ impl RedisLiveRelay {
             Err(err) => {
                 self.metrics.relay_error("cancel");
                 tracing::warn!(error = %err, "cannot check for cancels missed while unsubscribed");
+            }
+        }
+    }
+}
+
+impl RedisLiveRelay {
+    /// Relay the live streams of this process that a reader elsewhere
+    /// started following while nobody here listened.
+    async fn missed_follows(&self, hub: &LiveHub) {
+        let ids = hub.ids();
+        if ids.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = ids.iter().map(|id| format!("{WATCH_PREFIX}{id}")).collect();
+        let found = self
+            .redis
+            .run_idempotent("check for missed follows", |mut conn| {
+                let keys = keys.clone();
+                async move {
+                    redis::cmd("MGET")
+                        .arg(&keys)
+                        .query_async::<Vec<Option<i64>>>(&mut conn)
+                        .await
+                }
+            })
+            .await;
+        match found {
+            Ok(found) => {
+                for (id, watched) in ids.iter().zip(found) {
+                    if watched.is_some() && hub.relay_on_demand(*id) {
+                        tracing::info!(messageId = %id, "a reader elsewhere followed this stream while the subscription was down; relaying now");
+                    }
+                }
+            }
+            Err(err) => {
+                self.metrics.relay_error("watch");
+                tracing::warn!(error = %err, "cannot check for follows missed while unsubscribed");
             }
         }
     }
@@ -261,12 +310,19 @@ impl LiveRelay for RedisLiveRelay {
         self.redis
             .run_idempotent("renew a stream watch", |mut conn| {
                 let key = key.clone();
+                let id = message.to_string();
                 async move {
-                    redis::cmd("SET")
+                    redis::pipe()
+                        .cmd("SET")
                         .arg(key)
                         .arg(1)
                         .arg("PX")
                         .arg(ttl)
+                        .ignore()
+                        .cmd("PUBLISH")
+                        .arg(FOLLOW_CHANNEL)
+                        .arg(id)
+                        .ignore()
                         .query_async::<()>(&mut conn)
                         .await
                 }

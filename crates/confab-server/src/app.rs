@@ -197,7 +197,7 @@ impl App {
         let stop = self.background_stop.clone();
         if let Some(relay) = &self.relay {
             s.tasks
-                .spawn(relay.listen_for_cancels(s.engine.live().clone(), stop.clone()));
+                .spawn(relay.listen(s.engine.live().clone(), stop.clone()));
         }
         let redis = s.config.redis_url.is_some().then(|| s.limiter.clone());
         s.tasks.spawn(s.readiness.clone().run(

@@ -123,6 +123,7 @@ pub struct Metrics {
     pub stream_resumes: Family<SourceLabels, Counter>,
     pub stream_replayed_events: Counter,
     pub stream_relay_deliveries: Counter,
+    pub stream_relay_started: Counter,
     pub stream_detached: Counter,
     pub stream_relay_errors: Family<OpLabels, Counter>,
     pub stream_cancels: Family<DeliveryLabels, Counter>,
@@ -251,6 +252,12 @@ impl Metrics {
             "sse_relay_deliveries",
             "Events of a generation on another instance delivered through Redis",
             stream_relay_deliveries.clone(),
+        );
+        let stream_relay_started = Counter::default();
+        registry.register(
+            "sse_relay_started",
+            "Generations of this instance whose events began to go through Redis because a reader on another instance followed",
+            stream_relay_started.clone(),
         );
         let stream_detached = Counter::default();
         registry.register(
@@ -399,6 +406,7 @@ impl Metrics {
             stream_resumes,
             stream_replayed_events,
             stream_relay_deliveries,
+            stream_relay_started,
             stream_detached,
             stream_relay_errors,
             stream_cancels,
@@ -492,6 +500,10 @@ impl confab_core::turn::TurnMetrics for Metrics {
         self.stream_relay_errors
             .get_or_create(&OpLabels { op })
             .inc();
+    }
+
+    fn relay_started(&self) {
+        self.stream_relay_started.inc();
     }
 
     fn disconnect_detected(&self, elapsed: std::time::Duration) {

@@ -48,6 +48,17 @@ async fn start(client: &reqwest::Client, base: &str, message: &str) -> (String, 
     (chat, msg, SseReader::new(res))
 }
 
+/// How many entries the relay holds for `message` (Redis `XLEN`).
+fn xlen(redis: &PrivateRedis, message: &str) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XLEN"])
+        .arg(format!("confab:live:{message}"))
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 /// Read `n` events, which must be tokens 1..=n.
 async fn read_tokens(reader: &mut SseReader, n: u64) -> Vec<(u64, Value)> {
     let mut got = Vec::new();
@@ -204,6 +215,10 @@ async fn two_instances_resume_a_stream_exactly_once_anywhere() {
             after.len()
         );
         let text = assert_exactly_once(&before, &after);
+        if case == "resume on B" {
+            // Followed from B: relayed from its first event on.
+            assert!(xlen(&redis, &msg) > 150, "{case}");
+        }
         let saved = stored(&client, &b.base, &chat, &msg).await;
         assert_eq!(saved["status"], "complete", "{case}");
         assert_eq!(
@@ -213,8 +228,20 @@ async fn two_instances_resume_a_stream_exactly_once_anywhere() {
         );
     }
 
+    // Only a stream followed from another instance goes through Redis: one
+    // read where it runs leaves nothing there but its final event.
+    let (chat, msg, reader) = start(&client, &a.base, "Tell me a long story (unfollowed)").await;
+    assert!(reader.rest().await.len() > 150);
+    wait_status(&client, &a.base, &chat, &msg, "complete").await;
+    assert_eq!(
+        xlen(&redis, &msg),
+        1,
+        "only the end of an unfollowed stream"
+    );
+
     let on_a = metrics(&client, &a.base).await;
     let on_b = metrics(&client, &b.base).await;
+    assert!(counter(&on_a, "sse_relay_started_total") >= 1.0, "{on_a}");
     assert!(
         counter(&on_b, r#"sse_resumes_total{source="relay"}"#) >= 1.0,
         "{on_b}"
