@@ -17,6 +17,8 @@
 # Environment: BENCH_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
 # CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs,
 # CONFAB_PEERS_DIR (default ~/.cache/confab-peers: the venv holding litellm),
+# BENCH_GW_LEVELS ("100 1000") / BENCH_GATEWAY_LITELLM (1): the gateway
+# scenario's concurrency levels and whether LiteLLM runs (full size).
 # BENCH_BASELINE_BIN / BENCH_BASELINE_LABEL: run sse-1k on an older binary too
 # (same run; see below), BENCH_PERF=1: profile the server during sse-1k,
 # BENCH_SERVER_ENV: extra VAR=value words for every confab server (experiments,
@@ -54,7 +56,8 @@ else
   CLIENTS=64; DURATION=20; WARMUP=3; PGBENCH_DURATION=20
   SSE_CLIENTS=1000; SSE_DURATION=20; BURSTS=(1000 5000)
   LONG_STREAMS=10000; LONG_RAMP=10; LONG_MIN_WORDS=300; LONG_DELAY=100
-  GW_LEVELS=(100 1000); GW_DURATION=20; GW_LITELLM=1
+  read -r -a GW_LEVELS <<<"${BENCH_GW_LEVELS:-100 1000}"; GW_DURATION=20
+  GW_LITELLM=${BENCH_GATEWAY_LITELLM:-1}
 fi
 # The gateway scenario's upstream: tokens per reply, delay before each.
 GW_TOKENS=16; GW_DELAY_MS=25
@@ -445,6 +448,9 @@ TOML
     run_scenario "gateway-confab-$c" env BENCH_API_KEY="$ALICE_KEY" "$BENCH" gateway --kind confab \
       --url "$SERVER_URL" --model gw --server-pid "$CONFAB_GW_PID" --upstream-pid "$UPSTREAM_PID" \
       "${PROBE_PG[@]}" "${gw[@]}" --label "confab $c" --out "$FRAG"
+    # confab's own view of the row (TTFT since the request vs since the
+    # upstream attempt, ...), cumulative over the server's rows so far.
+    curl -sf "$SERVER_URL/metrics" >"$OUT/$RUN_ID-gateway-confab-$c.metrics.txt" || true
     if [ -n "$LITELLM_URL" ]; then
       fragment "gateway-litellm-$c"
       log "gateway: through LiteLLM, $c concurrent, ${GW_DURATION}s"

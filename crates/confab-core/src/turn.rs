@@ -15,7 +15,9 @@
 //! model is silent — and drops the upstream stream, which closes the upstream
 //! request.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -1036,10 +1038,10 @@ impl Run {
         // A child of the process-wide stop: this loop polls it on every
         // token, and the shared token's lock was contended across threads
         // (visible in the sse-1k profile); the child's is this turn's own.
-        let hard_stop = inner.hard_stop.child_token();
-        let stopped = hard_stop.cancelled();
-        let closed = self.publication.stop_signal(tx.clone());
-        tokio::pin!(stopped, closed);
+        let stop = StopFlag::watch(
+            inner.hard_stop.child_token(),
+            self.publication.stop_signal(tx.clone()),
+        );
 
         let (messages, counted, max_output) =
             self.context
@@ -1074,13 +1076,8 @@ impl Run {
             timer.as_mut().reset(first_deadline);
             let opened = tokio::select! {
                 biased;
-                _ = &mut stopped => {
-                    self.log_attempt(attempt, "interrupted", None, attempt_started);
-                    return Stop::Interrupted;
-                }
-                _ = &mut closed => {
-                    self.log_attempt(attempt, "cancelled", None, attempt_started);
-                    return self.cancelled(false);
+                why = stop.raised() => {
+                    return self.stopped(why, attempt, attempt_started);
                 }
                 _ = &mut timer => Err(ProviderError::Timeout(first_phase)),
                 opened = provider.stream(&request) => opened,
@@ -1102,13 +1099,8 @@ impl Run {
             loop {
                 let next = tokio::select! {
                     biased;
-                    _ = &mut stopped => {
-                        self.log_attempt(attempt, "interrupted", None, attempt_started);
-                        return Stop::Interrupted;
-                    }
-                    _ = &mut closed => {
-                        self.log_attempt(attempt, "cancelled", None, attempt_started);
-                        return self.cancelled(false);
+                    why = stop.raised() => {
+                        return self.stopped(why, attempt, attempt_started);
                     }
                     _ = &mut timer => {
                         let phase = if first_at.is_none() {
@@ -1148,7 +1140,7 @@ impl Run {
                                 .metrics
                                 .upstream_first_token(&model_name, now - attempt_started);
                         }
-                        if let Some(stop) = self.forward(text, &mut stopped).await {
+                        if let Some(stop) = self.forward(text, &stop).await {
                             drop(chunks);
                             self.log_attempt(attempt, "cancelled", None, attempt_started);
                             return stop;
@@ -1216,11 +1208,7 @@ impl Run {
     }
 
     /// Hand a token to the client's channel; `Some` when the turn must stop.
-    async fn forward(
-        &mut self,
-        text: String,
-        stopped: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
-    ) -> Option<Stop> {
+    async fn forward(&mut self, text: String, stop: &StopFlag) -> Option<Stop> {
         use tokio::sync::mpsc::error::TrySendError;
         let inner = self.engine.inner.clone();
         self.publication.push(&text);
@@ -1230,7 +1218,9 @@ impl Run {
             Err(TrySendError::Closed(_)) => Err(false),
             Err(TrySendError::Full(event)) => tokio::select! {
                 biased;
-                _ = stopped.as_mut() => return Some(Stop::Interrupted),
+                // Only the process-wide stop ends the turn here: a reader
+                // that is merely slow is the send timeout's business.
+                _ = stop.raised_by(StopFlag::HARD) => return Some(Stop::Interrupted),
                 _ = cancel.cancelled() => {
                     // This token never reached the request's reader: end its
                     // stream here (a resume has the rest, with the right ids).
@@ -1267,6 +1257,18 @@ impl Run {
             );
         }
         None
+    }
+
+    /// The turn's stop (see [`StopFlag`]) was raised: log the attempt, and
+    /// how the turn ends.
+    fn stopped(&mut self, why: u8, attempt: u32, attempt_started: Instant) -> Stop {
+        if why == StopFlag::HARD {
+            self.log_attempt(attempt, "interrupted", None, attempt_started);
+            Stop::Interrupted
+        } else {
+            self.log_attempt(attempt, "cancelled", None, attempt_started);
+            self.cancelled(false)
+        }
     }
 
     fn cancelled(&mut self, stalled: bool) -> Stop {
@@ -1421,6 +1423,69 @@ impl Run {
 }
 
 /// Exponential backoff with jitter: base × 2^(attempt−1) × [0.5, 1.5).
+/// Why a running turn must stop — the process stops (`HARD`), or its reader
+/// left or it was cancelled (`CLOSED`, [`Publication::stop_signal`]) — as a
+/// flag its provider loop polls for the price of an atomic load per token.
+/// Polling the two stop futures themselves in that loop's `select!` took a
+/// cancellation token's lock and a `Notify`'s on every token of every live
+/// stream (≈ 4 % of the server's samples in the sse-1k profile); a small
+/// task per turn waits on them instead, and raises the flag.
+struct StopFlag {
+    state: Arc<StopState>,
+    _watcher: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+#[derive(Default)]
+struct StopState {
+    why: std::sync::atomic::AtomicU8,
+    waker: futures::task::AtomicWaker,
+}
+
+impl StopFlag {
+    const HARD: u8 = 1;
+    const CLOSED: u8 = 2;
+
+    fn watch(hard: CancellationToken, closed: impl Future<Output = ()> + Send + 'static) -> Self {
+        let state = Arc::new(StopState::default());
+        let raise = state.clone();
+        let watcher = tokio::spawn(async move {
+            let why = tokio::select! {
+                biased;
+                _ = hard.cancelled() => StopFlag::HARD,
+                _ = closed => StopFlag::CLOSED,
+            };
+            raise.why.store(why, Ordering::Release);
+            raise.waker.wake();
+        });
+        Self {
+            state,
+            _watcher: tokio_util::task::AbortOnDropHandle::new(watcher),
+        }
+    }
+
+    /// Resolves with the reason once the flag is raised.
+    fn raised(&self) -> impl Future<Output = u8> + '_ {
+        std::future::poll_fn(move |cx| {
+            let why = self.state.why.load(Ordering::Acquire);
+            if why != 0 {
+                return std::task::Poll::Ready(why);
+            }
+            self.state.waker.register(cx.waker());
+            match self.state.why.load(Ordering::Acquire) {
+                0 => std::task::Poll::Pending,
+                why => std::task::Poll::Ready(why),
+            }
+        })
+    }
+
+    /// Resolves once the flag is raised for `why` (never for another reason).
+    async fn raised_by(&self, why: u8) {
+        if self.raised().await != why {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
     exp.mul_f64(rand::rng().random_range(0.5..1.5))
