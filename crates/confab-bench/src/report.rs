@@ -268,6 +268,19 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             |v| v >= 1.0,
         ),
         check(
+            "sse-10k refusals: time to the 503 p99 (ms)",
+            get("sse-10k", "/refused_ms/p99")
+                .filter(|_| get("sse-10k", "/refused_ms/count").is_some_and(|n| n > 0.0)),
+            "<= 100",
+            |v| v <= 100.0,
+        ),
+        check(
+            "sse-10k refusals without Retry-After",
+            get("sse-10k", "/refused_without_retry_after"),
+            "== 0",
+            |v| v == 0.0,
+        ),
+        check(
             "sse-10k server peak RSS (MiB)",
             peak("sse-10k"),
             "< 1024",
@@ -490,6 +503,26 @@ pub fn render(doc: &Value) -> String {
                 errors,
                 ms(f.pointer("/usage/server_memory/rss_peak_mb")),
                 cpu_split(f.get("usage")),
+            );
+        }
+        for f in streams.iter().copied() {
+            let r = &f["result"];
+            let n = r
+                .pointer("/refused_ms/count")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{} {}: {n} refused (429/503), send → refusal p50 {} · p99 {} · max {} ms, {} without Retry-After",
+                f["scenario"].as_str().unwrap_or(""),
+                f["label"].as_str().unwrap_or(""),
+                ms(at(r, "/refused_ms/p50")),
+                ms(at(r, "/refused_ms/p99")),
+                ms(at(r, "/refused_ms/max")),
+                r["refused_without_retry_after"],
             );
         }
         let _ = writeln!(out);

@@ -70,6 +70,9 @@ struct Record {
     planned_tokens: usize,
     gaps_us: Vec<u32>,
     tokens: usize,
+    /// A refusal (429/503): send → its response head, and whether it said
+    /// when to come back (`Retry-After`).
+    refused: Option<(Duration, bool)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -99,6 +102,10 @@ pub struct SseResult {
     pub gap_ms: Summary,
     /// The model's mean planned delay per token (what a gap should be).
     pub planned_gap_ms: f64,
+    /// Refused streams (429/503): send → the refusal's response head.
+    pub refused_ms: Summary,
+    /// Refusals without a `Retry-After` header.
+    pub refused_without_retry_after: usize,
 }
 
 struct Shared {
@@ -190,6 +197,12 @@ async fn read_stream(
         .map_err(|e| format!("transport: {}", short_error(&e)))?;
     let status = response.status();
     if !status.is_success() {
+        if matches!(status.as_u16(), 429 | 503) {
+            record.refused = Some((
+                sent.elapsed(),
+                response.headers().contains_key("retry-after"),
+            ));
+        }
         return Err(format!("status {}", status.as_u16()));
     }
     let mut parser = SseParser::new();
@@ -379,6 +392,8 @@ fn summarize(
     let mut duration = Vec::new();
     let mut gaps = Vec::new();
     let mut error_kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let mut refused = Vec::new();
+    let mut refused_without_retry_after = 0;
     let (mut sum_measured, mut sum_ideal) = (0.0, 0.0);
     let mut tokens = 0;
     let mut planned_tokens = 0;
@@ -391,6 +406,10 @@ fn summarize(
         }
         if let Some(t) = r.ttft_from_release {
             ttft_release.push(micros(t));
+        }
+        if let Some((took, retry_after)) = r.refused {
+            refused.push(micros(took));
+            refused_without_retry_after += usize::from(!retry_after);
         }
         if let Some(kind) = r.error {
             *error_kinds.entry(kind).or_default() += 1;
@@ -438,5 +457,7 @@ fn summarize(
         duration_ms: summarize_micros(&mut duration),
         gap_ms: summarize_micros(&mut gaps),
         planned_gap_ms,
+        refused_ms: summarize_micros(&mut refused),
+        refused_without_retry_after,
     }
 }
