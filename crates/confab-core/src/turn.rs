@@ -1035,9 +1035,9 @@ impl Run {
         let inner = self.engine.inner.clone();
         let config = &inner.config;
         let tx = self.tx.clone();
-        // A child of the process-wide stop: this loop polls it on every
-        // token, and the shared token's lock was contended across threads
-        // (visible in the sse-1k profile); the child's is this turn's own.
+        // Polled on every token: a flag, not the stop futures (see
+        // StopFlag). The process-wide stop is watched through a child token:
+        // the shared token's lock was contended across threads.
         let stop = StopFlag::watch(
             inner.hard_stop.child_token(),
             self.publication.stop_signal(tx.clone()),
@@ -1422,7 +1422,6 @@ impl Run {
     }
 }
 
-/// Exponential backoff with jitter: base × 2^(attempt−1) × [0.5, 1.5).
 /// Why a running turn must stop — the process stops (`HARD`), or its reader
 /// left or it was cancelled (`CLOSED`, [`Publication::stop_signal`]) — as a
 /// flag its provider loop polls for the price of an atomic load per token.
@@ -1486,6 +1485,7 @@ impl StopFlag {
     }
 }
 
+/// Exponential backoff with jitter: base × 2^(attempt−1) × [0.5, 1.5).
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
     exp.mul_f64(rand::rng().random_range(0.5..1.5))

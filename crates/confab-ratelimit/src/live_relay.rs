@@ -110,8 +110,7 @@ impl RedisLiveRelay {
                         // Subscribed first, then the keys: a cancel (or a
                         // follow) is either delivered from here on or
                         // already in its key.
-                        relay.missed_cancels(&hub).await;
-                        relay.missed_follows(&hub).await;
+                        relay.missed_while_unsubscribed(&hub).await;
                         let mut messages = pubsub.into_on_message();
                         loop {
                             let message = tokio::select! {
@@ -154,20 +153,26 @@ impl RedisLiveRelay {
 }
 
 impl RedisLiveRelay {
-    /// Stop the live streams of this process whose cancel was sent while
-    /// nobody here listened.
-    async fn missed_cancels(&self, hub: &LiveHub) {
+    /// What was sent for this process's live streams while nobody here
+    /// listened, read in one round trip: cancels (stop the generation) and
+    /// follows by readers elsewhere (start relaying it).
+    async fn missed_while_unsubscribed(&self, hub: &LiveHub) {
         let ids = hub.ids();
         if ids.is_empty() {
             return;
         }
         let keys: Vec<String> = ids
             .iter()
-            .map(|id| format!("{CANCELLED_PREFIX}{id}"))
+            .flat_map(|id| {
+                [
+                    format!("{CANCELLED_PREFIX}{id}"),
+                    format!("{WATCH_PREFIX}{id}"),
+                ]
+            })
             .collect();
         let found = self
             .redis
-            .run_idempotent("check for missed cancels", |mut conn| {
+            .run_idempotent("check for missed cancels and follows", |mut conn| {
                 let keys = keys.clone();
                 async move {
                     redis::cmd("MGET")
@@ -179,52 +184,19 @@ impl RedisLiveRelay {
             .await;
         match found {
             Ok(found) => {
-                for (id, cancelled) in ids.iter().zip(found) {
-                    if cancelled.is_some() && hub.cancel_local(*id) {
+                for (id, pair) in ids.iter().zip(found.chunks(2)) {
+                    let (cancelled, watched) =
+                        (pair[0].is_some(), pair.get(1).is_some_and(Option::is_some));
+                    if cancelled && hub.cancel_local(*id) {
                         tracing::info!(messageId = %id, "cancel sent while the subscription was down; stopping now");
-                    }
-                }
-            }
-            Err(err) => {
-                self.metrics.relay_error("cancel");
-                tracing::warn!(error = %err, "cannot check for cancels missed while unsubscribed");
-            }
-        }
-    }
-}
-
-impl RedisLiveRelay {
-    /// Relay the live streams of this process that a reader elsewhere
-    /// started following while nobody here listened.
-    async fn missed_follows(&self, hub: &LiveHub) {
-        let ids = hub.ids();
-        if ids.is_empty() {
-            return;
-        }
-        let keys: Vec<String> = ids.iter().map(|id| format!("{WATCH_PREFIX}{id}")).collect();
-        let found = self
-            .redis
-            .run_idempotent("check for missed follows", |mut conn| {
-                let keys = keys.clone();
-                async move {
-                    redis::cmd("MGET")
-                        .arg(&keys)
-                        .query_async::<Vec<Option<i64>>>(&mut conn)
-                        .await
-                }
-            })
-            .await;
-        match found {
-            Ok(found) => {
-                for (id, watched) in ids.iter().zip(found) {
-                    if watched.is_some() && hub.relay_on_demand(*id) {
+                    } else if watched && hub.relay_on_demand(*id) {
                         tracing::info!(messageId = %id, "a reader elsewhere followed this stream while the subscription was down; relaying now");
                     }
                 }
             }
             Err(err) => {
-                self.metrics.relay_error("watch");
-                tracing::warn!(error = %err, "cannot check for follows missed while unsubscribed");
+                self.metrics.relay_error("cancel");
+                tracing::warn!(error = %err, "cannot check for cancels and follows missed while unsubscribed");
             }
         }
     }

@@ -150,10 +150,11 @@ async fn serve_connection(
     let io = GuardedIo::new(tcp, state.clone(), timeouts, metrics);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let router = router.clone();
-        let (_, started) = state.head();
-        let too_large = header_bytes(req.headers()) > MAX_HEADER_BYTES;
+        // When the head started: read before the guard marks the request
+        // as being served, and only for a refusal (it takes the state's lock).
+        let too_large = (header_bytes(req.headers()) > MAX_HEADER_BYTES).then(|| state.head().1);
         let guard = RequestGuard::start(state.clone(), req.version() == Version::HTTP_11);
-        let refused = too_large.then(|| {
+        let refused = too_large.map(|started| {
             let method = crate::middleware::method_label(req.method());
             rejection_response(
                 &service_metrics,
