@@ -17,8 +17,9 @@
 # Environment: BENCH_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
 # CARGO_TARGET_DIR (default ./target), BENCH_KEEP_LOGS=1 keeps the server logs,
 # CONFAB_PEERS_DIR (default ~/.cache/confab-peers: the venv holding litellm),
-# BENCH_GW_LEVELS ("100 1000") / BENCH_GATEWAY_LITELLM (1): the gateway
-# scenario's concurrency levels and whether LiteLLM runs (full size).
+# BENCH_GW_LEVELS ("100 1000") / BENCH_GW_PACES ("25 2") / BENCH_GATEWAY_LITELLM (1):
+# the gateway scenario's concurrency levels, its upstream's delays before each
+# token (ms; one upstream per pace) and whether LiteLLM runs (full size).
 # BENCH_BASELINE_BIN / BENCH_BASELINE_LABEL: run sse-1k on an older binary too
 # (same run; see below), BENCH_PERF=1: profile the server during sse-1k,
 # BENCH_SERVER_ENV: extra VAR=value words for every confab server (experiments,
@@ -59,8 +60,12 @@ else
   read -r -a GW_LEVELS <<<"${BENCH_GW_LEVELS:-100 1000}"; GW_DURATION=20
   GW_LITELLM=${BENCH_GATEWAY_LITELLM:-1}
 fi
-# The gateway scenario's upstream: tokens per reply, delay before each.
-GW_TOKENS=16; GW_DELAY_MS=25
+# The gateway scenario's upstream: tokens per reply, delay before each (one
+# upstream per pace: 25 ms is a real model's pace, at which the machine has
+# CPU to spare and added latency shows; 2 ms is a fast upstream, at which a
+# gateway's own cost bounds its streams/s).
+GW_TOKENS=16
+read -r -a GW_PACES <<<"${BENCH_GW_PACES:-25 2}"
 
 # Thousands of sockets per process: raise the open-files limit for the
 # server and the client (they inherit it). Containers may cap the hard limit.
@@ -84,7 +89,7 @@ BASE_DB=
 BASE_DB_CREATED=0
 SERVER_PID=
 REDIS_PID=
-UPSTREAM_PID=
+UPSTREAM_PIDS=()
 LITELLM_PID=
 PEERS_DIR=${CONFAB_PEERS_DIR:-$HOME/.cache/confab-peers}
 started=$(date +%s)
@@ -109,7 +114,7 @@ cleanup() {
   trap - EXIT INT TERM
   if [ -n "$SERVER_PID" ]; then stop_pid "$SERVER_PID"; fi
   if [ -n "$LITELLM_PID" ]; then stop_pid "$LITELLM_PID"; fi
-  if [ -n "$UPSTREAM_PID" ]; then stop_pid "$UPSTREAM_PID"; fi
+  for pid in "${UPSTREAM_PIDS[@]}"; do stop_pid "$pid"; done
   if [ -n "$REDIS_PID" ]; then stop_pid "$REDIS_PID"; fi
   if [ $BASE_DB_CREATED = 1 ]; then
     psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $BASE_DB WITH (FORCE)" >/dev/null 2>&1 \
@@ -375,13 +380,16 @@ wait_http() { # url, seconds, [bearer key]
 }
 
 if want gateway; then
-  UP_PORT=$("$BENCH" free-port)
-  "$BENCH" upstream --port "$UP_PORT" --tokens $GW_TOKENS --delay-ms $GW_DELAY_MS \
-    >"$WORK/upstream.log" 2>&1 &
-  UPSTREAM_PID=$!
-  wait_http "http://127.0.0.1:$UP_PORT/v1/models" 10
-  UPSTREAM_V1=http://127.0.0.1:$UP_PORT/v1
-
+  declare -A UPSTREAM_V1 UPSTREAM_PID_OF
+  for pace in "${GW_PACES[@]}"; do
+    UP_PORT=$("$BENCH" free-port)
+    "$BENCH" upstream --port "$UP_PORT" --tokens $GW_TOKENS --delay-ms "$pace" \
+      >"$WORK/upstream-$pace.log" 2>&1 &
+    UPSTREAM_PID_OF[$pace]=$!
+    UPSTREAM_PIDS+=("$!")
+    wait_http "http://127.0.0.1:$UP_PORT/v1/models" 10
+    UPSTREAM_V1[$pace]=http://127.0.0.1:$UP_PORT/v1
+  done
   LITELLM_URL=
   LITELLM_KEY=sk-confab-bench-litellm
   if [ "$GW_LITELLM" = 1 ]; then
@@ -389,13 +397,14 @@ if want gateway; then
     [ -x "$LITELLM_BIN" ] || { log "LiteLLM is not installed at $LITELLM_BIN (scripts/services.sh installs it)"; exit 1; }
     LITELLM_PORT=$("$BENCH" free-port)
     mkdir -p "$WORK/litellm"
-    cat >"$WORK/litellm/config.yaml" <<YAML
-model_list:
-  - model_name: gw
-    litellm_params:
-      model: openai/bench-upstream
-      api_base: $UPSTREAM_V1
-      api_key: sk-upstream-unused
+    {
+      echo "model_list:"
+      for pace in "${GW_PACES[@]}"; do
+        printf '  - model_name: gw-%s\n    litellm_params:\n      model: openai/bench-upstream\n      api_base: %s\n      api_key: sk-upstream-unused\n' \
+          "$pace" "${UPSTREAM_V1[$pace]}"
+      done
+    } >"$WORK/litellm/config.yaml"
+    cat >>"$WORK/litellm/config.yaml" <<YAML
 litellm_settings:
   num_retries: 0
 general_settings:
@@ -422,46 +431,48 @@ YAML
     log "gateway: LiteLLM skipped in --quick (it takes 15-60 s to start; BENCH_GATEWAY_LITELLM=1 keeps it)"
   fi
 
-  cat >"$WORK/gateway-models.toml" <<TOML
-default = "gw"
-[[model]]
-name = "gw"
-provider = "openai"
-base_url = "$UPSTREAM_V1"
-upstream_model = "bench-upstream"
-context_tokens = 8192
-max_output_tokens = 64
-TOML
+  {
+    echo "default = \"gw-${GW_PACES[0]}\""
+    for pace in "${GW_PACES[@]}"; do
+      printf '[[model]]\nname = "gw-%s"\nprovider = "openai"\nbase_url = "%s"\nupstream_model = "bench-upstream"\ncontext_tokens = 8192\nmax_output_tokens = 64\n' \
+        "$pace" "${UPSTREAM_V1[$pace]}"
+    done
+  } >"$WORK/gateway-models.toml"
   # Token budgets on (a large daily limit: every turn reserves and settles).
   DATABASE_URL=$DB_URL "$CONFAB" org set-token-limit acme-corp --per-minute 0 --per-day 1000000000000 >/dev/null
   log "confab (postgres, redis) with model gw -> the upstream"
   start_server gateway "${deployed_env[@]}" MODELS_FILE="$WORK/gateway-models.toml"
   CONFAB_GW_PID=$SERVER_PID
+  for pace in "${GW_PACES[@]}"; do
+  UPSTREAM_PID=${UPSTREAM_PID_OF[$pace]}
   for c in "${GW_LEVELS[@]}"; do
-    gw=(--duration-s $GW_DURATION --tokens $GW_TOKENS --concurrency "$c" --scenario gateway)
-    fragment "gateway-direct-$c"
-    log "gateway: upstream directly, $c concurrent, ${GW_DURATION}s"
-    run_scenario "gateway-direct-$c" "$BENCH" gateway --kind openai --url "http://127.0.0.1:$UP_PORT" \
-      --model bench-upstream --server-pid "$UPSTREAM_PID" "${gw[@]}" --label "direct $c" --out "$FRAG"
-    fragment "gateway-confab-$c"
-    log "gateway: through confab, $c concurrent, ${GW_DURATION}s"
-    run_scenario "gateway-confab-$c" env BENCH_API_KEY="$ALICE_KEY" "$BENCH" gateway --kind confab \
-      --url "$SERVER_URL" --model gw --server-pid "$CONFAB_GW_PID" --upstream-pid "$UPSTREAM_PID" \
-      "${PROBE_PG[@]}" "${gw[@]}" --label "confab $c" --out "$FRAG"
+    gw=(--duration-s $GW_DURATION --tokens $GW_TOKENS --pace-ms "$pace" --concurrency "$c" --scenario gateway)
+    row="$c-at-${pace}ms"
+    fragment "gateway-direct-$row"
+    log "gateway: upstream directly, $c concurrent, $pace ms/token, ${GW_DURATION}s"
+    run_scenario "gateway-direct-$row" "$BENCH" gateway --kind openai --url "${UPSTREAM_V1[$pace]%/v1}" \
+      --model bench-upstream --server-pid "$UPSTREAM_PID" "${gw[@]}" --label "direct $c @${pace}ms" --out "$FRAG"
+    fragment "gateway-confab-$row"
+    log "gateway: through confab, $c concurrent, $pace ms/token, ${GW_DURATION}s"
+    run_scenario "gateway-confab-$row" env BENCH_API_KEY="$ALICE_KEY" "$BENCH" gateway --kind confab \
+      --url "$SERVER_URL" --model "gw-$pace" --server-pid "$CONFAB_GW_PID" --upstream-pid "$UPSTREAM_PID" \
+      "${PROBE_PG[@]}" "${gw[@]}" --label "confab $c @${pace}ms" --out "$FRAG"
     # confab's own view of the row (TTFT since the request vs since the
     # upstream attempt, ...), cumulative over the server's rows so far.
-    curl -sf "$SERVER_URL/metrics" >"$OUT/$RUN_ID-gateway-confab-$c.metrics.txt" || true
+    curl -sf "$SERVER_URL/metrics" >"$OUT/$RUN_ID-gateway-confab-$row.metrics.txt" || true
     if [ -n "$LITELLM_URL" ]; then
-      fragment "gateway-litellm-$c"
-      log "gateway: through LiteLLM, $c concurrent, ${GW_DURATION}s"
-      run_scenario "gateway-litellm-$c" env BENCH_API_KEY="$LITELLM_KEY" "$BENCH" gateway --kind openai \
-        --url "$LITELLM_URL" --model gw --server-pid "$LITELLM_PID" --server-tree \
-        --upstream-pid "$UPSTREAM_PID" "${gw[@]}" --label "litellm $c" --out "$FRAG"
+      fragment "gateway-litellm-$row"
+      log "gateway: through LiteLLM, $c concurrent, $pace ms/token, ${GW_DURATION}s"
+      run_scenario "gateway-litellm-$row" env BENCH_API_KEY="$LITELLM_KEY" "$BENCH" gateway --kind openai \
+        --url "$LITELLM_URL" --model "gw-$pace" --server-pid "$LITELLM_PID" --server-tree \
+        --upstream-pid "$UPSTREAM_PID" "${gw[@]}" --label "litellm $c @${pace}ms" --out "$FRAG"
     fi
+  done
   done
   stop_server
   if [ -n "$LITELLM_PID" ]; then stop_pid "$LITELLM_PID"; LITELLM_PID=; fi
-  stop_pid "$UPSTREAM_PID"; UPSTREAM_PID=
+  for pid in "${UPSTREAM_PIDS[@]}"; do stop_pid "$pid"; done
+  UPSTREAM_PIDS=()
 fi
 
 # ---- the embedded default: SQLite file, in-process limiter ----------------------

@@ -286,6 +286,10 @@ struct Gateway {
     /// The upstream's tokens per reply (what every stream must carry).
     #[arg(long, default_value_t = 16)]
     tokens: usize,
+    /// The upstream's delay before each token, in milliseconds (recorded
+    /// with the result: rows compare only at the same pace).
+    #[arg(long, default_value_t = 25)]
+    pace_ms: u64,
     #[arg(long, default_value_t = 120.0)]
     stream_timeout_s: f64,
     #[command(flatten)]
@@ -621,6 +625,7 @@ async fn gateway(args: Gateway) -> anyhow::Result<()> {
         json!({
             "target": args.output.label.split_whitespace().next().unwrap_or(""),
             "concurrency": args.concurrency,
+            "pace_ms": args.pace_ms,
             "duration_s": args.duration_s,
             "tokens": args.tokens,
         }),

@@ -139,27 +139,37 @@ fn machine() -> Value {
     })
 }
 
-/// Per concurrency of the gateway scenario: each gateway's TTFT over the
-/// upstream's own (same run, same client), and confab's streams/s over
-/// LiteLLM's.
+/// Per upstream pace and concurrency of the gateway scenario: each
+/// gateway's TTFT over the upstream's own (same run, same client, same
+/// pace), and confab's streams/s over LiteLLM's.
 fn gateway_ratios(fragments: &[Fragment]) -> Vec<Value> {
     let gateway: Vec<&Fragment> = fragments
         .iter()
         .filter(|f| f.scenario == "gateway")
         .collect();
-    let mut levels: Vec<u64> = gateway
+    let mut levels: Vec<(Option<u64>, u64)> = gateway
         .iter()
-        .filter_map(|f| f.params["concurrency"].as_u64())
+        .filter_map(|f| {
+            Some((
+                f.params["pace_ms"].as_u64(),
+                f.params["concurrency"].as_u64()?,
+            ))
+        })
         .collect();
-    levels.sort_unstable();
+    // Slowest pace first (the one a real model's gaps resemble), then by load.
+    levels.sort_unstable_by_key(|&(pace, c)| (std::cmp::Reverse(pace), c));
     levels.dedup();
     levels
         .into_iter()
-        .map(|c| {
+        .map(|(pace, c)| {
             let of = |target: &str| {
                 gateway
                     .iter()
-                    .find(|f| f.params["target"] == target && f.params["concurrency"] == c)
+                    .find(|f| {
+                        f.params["target"] == target
+                            && f.params["concurrency"] == c
+                            && f.params["pace_ms"].as_u64() == pace
+                    })
                     .map(|f| &f.result)
             };
             let (direct, confab, litellm) = (of("direct"), of("confab"), of("litellm"));
@@ -169,6 +179,7 @@ fn gateway_ratios(fragments: &[Fragment]) -> Vec<Value> {
             };
             let per_s = |r: Option<&Value>| get(r, "/completed_per_s");
             json!({
+                "pace_ms": pace,
                 "concurrency": c,
                 "confab_added_ttft_p50_ms": added(confab, "/ttft_ms/p50"),
                 "confab_added_ttft_p99_ms": added(confab, "/ttft_ms/p99"),
@@ -180,6 +191,14 @@ fn gateway_ratios(fragments: &[Fragment]) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// "100" or "100 @ 25 ms/token": a gateway level's name.
+fn gateway_level_name(level: &Value) -> String {
+    match level["pace_ms"].as_u64() {
+        Some(pace) => format!("{} @ {pace} ms/token", level["concurrency"]),
+        None => level["concurrency"].to_string(),
+    }
 }
 
 fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value> {
@@ -212,27 +231,20 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             "met": value.map(met),
         })
     };
-    let gateway = gateway_ratios(fragments);
-    let level = |c: u64, key: &str| {
-        gateway
-            .iter()
-            .find(|l| l["concurrency"] == c)
-            .and_then(|l| l[key].as_f64())
-    };
     let mut gateway_checks = Vec::new();
-    for c in gateway.iter().filter_map(|l| l["concurrency"].as_u64()) {
-        if c == 100 {
+    for level in gateway_ratios(fragments) {
+        let name = gateway_level_name(&level);
+        if level["concurrency"] == 100 {
             gateway_checks.push(check(
-                "gateway 100: confab added TTFT p99 (ms)",
-                level(c, "confab_added_ttft_p99_ms"),
+                &format!("gateway {name}: confab added TTFT p99 (ms)"),
+                level["confab_added_ttft_p99_ms"].as_f64(),
                 "<= 5",
                 |v| v <= 5.0,
             ));
         }
-        let name = format!("gateway {c}: confab / LiteLLM streams/s");
         gateway_checks.push(check(
-            &name,
-            level(c, "confab_over_litellm_streams_per_s"),
+            &format!("gateway {name}: confab / LiteLLM streams/s"),
+            level["confab_over_litellm_streams_per_s"].as_f64(),
             ">= 10",
             |v| v >= 10.0,
         ));
@@ -588,7 +600,10 @@ pub fn render(doc: &Value) -> String {
             let r = &f["result"];
             let target = f["params"]["target"].as_str().unwrap_or("");
             let c = &f["params"]["concurrency"];
-            let level = ratios.iter().find(|l| &l["concurrency"] == c);
+            let pace = f["params"]["pace_ms"].as_u64();
+            let level = ratios
+                .iter()
+                .find(|l| &l["concurrency"] == c && l["pace_ms"].as_u64() == pace);
             let added = match (target, level) {
                 ("direct", _) => "(baseline)".to_owned(),
                 (t, Some(l)) => format!(
@@ -631,7 +646,7 @@ pub fn render(doc: &Value) -> String {
             let _ = writeln!(
                 out,
                 "\n{} concurrent: confab / LiteLLM streams/s = {}; confab / direct = {}; LiteLLM / direct = {}",
-                l["concurrency"],
+                gateway_level_name(l),
                 x("confab_over_litellm_streams_per_s"),
                 x("confab_over_direct_streams_per_s"),
                 x("litellm_over_direct_streams_per_s"),

@@ -5,7 +5,11 @@
 //! A few writer tasks take turns at the queue: each takes whatever is waiting
 //! (up to [`MAX_BATCH`]) and runs it — alone as its own statement, or, when
 //! several were waiting, as the statements of one transaction: one commit and
-//! one WAL flush for all of them instead of one each. Nobody waits for a batch
+//! one WAL flush for all of them instead of one each. The begins of a batch
+//! (the writes a new stream waits for before its first token) are combined
+//! into one multi-row statement per shape — new chat, existing chat — so a
+//! batch of begins costs one round trip, not one per turn: on a saturated
+//! machine every round trip also waits for the CPU, twice. Nobody waits for a batch
 //! to fill: at light load every write finds an idle writer and runs at once,
 //! so a lone turn pays two task hand-offs (microseconds) and nothing else.
 //! Batches form only while every writer is busy, i.e. exactly when commits
@@ -24,6 +28,7 @@
 //! commit, falling back per caller — is specific to these statements; no
 //! crate batches arbitrary sqlx queries into transactions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,9 +38,11 @@ use confab_core::store::GroupCommitStats;
 use confab_store_sql::patient_acquire;
 use sqlx::postgres::{PgArguments, PgPool, PgRow, Postgres};
 use sqlx::query::Query;
-use sqlx::{Connection, Error};
+use sqlx::{Connection, Error, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
+
+use crate::{Begin, begin_statement};
 
 /// The most writes one transaction carries.
 pub(crate) const MAX_BATCH: usize = 128;
@@ -43,6 +50,16 @@ pub(crate) const MAX_BATCH: usize = 128;
 /// A write's statement, built by its caller (its arguments are encoded
 /// already, so it owns them).
 pub(crate) type Statement = Query<'static, Postgres, PgArguments>;
+
+/// A write the writers are asked to do.
+pub(crate) enum Write {
+    /// A statement, run as it is.
+    Statement(Statement),
+    /// A turn's begin without an idempotency key: the begins of a batch are
+    /// written as one multi-row statement per shape (see
+    /// [`crate::begin_statement`]).
+    Begin(Begin),
+}
 
 /// What the writers answer a caller.
 pub(crate) enum Answer {
@@ -53,7 +70,7 @@ pub(crate) enum Answer {
 }
 
 struct Job {
-    statement: Statement,
+    write: Write,
     /// Row-lock order within a batch (the chat's id).
     chat: Uuid,
     /// A turn's first write, which is refused (`PoolTimedOut`) rather than
@@ -118,21 +135,21 @@ impl GroupCommit {
         GroupCommit { queue, stats }
     }
 
-    /// Queue `statement` and wait for its answer. `wait_at_most`: for a
+    /// Queue `write` and wait for its answer. `wait_at_most`: for a
     /// turn's first write, how long it may wait for a writer and a
     /// connection (then `PoolTimedOut`, nothing written). `Err` only for a
     /// write that did not run (`PoolTimedOut`, or `PoolClosed` once the
     /// store is closing).
     pub(crate) async fn submit(
         &self,
-        statement: Statement,
+        write: Write,
         chat: Uuid,
         wait_at_most: Option<Duration>,
     ) -> Result<Answer, Error> {
         let (reply, mut answer) = oneshot::channel();
         let impatient = wait_at_most.map(|_| Arc::new(AtomicU8::new(QUEUED)));
         let job = Job {
-            statement,
+            write,
             chat,
             impatient: impatient.clone(),
             reply,
@@ -187,14 +204,14 @@ async fn write(pool: &PgPool, batch: Vec<Job>, stats: &Stats) {
     }
     live.sort_by_key(|job| job.chat);
     let impatient = live.iter().any(|job| job.impatient.is_some());
-    let mut statements = Vec::with_capacity(live.len());
+    let mut writes = Vec::with_capacity(live.len());
     let mut replies = Vec::with_capacity(live.len());
     for job in live {
-        statements.push(job.statement);
+        writes.push(job.write);
         replies.push((job.impatient.is_some(), job.reply));
     }
-    let count = statements.len() as u64;
-    match run(pool, statements, impatient).await {
+    let count = writes.len() as u64;
+    match run(pool, writes, impatient).await {
         Ok(rows) => {
             stats.transactions.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(count, Ordering::Relaxed);
@@ -232,12 +249,9 @@ async fn write(pool: &PgPool, batch: Vec<Job>, stats: &Stats) {
     }
 }
 
-/// One statement on its own, or all of them in one transaction.
-async fn run(
-    pool: &PgPool,
-    statements: Vec<Statement>,
-    impatient: bool,
-) -> Result<Vec<Vec<PgRow>>, Error> {
+/// One write on its own, or all of them in one transaction; each write's
+/// rows, in the order of `writes`.
+async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<Vec<PgRow>>, Error> {
     // A batch holding a turn's first write waits for a connection as long
     // as a request may (DB_ACQUIRE_TIMEOUT_MS, the pool's setting); one of
     // final writes only as patiently as a turn's final write does.
@@ -246,17 +260,75 @@ async fn run(
     } else {
         patient_acquire(pool, PoolConfig::PATIENT_ACQUIRE).await?
     };
-    let mut out = Vec::with_capacity(statements.len());
-    if statements.len() == 1 {
-        for statement in statements {
-            out.push(statement.fetch_all(&mut *conn).await?);
+    if writes.len() == 1 {
+        let rows = match writes.into_iter().next() {
+            Some(Write::Statement(statement)) => statement.fetch_all(&mut *conn).await?,
+            Some(Write::Begin(begin)) => {
+                begin_statement(begin.new_chat, &[&begin])
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        return Ok(vec![rows]);
+    }
+    let mut out: Vec<Vec<PgRow>> = std::iter::repeat_with(Vec::new)
+        .take(writes.len())
+        .collect();
+    let mut begins: Vec<(usize, Begin)> = Vec::new();
+    let mut statements: Vec<(usize, Statement)> = Vec::new();
+    for (i, write) in writes.into_iter().enumerate() {
+        match write {
+            Write::Begin(begin) => begins.push((i, begin)),
+            Write::Statement(statement) => statements.push((i, statement)),
         }
-        return Ok(out);
     }
     let mut tx = conn.begin().await?;
-    for statement in statements {
-        out.push(statement.fetch_all(&mut *tx).await?);
+    for round in begin_rounds(&begins) {
+        let batch: Vec<&Begin> = round.iter().map(|&k| &begins[k].1).collect();
+        let Some(first) = batch.first() else {
+            continue;
+        };
+        let rows = begin_statement(first.new_chat, &batch)
+            .fetch_all(&mut *tx)
+            .await?;
+        let slot: HashMap<Uuid, usize> = round
+            .iter()
+            .map(|&k| (begins[k].1.chat, begins[k].0))
+            .collect();
+        for row in rows {
+            // The one row of a statement that inserted nothing has no chat.
+            let Some(chat) = row.try_get::<Option<Uuid>, _>("chat_id")? else {
+                continue;
+            };
+            if let Some(&i) = slot.get(&chat) {
+                out[i].push(row);
+            }
+        }
+    }
+    for (i, statement) in statements {
+        out[i] = statement.fetch_all(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// The multi-row statements `begins` (sorted by chat) are written in: one
+/// per shape, holding each chat once; a chat's further turns go into
+/// further statements, in the order they were queued. Indices into
+/// `begins`.
+fn begin_rounds(begins: &[(usize, Begin)]) -> Vec<Vec<usize>> {
+    // (shape, the how-manieth turn of its chat in this batch) → statement
+    let mut rounds: Vec<((bool, usize), Vec<usize>)> = Vec::new();
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    for (k, (_, begin)) in begins.iter().enumerate() {
+        let nth = seen.entry(begin.chat).or_insert(0);
+        let key = (begin.new_chat, *nth);
+        *nth += 1;
+        match rounds.iter_mut().find(|(at, _)| *at == key) {
+            Some((_, round)) => round.push(k),
+            None => rounds.push((key, vec![k])),
+        }
+    }
+    rounds.into_iter().map(|(_, round)| round).collect()
 }

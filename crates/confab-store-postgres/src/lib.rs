@@ -13,7 +13,7 @@
 //! `UPDATE … FROM unnest(…)` each, whatever their size. Turn writes
 //! (begin, finish, a stateless turn's ledger row) go through the group
 //! commit ([`group`]), which lets the ones that arrive together share a
-//! transaction.
+//! transaction, and the begins among them share one statement per shape.
 
 mod error;
 mod group;
@@ -36,13 +36,12 @@ use confab_core::{
     StoreError, StoredStream, TokenLimits, TurnChat, UsageGroup, UsageReport, User, UserId,
 };
 use confab_store_sql::patient_acquire;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
-use sqlx::query::Query;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::error::{connection_lost, map_err};
-use crate::group::{Answer, GroupCommit, Statement};
+use crate::group::{Answer, GroupCommit, Statement, Write};
 use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
 
 /// A pooled connection idle for longer than this is pinged before use: it
@@ -161,11 +160,14 @@ impl PostgresStore {
     /// Run one turn write (`begins`: a turn's first write, which may be
     /// refused when the database is too busy; otherwise a write that
     /// finishes admitted work and waits patiently): through the group commit
-    /// when it is on, and alone — with the dead-connection retry — when it
-    /// is off or the write's batch failed.
+    /// when it is on — as `batched` when given (a begin the writers combine
+    /// with others), else as `build()`'s statement — and alone, as
+    /// `build()`'s statement with the dead-connection retry, when it is off
+    /// or the write's batch failed.
     async fn write_turn<F>(
         &self,
         build: F,
+        batched: Option<Write>,
         chat: Uuid,
         begins: bool,
     ) -> Result<Vec<PgRow>, sqlx::Error>
@@ -174,7 +176,8 @@ impl PostgresStore {
     {
         if let Some(group) = &self.group {
             let wait = begins.then_some(self.acquire_timeout);
-            match group.submit(build(), chat, wait).await? {
+            let write = batched.unwrap_or_else(|| Write::Statement(build()));
+            match group.submit(write, chat, wait).await? {
                 Answer::Done(rows) => return Ok(rows),
                 Answer::RunAlone => {}
             }
@@ -290,122 +293,190 @@ fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
 
 // ---- begin_turn --------------------------------------------------------------
 //
-// A turn is one statement. Parameters shared by both shapes:
+// Begins are multi-row statements: each parameter is an array with one
+// element per turn, so that the group commit can write many begins of one
+// shape in one statement (one round trip) and a lone begin is the same
+// statement with one-element arrays. The parameters, one array each:
 //   $1 chat id, $2 org, $3 user, $4 user message id, $5 assistant message id,
 //   $6 user message text, $7 idempotency key (NULL: none), $8 request hash,
-//   $9 the turn's model, and for a new chat $10 its title, $11 its system
-//   prompt (NULL: none) and $12 the system message's id.
-// The chat CTE yields the chat's new message_count (its last seq); the two
-// messages take count-1 and count. Without a key it runs on its own (one
-// round trip, atomic). With a key it runs in a transaction, because when
-// the key is claimed but the chat turns out to be gone the claim must be
-// rolled back too.
+//   $9 the turn's model, $10 a new chat's title, $11 its system prompt (NULL:
+//   none) and $12 the system message's id (both NULL for an existing chat).
+// The chat CTE yields each chat's new message_count (its last seq); a turn's
+// two messages take count-1 and count. A turn that finds no live chat (or,
+// for a new chat, no live user of that org) inserts nothing, and its caller
+// gets no message row: `NotFound`. Without a key a turn needs no
+// transaction of its own (one statement is atomic). A turn with a key runs
+// alone, in a transaction, because when the key is claimed but the chat
+// turns out to be gone the claim must be rolled back too.
+//
+// A chat may appear only once per statement (`UPDATE … FROM` with two rows
+// for one chat would apply one of them); the group commit runs further
+// turns of a chat as further statements of its transaction.
 
-/// Claims the idempotency key ($3, $7, $8) when $7 is not NULL. "Drop the
-/// user's expired key of that name, then claim it" is one upsert: a live key
-/// is left untouched and yields no row; an expired one is replaced. The
-/// unique index makes concurrent claims of one key wait for each other, so
-/// exactly one wins.
-macro_rules! claim_cte {
+/// The turns, then the idempotency keys they claim. "Drop the user's
+/// expired key of that name, then claim it" is one upsert: a live key is
+/// left untouched and yields no row; an expired one is replaced. The unique
+/// index makes concurrent claims of one key wait for each other, so exactly
+/// one wins.
+macro_rules! input_and_claim {
     () => {
-        "claim AS ( \
+        "WITH input AS ( \
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], \
+                                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                                 $11::text[], $12::uuid[]) \
+                AS i (chat_id, org_id, user_id, user_msg, assistant_msg, content, key, hash, \
+                      model, title, system, system_msg) \
+        ), claim AS ( \
             INSERT INTO idempotency_keys (user_id, key, request_hash, created_at) \
-            SELECT $3::uuid, $7::text, $8::text, now() WHERE $7::text IS NOT NULL \
+            SELECT user_id, key, hash, now() FROM input WHERE key IS NOT NULL \
             ON CONFLICT (user_id, key) DO UPDATE \
                SET request_hash = EXCLUDED.request_hash, response = NULL, \
                    created_at = EXCLUDED.created_at \
              WHERE idempotency_keys.created_at < now() - interval '24 hours' \
                 OR (idempotency_keys.response IS NULL \
                     AND idempotency_keys.created_at < now() - interval '120 seconds') \
-            RETURNING 1 \
+            RETURNING user_id, key \
         ), "
     };
 }
 
-/// Inserts the turn's messages (both, plus `$extra` rows) into the chat row
-/// produced by the `chat` CTE and reports whether the key was claimed.
-/// Always exactly one row: when no message was inserted (key taken, chat
-/// gone) the message columns are NULL.
-macro_rules! messages_and_result {
-    ($extra:expr) => {
-        concat!(
-            "msgs AS ( \
-                INSERT INTO messages \
-                    (id, chat_id, org_id, role, content, status, seq, model, \
-                     created_at, updated_at) \
-                SELECT $4::uuid, c.id, c.org_id, 'user', $6::text, 'complete', \
-                       c.message_count - 1, NULL, c.updated_at, c.updated_at FROM chat c \
-                UNION ALL \
-                SELECT $5::uuid, c.id, c.org_id, 'assistant', '', 'streaming', \
-                       c.message_count, $9::text, c.updated_at, c.updated_at FROM chat c ",
-            $extra,
-            " RETURNING id, chat_id, org_id, role, content, status, token_count, seq, model, \
-                          prompt_tokens, completion_tokens, usage_source, created_at, updated_at \
-            ) \
-            SELECT m.*, k.claimed \
-            FROM (SELECT count(*) AS claimed FROM claim) AS k LEFT JOIN msgs AS m ON true"
-        )
+/// Whether the turn `i` may be written: it asked for no key, or claimed it.
+macro_rules! claimed {
+    () => {
+        "(i.key IS NULL OR EXISTS \
+            (SELECT 1 FROM claim k WHERE k.user_id = i.user_id AND k.key = i.key))"
     };
 }
 
-/// A turn that creates its chat, from the live user row so that a chat can
-/// only be created for a user of that org.
+/// Inserts each written turn's messages into the chat row the `chat` CTE
+/// produced (a new chat's system prompt, when it has one, is its first
+/// message) and reports whether a key was claimed. At least one row: when
+/// no message was inserted the message columns are NULL.
+macro_rules! messages_and_result {
+    () => {
+        "turn AS ( \
+            SELECT i.*, c.message_count, c.updated_at AS at, c.org_id AS chat_org \
+            FROM chat c JOIN input i ON i.chat_id = c.id \
+        ), msgs AS ( \
+            INSERT INTO messages \
+                (id, chat_id, org_id, role, content, status, seq, model, created_at, updated_at) \
+            SELECT user_msg, chat_id, chat_org, 'user', content, 'complete', \
+                   message_count - 1, NULL, at, at FROM turn \
+            UNION ALL \
+            SELECT assistant_msg, chat_id, chat_org, 'assistant', '', 'streaming', \
+                   message_count, model, at, at FROM turn \
+            UNION ALL \
+            SELECT system_msg, chat_id, chat_org, 'system', system, 'complete', 1, NULL, \
+                   at, at FROM turn WHERE system IS NOT NULL \
+            RETURNING id, chat_id, org_id, role, content, status, token_count, seq, model, \
+                      prompt_tokens, completion_tokens, usage_source, created_at, updated_at \
+        ) \
+        SELECT m.*, k.claimed \
+        FROM (SELECT count(*) AS claimed FROM claim) AS k LEFT JOIN msgs AS m ON true"
+    };
+}
+
+/// Turns that create their chats, from the live user rows so that a chat
+/// can only be created for a user of that org.
 const BEGIN_TURN_NEW_CHAT: &str = concat!(
-    "WITH ",
-    claim_cte!(),
+    input_and_claim!(),
     "chat AS ( \
         INSERT INTO chats \
             (id, org_id, user_id, title, message_count, model, created_at, updated_at) \
-        SELECT $1::uuid, u.org_id, u.id, $10::text, 2 + ($11::text IS NOT NULL)::int, \
-               $9::text, now(), now() FROM users u \
-        WHERE u.id = $3 AND u.org_id = $2 AND u.deleted_at IS NULL \
-          AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM claim)) \
-        RETURNING id, org_id, message_count, updated_at \
+        SELECT i.chat_id, u.org_id, u.id, i.title, 2 + (i.system IS NOT NULL)::int, \
+               i.model, now(), now() \
+        FROM input i JOIN users u \
+          ON u.id = i.user_id AND u.org_id = i.org_id AND u.deleted_at IS NULL \
+        WHERE ",
+    claimed!(),
+    " RETURNING id, org_id, message_count, updated_at \
     ), ",
-    // The chat's system prompt, when it has one, is its first message.
-    messages_and_result!(
-        "UNION ALL \
-         SELECT $12::uuid, c.id, c.org_id, 'system', $11::text, 'complete', 1, NULL, \
-                c.updated_at, c.updated_at FROM chat c WHERE $11::text IS NOT NULL"
-    )
+    messages_and_result!()
 );
 
-/// A turn on an existing chat. The UPDATE locks the chat row, so
-/// concurrent turns on one chat take consecutive sequence numbers.
+/// Turns on existing chats. The UPDATE locks each chat row (in the order of
+/// the input, which the caller sorts by chat), so concurrent turns on one
+/// chat take consecutive sequence numbers.
 const BEGIN_TURN_EXISTING_CHAT: &str = concat!(
-    "WITH ",
-    claim_cte!(),
+    input_and_claim!(),
     "chat AS ( \
-        UPDATE chats SET message_count = message_count + 2, updated_at = now(), model = $9 \
-        WHERE id = $1 AND org_id = $2 AND deleted_at IS NULL \
-          AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM claim)) \
-        RETURNING id, org_id, message_count, updated_at \
+        UPDATE chats \
+           SET message_count = chats.message_count + 2, updated_at = now(), model = i.model \
+          FROM input i \
+         WHERE chats.id = i.chat_id AND chats.org_id = i.org_id AND chats.deleted_at IS NULL \
+           AND ",
+    claimed!(),
+    " RETURNING chats.id, chats.org_id, chats.message_count, chats.updated_at \
     ), ",
-    messages_and_result!("")
+    messages_and_result!()
 );
 
-fn begin_turn_query(turn: &NewTurn) -> Query<'static, Postgres, PgArguments> {
-    let (chat_id, sql) = match &turn.chat {
-        TurnChat::New { id, .. } => (*id, BEGIN_TURN_NEW_CHAT),
-        TurnChat::Existing(id) => (*id, BEGIN_TURN_EXISTING_CHAT),
-    };
-    let query = sqlx::query(sql)
-        .bind(uuid(chat_id))
-        .bind(uuid(turn.org))
-        .bind(uuid(turn.user))
-        .bind(uuid(turn.user_message_id))
-        .bind(uuid(turn.assistant_message_id))
-        .bind(turn.content.as_str())
-        .bind(turn.idempotency.as_ref().map(|c| c.key.as_str()))
-        .bind(turn.idempotency.as_ref().map(|c| c.request_hash.as_str()))
-        .bind(turn.model.as_str());
-    match &turn.chat {
-        TurnChat::New { title, .. } => query
-            .bind(title.as_str())
-            .bind(turn.system.as_deref())
-            .bind(Uuid::new_v4()),
-        TurnChat::Existing(_) => query,
+/// One turn's begin, as the begin statements take it.
+#[derive(Debug)]
+pub(crate) struct Begin {
+    /// Whether the turn creates its chat (the statement's shape).
+    pub(crate) new_chat: bool,
+    pub(crate) chat: Uuid,
+    org: Uuid,
+    user: Uuid,
+    user_message: Uuid,
+    assistant_message: Uuid,
+    content: String,
+    key: Option<String>,
+    hash: Option<String>,
+    model: String,
+    title: Option<String>,
+    system: Option<String>,
+    system_message: Option<Uuid>,
+}
+
+impl Begin {
+    fn of(turn: &NewTurn) -> Begin {
+        let (new_chat, chat, title, system) = match &turn.chat {
+            TurnChat::New { id, title } => (true, *id, Some(title.clone()), turn.system.clone()),
+            TurnChat::Existing(id) => (false, *id, None, None),
+        };
+        Begin {
+            new_chat,
+            chat: uuid(chat),
+            org: uuid(turn.org),
+            user: uuid(turn.user),
+            user_message: uuid(turn.user_message_id),
+            assistant_message: uuid(turn.assistant_message_id),
+            content: turn.content.clone(),
+            key: turn.idempotency.as_ref().map(|c| c.key.clone()),
+            hash: turn.idempotency.as_ref().map(|c| c.request_hash.clone()),
+            model: turn.model.clone(),
+            system_message: system.as_ref().map(|_| Uuid::new_v4()),
+            title,
+            system,
+        }
     }
+}
+
+/// The statement that writes `begins`, all of one shape (`new_chat`), no
+/// chat twice. Its rows carry each message's `chat_id`.
+pub(crate) fn begin_statement(new_chat: bool, begins: &[&Begin]) -> Statement {
+    fn column<T>(begins: &[&Begin], f: impl Fn(&Begin) -> T) -> Vec<T> {
+        begins.iter().map(|b| f(b)).collect()
+    }
+    sqlx::query(if new_chat {
+        BEGIN_TURN_NEW_CHAT
+    } else {
+        BEGIN_TURN_EXISTING_CHAT
+    })
+    .bind(column(begins, |b| b.chat))
+    .bind(column(begins, |b| b.org))
+    .bind(column(begins, |b| b.user))
+    .bind(column(begins, |b| b.user_message))
+    .bind(column(begins, |b| b.assistant_message))
+    .bind(column(begins, |b| b.content.clone()))
+    .bind(column(begins, |b| b.key.clone()))
+    .bind(column(begins, |b| b.hash.clone()))
+    .bind(column(begins, |b| b.model.clone()))
+    .bind(column(begins, |b| b.title.clone()))
+    .bind(column(begins, |b| b.system.clone()))
+    .bind(column(begins, |b| b.system_message))
 }
 
 /// Interpret the result rows of a turn statement: `Conflict` when a key was
@@ -1038,18 +1109,25 @@ impl Store for PostgresStore {
         // writing the turn twice.
         if turn.idempotency.is_none() {
             // The hot path: one self-contained statement, one round trip.
-            let chat = match &turn.chat {
-                TurnChat::New { id, .. } | TurnChat::Existing(id) => uuid(*id),
-            };
+            let begin = Begin::of(turn);
+            let chat = begin.chat;
             let rows = self
-                .write_turn(|| begin_turn_query(turn), chat, true)
+                .write_turn(
+                    || begin_statement(begin.new_chat, &[&begin]),
+                    Some(Write::Begin(Begin::of(turn))),
+                    chat,
+                    true,
+                )
                 .await
                 .map_err(map_err)?;
             return begun_turn(turn, &rows);
         }
-        self.retry(move || async move {
+        let begin = Begin::of(turn);
+        self.retry(|| async {
             let mut tx = self.pool.begin().await?;
-            let rows = begin_turn_query(turn).fetch_all(&mut *tx).await?;
+            let rows = begin_statement(begin.new_chat, &[&begin])
+                .fetch_all(&mut *tx)
+                .await?;
             match begun_turn(turn, &rows) {
                 Ok(begun) => {
                     tx.commit().await?;
@@ -1120,7 +1198,7 @@ impl Store for PostgresStore {
             .bind(&msg.event_lengths)
         };
         let rows = self
-            .write_turn(build, uuid(msg.chat), false)
+            .write_turn(build, None, uuid(msg.chat), false)
             .await
             .map_err(map_err)?;
         rows.first()
@@ -1148,7 +1226,7 @@ impl Store for PostgresStore {
             .bind(entry.cost.cost_micro_usd)
         };
         // No chat: its ledger row is the only row it writes.
-        self.write_turn(build, Uuid::nil(), false)
+        self.write_turn(build, None, Uuid::nil(), false)
             .await
             .map_err(map_err)?;
         Ok(())

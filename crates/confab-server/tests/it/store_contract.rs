@@ -64,6 +64,7 @@ per_store!(
     concurrent_turns_with_one_idempotency_key_admit_exactly_one,
     concurrent_turns_on_one_chat_get_gap_free_sequence_numbers,
     concurrent_writes_are_answered_each_on_its_own,
+    concurrent_begins_of_every_kind_are_answered_each_on_its_own,
     chat_service_lets_only_the_owner_write_and_admins_read,
     connecting_to_an_unreachable_database_is_unavailable,
 );
@@ -1414,6 +1415,128 @@ async fn concurrent_writes_are_answered_each_on_its_own(db: Db) {
         assert_eq!(messages[1].content, "a reply");
         assert_eq!(messages[1].status, MessageStatus::Complete);
     }
+}
+
+/// Begins of every kind at once — new chats with and without a system
+/// prompt, several turns on each of two existing chats, a new chat of a
+/// deleted user and a turn on a deleted chat — each get their own answer:
+/// the last two `NotFound`, every other one written with the messages it
+/// asked for and gap-free sequence numbers per chat. On PostgreSQL they share
+/// group commits (as multi-row statements); the waves repeat until begins
+/// have shared one.
+async fn concurrent_begins_of_every_kind_are_answered_each_on_its_own(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let bob = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+    store.delete_user(acme.id, bob.id).await.unwrap();
+    let busy = [
+        start_chat(&*store, &alice, "busy one").await.chat_id,
+        start_chat(&*store, &alice, "busy two").await.chat_id,
+    ];
+    let gone = start_chat(&*store, &alice, "gone").await.chat_id;
+    store.delete_chat(acme.id, gone).await.unwrap();
+    let mut new_chats = Vec::new();
+    for _wave in 0..20 {
+        let tasks: Vec<_> = (0..42)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                let text = format!("turn {i}");
+                let mut attempt = match i % 7 {
+                    0 | 1 => turn(&alice, new_chat(&text), &text),
+                    2 | 3 => turn(&alice, TurnChat::Existing(busy[i % 2]), &text),
+                    4 => turn(&bob, new_chat(&text), &text),
+                    5 => turn(&alice, TurnChat::Existing(gone), &text),
+                    _ => turn(&alice, TurnChat::Existing(busy[0]), &text),
+                };
+                if i % 7 == 1 {
+                    attempt.system = Some(format!("system {i}"));
+                }
+                attempt.model = format!("model {i}");
+                tokio::spawn(async move {
+                    let begun = store.begin_turn(&attempt).await;
+                    (i, attempt, begun)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (i, attempt, begun) = task.await.unwrap();
+            if matches!(i % 7, 4 | 5) {
+                assert!(is_not_found(begun), "turn {i} of a deleted user or chat");
+                continue;
+            }
+            let begun = begun.unwrap_or_else(|e| panic!("turn {i}: {e:?}"));
+            assert_eq!(begun.user_message.id, attempt.user_message_id);
+            assert_eq!(begun.user_message.content, attempt.content);
+            assert_eq!(begun.user_message.role, MessageRole::User);
+            assert_eq!(begun.assistant_message.id, attempt.assistant_message_id);
+            assert_eq!(begun.assistant_message.role, MessageRole::Assistant);
+            assert_eq!(begun.assistant_message.status, MessageStatus::Streaming);
+            assert_eq!(
+                begun.assistant_message.model.as_deref(),
+                Some(&*attempt.model)
+            );
+            assert_eq!(begun.assistant_message.seq, begun.user_message.seq + 1);
+            match attempt.chat {
+                TurnChat::New { id, .. } => {
+                    assert_eq!(begun.chat_id, id);
+                    let first = if attempt.system.is_some() { 2 } else { 1 };
+                    assert_eq!(begun.user_message.seq, first, "turn {i}");
+                    new_chats.push((id, attempt.system.clone()));
+                }
+                TurnChat::Existing(id) => assert_eq!(begun.chat_id, id),
+            }
+        }
+        match store.group_commit_stats() {
+            Some(stats) if stats.transactions + 10 >= stats.writes => {}
+            _ => break,
+        }
+    }
+    if let Some(stats) = store.group_commit_stats() {
+        assert!(
+            stats.transactions + 10 < stats.writes,
+            "begins never shared a group commit: {stats:?}"
+        );
+        assert_eq!(stats.fallbacks, 0, "{stats:?}");
+    }
+    for (id, system) in new_chats {
+        let messages = all_messages(&*store, acme.id, id).await;
+        let roles: Vec<MessageRole> = messages.iter().map(|m| m.role).collect();
+        match system {
+            Some(text) => {
+                assert_eq!(
+                    roles,
+                    [
+                        MessageRole::System,
+                        MessageRole::User,
+                        MessageRole::Assistant
+                    ]
+                );
+                assert_eq!(messages[0].content, text);
+            }
+            None => assert_eq!(roles, [MessageRole::User, MessageRole::Assistant]),
+        }
+        let chat = store.get_chat(acme.id, id).await.unwrap();
+        assert_eq!(chat.message_count, messages.len() as i64);
+    }
+    for id in busy {
+        let chat = store.get_chat(acme.id, id).await.unwrap();
+        let seqs: Vec<i64> = all_messages(&*store, acme.id, id)
+            .await
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs, (1..=chat.message_count).collect::<Vec<i64>>());
+        assert!(chat.message_count > 2);
+    }
+    assert!(is_not_found(store.get_chat(acme.id, gone).await));
+    assert!(
+        store
+            .list_chats(acme.id, bob.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 // ---- the rules on top of the store --------------------------------------------
