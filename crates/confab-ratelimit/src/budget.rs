@@ -4,7 +4,7 @@
 //! a sharded map: holding several shard locks at once can deadlock when two
 //! windows share a shard; a reservation is a few map lookups, once per turn.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -13,14 +13,51 @@ use confab_core::ratelimit::{
 };
 use std::sync::{Mutex, PoisonError};
 
-/// One window of one scope.
+/// One window of one scope. As in the script, nothing scans the live
+/// reservations: their sum is kept, and their deadlines in order.
 #[derive(Debug, Default)]
 struct Window {
     used: u64,
+    /// The sum of the live reservations' tokens.
+    reserved: u64,
     /// Reservation id → (tokens, deadline).
-    reserved: HashMap<String, (u64, Instant)>,
+    live: HashMap<String, (u64, Instant)>,
+    /// The live reservations by deadline.
+    deadlines: BTreeSet<(Instant, String)>,
     /// When the window is over (plus its reservations' TTL): then forgotten.
     forget_at: Option<Instant>,
+}
+
+impl Window {
+    /// Give back what `id` holds, if it still holds it.
+    fn release(&mut self, id: &str) {
+        if let Some((n, deadline)) = self.live.remove(id) {
+            self.reserved = self.reserved.saturating_sub(n);
+            self.deadlines.remove(&(deadline, id.to_owned()));
+        }
+    }
+
+    /// Drop the reservations whose deadline has passed (their process died
+    /// before settling).
+    fn expire(&mut self, now: Instant) {
+        while let Some((deadline, _)) = self.deadlines.first() {
+            if *deadline >= now {
+                break;
+            }
+            if let Some((_, id)) = self.deadlines.pop_first()
+                && let Some((n, _)) = self.live.remove(&id)
+            {
+                self.reserved = self.reserved.saturating_sub(n);
+            }
+        }
+    }
+
+    fn hold(&mut self, id: &str, need: u64, deadline: Instant) {
+        self.release(id);
+        self.live.insert(id.to_owned(), (need, deadline));
+        self.deadlines.insert((deadline, id.to_owned()));
+        self.reserved += need;
+    }
 }
 
 /// Token budgets held in memory.
@@ -66,11 +103,8 @@ impl TokenBudget for MemoryTokenBudget {
         let mut best: Option<BudgetState> = None;
         for (spec, (key, idx)) in request.windows.iter().zip(&keyed) {
             let window = windows.entry(key.clone()).or_default();
-            window
-                .reserved
-                .retain(|_, (_, deadline)| *deadline >= instant);
-            let reserved: u64 = window.reserved.values().map(|(n, _)| n).sum();
-            let room = spec.limit.saturating_sub(window.used + reserved);
+            window.expire(instant);
+            let room = spec.limit.saturating_sub(window.used + window.reserved);
             let end = (idx + 1) * spec.window_secs * 1000;
             let state = BudgetState {
                 limit: spec.limit,
@@ -94,9 +128,7 @@ impl TokenBudget for MemoryTokenBudget {
         for (spec, (key, idx)) in request.windows.iter().zip(&keyed) {
             let end = (idx + 1) * spec.window_secs * 1000;
             let window = windows.entry(key.clone()).or_default();
-            window
-                .reserved
-                .insert(request.id.clone(), (request.need, instant + request.ttl));
+            window.hold(&request.id, request.need, instant + request.ttl);
             window.forget_at =
                 Some(instant + Duration::from_millis(end.saturating_sub(now)) + request.ttl);
         }
@@ -114,7 +146,7 @@ impl TokenBudget for MemoryTokenBudget {
         let mut windows = self.lock();
         for (key, idx, _) in &held.windows {
             if let Some(window) = windows.get_mut(&format!("{key}:{idx}")) {
-                window.reserved.remove(&held.id);
+                window.release(&held.id);
                 window.used += actual;
             }
         }

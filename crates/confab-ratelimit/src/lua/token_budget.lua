@@ -11,34 +11,54 @@
 -- settle:   ARGV[2] actual, ARGV[3] reservation id,
 --           then per key: window index, window seconds  → 1
 --
--- A window is a hash: "used" = tokens settled, and one field per live
--- reservation, "r:<id>" = "<need>:<deadline ms>". Expired reservations (a
--- process died before settling) are dropped when met, so budgets never leak.
+-- A window is a hash — "used" = tokens settled, "reserved" = the sum of its
+-- live reservations, one field "r:<id>" = tokens per live reservation — and
+-- a sorted set "<window>:d" of the live reservations' ids by deadline.
+-- Every step is O(log n) in the window's live reservations: nothing scans
+-- them (a window of a busy org holds thousands). Reservations whose process
+-- died before settling are dropped once their deadline has passed, when the
+-- window is next reserved in, so budgets never leak. A reservation counts
+-- in "reserved" exactly while its id is in the sorted set: whoever removes
+-- the id (the settle, or the expiry) gives its tokens back, once.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- Give back what `id` holds in window `key`, if it still holds it.
+local function release(key, id)
+  if redis.call('ZREM', key .. ':d', id) == 1 then
+    local n = tonumber(redis.call('HGET', key, 'r:' .. id))
+    if n then
+      redis.call('HINCRBY', key, 'reserved', -n)
+    end
+  end
+  redis.call('HDEL', key, 'r:' .. id)
+end
+
 if ARGV[1] == 'settle' then
   local actual = tonumber(ARGV[2])
-  local field = 'r:' .. ARGV[3]
+  local id = ARGV[3]
   for i = 1, #KEYS do
     local idx = ARGV[2 + 2 * i]
     local win_ms = tonumber(ARGV[3 + 2 * i]) * 1000
     local key = KEYS[i] .. ':' .. idx
-    redis.call('HDEL', key, field)
-    if actual > 0 then
-      redis.call('HINCRBY', key, 'used', actual)
-    end
-    local end_ms = (tonumber(idx) + 1) * win_ms
-    local keep = end_ms - now_ms + 60000
-    if keep > 0 and redis.call('EXISTS', key) == 1 then
-      redis.call('PEXPIRE', key, keep)
+    release(key, id)
+    -- A window over for a minute is forgotten: nothing is written to it
+    -- (a key written then would have no expiry).
+    local keep = (tonumber(idx) + 1) * win_ms - now_ms + 60000
+    if keep > 0 then
+      if actual > 0 then
+        redis.call('HINCRBY', key, 'used', actual)
+      end
+      if redis.call('EXISTS', key) == 1 then
+        redis.call('PEXPIRE', key, keep)
+      end
     end
   end
   return 1
 end
 
 local need = tonumber(ARGV[2])
-local field = 'r:' .. ARGV[3]
+local id = ARGV[3]
 local ttl = tonumber(ARGV[4])
 local keys, idxs, ends = {}, {}, {}
 local best_limit, best_remaining, best_reset = -1, -1, 0
@@ -48,23 +68,13 @@ for i = 1, #KEYS do
   local idx = math.floor(now_ms / win_ms)
   local key = KEYS[i] .. ':' .. idx
   keys[i], idxs[i], ends[i] = key, idx, (idx + 1) * win_ms
-  local used, reserved = 0, 0
-  local h = redis.call('HGETALL', key)
-  for j = 1, #h, 2 do
-    local f, v = h[j], h[j + 1]
-    if f == 'used' then
-      used = tonumber(v)
-    else
-      local sep = string.find(v, ':', 1, true)
-      local n = tonumber(string.sub(v, 1, sep - 1))
-      local deadline = tonumber(string.sub(v, sep + 1))
-      if deadline < now_ms then
-        redis.call('HDEL', key, f)
-      else
-        reserved = reserved + n
-      end
-    end
+  local expired = redis.call('ZRANGEBYSCORE', key .. ':d', '-inf', '(' .. now_ms)
+  for _, gone in ipairs(expired) do
+    release(key, gone)
   end
+  local counts = redis.call('HMGET', key, 'used', 'reserved')
+  local used = tonumber(counts[1]) or 0
+  local reserved = tonumber(counts[2]) or 0
   local room = limit - used - reserved
   if room < 0 then room = 0 end
   local reset = ends[i] - now_ms
@@ -78,8 +88,13 @@ for i = 1, #KEYS do
 end
 local out = {1, best_limit, best_remaining, best_reset}
 for i = 1, #KEYS do
-  redis.call('HSET', keys[i], field, need .. ':' .. (now_ms + ttl))
-  redis.call('PEXPIRE', keys[i], ends[i] - now_ms + ttl + 60000)
+  local keep = ends[i] - now_ms + ttl + 60000
+  release(keys[i], id)
+  redis.call('HSET', keys[i], 'r:' .. id, need)
+  redis.call('HINCRBY', keys[i], 'reserved', need)
+  redis.call('ZADD', keys[i] .. ':d', now_ms + ttl, id)
+  redis.call('PEXPIRE', keys[i], keep)
+  redis.call('PEXPIRE', keys[i] .. ':d', keep)
   out[#out + 1] = idxs[i]
 end
 return out

@@ -20,6 +20,7 @@ per_limiter!(
     settling_below_the_reservation_returns_the_difference,
     a_reservation_is_made_in_every_window_or_in_none,
     an_unsettled_reservation_expires,
+    a_reservation_is_given_back_once_however_it_ends,
 );
 
 async fn budget(kind: Limiter) -> Arc<dyn TokenBudget> {
@@ -192,4 +193,44 @@ async fn an_unsettled_reservation_expires(kind: Limiter) {
         ),
         "a dead process's reservation does not leak"
     );
+}
+
+/// An expired reservation gives its tokens back once: a settle arriving
+/// after its expiry (the process was only slow) counts what it used and
+/// frees nothing a second time; settling twice frees nothing twice.
+async fn a_reservation_is_given_back_once_however_it_ends(kind: Limiter) {
+    let budget = budget(kind).await;
+    let windows = vec![window(100, 86_400, "org_day")];
+    let slow = request(&windows, 60, Duration::from_millis(300));
+    let slow_grant = budget.reserve(&slow).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Expires the slow one on the way: 50 reserved now.
+    let live = request(&windows, 50, Duration::from_secs(60));
+    let live_grant = budget.reserve(&live).await.unwrap();
+    assert!(
+        matches!(live_grant, Reservation::Granted { .. }),
+        "{live_grant:?}"
+    );
+    budget.settle(&held(&slow, &slow_grant), 5).await.unwrap();
+    budget.settle(&held(&slow, &slow_grant), 0).await.unwrap();
+    // 5 used + 50 reserved: 45 fit, 46 do not.
+    match budget
+        .reserve(&request(&windows, 46, Duration::from_secs(60)))
+        .await
+        .unwrap()
+    {
+        Reservation::Refused { state, .. } => assert_eq!(state.remaining, 45),
+        other => panic!("a late settle freed tokens twice: {other:?}"),
+    }
+    budget.settle(&held(&live, &live_grant), 20).await.unwrap();
+    budget.settle(&held(&live, &live_grant), 20).await.unwrap();
+    // 5 + 20 + 20 used (a settle counts what it reports), nothing reserved.
+    match budget
+        .reserve(&request(&windows, 55, Duration::from_secs(60)))
+        .await
+        .unwrap()
+    {
+        Reservation::Granted { state, .. } => assert_eq!(state.remaining, 0),
+        other => panic!("{other:?}"),
+    }
 }
