@@ -7,9 +7,10 @@
 //! several were waiting, as the statements of one transaction: one commit and
 //! one WAL flush for all of them instead of one each. The begins of a batch
 //! (the writes a new stream waits for before its first token) are combined
-//! into one multi-row statement per shape — new chat, existing chat — so a
-//! batch of begins costs one round trip, not one per turn: on a saturated
-//! machine every round trip also waits for the CPU, twice. Nobody waits for a batch
+//! into one multi-row statement per shape — new chat, existing chat — and its
+//! final writes into one more, so a batch costs a few round trips, not one
+//! per turn: on a saturated machine every round trip also waits for the CPU,
+//! twice. Nobody waits for a batch
 //! to fill: at light load every write finds an idle writer and runs at once,
 //! so a lone turn pays two task hand-offs (microseconds) and nothing else.
 //! Batches form only while every writer is busy, i.e. exactly when commits
@@ -42,7 +43,7 @@ use sqlx::{Connection, Error, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{Begin, begin_statement};
+use crate::{Begin, Finish, begin_statement, finish_statement};
 
 /// The most writes one transaction carries.
 pub(crate) const MAX_BATCH: usize = 128;
@@ -59,6 +60,9 @@ pub(crate) enum Write {
     /// written as one multi-row statement per shape (see
     /// [`crate::begin_statement`]).
     Begin(Begin),
+    /// A reply's final write: those of a batch are one multi-row statement
+    /// (see [`crate::finish_statement`]).
+    Finish(Finish),
 }
 
 /// What the writers answer a caller.
@@ -268,6 +272,9 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
                     .fetch_all(&mut *conn)
                     .await?
             }
+            Some(Write::Finish(finish)) => {
+                finish_statement(&[&finish]).fetch_all(&mut *conn).await?
+            }
             None => Vec::new(),
         };
         return Ok(vec![rows]);
@@ -276,15 +283,17 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
         .take(writes.len())
         .collect();
     let mut begins: Vec<(usize, Begin)> = Vec::new();
+    let mut finishes: Vec<(usize, Finish)> = Vec::new();
     let mut statements: Vec<(usize, Statement)> = Vec::new();
     for (i, write) in writes.into_iter().enumerate() {
         match write {
             Write::Begin(begin) => begins.push((i, begin)),
+            Write::Finish(finish) => finishes.push((i, finish)),
             Write::Statement(statement) => statements.push((i, statement)),
         }
     }
     let mut tx = conn.begin().await?;
-    for round in begin_rounds(&begins) {
+    for round in rounds(&begins, |b| (b.new_chat, b.chat)) {
         let batch: Vec<&Begin> = round.iter().map(|&k| &begins[k].1).collect();
         let Some(first) = batch.first() else {
             continue;
@@ -292,19 +301,14 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
         let rows = begin_statement(first.new_chat, &batch)
             .fetch_all(&mut *tx)
             .await?;
-        let slot: HashMap<Uuid, usize> = round
-            .iter()
-            .map(|&k| (begins[k].1.chat, begins[k].0))
-            .collect();
-        for row in rows {
-            // The one row of a statement that inserted nothing has no chat.
-            let Some(chat) = row.try_get::<Option<Uuid>, _>("chat_id")? else {
-                continue;
-            };
-            if let Some(&i) = slot.get(&chat) {
-                out[i].push(row);
-            }
-        }
+        let slots = round.iter().map(|&k| (begins[k].1.chat, begins[k].0));
+        hand_out(rows, "chat_id", slots, &mut out)?;
+    }
+    for round in rounds(&finishes, |f| (false, f.id)) {
+        let batch: Vec<&Finish> = round.iter().map(|&k| &finishes[k].1).collect();
+        let rows = finish_statement(&batch).fetch_all(&mut *tx).await?;
+        let slots = round.iter().map(|&k| (finishes[k].1.id, finishes[k].0));
+        hand_out(rows, "id", slots, &mut out)?;
     }
     for (i, statement) in statements {
         out[i] = statement.fetch_all(&mut *tx).await?;
@@ -313,21 +317,46 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
     Ok(out)
 }
 
-/// The multi-row statements `begins` (sorted by chat) are written in: one
-/// per shape, holding each chat once; a chat's further turns go into
-/// further statements, in the order they were queued. Indices into
-/// `begins`.
-fn begin_rounds(begins: &[(usize, Begin)]) -> Vec<Vec<usize>> {
-    // (shape, the how-manieth turn of its chat in this batch) → statement
+/// Give each row of a multi-row statement to the write it belongs to: the
+/// one whose id (`slots`: id → index into `out`) is in its `column`.
+fn hand_out(
+    rows: Vec<PgRow>,
+    column: &str,
+    slots: impl Iterator<Item = (Uuid, usize)>,
+    out: &mut [Vec<PgRow>],
+) -> Result<(), Error> {
+    let slot: HashMap<Uuid, usize> = slots.collect();
+    for row in rows {
+        // The one row of a begin statement that inserted nothing has no id.
+        let Some(id) = row.try_get::<Option<Uuid>, _>(column)? else {
+            continue;
+        };
+        if let Some(&i) = slot.get(&id)
+            && let Some(rows) = out.get_mut(i)
+        {
+            rows.push(row);
+        }
+    }
+    Ok(())
+}
+
+/// The multi-row statements `items` (sorted by chat) are written in: one
+/// per shape (`key`'s first part), holding each id (its second part: a
+/// begin's chat, a final write's message) once; an id's further writes go
+/// into further statements, in the order they were queued. Indices into
+/// `items`.
+fn rounds<T>(items: &[(usize, T)], key: impl Fn(&T) -> (bool, Uuid)) -> Vec<Vec<usize>> {
+    // (shape, the how-manieth write of its id in this batch) → statement
     let mut rounds: Vec<((bool, usize), Vec<usize>)> = Vec::new();
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
-    for (k, (_, begin)) in begins.iter().enumerate() {
-        let nth = seen.entry(begin.chat).or_insert(0);
-        let key = (begin.new_chat, *nth);
+    for (k, (_, item)) in items.iter().enumerate() {
+        let (shape, id) = key(item);
+        let nth = seen.entry(id).or_insert(0);
+        let at = (shape, *nth);
         *nth += 1;
-        match rounds.iter_mut().find(|(at, _)| *at == key) {
+        match rounds.iter_mut().find(|(r, _)| *r == at) {
             Some((_, round)) => round.push(k),
-            None => rounds.push((key, vec![k])),
+            None => rounds.push((at, vec![k])),
         }
     }
     rounds.into_iter().map(|(_, round)| round).collect()
