@@ -7,10 +7,12 @@
 //! several were waiting, as the statements of one transaction: one commit and
 //! one WAL flush for all of them instead of one each. The begins of a batch
 //! (the writes a new stream waits for before its first token) are combined
-//! into one multi-row statement per shape — new chat, existing chat — and its
-//! final writes into one more, so a batch costs a few round trips, not one
-//! per turn: on a saturated machine every round trip also waits for the CPU,
-//! twice. Nobody waits for a batch
+//! into one multi-row statement per shape — new chat, existing chat — so a
+//! batch of begins costs one round trip, not one per turn: on a saturated
+//! machine every round trip also waits for the CPU, twice. (Final writes stay
+//! one statement each: a multi-row `UPDATE messages … FROM unnest(…)` planned
+//! while the table was small kept a hash join over a sequential scan of it
+//! until the next autoanalyze, and cost more than the round trips it saved.) Nobody waits for a batch
 //! to fill: at light load every write finds an idle writer and runs at once,
 //! so a lone turn pays two task hand-offs (microseconds) and nothing else.
 //! Batches form only while every writer is busy, i.e. exactly when commits
@@ -43,7 +45,7 @@ use sqlx::{Connection, Error, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{Begin, Finish, begin_statement, finish_statement};
+use crate::{Begin, begin_statement};
 
 /// The most writes one transaction carries.
 pub(crate) const MAX_BATCH: usize = 128;
@@ -60,9 +62,6 @@ pub(crate) enum Write {
     /// written as one multi-row statement per shape (see
     /// [`crate::begin_statement`]).
     Begin(Begin),
-    /// A reply's final write: those of a batch are one multi-row statement
-    /// (see [`crate::finish_statement`]).
-    Finish(Finish),
 }
 
 /// What the writers answer a caller.
@@ -272,9 +271,6 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
                     .fetch_all(&mut *conn)
                     .await?
             }
-            Some(Write::Finish(finish)) => {
-                finish_statement(&[&finish]).fetch_all(&mut *conn).await?
-            }
             None => Vec::new(),
         };
         return Ok(vec![rows]);
@@ -283,12 +279,10 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
         .take(writes.len())
         .collect();
     let mut begins: Vec<(usize, Begin)> = Vec::new();
-    let mut finishes: Vec<(usize, Finish)> = Vec::new();
     let mut statements: Vec<(usize, Statement)> = Vec::new();
     for (i, write) in writes.into_iter().enumerate() {
         match write {
             Write::Begin(begin) => begins.push((i, begin)),
-            Write::Finish(finish) => finishes.push((i, finish)),
             Write::Statement(statement) => statements.push((i, statement)),
         }
     }
@@ -303,12 +297,6 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
             .await?;
         let slots = round.iter().map(|&k| (begins[k].1.chat, begins[k].0));
         hand_out(rows, "chat_id", slots, &mut out)?;
-    }
-    for round in rounds(&finishes, |f| (false, f.id)) {
-        let batch: Vec<&Finish> = round.iter().map(|&k| &finishes[k].1).collect();
-        let rows = finish_statement(&batch).fetch_all(&mut *tx).await?;
-        let slots = round.iter().map(|&k| (finishes[k].1.id, finishes[k].0));
-        hand_out(rows, "id", slots, &mut out)?;
     }
     for (i, statement) in statements {
         out[i] = statement.fetch_all(&mut *tx).await?;
@@ -342,7 +330,7 @@ fn hand_out(
 
 /// The multi-row statements `items` (sorted by chat) are written in: one
 /// per shape (`key`'s first part), holding each id (its second part: a
-/// begin's chat, a final write's message) once; an id's further writes go
+/// begin's chat) once; an id's further writes go
 /// into further statements, in the order they were queued. Indices into
 /// `items`.
 fn rounds<T>(items: &[(usize, T)], key: impl Fn(&T) -> (bool, Uuid)) -> Vec<Vec<usize>> {

@@ -479,123 +479,6 @@ pub(crate) fn begin_statement(new_chat: bool, begins: &[&Begin]) -> Statement {
     .bind(column(begins, |b| b.system_message))
 }
 
-// ---- finish_message ------------------------------------------------------------
-//
-// Final writes are multi-row statements too (one array element per reply),
-// so that the group commit writes a batch of them in one round trip; a lone
-// final write is the same statement with one-element arrays. One statement,
-// hence one transaction per reply: its message, its chat's updated_at, its
-// ledger row and its idempotent response change together, the last three
-// only when the message was found. The input columns are named `in_*`, so
-// that nothing in the statement is ambiguous. A reply may appear only once
-// per statement (its ledger upsert cannot affect a row twice).
-const FINISH_MESSAGES: &str = concat!(
-    "WITH input AS ( \
-        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
-                             $6::bigint[], $7::uuid[], $8::text[], $9::jsonb[], $10::bigint[], \
-                             $11::text[], $12::bigint[], $13::bytea[]) \
-            AS i (in_id, in_org, in_chat, in_content, in_status, in_completion, in_user, \
-                  in_key, in_response, in_prompt, in_source, in_cost, in_lengths) \
-    ), m AS ( \
-        UPDATE messages \
-           SET content = in_content, status = in_status, token_count = in_completion, \
-               updated_at = now(), prompt_tokens = in_prompt, completion_tokens = in_completion, \
-               usage_source = in_source, event_lengths = in_lengths \
-          FROM input \
-         WHERE id = in_id AND org_id = in_org AND chat_id = in_chat \
-        RETURNING ",
-    message_columns!(),
-    " ), c AS ( \
-        UPDATE chats SET updated_at = now() \
-          FROM (SELECT DISTINCT chat_id AS done_chat, org_id AS done_org FROM m) AS done \
-         WHERE id = done_chat AND org_id = done_org \
-        RETURNING id AS chat, user_id \
-    ), l AS ( \
-        INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
-            prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
-        SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), m.status, \
-               m.prompt_tokens, m.completion_tokens, m.usage_source, input.in_cost, now() \
-          FROM m JOIN c ON c.chat = m.chat_id JOIN input ON input.in_id = m.id \
-        ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
-           prompt_tokens = EXCLUDED.prompt_tokens, \
-           completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
-           cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
-    ), k AS ( \
-        UPDATE idempotency_keys SET response = in_response \
-          FROM input JOIN m ON m.id = input.in_id \
-         WHERE idempotency_keys.user_id = in_user AND idempotency_keys.key = in_key \
-    ) \
-    SELECT * FROM m"
-);
-
-/// One reply's final write, as [`FINISH_MESSAGES`] takes it.
-#[derive(Debug)]
-pub(crate) struct Finish {
-    pub(crate) id: Uuid,
-    pub(crate) chat: Uuid,
-    org: Uuid,
-    content: String,
-    status: &'static str,
-    completion_tokens: i64,
-    /// The idempotent response's user and key: NULL without one, which
-    /// matches no key.
-    user: Option<Uuid>,
-    key: Option<String>,
-    response: Option<serde_json::Value>,
-    prompt_tokens: i64,
-    source: &'static str,
-    cost_micro_usd: i64,
-    event_lengths: Vec<u8>,
-}
-
-impl Finish {
-    fn of(msg: &FinishedMessage) -> Finish {
-        let (user, key, response) = match &msg.idempotent_response {
-            Some((user, key, response)) => {
-                (Some(uuid(*user)), Some(key.clone()), Some(response.clone()))
-            }
-            None => (None, None, None),
-        };
-        Finish {
-            id: uuid(msg.id),
-            chat: uuid(msg.chat),
-            org: uuid(msg.org),
-            content: msg.content.clone(),
-            status: msg.status.as_str(),
-            completion_tokens: msg.usage.completion_tokens,
-            user,
-            key,
-            response,
-            prompt_tokens: msg.usage.prompt_tokens,
-            source: msg.usage.source.as_str(),
-            cost_micro_usd: msg.cost.cost_micro_usd,
-            event_lengths: msg.event_lengths.clone(),
-        }
-    }
-}
-
-/// The statement that writes `finishes`, no reply twice. Its rows are the
-/// updated messages (none for a reply that was not found).
-pub(crate) fn finish_statement(finishes: &[&Finish]) -> Statement {
-    fn column<T>(finishes: &[&Finish], f: impl Fn(&Finish) -> T) -> Vec<T> {
-        finishes.iter().map(|x| f(x)).collect()
-    }
-    sqlx::query(FINISH_MESSAGES)
-        .bind(column(finishes, |f| f.id))
-        .bind(column(finishes, |f| f.org))
-        .bind(column(finishes, |f| f.chat))
-        .bind(column(finishes, |f| f.content.clone()))
-        .bind(column(finishes, |f| f.status))
-        .bind(column(finishes, |f| f.completion_tokens))
-        .bind(column(finishes, |f| f.user))
-        .bind(column(finishes, |f| f.key.clone()))
-        .bind(column(finishes, |f| f.response.clone()))
-        .bind(column(finishes, |f| f.prompt_tokens))
-        .bind(column(finishes, |f| f.source))
-        .bind(column(finishes, |f| f.cost_micro_usd))
-        .bind(column(finishes, |f| f.event_lengths.clone()))
-}
-
 /// Interpret the result rows of a turn statement: `Conflict` when a key was
 /// asked for but not claimed, `NotFound` when no message was inserted.
 fn begun_turn(turn: &NewTurn, rows: &[PgRow]) -> Result<BegunTurn, StoreError> {
@@ -1262,14 +1145,60 @@ impl Store for PostgresStore {
     }
 
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {
-        let finish = Finish::of(msg);
+        // One statement, hence one transaction: the message, its chat's
+        // updated_at and the idempotent response change together. The last
+        // two only when the message was found. $7/$8 are NULL without a
+        // response, which matches no key.
+        let (user, key, response) = match &msg.idempotent_response {
+            Some((user, key, response)) => (Some(uuid(*user)), Some(key.as_str()), Some(response)),
+            None => (None, None, None),
+        };
+        let build = move || {
+            sqlx::query(concat!(
+                "WITH m AS ( \
+                UPDATE messages \
+                   SET content = $4, status = $5, token_count = $6, updated_at = now(), \
+                       prompt_tokens = $10, completion_tokens = $6, usage_source = $11, \
+                       event_lengths = $13 \
+                 WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
+                RETURNING ",
+                message_columns!(),
+                " ), c AS ( \
+                UPDATE chats SET updated_at = now() \
+                 WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
+                RETURNING user_id \
+            ), l AS ( \
+                INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+                SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                       m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, $12, now() \
+                  FROM m, c \
+                ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
+                   prompt_tokens = EXCLUDED.prompt_tokens, \
+                   completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
+                   cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
+            ), k AS ( \
+                UPDATE idempotency_keys SET response = $9 \
+                 WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
+            ) \
+            SELECT * FROM m"
+            ))
+            .bind(uuid(msg.id))
+            .bind(uuid(msg.org))
+            .bind(uuid(msg.chat))
+            .bind(&msg.content)
+            .bind(msg.status.as_str())
+            .bind(msg.usage.completion_tokens)
+            .bind(user)
+            .bind(key)
+            .bind(response)
+            .bind(msg.usage.prompt_tokens)
+            .bind(msg.usage.source.as_str())
+            .bind(msg.cost.cost_micro_usd)
+            .bind(&msg.event_lengths)
+        };
         let rows = self
-            .write_turn(
-                || finish_statement(&[&finish]),
-                Some(Write::Finish(Finish::of(msg))),
-                finish.chat,
-                false,
-            )
+            .write_turn(build, None, uuid(msg.chat), false)
             .await
             .map_err(map_err)?;
         rows.first()
