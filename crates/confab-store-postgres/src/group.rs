@@ -12,11 +12,11 @@
 //! machine every round trip also waits for the CPU, twice. (Final writes stay
 //! one statement each: a multi-row `UPDATE messages … FROM unnest(…)` planned
 //! while the table was small kept a hash join over a sequential scan of it
-//! until the next autoanalyze, and cost more than the round trips it saved.) Nobody waits for a batch
-//! to fill: at light load every write finds an idle writer and runs at once,
-//! so a lone turn pays two task hand-offs (microseconds) and nothing else.
-//! Batches form only while every writer is busy, i.e. exactly when commits
-//! would otherwise queue for the pool. Each caller is answered only after the
+//! until the next autoanalyze, and cost more than the round trips it saved.)
+//! Nobody waits for a batch to fill: at light load every write finds an idle
+//! writer and runs at once, so a lone turn pays two task hand-offs
+//! (microseconds) and nothing else. Batches form only while every writer is
+//! busy, i.e. exactly when commits would otherwise queue for the pool. Each caller is answered only after the
 //! transaction holding its write has committed.
 //!
 //! Every statement sent here is self-contained and safe to replay (see
@@ -266,11 +266,7 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
     if writes.len() == 1 {
         let rows = match writes.into_iter().next() {
             Some(Write::Statement(statement)) => statement.fetch_all(&mut *conn).await?,
-            Some(Write::Begin(begin)) => {
-                begin_statement(begin.new_chat, &[&begin])
-                    .fetch_all(&mut *conn)
-                    .await?
-            }
+            Some(Write::Begin(begin)) => begin.alone().fetch_all(&mut *conn).await?,
             None => Vec::new(),
         };
         return Ok(vec![rows]);
@@ -287,16 +283,19 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
         }
     }
     let mut tx = conn.begin().await?;
-    for round in rounds(&begins, |b| (b.new_chat, b.chat)) {
-        let batch: Vec<&Begin> = round.iter().map(|&k| &begins[k].1).collect();
-        let Some(first) = batch.first() else {
+    let order = rounds(&begins);
+    // Each begin goes into exactly one statement, which takes it over.
+    let mut begins: Vec<Option<(usize, Begin)>> = begins.into_iter().map(Some).collect();
+    for round in order {
+        let taken: Vec<(usize, Begin)> = round.iter().filter_map(|&k| begins[k].take()).collect();
+        let Some(new_chat) = taken.first().map(|(_, b)| b.new_chat) else {
             continue;
         };
-        let rows = begin_statement(first.new_chat, &batch)
+        let slot: HashMap<Uuid, usize> = taken.iter().map(|(i, b)| (b.chat, *i)).collect();
+        let rows = begin_statement(new_chat, taken.into_iter().map(|(_, b)| b))
             .fetch_all(&mut *tx)
             .await?;
-        let slots = round.iter().map(|&k| (begins[k].1.chat, begins[k].0));
-        hand_out(rows, "chat_id", slots, &mut out)?;
+        hand_out(rows, &slot, &mut out)?;
     }
     for (i, statement) in statements {
         out[i] = statement.fetch_all(&mut *tx).await?;
@@ -305,21 +304,19 @@ async fn run(pool: &PgPool, writes: Vec<Write>, impatient: bool) -> Result<Vec<V
     Ok(out)
 }
 
-/// Give each row of a multi-row statement to the write it belongs to: the
-/// one whose id (`slots`: id → index into `out`) is in its `column`.
+/// Give each row of a multi-row begin statement to the write it belongs
+/// to: the one whose chat (`slot`: chat → index into `out`) it is in.
 fn hand_out(
     rows: Vec<PgRow>,
-    column: &str,
-    slots: impl Iterator<Item = (Uuid, usize)>,
+    slot: &HashMap<Uuid, usize>,
     out: &mut [Vec<PgRow>],
 ) -> Result<(), Error> {
-    let slot: HashMap<Uuid, usize> = slots.collect();
     for row in rows {
-        // The one row of a begin statement that inserted nothing has no id.
-        let Some(id) = row.try_get::<Option<Uuid>, _>(column)? else {
+        // The one row of a statement that inserted nothing has no chat.
+        let Some(chat) = row.try_get::<Option<Uuid>, _>("chat_id")? else {
             continue;
         };
-        if let Some(&i) = slot.get(&id)
+        if let Some(&i) = slot.get(&chat)
             && let Some(rows) = out.get_mut(i)
         {
             rows.push(row);
@@ -328,19 +325,17 @@ fn hand_out(
     Ok(())
 }
 
-/// The multi-row statements `items` (sorted by chat) are written in: one
-/// per shape (`key`'s first part), holding each id (its second part: a
-/// begin's chat) once; an id's further writes go
-/// into further statements, in the order they were queued. Indices into
-/// `items`.
-fn rounds<T>(items: &[(usize, T)], key: impl Fn(&T) -> (bool, Uuid)) -> Vec<Vec<usize>> {
-    // (shape, the how-manieth write of its id in this batch) → statement
+/// The multi-row statements `begins` (sorted by chat) are written in: one
+/// per shape (new chat, existing chat), holding each chat once; a chat's
+/// further turns go into further statements, in the order they were
+/// queued. Indices into `begins`.
+fn rounds(begins: &[(usize, Begin)]) -> Vec<Vec<usize>> {
+    // (shape, the how-manieth turn of its chat in this batch) → statement
     let mut rounds: Vec<((bool, usize), Vec<usize>)> = Vec::new();
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
-    for (k, (_, item)) in items.iter().enumerate() {
-        let (shape, id) = key(item);
-        let nth = seen.entry(id).or_insert(0);
-        let at = (shape, *nth);
+    for (k, (_, begin)) in begins.iter().enumerate() {
+        let nth = seen.entry(begin.chat).or_insert(0);
+        let at = (begin.new_chat, *nth);
         *nth += 1;
         match rounds.iter_mut().find(|(r, _)| *r == at) {
             Some((_, round)) => round.push(k),

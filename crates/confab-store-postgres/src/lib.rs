@@ -452,31 +452,69 @@ impl Begin {
             system,
         }
     }
+
+    /// The begin statement of this turn alone.
+    pub(crate) fn alone(self) -> Statement {
+        begin_statement(self.new_chat, std::iter::once(self))
+    }
 }
 
 /// The statement that writes `begins`, all of one shape (`new_chat`), no
-/// chat twice. Its rows carry each message's `chat_id`.
-pub(crate) fn begin_statement(new_chat: bool, begins: &[&Begin]) -> Statement {
-    fn column<T>(begins: &[&Begin], f: impl Fn(&Begin) -> T) -> Vec<T> {
-        begins.iter().map(|b| f(b)).collect()
+/// chat twice; it takes their texts over rather than copying them. Its rows
+/// carry each message's `chat_id`.
+pub(crate) fn begin_statement(
+    new_chat: bool,
+    begins: impl ExactSizeIterator<Item = Begin>,
+) -> Statement {
+    let n = begins.len();
+    let (mut chat, mut org, mut user) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut user_message, mut assistant_message) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut content, mut key, mut hash) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut model, mut title, mut system) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut system_message = Vec::with_capacity(n);
+    for b in begins {
+        chat.push(b.chat);
+        org.push(b.org);
+        user.push(b.user);
+        user_message.push(b.user_message);
+        assistant_message.push(b.assistant_message);
+        content.push(b.content);
+        key.push(b.key);
+        hash.push(b.hash);
+        model.push(b.model);
+        title.push(b.title);
+        system.push(b.system);
+        system_message.push(b.system_message);
     }
     sqlx::query(if new_chat {
         BEGIN_TURN_NEW_CHAT
     } else {
         BEGIN_TURN_EXISTING_CHAT
     })
-    .bind(column(begins, |b| b.chat))
-    .bind(column(begins, |b| b.org))
-    .bind(column(begins, |b| b.user))
-    .bind(column(begins, |b| b.user_message))
-    .bind(column(begins, |b| b.assistant_message))
-    .bind(column(begins, |b| b.content.clone()))
-    .bind(column(begins, |b| b.key.clone()))
-    .bind(column(begins, |b| b.hash.clone()))
-    .bind(column(begins, |b| b.model.clone()))
-    .bind(column(begins, |b| b.title.clone()))
-    .bind(column(begins, |b| b.system.clone()))
-    .bind(column(begins, |b| b.system_message))
+    .bind(chat)
+    .bind(org)
+    .bind(user)
+    .bind(user_message)
+    .bind(assistant_message)
+    .bind(content)
+    .bind(key)
+    .bind(hash)
+    .bind(model)
+    .bind(title)
+    .bind(system)
+    .bind(system_message)
 }
 
 /// Interpret the result rows of a turn statement: `Conflict` when a key was
@@ -1113,8 +1151,8 @@ impl Store for PostgresStore {
             let chat = begin.chat;
             let rows = self
                 .write_turn(
-                    || begin_statement(begin.new_chat, &[&begin]),
-                    Some(Write::Begin(Begin::of(turn))),
+                    || Begin::of(turn).alone(),
+                    Some(Write::Begin(begin)),
                     chat,
                     true,
                 )
@@ -1122,12 +1160,9 @@ impl Store for PostgresStore {
                 .map_err(map_err)?;
             return begun_turn(turn, &rows);
         }
-        let begin = Begin::of(turn);
         self.retry(|| async {
             let mut tx = self.pool.begin().await?;
-            let rows = begin_statement(begin.new_chat, &[&begin])
-                .fetch_all(&mut *tx)
-                .await?;
+            let rows = Begin::of(turn).alone().fetch_all(&mut *tx).await?;
             match begun_turn(turn, &rows) {
                 Ok(begun) => {
                     tx.commit().await?;
