@@ -511,7 +511,14 @@ impl Publication {
             }),
             None => stream.text.push(token),
         };
-        stream.version.send_modify(|v| *v += 1);
+        // Readers are rare (a resumed stream); waking nobody still costs the
+        // watch's locks, once per token of every stream. Skipping is safe: a
+        // reader subscribes before it first reads the text, and the text's
+        // lock orders that read with this push, so a reader this count
+        // misses reads the token itself.
+        if stream.version.receiver_count() > 0 {
+            stream.version.send_modify(|v| *v += 1);
+        }
         id
     }
 

@@ -47,7 +47,10 @@ use crate::store::{Store, StoreError};
 
 /// Events buffered between the engine and a slow client. With the send
 /// timeout this bounds what one stalled client can make the server hold.
-pub const CHANNEL_CAPACITY: usize = 32;
+/// The response body writes a batch once half of it is queued, whatever
+/// its write pacing (`SSE_COALESCE_MS`), so the channel is not what paces a
+/// fast model.
+pub const CHANNEL_CAPACITY: usize = 64;
 /// How long a retried request waits for the first request with the same
 /// `Idempotency-Key` to finish before giving up with `IdempotencyInProgress`.
 const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(10);
@@ -1096,6 +1099,11 @@ impl Run {
                 },
             };
             let mut first_at: Option<Instant> = None;
+            // When the last token was forwarded. The timer is re-armed only
+            // when it fires early (the idle deadline moved on since), not on
+            // every token: it never fires late, and a token costs no timer
+            // wheel update.
+            let mut last_at = attempt_started;
             loop {
                 let next = tokio::select! {
                     biased;
@@ -1103,6 +1111,13 @@ impl Run {
                         return self.stopped(why, attempt, attempt_started);
                     }
                     _ = &mut timer => {
+                        if first_at.is_some() {
+                            let idle_deadline = (last_at + config.idle_timeout).min(total_deadline);
+                            if Instant::now() < idle_deadline {
+                                timer.as_mut().reset(idle_deadline);
+                                continue;
+                            }
+                        }
                         let phase = if first_at.is_none() {
                             first_phase
                         } else if Instant::now() >= total_deadline {
@@ -1134,7 +1149,8 @@ impl Run {
                             continue;
                         }
                         let now = Instant::now();
-                        if first_at.is_none() {
+                        let first = first_at.is_none();
+                        if first {
                             first_at = Some(now);
                             inner
                                 .metrics
@@ -1145,9 +1161,13 @@ impl Run {
                             self.log_attempt(attempt, "cancelled", None, attempt_started);
                             return stop;
                         }
-                        timer
-                            .as_mut()
-                            .reset((Instant::now() + config.idle_timeout).min(total_deadline));
+                        last_at = Instant::now();
+                        if first {
+                            // From the first-token deadline to the idle one.
+                            timer
+                                .as_mut()
+                                .reset((last_at + config.idle_timeout).min(total_deadline));
+                        }
                     }
                     Some(Err(err)) => {
                         drop(chunks);
@@ -1210,31 +1230,36 @@ impl Run {
     /// Hand a token to the client's channel; `Some` when the turn must stop.
     async fn forward(&mut self, text: String, stop: &StopFlag) -> Option<Stop> {
         use tokio::sync::mpsc::error::TrySendError;
-        let inner = self.engine.inner.clone();
+        // Runs once per token of every live stream: nothing is cloned on the
+        // way unless the client's buffer is full.
         self.publication.push(&text);
-        let cancel = self.publication.cancel_token();
         let sent = match self.tx.try_send(TurnEvent::Token(text)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(false),
-            Err(TrySendError::Full(event)) => tokio::select! {
-                biased;
-                // Only the process-wide stop ends the turn here: a reader
-                // that is merely slow is the send timeout's business.
-                _ = stop.raised_by(StopFlag::HARD) => return Some(Stop::Interrupted),
-                _ = cancel.cancelled() => {
-                    // This token never reached the request's reader: end its
-                    // stream here (a resume has the rest, with the right ids).
-                    self.tx = mpsc::channel(1).0;
-                    return Some(Stop::Cancelled { stalled: false });
-                }
-                sent = tokio::time::timeout(inner.config.send_timeout, self.tx.send(event)) => {
-                    match sent {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(_)) => Err(false),
-                        Err(_) => Err(true),
+            Err(TrySendError::Full(event)) => {
+                let cancel = self.publication.cancel_token();
+                let send_timeout = self.engine.inner.config.send_timeout;
+                tokio::select! {
+                    biased;
+                    // Only the process-wide stop ends the turn here: a reader
+                    // that is merely slow is the send timeout's business.
+                    _ = stop.raised_by(StopFlag::HARD) => return Some(Stop::Interrupted),
+                    _ = cancel.cancelled() => {
+                        // This token never reached the request's reader: end
+                        // its stream here (a resume has the rest, with the
+                        // right ids).
+                        self.tx = mpsc::channel(1).0;
+                        return Some(Stop::Cancelled { stalled: false });
+                    }
+                    sent = tokio::time::timeout(send_timeout, self.tx.send(event)) => {
+                        match sent {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(_)) => Err(false),
+                            Err(_) => Err(true),
+                        }
                     }
                 }
-            },
+            }
         };
         if let Err(stalled) = sent {
             if !self.publication.detaches() {
@@ -1248,9 +1273,10 @@ impl Run {
             }
         }
         self.forwarded += 1;
-        inner.metrics.token_forwarded(self.input.interactive);
+        let metrics = &self.engine.inner.metrics;
+        metrics.token_forwarded(self.input.interactive);
         if self.forwarded == 1 {
-            inner.metrics.first_token(
+            metrics.first_token(
                 self.input.interactive,
                 &self.model.name,
                 self.input.received.elapsed(),

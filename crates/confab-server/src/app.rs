@@ -25,7 +25,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 
 /// How often `last_used_at` of API keys is written.
 const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
@@ -169,7 +169,7 @@ impl App {
             config.auth_failures,
             metrics.clone(),
         ));
-        let state = AppState {
+        let state = AppState::new(Shared {
             config: config.clone(),
             store: store.clone(),
             limiter,
@@ -181,7 +181,7 @@ impl App {
             tasks,
             readiness: Readiness::new(),
             started_at: Utc::now(),
-        };
+        });
         recover_dead_streams(&state).await;
         let app = App {
             state,

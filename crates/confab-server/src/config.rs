@@ -229,6 +229,9 @@ pub struct Config {
     pub stream_stale_after: Duration,
     /// Keep-alive comment interval on idle streams.
     pub sse_keepalive: Duration,
+    /// `SSE_COALESCE_MS`: a stream's writes are at least this far apart
+    /// (events in between leave together; see `sse::Pacing`).
+    pub sse_coalesce: Duration,
     /// A client that accepts no event for this long is treated as gone.
     pub stream_send_timeout: Duration,
     /// `STREAM_DETACH_SECONDS`: how long a generation goes on after its
@@ -471,6 +474,10 @@ impl Config {
         if stream_detach > Duration::from_secs(3600) {
             return Err(bad("STREAM_DETACH_SECONDS", "must be at most 3600"));
         }
+        let sse_coalesce = src.millis("SSE_COALESCE_MS", 100)?;
+        if sse_coalesce > Duration::from_secs(1) {
+            return Err(bad("SSE_COALESCE_MS", "must be at most 1000"));
+        }
         let rate_limit_fail_open = src.bool("RATE_LIMIT_FAIL_OPEN", true)?;
         let max_retries: u32 = src.parse("PROVIDER_MAX_RETRIES", 2, "a whole number")?;
         if max_retries > 10 {
@@ -583,6 +590,7 @@ impl Config {
             stream_flush_interval,
             stream_stale_after,
             sse_keepalive: src.seconds("SSE_KEEPALIVE_SECONDS", 15.0)?,
+            sse_coalesce,
             stream_send_timeout,
             stream_detach,
             app_env,
@@ -735,6 +743,8 @@ mod tests {
             ("HTTP_IDLE_TIMEOUT_MS", "3600001"),
             ("STREAM_DETACH_SECONDS", "7200"),
             ("STREAM_DETACH_SECONDS", "soon"),
+            ("SSE_COALESCE_MS", "1001"),
+            ("SSE_COALESCE_MS", "-5"),
             ("MAX_CONCURRENT_STREAMS", "0"),
             ("DB_ACQUIRE_TIMEOUT_MS", "0"),
             ("DB_GROUP_COMMIT", "sometimes"),

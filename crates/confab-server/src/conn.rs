@@ -582,9 +582,18 @@ impl AsyncWrite for GuardedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        // While no request is in progress, writes go one buffer at a time
-        // through poll_write, which looks for hyper's automatic errors.
-        if !self.rejected && !self.state.is_busy() || self.out_sent < self.out.len() {
+        // While no request is in progress, a write that holds one of
+        // hyper's automatic errors goes one buffer at a time through
+        // poll_write, which replaces it. Anything else — the end of a
+        // response whose body finished, i.e. of every stream (its last
+        // event, the chunk's CRLF, the terminating chunk) — stays one
+        // vectored write, not one syscall per buffer.
+        let own_pending = self.out_sent < self.out.len();
+        if own_pending
+            || !self.rejected
+                && bufs.iter().any(|b| automatic_error_status(b).is_some())
+                && !self.state.is_busy()
+        {
             let first = bufs
                 .iter()
                 .find(|b| !b.is_empty())

@@ -2,11 +2,14 @@
 //! streams and `/v1/chat/completions`.
 //!
 //! The response body encodes the turn's events and sends whatever is queued
-//! in one write: one event per write while the
-//! client keeps up (every token leaves at once), several per write when a
-//! burst of streams saturates the machine — then the syscalls per token, the
-//! largest cost of a stream (the kernel's TCP send path), shrink instead of
-//! queueing up. Hand-written instead of axum's `Sse` for that batching.
+//! in one write. The write is the largest cost of a token (the kernel's TCP
+//! send path: a third of the server's CPU in the sse-1k profile), so writes
+//! are paced ([`Pacing::coalesce`], `SSE_COALESCE_MS`): an event that finds
+//! the stream quiet leaves at once, and the events that follow it within
+//! the window leave together at its end — never later than the window, the
+//! first token and the final event never held. Each event is still its own
+//! SSE event with its own `id:`; only the TCP writes are fewer. Hand-written
+//! instead of axum's `Sse` for that batching.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -19,27 +22,76 @@ use confab_core::model::{MessageStatus, Usage};
 use confab_core::turn::{StartedTurn, TurnEvent, TurnFailure};
 use confab_core::{ChatId, MessageId};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::{Instant, Sleep};
 
 use crate::wire::{DoneEvent, ErrorEvent, TokenEvent};
 
 /// At most this much is gathered into one write.
 const MAX_BATCH_BYTES: usize = 16 * 1024;
+/// A window that gathers this many events marks its producer as fast
+/// (faster than a typical model: 160 a second at the default window).
+const FAST_EVENTS: usize = 16;
+/// A batch of this many events leaves at once: half the turn's channel
+/// (`confab_core::turn::CHANNEL_CAPACITY`), so a producer faster than the
+/// window is never held up by it.
+const FULL_EVENTS: usize = confab_core::turn::CHANNEL_CAPACITY / 2;
+/// The shortest keep-alive interval a stream uses, whatever is configured.
+const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
 
-/// `id: <id>\ndata: <json>\n\n`. `json` must be one line, which serde_json's
-/// compact output always is (newlines inside strings are escaped).
-pub fn data_frame(id: u64, json: &str) -> Bytes {
-    let mut frame = BytesMut::with_capacity(json.len() + 32);
-    write_frame(&mut frame, id, json);
-    frame.freeze()
+/// When a stream writes: one home for the keep-alive and the write pacing
+/// of every kind of stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Pacing {
+    /// A `: ping` after this long without a write (`SSE_KEEPALIVE_SECONDS`,
+    /// at least 100 ms); also how long a stream's headers wait for its
+    /// first event.
+    pub keepalive: Duration,
+    /// After a write that carried events, the next waits until this much
+    /// has passed (`SSE_COALESCE_MS`; zero: every event at once). The final
+    /// event is never held.
+    pub coalesce: Duration,
 }
 
-fn write_frame(out: &mut BytesMut, id: u64, json: &str) {
-    out.extend_from_slice(b"id: ");
-    out.extend_from_slice(id.to_string().as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(json.as_bytes());
+impl Pacing {
+    pub fn new(keepalive: Duration, coalesce: Duration) -> Self {
+        Self {
+            keepalive: keepalive.max(MIN_KEEPALIVE),
+            coalesce,
+        }
+    }
+
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self::new(config.sse_keepalive, config.sse_coalesce)
+    }
+}
+
+/// Append one SSE event, `id: <id>\n` (when given) then `data: <json>\n\n`,
+/// the JSON serialised straight into `out`: serde_json's compact output is
+/// one line (newlines inside strings are escaped). The one home of the
+/// framing for every stream. A value that cannot be serialised (none of
+/// ours can fail: no maps with non-string keys) leaves `out` as it was
+/// rather than send a broken event.
+pub fn write_event<T: serde::Serialize>(out: &mut BytesMut, id: Option<u64>, value: &T) {
+    use bytes::BufMut;
+    let start = out.len();
+    out.reserve(EVENT_CAPACITY);
+    if let Some(id) = id {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    out.extend_from_slice(b"data: ");
+    if serde_json::to_writer((&mut *out).writer(), value).is_err() {
+        out.truncate(start);
+        return;
+    }
     out.extend_from_slice(b"\n\n");
 }
+
+/// Room reserved per event, so that a typical token event is written
+/// without the buffer growing (and reallocating) on the way.
+const EVENT_CAPACITY: usize = 128;
 
 const PING: &[u8] = b": ping\n\n";
 
@@ -75,6 +127,18 @@ pub struct SseBody<E: Encoder> {
     ping: tokio::time::Interval,
     sent_since_tick: bool,
     finished: bool,
+    coalesce: Duration,
+    /// Events encoded but not yet written (held until `quiet_until`).
+    held: BytesMut,
+    /// Until when a write waits, after the last write that carried events.
+    quiet_until: Option<Instant>,
+    /// The one timer of the hold, reset per window (allocated on first use).
+    hold: Option<Pin<Box<Sleep>>>,
+    /// Events gathered since the last write.
+    pending: usize,
+    /// The last write carried [`FAST_EVENTS`] or more: the producer is fast,
+    /// and the hold listens to the channel too (see `poll_next`).
+    fast: bool,
 }
 
 impl<E: Encoder> SseBody<E> {
@@ -83,9 +147,10 @@ impl<E: Encoder> SseBody<E> {
         rx: mpsc::Receiver<E::Event>,
         first: Option<E::Event>,
         encoder: E,
-        keepalive: Duration,
+        pacing: Pacing,
     ) -> Self {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        let keepalive = pacing.keepalive;
+        let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             rx,
@@ -95,12 +160,37 @@ impl<E: Encoder> SseBody<E> {
             ping,
             sent_since_tick: false,
             finished: false,
+            coalesce: pacing.coalesce,
+            held: BytesMut::new(),
+            quiet_until: None,
+            hold: None,
+            pending: 0,
+            fast: false,
         }
     }
 
     fn encode(&mut self, event: E::Event, out: &mut BytesMut) {
+        self.pending += 1;
         if self.encoder.encode(event, out) {
             self.finished = true;
+        }
+    }
+
+    /// Whether what is gathered goes now, window or not: the stream ended,
+    /// or the batch is full (by size, or by count: half the turn's channel,
+    /// so a fast producer never waits on a window).
+    fn must_write(&self, out: &BytesMut) -> bool {
+        self.finished || out.len() >= MAX_BATCH_BYTES || self.pending >= FULL_EVENTS
+    }
+
+    /// Encode what the channel already holds, without registering a wake-up.
+    fn gather(&mut self, out: &mut BytesMut) {
+        while !self.finished && out.len() < MAX_BATCH_BYTES {
+            match self.rx.try_recv() {
+                Ok(event) => self.encode(event, out),
+                Err(TryRecvError::Disconnected) => self.finished = true,
+                Err(TryRecvError::Empty) => break,
+            }
         }
     }
 }
@@ -114,28 +204,80 @@ where
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let mut out = BytesMut::new();
+        // What a window held back: events only (the opening is never held).
+        let mut out = std::mem::take(&mut this.held);
+        let mut opening = 0;
         if this.opening {
             this.opening = false;
+            let before = out.len();
             this.encoder.opening(&mut out);
+            opening = out.len() - before;
         }
-        let opened = out.len();
         if let Some(first) = this.first.take() {
             this.encode(first, &mut out);
         }
-        while !this.finished && out.len() < MAX_BATCH_BYTES {
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(event)) => this.encode(event, &mut out),
-                Poll::Ready(None) => this.finished = true,
-                Poll::Pending => break,
+        let now = Instant::now();
+        let holding = this.quiet_until.is_some_and(|until| now < until);
+        // Gather without asking the channel to wake us: within a window the
+        // hold's timer will, so the tokens that follow a write cost no task
+        // wake-up each; the channel is polled only when nothing was queued.
+        this.gather(&mut out);
+        if holding && !this.must_write(&out) {
+            let until = this.quiet_until.unwrap_or(now);
+            let hold = this
+                .hold
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if hold.deadline() != until {
+                hold.as_mut().reset(until);
+            }
+            if hold.as_mut().poll(cx).is_pending() {
+                if this.fast || this.pending >= FAST_EVENTS {
+                    // A fast producer: woken by each event, so that a batch
+                    // leaves as soon as it is full rather than the producer
+                    // waiting for the window with the channel full.
+                    this.fast = true;
+                    while !this.must_write(&out) {
+                        match this.rx.poll_recv(cx) {
+                            Poll::Ready(Some(event)) => this.encode(event, &mut out),
+                            Poll::Ready(None) => this.finished = true,
+                            Poll::Pending => {
+                                this.held = out;
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                } else {
+                    this.held = out;
+                    return Poll::Pending;
+                }
+            }
+            // The window is over, or the batch must go now.
+        }
+        if out.len() == opening {
+            // Nothing queued: wait for the channel.
+            while !this.finished && out.len() < MAX_BATCH_BYTES {
+                match this.rx.poll_recv(cx) {
+                    Poll::Ready(Some(event)) => this.encode(event, &mut out),
+                    Poll::Ready(None) => this.finished = true,
+                    Poll::Pending => break,
+                }
             }
         }
         if !out.is_empty() {
             // The opening alone does not count as activity: the first
-            // keep-alive is due one interval after it.
-            this.sent_since_tick |= out.len() > opened;
+            // keep-alive is due one interval after it, and it opens no
+            // window. Nor does a full batch: the rest of a burst follows at
+            // once.
+            if out.len() > opening {
+                this.sent_since_tick = true;
+                this.fast = this.pending >= FAST_EVENTS;
+                this.quiet_until = (!this.coalesce.is_zero() && out.len() < MAX_BATCH_BYTES)
+                    .then(|| now + this.coalesce);
+            }
+            this.pending = 0;
             return Poll::Ready(Some(Ok(out.freeze())));
         }
+        this.held = out;
         if this.finished {
             return Poll::Ready(None);
         }
@@ -162,14 +304,14 @@ pub struct TurnEvents {
 pub type EventBody = SseBody<TurnEvents>;
 
 impl SseBody<TurnEvents> {
-    pub fn new(turn: StartedTurn, first: Option<TurnEvent>, keepalive: Duration) -> Self {
+    pub fn new(turn: StartedTurn, first: Option<TurnEvent>, pacing: Pacing) -> Self {
         let encoder = TurnEvents {
             seq: 0,
             chat_id: turn.chat_id,
             message_id: turn.message_id,
             model: turn.model,
         };
-        Self::with_encoder(turn.events, first, encoder, keepalive)
+        Self::with_encoder(turn.events, first, encoder, pacing)
     }
 }
 
@@ -178,13 +320,14 @@ impl Encoder for TurnEvents {
 
     fn encode(&mut self, event: TurnEvent, out: &mut BytesMut) -> bool {
         self.seq += 1;
-        let (json, last) = match &event {
-            TurnEvent::Token(token) => (
-                serde_json::to_string(&TokenEvent { token, done: false }),
-                false,
-            ),
-            TurnEvent::Done(summary) => (
-                serde_json::to_string(&DoneEvent {
+        let id = Some(self.seq);
+        match &event {
+            TurnEvent::Token(token) => {
+                write_event(out, id, &TokenEvent { token, done: false });
+                false
+            }
+            TurnEvent::Done(summary) => {
+                let done = DoneEvent {
                     token: "",
                     done: true,
                     full_text: &summary.text,
@@ -192,26 +335,20 @@ impl Encoder for TurnEvents {
                     message_id: self.message_id,
                     model: &self.model,
                     usage: summary.usage.into(),
-                }),
-                true,
-            ),
+                };
+                write_event(out, id, &done);
+                true
+            }
             TurnEvent::Failed(failure) => {
                 let message = failure_message(failure);
-                (
-                    serde_json::to_string(&ErrorEvent {
-                        error: "Stream failed",
-                        message: &message,
-                    }),
-                    true,
-                )
+                let failed = ErrorEvent {
+                    error: "Stream failed",
+                    message: &message,
+                };
+                write_event(out, id, &failed);
+                true
             }
-        };
-        // Serialising these plain structs cannot fail; if it ever did, the
-        // event is dropped rather than sent broken.
-        if let Ok(json) = json {
-            write_frame(out, self.seq, &json);
         }
-        last
     }
 }
 
@@ -269,8 +406,6 @@ pub enum ReplayEvent {
     },
 }
 
-/// A resumed stream as an SSE body: the same framing, batching and
-/// keep-alives as [`EventBody`], with the ids the events were made with.
 /// A resumed stream (SPEC §14) in the same format, with the ids the events
 /// were made with.
 pub struct ReplayEvents {
@@ -286,13 +421,13 @@ impl SseBody<ReplayEvents> {
         rx: mpsc::Receiver<ReplayEvent>,
         chat_id: ChatId,
         message_id: MessageId,
-        keepalive: Duration,
+        pacing: Pacing,
     ) -> Self {
         let encoder = ReplayEvents {
             chat_id,
             message_id,
         };
-        Self::with_encoder(rx, None, encoder, keepalive)
+        Self::with_encoder(rx, None, encoder, pacing)
     }
 }
 
@@ -300,23 +435,22 @@ impl Encoder for ReplayEvents {
     type Event = ReplayEvent;
 
     fn encode(&mut self, event: ReplayEvent, out: &mut BytesMut) -> bool {
-        let last = !matches!(event, ReplayEvent::Token { .. });
-        let (id, json) = match &event {
-            ReplayEvent::Token { id, text } => (
-                *id,
-                serde_json::to_string(&TokenEvent {
+        match &event {
+            ReplayEvent::Token { id, text } => {
+                let token = TokenEvent {
                     token: text,
                     done: false,
-                }),
-            ),
+                };
+                write_event(out, Some(*id), &token);
+                false
+            }
             ReplayEvent::Done {
                 id,
                 text,
                 usage,
                 model,
-            } => (
-                *id,
-                serde_json::to_string(&DoneEvent {
+            } => {
+                let done = DoneEvent {
                     token: "",
                     done: true,
                     full_text: text,
@@ -324,20 +458,19 @@ impl Encoder for ReplayEvents {
                     message_id: self.message_id,
                     model,
                     usage: (*usage).into(),
-                }),
-            ),
-            ReplayEvent::Failed { id, message } => (
-                *id,
-                serde_json::to_string(&ErrorEvent {
+                };
+                write_event(out, Some(*id), &done);
+                true
+            }
+            ReplayEvent::Failed { id, message } => {
+                let failed = ErrorEvent {
                     error: "Stream failed",
                     message,
-                }),
-            ),
-        };
-        if let Ok(json) = json {
-            write_frame(out, id, &json);
+                };
+                write_event(out, Some(*id), &failed);
+                true
+            }
         }
-        last
     }
 }
 
@@ -348,8 +481,8 @@ mod tests {
     use confab_core::turn::TurnSummary;
     use futures::StreamExt;
 
-    fn body(keepalive: Duration) -> (mpsc::Sender<TurnEvent>, EventBody) {
-        let (tx, rx) = mpsc::channel(8);
+    fn body(pacing: Pacing) -> (mpsc::Sender<TurnEvent>, EventBody) {
+        let (tx, rx) = mpsc::channel(confab_core::turn::CHANNEL_CAPACITY);
         let turn = StartedTurn {
             chat_id: Some(ChatId::new()),
             message_id: MessageId::new(),
@@ -358,31 +491,41 @@ mod tests {
             events: rx,
             budget: None,
         };
-        (tx, EventBody::new(turn, None, keepalive))
+        (tx, EventBody::new(turn, None, pacing))
     }
 
-    #[tokio::test]
-    async fn queued_events_leave_together_in_order_with_ids() {
-        let (tx, mut body) = body(Duration::from_secs(60));
-        tx.send(TurnEvent::Token("a".into())).await.unwrap();
-        let one = body.next().await.unwrap().unwrap();
-        assert_eq!(
-            &one[..],
-            b": ping\n\nid: 1\ndata: {\"token\":\"a\",\"done\":false}\n\n"
-        );
-        tx.send(TurnEvent::Token("b".into())).await.unwrap();
-        tx.send(TurnEvent::Done(TurnSummary {
-            text: "ab".into(),
+    fn done(text: &str) -> TurnEvent {
+        TurnEvent::Done(TurnSummary {
+            text: text.into(),
             usage: Usage {
                 prompt_tokens: 1,
                 completion_tokens: 2,
                 source: UsageSource::Provider,
             },
             finish: confab_core::turn::FinishReason::Stop,
-        }))
-        .await
-        .unwrap();
-        let batch = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+        })
+    }
+
+    fn token(text: &str) -> TurnEvent {
+        TurnEvent::Token(text.into())
+    }
+
+    async fn next_text(body: &mut EventBody) -> String {
+        String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn queued_events_leave_together_in_order_with_ids() {
+        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::ZERO));
+        tx.send(token("a")).await.unwrap();
+        let one = body.next().await.unwrap().unwrap();
+        assert_eq!(
+            &one[..],
+            b": ping\n\nid: 1\ndata: {\"token\":\"a\",\"done\":false}\n\n"
+        );
+        tx.send(token("b")).await.unwrap();
+        tx.send(done("ab")).await.unwrap();
+        let batch = next_text(&mut body).await;
         assert!(
             batch.starts_with("id: 2\ndata: {\"token\":\"b\""),
             "{batch}"
@@ -393,9 +536,125 @@ mod tests {
 
     #[tokio::test]
     async fn silence_gets_a_ping_per_interval() {
-        let (_tx, mut body) = body(Duration::from_millis(100));
+        let (_tx, mut body) = body(Pacing::new(Duration::from_millis(100), Duration::ZERO));
         assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
         assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
         assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_after_a_write_wait_for_the_window_then_leave_together() {
+        let window = Duration::from_millis(50);
+        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), window));
+        let start = Instant::now();
+        tx.send(token("a")).await.unwrap();
+        let first = next_text(&mut body).await;
+        assert!(first.ends_with("id: 1\ndata: {\"token\":\"a\",\"done\":false}\n\n"));
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a quiet stream's token leaves at once"
+        );
+        tx.send(token("b")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send(token("c")).await.unwrap();
+        let batch = next_text(&mut body).await;
+        assert_eq!(
+            start.elapsed(),
+            window,
+            "held until the window's end, not longer"
+        );
+        assert!(
+            batch.starts_with("id: 2\ndata: {\"token\":\"b\"")
+                && batch.contains("id: 3\ndata: {\"token\":\"c\""),
+            "{batch}"
+        );
+        // A token after a quiet spell longer than the window leaves at once.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let at = Instant::now();
+        tx.send(token("d")).await.unwrap();
+        let late = next_text(&mut body).await;
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        assert!(late.starts_with("id: 4\n"), "{late}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_final_event_is_never_held() {
+        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
+        tx.send(token("a")).await.unwrap();
+        next_text(&mut body).await;
+        let start = Instant::now();
+        tx.send(token("b")).await.unwrap();
+        tx.send(done("ab")).await.unwrap();
+        let last = next_text(&mut body).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the final event ends the hold"
+        );
+        assert!(
+            last.starts_with("id: 2\n") && last.contains("\"done\":true"),
+            "{last}"
+        );
+        assert!(body.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_larger_than_a_batch_is_not_held() {
+        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
+        tx.send(token("a")).await.unwrap();
+        next_text(&mut body).await;
+        let start = Instant::now();
+        let big = "x".repeat(4096);
+        for _ in 0..5 {
+            tx.send(token(&big)).await.unwrap();
+        }
+        let batch = next_text(&mut body).await;
+        let rest = next_text(&mut body).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "a full batch goes at once");
+        assert!(batch.len() >= MAX_BATCH_BYTES, "{}", batch.len());
+        assert!(rest.contains("id: 6\n"), "the rest follows at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_producer_is_not_paced_by_the_window() {
+        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
+        tx.send(token("a")).await.unwrap();
+        next_text(&mut body).await;
+        let start = Instant::now();
+        let producer = tokio::spawn(async move {
+            for _ in 0..500 {
+                tx.send(token("t")).await.unwrap();
+            }
+        });
+        let (mut events, mut writes) = (0, 0);
+        while events < 500 {
+            events += next_text(&mut body).await.matches("id: ").count();
+            writes += 1;
+        }
+        producer.await.unwrap();
+        // The first window, which began as a slow stream's, is waited for
+        // (with the channel full); from then on the batches leave as they fill.
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "one window, not one per batch"
+        );
+        assert!(
+            writes <= 500 / FULL_EVENTS,
+            "{writes} writes: still batched"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_token_is_sent_when_the_turn_drops_its_sender() {
+        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
+        tx.send(token("a")).await.unwrap();
+        next_text(&mut body).await;
+        tx.send(token("b")).await.unwrap();
+        drop(tx);
+        let rest = next_text(&mut body).await;
+        assert!(rest.starts_with("id: 2\n"), "{rest}");
+        assert!(body.next().await.is_none());
     }
 }

@@ -1,5 +1,8 @@
-//! The state every handler gets: cheap to clone, everything behind `Arc`.
+//! The state every handler gets: one `Arc`, so a clone (several per
+//! request: the router, each middleware, each extractor) is one atomic
+//! increment rather than one per field.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use confab_core::Store;
@@ -15,7 +18,24 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub limiter: Arc<dyn RateLimiter>,

@@ -45,10 +45,18 @@ fn redact_error(field: &Field, text: String) -> String {
     }
 }
 
+/// The log writer's buffer (see [`init`]).
+const LOG_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Install the global subscriber. Keep the guard alive until exit: dropping
 /// it flushes the lines still queued.
 pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The writer thread drains every queued line, then flushes: through a
+    // buffer, the lines that queued up while it wrote leave in one write
+    // instead of one syscall each (stdout alone flushes at every newline),
+    // and a lone line still leaves at once.
+    let stdout = std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(stdout);
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {

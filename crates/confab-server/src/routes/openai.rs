@@ -11,8 +11,6 @@
 //!
 //! [`TurnEngine`]: confab_core::turn::TurnEngine
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -36,7 +34,7 @@ use crate::openai_wire::{
     Choice, ChunkChoice, Completion, CompletionChunk, CompletionRequest, Content, Delta, ErrorBody,
     ErrorObject, ModelList, ModelOut, OutMessage, Stop, UsageOut, UsageSlot,
 };
-use crate::sse::{Encoder, SseBody};
+use crate::sse::{Encoder, Pacing, SseBody};
 use crate::state::AppState;
 
 /// The header that stores a turn in a confab chat: `new` or a chat id.
@@ -461,8 +459,8 @@ pub async fn chat_completions(
     }
     // Hold the headers until the first event (or a keep-alive interval):
     // a failure before the first token is still an HTTP error.
-    let keepalive = state.config.sse_keepalive.max(Duration::from_millis(100));
-    let first = match tokio::time::timeout(keepalive, turn.events.recv()).await {
+    let pacing = Pacing::of(&state.config);
+    let first = match tokio::time::timeout(pacing.keepalive, turn.events.recv()).await {
         Ok(Some(TurnEvent::Failed(failure))) => {
             return Err(ApiError::from_turn_failure(&turn.model, failure).into_response());
         }
@@ -481,7 +479,7 @@ pub async fn chat_completions(
         include_usage,
         span: tracing::Span::current(),
     };
-    let body = Body::from_stream(SseBody::with_encoder(turn.events, first, chunks, keepalive));
+    let body = Body::from_stream(SseBody::with_encoder(turn.events, first, chunks, pacing));
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -688,10 +686,5 @@ impl Encoder for ChunkStream {
 }
 
 fn data_line<T: serde::Serialize>(out: &mut BytesMut, value: &T) {
-    out.extend_from_slice(b"data: ");
-    // Serialising these types cannot fail (no maps with non-string keys).
-    if let Ok(json) = serde_json::to_vec(value) {
-        out.extend_from_slice(&json);
-    }
-    out.extend_from_slice(b"\n\n");
+    crate::sse::write_event(out, None, value);
 }

@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::metrics::{DeliveryLabels, SourceLabels};
 use crate::middleware::Auth;
-use crate::sse::{ReplayBody, ReplayEvent, ended_message};
+use crate::sse::{Pacing, ReplayBody, ReplayEvent, ended_message};
 use crate::state::AppState;
 use crate::wire::CancelReply;
 
@@ -235,9 +235,14 @@ pub async fn get_message_stream(
             .run(source, stored)
             .instrument(tracing::Span::current()),
     );
-    let keepalive = state.config.sse_keepalive.max(Duration::from_millis(100));
+    // Not coalesced: a replay of stored text is a burst that must leave at
+    // once (SPEC §14), not a window at a time; resumes are rare.
+    let pacing = Pacing {
+        coalesce: Duration::ZERO,
+        ..Pacing::of(&state.config)
+    };
     let mut response = Response::new(Body::from_stream(ReplayBody::new(
-        rx, chat_id, message_id, keepalive,
+        rx, chat_id, message_id, pacing,
     )));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

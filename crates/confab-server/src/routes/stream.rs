@@ -18,7 +18,7 @@ use confab_core::turn::{Started, TurnEvent};
 use crate::error::{ApiError, set_token_limit_headers};
 use crate::middleware::Auth;
 use crate::routes::chats::parse_turn_request;
-use crate::sse::EventBody;
+use crate::sse::{EventBody, Pacing};
 use crate::state::AppState;
 
 /// Send a message and receive the reply as Server-Sent Events (SPEC §6).
@@ -45,11 +45,8 @@ pub async fn post_chat_stream(
             "a stream turn was answered as a replay".into(),
         ));
     };
-    let keepalive = state
-        .config
-        .sse_keepalive
-        .max(std::time::Duration::from_millis(100));
-    let first = match tokio::time::timeout(keepalive, turn.events.recv()).await {
+    let pacing = Pacing::of(&state.config);
+    let first = match tokio::time::timeout(pacing.keepalive, turn.events.recv()).await {
         Ok(Some(TurnEvent::Failed(failure))) => {
             return Err(ApiError::from_turn_failure(&turn.model, failure));
         }
@@ -62,7 +59,7 @@ pub async fn post_chat_stream(
         Err(_) => None,
     };
     let (chat_id, message_id, budget) = (turn.chat_id, turn.message_id, turn.budget);
-    let mut response = Response::new(Body::from_stream(EventBody::new(turn, first, keepalive)));
+    let mut response = Response::new(Body::from_stream(EventBody::new(turn, first, pacing)));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
