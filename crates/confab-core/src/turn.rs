@@ -16,12 +16,15 @@
 //! request.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use futures::future::MaybeDone;
+use futures::task::AtomicWaker;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -39,7 +42,8 @@ use crate::model::{
 };
 use crate::models::{Model, ModelRegistry};
 use crate::provider::{
-    ChatRequest, Chunk, PromptMessage, ProviderError, ReportedUsage, Sampling, TimeoutPhase,
+    ChatProvider, ChatRequest, Chunk, ChunkStream, PromptMessage, ProviderError, ReportedUsage,
+    Sampling, TimeoutPhase,
 };
 use crate::ratelimit::{BudgetState, BudgetWindow, Held, Reservation, ReserveRequest, TokenBudget};
 use crate::service::{Access, ChatService, ServiceError};
@@ -304,6 +308,10 @@ pub struct StartedTurn {
     pub created_at: DateTime<Utc>,
     pub model: String,
     pub events: mpsc::Receiver<TurnEvent>,
+    /// Woken once the turn's last event is in `events` (or it ended
+    /// without one): a reader that polls `events` only now and then (a
+    /// paced response body) registers here so that the end is never held.
+    pub end: Arc<AtomicWaker>,
     /// The token budget after this turn's reservation (for the
     /// `X-TokenLimit-*` headers), when the caller has a limit.
     pub budget: Option<BudgetState>,
@@ -537,6 +545,8 @@ impl TurnEngine {
         let (held, budget) = self.reserve(who, assistant_id, need).await?;
 
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let end = Arc::new(AtomicWaker::new());
+        let ended = end.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
         let engine = self.clone();
         let who = who.clone();
@@ -544,13 +554,16 @@ impl TurnEngine {
         let task = async move {
             // Held until the turn is settled, whichever way it ends.
             let _place = place;
+            let mut early = (input.store && input.idempotency.is_none()).then(|| {
+                let request =
+                    chat_request(&model, system.clone(), messages.clone(), max_output, &input);
+                EarlyOpen::start(model.provider.clone(), request)
+            });
             let begun = if !input.store {
                 None
             } else {
-                match engine
-                    .begin(&who, &input, &model, existing.is_some(), assistant_id)
-                    .await
-                {
+                let begin = engine.begin(&who, &input, &model, existing.is_some(), assistant_id);
+                match EarlyOpen::during(early.as_mut(), begin).await {
                     Ok(Begun::Turn(begun)) => Some(*begun),
                     Ok(Begun::Replay(stored)) => {
                         engine.release(held.as_ref()).await;
@@ -572,7 +585,7 @@ impl TurnEngine {
             });
             let created_at = meta.as_ref().map_or_else(Utc::now, |m| m.created_at);
             let _ = ready_tx.send(Ok(Ok((meta.as_ref().map(|m| m.chat_id), created_at))));
-            let run = Run::new(
+            let mut run = Run::new(
                 engine,
                 who,
                 input,
@@ -588,7 +601,11 @@ impl TurnEngine {
                 (messages, counted, max_output),
                 held,
             );
+            run.early = early;
             run.go().await;
+            // After the last event, or without one (the run dropped its
+            // sender): the reader must look now.
+            ended.wake();
         };
         inner.tasks.spawn(task.instrument(tracing::Span::current()));
         match ready_rx.await {
@@ -598,6 +615,7 @@ impl TurnEngine {
                 created_at,
                 model: model_name,
                 events: rx,
+                end,
                 budget,
             })),
             Ok(Ok(Err(stored))) => Ok(Started::Replay(stored)),
@@ -927,6 +945,71 @@ struct Run {
     finish: FinishReason,
     /// This turn's token reservation, settled with the final write.
     held: Option<Held>,
+    /// The first model call, already on its way (see [`EarlyOpen`]).
+    early: Option<EarlyOpen>,
+}
+
+/// The first attempt of a turn's model call, started while the turn's first
+/// write commits rather than after it: the upstream's time to first token
+/// (tens of milliseconds at the least) hides the commit, and the client
+/// waits for the longer of the two, not for their sum. The turn's task
+/// polls it alongside the begin ([`EarlyOpen::during`]); its tokens are
+/// read only once the turn has begun. When the begin fails, dropping it
+/// closes the call (one request the upstream saw for nothing, on a database
+/// failure). Only for turns that cannot turn out to be a replay (no
+/// `Idempotency-Key`).
+struct EarlyOpen(Pin<Box<MaybeDone<OpenCall>>>);
+
+type OpenCall = futures::future::BoxFuture<'static, Result<ChunkStream, ProviderError>>;
+
+impl EarlyOpen {
+    fn start(provider: Arc<dyn ChatProvider>, request: ChatRequest) -> Self {
+        let call: OpenCall = Box::pin(async move { provider.stream(&request).await });
+        Self(Box::pin(futures::future::maybe_done(call)))
+    }
+
+    /// Run `work` to its end, the call making progress meanwhile.
+    async fn during<T>(early: Option<&mut Self>, work: impl Future<Output = T>) -> T {
+        let Some(early) = early else {
+            return work.await;
+        };
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                () = early.0.as_mut(), if !matches!(*early.0, MaybeDone::Done(_) | MaybeDone::Gone) => {}
+            }
+        }
+    }
+
+    async fn opened(mut self) -> Result<ChunkStream, ProviderError> {
+        self.0.as_mut().await;
+        self.0.as_mut().take_output().unwrap_or_else(|| {
+            Err(ProviderError::Malformed {
+                detail: "the model call was already taken".into(),
+            })
+        })
+    }
+}
+
+/// The upstream request of a turn: one home for both the early first
+/// attempt and the attempts of [`Run::generate`].
+fn chat_request(
+    model: &Model,
+    system: Option<String>,
+    messages: Vec<PromptMessage>,
+    max_output: u32,
+    input: &TurnInput,
+) -> ChatRequest {
+    ChatRequest {
+        upstream_model: model.upstream_model.clone(),
+        system,
+        messages,
+        max_output_tokens: max_output,
+        interactive: input.interactive,
+        sampling: input.sampling.clone(),
+    }
 }
 
 impl Run {
@@ -993,6 +1076,7 @@ impl Run {
             context: Some(context),
             finish: FinishReason::Stop,
             held,
+            early: None,
         }
     }
 
@@ -1050,14 +1134,14 @@ impl Run {
             self.context
                 .take()
                 .unwrap_or((Vec::new(), 0, self.model.max_output_tokens));
-        let request = ChatRequest {
-            upstream_model: self.model.upstream_model.clone(),
-            system: self.system.clone(),
+        let request = chat_request(
+            &self.model,
+            self.system.clone(),
             messages,
-            max_output_tokens: max_output,
-            interactive: self.input.interactive,
-            sampling: self.input.sampling.clone(),
-        };
+            max_output,
+            &self.input,
+        );
+        let mut early = self.early.take();
         let model_name = self.model.name.clone();
         let provider = self.model.provider.clone();
         let total_deadline = Instant::now() + config.total_timeout;
@@ -1083,7 +1167,12 @@ impl Run {
                     return self.stopped(why, attempt, attempt_started);
                 }
                 _ = &mut timer => Err(ProviderError::Timeout(first_phase)),
-                opened = provider.stream(&request) => opened,
+                opened = async {
+                    match early.take() {
+                        Some(early) => early.opened().await,
+                        None => provider.stream(&request).await,
+                    }
+                } => opened,
             };
             let mut chunks = match opened {
                 Ok(chunks) => {

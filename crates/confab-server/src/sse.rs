@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use std::time::Duration;
@@ -21,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 use confab_core::model::{MessageStatus, Usage};
 use confab_core::turn::{StartedTurn, TurnEvent, TurnFailure};
 use confab_core::{ChatId, MessageId};
+use futures::task::AtomicWaker;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::{Instant, Sleep};
@@ -139,6 +141,9 @@ pub struct SseBody<E: Encoder> {
     /// The last write carried [`FAST_EVENTS`] or more: the producer is fast,
     /// and the hold listens to the channel too (see `poll_next`).
     fast: bool,
+    /// Woken by the producer after its last event (`StartedTurn::end`), so
+    /// that a hold, which does not listen to the channel, ends at once.
+    end: Option<Arc<AtomicWaker>>,
 }
 
 impl<E: Encoder> SseBody<E> {
@@ -166,7 +171,16 @@ impl<E: Encoder> SseBody<E> {
             hold: None,
             pending: 0,
             fast: false,
+            end: None,
         }
+    }
+
+    /// Hold writes only with `end`: the producer's signal that its last
+    /// event is queued (without it, a hold could keep the end back for a
+    /// window). Without this, writes are not paced.
+    pub fn ended_by(mut self, end: Arc<AtomicWaker>) -> Self {
+        self.end = Some(end);
+        self
     }
 
     fn encode(&mut self, event: E::Event, out: &mut BytesMut) {
@@ -217,7 +231,7 @@ where
             this.encode(first, &mut out);
         }
         let now = Instant::now();
-        let holding = this.quiet_until.is_some_and(|until| now < until);
+        let holding = this.end.is_some() && this.quiet_until.is_some_and(|until| now < until);
         // Gather without asking the channel to wake us: within a window the
         // hold's timer will, so the tokens that follow a write cost no task
         // wake-up each; the channel is polled only when nothing was queued.
@@ -246,9 +260,15 @@ where
                             }
                         }
                     }
-                } else {
-                    this.held = out;
-                    return Poll::Pending;
+                } else if let Some(end) = &this.end {
+                    // Woken by the end; the channel is looked at once more
+                    // after registering, for an end queued just before.
+                    end.register(cx.waker());
+                    this.gather(&mut out);
+                    if !this.must_write(&out) {
+                        this.held = out;
+                        return Poll::Pending;
+                    }
                 }
             }
             // The window is over, or the batch must go now.
@@ -311,7 +331,7 @@ impl SseBody<TurnEvents> {
             message_id: turn.message_id,
             model: turn.model,
         };
-        Self::with_encoder(turn.events, first, encoder, pacing)
+        Self::with_encoder(turn.events, first, encoder, pacing).ended_by(turn.end)
     }
 }
 
@@ -482,16 +502,23 @@ mod tests {
     use futures::StreamExt;
 
     fn body(pacing: Pacing) -> (mpsc::Sender<TurnEvent>, EventBody) {
+        let (tx, body, _) = body_with_end(pacing);
+        (tx, body)
+    }
+
+    fn body_with_end(pacing: Pacing) -> (mpsc::Sender<TurnEvent>, EventBody, Arc<AtomicWaker>) {
         let (tx, rx) = mpsc::channel(confab_core::turn::CHANNEL_CAPACITY);
+        let end = Arc::new(AtomicWaker::new());
         let turn = StartedTurn {
             chat_id: Some(ChatId::new()),
             message_id: MessageId::new(),
             created_at: chrono::Utc::now(),
             model: "m".into(),
             events: rx,
+            end: end.clone(),
             budget: None,
         };
-        (tx, EventBody::new(turn, None, pacing))
+        (tx, EventBody::new(turn, None, pacing), end)
     }
 
     fn done(text: &str) -> TurnEvent {
@@ -597,6 +624,32 @@ mod tests {
             "{last}"
         );
         assert!(body.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_a_turn_wakes_a_holding_body_at_once() {
+        let window = Duration::from_secs(5);
+        let (tx, mut body, end) = body_with_end(Pacing::new(Duration::from_secs(60), window));
+        tx.send(token("a")).await.unwrap();
+        next_text(&mut body).await;
+        let start = Instant::now();
+        let turn = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send(token("b")).await.unwrap();
+            tx.send(done("ab")).await.unwrap();
+            end.wake();
+        });
+        let last = next_text(&mut body).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(10),
+            "not the window's end"
+        );
+        assert!(
+            last.contains("id: 2\n") && last.contains("\"done\":true"),
+            "{last}"
+        );
+        turn.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -479,7 +479,9 @@ pub async fn chat_completions(
         include_usage,
         span: tracing::Span::current(),
     };
-    let body = Body::from_stream(SseBody::with_encoder(turn.events, first, chunks, pacing));
+    let body = Body::from_stream(
+        SseBody::with_encoder(turn.events, first, chunks, pacing).ended_by(turn.end),
+    );
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
