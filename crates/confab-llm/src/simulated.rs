@@ -243,43 +243,83 @@ impl ChatProvider for SimulatedModel {
             };
             return Ok(futures::stream::iter(chunks).boxed());
         }
-        let tokens = tokenize(&reply);
-        let model = self.clone();
         let rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
+        let tokens = tokenize(&reply);
         let total = tokens.len();
-        // Lazy: each token's delay is awaited only when the consumer polls,
-        // so dropping the stream stops the "generation" at once. Tokens are
-        // due on a schedule (start + the sum of the delays so far) rather than
-        // after a fresh sleep each: timer rounding then does not pile up over
-        // a long reply.
-        let stream = futures::stream::unfold(
-            (tokens.into_iter().enumerate(), rng, None, Some(usage)),
-            move |(mut iter, mut rng, due, usage): (
-                _,
-                _,
-                Option<tokio::time::Instant>,
-                Option<Chunk>,
-            )| {
-                let model = model.clone();
-                async move {
-                    let Some((i, token)) = iter.next() else {
-                        // After the last token: the usage report, then the end.
-                        let usage = usage?;
-                        return Some((Ok(usage), (iter, rng, due, None)));
-                    };
-                    let delay = model.delay_for(&mut rng);
-                    let at = due.unwrap_or_else(tokio::time::Instant::now) + delay;
-                    if !delay.is_zero() {
-                        tokio::time::sleep_until(at).await;
-                    }
-                    if fail && i == TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1)) {
-                        return Some((Err(simulated_failure()), (iter, rng, Some(at), None)));
-                    }
-                    Some((Ok(Chunk::Delta(token)), (iter, rng, Some(at), usage)))
+        Ok(Paced {
+            tokens: tokens.into_iter().enumerate(),
+            fail_at: fail.then(|| TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1))),
+            model: self.clone(),
+            rng,
+            due: None,
+            timer: None,
+            next: None,
+            usage: Some(usage),
+        }
+        .boxed())
+    }
+}
+
+/// A streamed reply: each token is due on a schedule (start + the sum of
+/// the delays so far) rather than after a fresh sleep each, so timer
+/// rounding does not pile up over a long reply. Lazy: a token's delay runs
+/// only while the consumer polls, so dropping the stream stops the
+/// "generation" at once. One timer per reply, reset per token (this runs
+/// once per token of every simulated stream).
+struct Paced {
+    tokens: std::iter::Enumerate<std::vec::IntoIter<String>>,
+    /// The index of the token at which a `/fail` message errors.
+    fail_at: Option<usize>,
+    model: SimulatedModel,
+    rng: SplitMix64,
+    due: Option<tokio::time::Instant>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The token waiting for its time.
+    next: Option<(usize, String)>,
+    /// Sent after the last token, then the end.
+    usage: Option<Chunk>,
+}
+
+impl futures::Stream for Paced {
+    type Item = Result<Chunk, ProviderError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.next.is_none() {
+            let Some((i, token)) = this.tokens.next() else {
+                return Poll::Ready(this.usage.take().map(Ok));
+            };
+            let delay = this.model.delay_for(&mut this.rng);
+            let at = this.due.unwrap_or_else(tokio::time::Instant::now) + delay;
+            this.due = Some(at);
+            if !delay.is_zero() {
+                match &mut this.timer {
+                    Some(timer) => timer.as_mut().reset(at),
+                    None => this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
                 }
-            },
-        );
-        Ok(stream.boxed())
+            }
+            this.next = Some((i, token));
+        }
+        // A timer left from an earlier token (this one had no delay) has
+        // elapsed already: it does not wait.
+        if let Some(timer) = &mut this.timer
+            && timer.as_mut().poll(cx).is_pending()
+        {
+            return Poll::Pending;
+        }
+        let Some((i, token)) = this.next.take() else {
+            return Poll::Ready(None);
+        };
+        if this.fail_at == Some(i) {
+            this.usage = None;
+            this.tokens = Vec::new().into_iter().enumerate();
+            return Poll::Ready(Some(Err(simulated_failure())));
+        }
+        Poll::Ready(Some(Ok(Chunk::Delta(token))))
     }
 }
 

@@ -603,8 +603,11 @@ impl Config {
 }
 
 /// Streams one core carries at a real model's pace: ≈ 35 µs of server CPU
-/// per token event (BENCHMARKS.md) is ≈ 28,000 events/s per core, i.e.
-/// ≈ 1,000 streams at ≈ 28 tokens/s each.
+/// per token event when this was set (BENCHMARKS.md) is ≈ 28,000 events/s
+/// per core, i.e. ≈ 1,000 streams at ≈ 28 tokens/s each. Paced writes have
+/// since brought it to ≈ 14–16 µs at 10–30 ms/token and ≈ 23 µs at 100 ms
+/// (one token per window); the bound was left as it is, not re-measured
+/// for sse-10k and the 5,000 burst at a higher value.
 pub const STREAMS_PER_CORE: usize = 1000;
 /// Turns one pooled connection keeps going: a turn commits twice (begin and
 /// final write) at ≈ 2 ms per commit under load, so a connection turns over

@@ -14,6 +14,7 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -57,8 +58,18 @@ pub fn init(level: &str, format: LogFormat) -> WorkerGuard {
     // and a lone line still leaves at once.
     let stdout = std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, std::io::stdout());
     let (writer, guard) = tracing_appender::non_blocking(stdout);
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    // A level or a `target=level` list (what LOG_LEVEL nearly always is) is
+    // a static filter. EnvFilter, needed only for span-field directives,
+    // takes a shared lock on every span enter and exit: every poll of an
+    // instrumented future, once per token of every stream.
+    let (fixed, dynamic) = match level.parse::<Targets>() {
+        Ok(targets) => (Some(targets), None),
+        Err(_) => (
+            None,
+            Some(EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))),
+        ),
+    };
+    let registry = tracing_subscriber::registry().with(fixed).with(dynamic);
     let result = match format {
         LogFormat::Json => registry.with(JsonLayer { writer }).try_init(),
         LogFormat::Pretty => registry

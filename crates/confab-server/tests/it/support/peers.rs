@@ -83,18 +83,23 @@ impl Peer {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
-    /// Poll `url` until it answers 2xx and `ok(body)`; panic (with the log)
-    /// when the process exits or `limit` passes.
-    async fn wait_ready(&mut self, url: &str, auth: Option<&str>, limit: Duration) {
+    /// Poll `url` until it answers 2xx; panic (with the log) when `limit`
+    /// passes. `Err(log)` when the process exited first.
+    async fn wait_ready(
+        &mut self,
+        url: &str,
+        auth: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), String> {
         let http = reqwest::Client::new();
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "{} exited ({status}) before it was ready:\n{}",
                     self.name,
                     self.log()
-                );
+                ));
             }
             let mut req = http.get(url).timeout(Duration::from_secs(2));
             if let Some(key) = auth {
@@ -103,7 +108,7 @@ impl Peer {
             if let Ok(res) = req.send().await
                 && res.status().is_success()
             {
-                return;
+                return Ok(());
             }
             assert!(
                 started.elapsed() < limit,
@@ -114,6 +119,25 @@ impl Peer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Start a peer on a free port, again on another port when the one picked
+/// was taken before the peer bound it (`free_port` can only pick a port
+/// that is free now); panic when it exits for any other reason.
+async fn start_on_free_port<F, Fut>(start: F) -> (Peer, u16)
+where
+    F: Fn(u16) -> Fut,
+    Fut: std::future::Future<Output = (Peer, Result<(), String>)>,
+{
+    for _ in 0..3 {
+        let port = free_port();
+        match start(port).await {
+            (peer, Ok(())) => return (peer, port),
+            (_, Err(log)) if log.contains("address already in use") => continue,
+            (_, Err(log)) => panic!("{log}"),
+        }
+    }
+    panic!("no free port for a peer after 3 attempts");
 }
 
 impl Drop for Peer {
@@ -204,20 +228,26 @@ pub struct LlmockRequest {
 impl Llmock {
     pub async fn start(opts: LlmockOpts) -> Llmock {
         let bin = peer_bin("llmock");
-        let port = free_port();
-        let dir = Peer::dir_for("llmock", port);
-        let mut cmd = peer_command(&bin);
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--stream-chunk-delay-ms", &opts.chunk_delay_ms.to_string()])
-            .args([
-                "--response-style",
-                if opts.echo { "echo" } else { "static" },
-            ])
-            .args(["--log-level", "warning"]);
-        let mut peer = Peer::spawn("llmock", cmd, dir);
-        let health = format!("http://127.0.0.1:{port}/health");
-        peer.wait_ready(&health, None, Duration::from_secs(60))
-            .await;
+        let (peer, port) = start_on_free_port(|port| {
+            let dir = Peer::dir_for("llmock", port);
+            let mut cmd = peer_command(&bin);
+            cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--stream-chunk-delay-ms", &opts.chunk_delay_ms.to_string()])
+                .args([
+                    "--response-style",
+                    if opts.echo { "echo" } else { "static" },
+                ])
+                .args(["--log-level", "warning"]);
+            let mut peer = Peer::spawn("llmock", cmd, dir);
+            async move {
+                let health = format!("http://127.0.0.1:{port}/health");
+                let ready = peer
+                    .wait_ready(&health, None, Duration::from_secs(60))
+                    .await;
+                (peer, ready)
+            }
+        })
+        .await;
         Llmock {
             peer,
             port,
@@ -392,8 +422,6 @@ impl Litellm {
             opts.openai_upstream
         );
         let bin = peer_bin("litellm");
-        let port = free_port();
-        let dir = Peer::dir_for("litellm", port);
         let upstream = opts.openai_upstream.trim_end_matches('/');
         let upstream_key = opts
             .upstream_api_key
@@ -421,29 +449,38 @@ general_settings:
             retries = opts.num_retries,
             key = Self::MASTER_KEY,
         );
-        std::fs::write(dir.join("config.yaml"), config).expect("write litellm config");
-        let mut cmd = peer_command(&bin);
-        cmd.args(["--config", "config.yaml", "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string()]);
-        // Keep every lookup LiteLLM would make on the internet local.
-        for k in [
-            "LITELLM_LOCAL_MODEL_COST_MAP",
-            "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS",
-            "LITELLM_LOCAL_BLOG_POSTS",
-            "LITELLM_LOCAL_POLICY_TEMPLATES",
-            "LITELLM_LOCAL_AUTOROUTER_PRESETS",
-            "LITELLM_DONT_SHOW_FEEDBACK_BOX",
-            "DISABLE_ADMIN_UI",
-            "NO_DOCS",
-        ] {
-            cmd.env(k, "True");
-        }
-        let mut peer = Peer::spawn("litellm", cmd, dir);
-        // /v1/models answers once the config's models are loaded. LiteLLM
-        // takes ≈ 15 s to start on an idle 2-core machine; far more under load.
-        let models = format!("http://127.0.0.1:{port}/v1/models");
-        peer.wait_ready(&models, Some(Self::MASTER_KEY), Duration::from_secs(240))
-            .await;
+        let (peer, port) = start_on_free_port(|port| {
+            let dir = Peer::dir_for("litellm", port);
+            std::fs::write(dir.join("config.yaml"), &config).expect("write litellm config");
+            let mut cmd = peer_command(&bin);
+            cmd.args(["--config", "config.yaml", "--host", "127.0.0.1"])
+                .args(["--port", &port.to_string()]);
+            // Keep every lookup LiteLLM would make on the internet local.
+            for k in [
+                "LITELLM_LOCAL_MODEL_COST_MAP",
+                "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS",
+                "LITELLM_LOCAL_BLOG_POSTS",
+                "LITELLM_LOCAL_POLICY_TEMPLATES",
+                "LITELLM_LOCAL_AUTOROUTER_PRESETS",
+                "LITELLM_DONT_SHOW_FEEDBACK_BOX",
+                "DISABLE_ADMIN_UI",
+                "NO_DOCS",
+            ] {
+                cmd.env(k, "True");
+            }
+            let mut peer = Peer::spawn("litellm", cmd, dir);
+            async move {
+                // /v1/models answers once the config's models are loaded.
+                // LiteLLM takes ≈ 15 s to start on an idle 2-core machine;
+                // far more under load.
+                let models = format!("http://127.0.0.1:{port}/v1/models");
+                let ready = peer
+                    .wait_ready(&models, Some(Self::MASTER_KEY), Duration::from_secs(240))
+                    .await;
+                (peer, ready)
+            }
+        })
+        .await;
         Litellm { peer, port }
     }
 
