@@ -554,11 +554,9 @@ impl TurnEngine {
         let task = async move {
             // Held until the turn is settled, whichever way it ends.
             let _place = place;
-            let mut early = (input.store && input.idempotency.is_none()).then(|| {
-                let request =
-                    chat_request(&model, system.clone(), messages.clone(), max_output, &input);
-                EarlyOpen::start(model.provider.clone(), request)
-            });
+            let request = Arc::new(chat_request(&model, system, messages, max_output, &input));
+            let mut early = (input.store && input.idempotency.is_none())
+                .then(|| EarlyOpen::start(model.provider.clone(), request.clone()));
             let begun = if !input.store {
                 None
             } else {
@@ -585,7 +583,7 @@ impl TurnEngine {
             });
             let created_at = meta.as_ref().map_or_else(Utc::now, |m| m.created_at);
             let _ = ready_tx.send(Ok(Ok((meta.as_ref().map(|m| m.chat_id), created_at))));
-            let mut run = Run::new(
+            let run = Run::new(
                 engine,
                 who,
                 input,
@@ -595,13 +593,15 @@ impl TurnEngine {
                     begun,
                     meta,
                 },
-                system,
                 tx,
                 replay,
-                (messages, counted, max_output),
+                Call {
+                    request,
+                    counted,
+                    early,
+                },
                 held,
             );
-            run.early = early;
             run.go().await;
             // After the last event, or without one (the run dropped its
             // sender): the reader must look now.
@@ -926,7 +926,6 @@ struct Run {
     input: TurnInput,
     model: Arc<Model>,
     turn: Turn,
-    system: Option<String>,
     tx: mpsc::Sender<TurnEvent>,
     replay: Option<ReplayEncoder>,
     live: Arc<LiveText>,
@@ -939,13 +938,19 @@ struct Run {
     prompt_counted: u64,
     forwarded: u64,
     disconnected_at: Option<Instant>,
-    /// The conversation to send, confab's count of it, and the output cap.
-    context: Option<(Vec<PromptMessage>, u64, u32)>,
+    /// The model call to make.
+    call: Call,
     /// How the model said it finished.
     finish: FinishReason,
     /// This turn's token reservation, settled with the final write.
     held: Option<Held>,
-    /// The first model call, already on its way (see [`EarlyOpen`]).
+}
+
+/// A turn's model call: the request (every attempt sends it), confab's
+/// count of its prompt, and the first attempt when it is already on its way.
+struct Call {
+    request: Arc<ChatRequest>,
+    counted: u64,
     early: Option<EarlyOpen>,
 }
 
@@ -963,7 +968,7 @@ struct EarlyOpen(Pin<Box<MaybeDone<OpenCall>>>);
 type OpenCall = futures::future::BoxFuture<'static, Result<ChunkStream, ProviderError>>;
 
 impl EarlyOpen {
-    fn start(provider: Arc<dyn ChatProvider>, request: ChatRequest) -> Self {
+    fn start(provider: Arc<dyn ChatProvider>, request: Arc<ChatRequest>) -> Self {
         let call: OpenCall = Box::pin(async move { provider.stream(&request).await });
         Self(Box::pin(futures::future::maybe_done(call)))
     }
@@ -993,8 +998,8 @@ impl EarlyOpen {
     }
 }
 
-/// The upstream request of a turn: one home for both the early first
-/// attempt and the attempts of [`Run::generate`].
+/// The upstream request of a turn, built once: the early first attempt
+/// and every attempt of [`Run::generate`] send it.
 fn chat_request(
     model: &Model,
     system: Option<String>,
@@ -1020,10 +1025,9 @@ impl Run {
         input: TurnInput,
         model: Arc<Model>,
         turn: Turn,
-        system: Option<String>,
         tx: mpsc::Sender<TurnEvent>,
         replay: Option<ReplayEncoder>,
-        context: (Vec<PromptMessage>, u64, u32),
+        call: Call,
         held: Option<Held>,
     ) -> Self {
         let inner = &engine.inner;
@@ -1063,7 +1067,6 @@ impl Run {
             input,
             model,
             turn,
-            system,
             tx,
             replay,
             live,
@@ -1073,10 +1076,9 @@ impl Run {
             prompt_counted: 0,
             forwarded: 0,
             disconnected_at: None,
-            context: Some(context),
+            call,
             finish: FinishReason::Stop,
             held,
-            early: None,
         }
     }
 
@@ -1130,18 +1132,9 @@ impl Run {
             self.publication.stop_signal(tx.clone()),
         );
 
-        let (messages, counted, max_output) =
-            self.context
-                .take()
-                .unwrap_or((Vec::new(), 0, self.model.max_output_tokens));
-        let request = chat_request(
-            &self.model,
-            self.system.clone(),
-            messages,
-            max_output,
-            &self.input,
-        );
-        let mut early = self.early.take();
+        let request = self.call.request.clone();
+        let counted = self.call.counted;
+        let mut early = self.call.early.take();
         let model_name = self.model.name.clone();
         let provider = self.model.provider.clone();
         let total_deadline = Instant::now() + config.total_timeout;

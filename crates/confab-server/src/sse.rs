@@ -197,6 +197,24 @@ impl<E: Encoder> SseBody<E> {
         self.finished || out.len() >= MAX_BATCH_BYTES || self.pending >= FULL_EVENTS
     }
 
+    /// Encode events from the channel until `enough`; `Pending` when it ran
+    /// dry first (its next event wakes the task).
+    fn receive(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        enough: impl Fn(&Self, &BytesMut) -> bool,
+    ) -> Poll<()> {
+        while !enough(self, out) {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(event)) => self.encode(event, out),
+                Poll::Ready(None) => self.finished = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+
     /// Encode what the channel already holds, without registering a wake-up.
     fn gather(&mut self, out: &mut BytesMut) {
         while !self.finished && out.len() < MAX_BATCH_BYTES {
@@ -250,15 +268,9 @@ where
                     // leaves as soon as it is full rather than the producer
                     // waiting for the window with the channel full.
                     this.fast = true;
-                    while !this.must_write(&out) {
-                        match this.rx.poll_recv(cx) {
-                            Poll::Ready(Some(event)) => this.encode(event, &mut out),
-                            Poll::Ready(None) => this.finished = true,
-                            Poll::Pending => {
-                                this.held = out;
-                                return Poll::Pending;
-                            }
-                        }
+                    if this.receive(cx, &mut out, Self::must_write).is_pending() {
+                        this.held = out;
+                        return Poll::Pending;
                     }
                 } else if let Some(end) = &this.end {
                     // Woken by the end; the channel is looked at once more
@@ -275,13 +287,9 @@ where
         }
         if out.len() == opening {
             // Nothing queued: wait for the channel.
-            while !this.finished && out.len() < MAX_BATCH_BYTES {
-                match this.rx.poll_recv(cx) {
-                    Poll::Ready(Some(event)) => this.encode(event, &mut out),
-                    Poll::Ready(None) => this.finished = true,
-                    Poll::Pending => break,
-                }
-            }
+            let _ = this.receive(cx, &mut out, |body, out| {
+                body.finished || out.len() >= MAX_BATCH_BYTES
+            });
         }
         if !out.is_empty() {
             // The opening alone does not count as activity: the first
@@ -433,7 +441,9 @@ pub struct ReplayEvents {
     message_id: MessageId,
 }
 
-/// The body of a resumed stream.
+/// The body of a resumed stream. Never paced (it has no end signal, see
+/// [`SseBody::ended_by`]): a replay of stored text is a burst that must
+/// leave at once (SPEC §14), and resumes are rare.
 pub type ReplayBody = SseBody<ReplayEvents>;
 
 impl SseBody<ReplayEvents> {
@@ -533,6 +543,17 @@ mod tests {
         })
     }
 
+    /// A body paced by `window` that has just written its first token, so
+    /// that a window is open.
+    async fn in_a_window(
+        window: Duration,
+    ) -> (mpsc::Sender<TurnEvent>, EventBody, Arc<AtomicWaker>) {
+        let (tx, mut body, end) = body_with_end(Pacing::new(Duration::from_secs(60), window));
+        tx.send(token("a")).await.unwrap();
+        next_text(&mut body).await;
+        (tx, body, end)
+    }
+
     fn token(text: &str) -> TurnEvent {
         TurnEvent::Token(text.into())
     }
@@ -607,9 +628,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_final_event_is_never_held() {
-        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
-        tx.send(token("a")).await.unwrap();
-        next_text(&mut body).await;
+        let (tx, mut body, _end) = in_a_window(Duration::from_secs(5)).await;
         let start = Instant::now();
         tx.send(token("b")).await.unwrap();
         tx.send(done("ab")).await.unwrap();
@@ -628,10 +647,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_end_of_a_turn_wakes_a_holding_body_at_once() {
-        let window = Duration::from_secs(5);
-        let (tx, mut body, end) = body_with_end(Pacing::new(Duration::from_secs(60), window));
-        tx.send(token("a")).await.unwrap();
-        next_text(&mut body).await;
+        let (tx, mut body, end) = in_a_window(Duration::from_secs(5)).await;
         let start = Instant::now();
         let turn = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -654,9 +670,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_larger_than_a_batch_is_not_held() {
-        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
-        tx.send(token("a")).await.unwrap();
-        next_text(&mut body).await;
+        let (tx, mut body, _end) = in_a_window(Duration::from_secs(5)).await;
         let start = Instant::now();
         let big = "x".repeat(4096);
         for _ in 0..5 {
@@ -671,9 +685,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_fast_producer_is_not_paced_by_the_window() {
-        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
-        tx.send(token("a")).await.unwrap();
-        next_text(&mut body).await;
+        let (tx, mut body, _end) = in_a_window(Duration::from_secs(5)).await;
         let start = Instant::now();
         let producer = tokio::spawn(async move {
             for _ in 0..500 {
@@ -701,9 +713,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_held_token_is_sent_when_the_turn_drops_its_sender() {
-        let (tx, mut body) = body(Pacing::new(Duration::from_secs(60), Duration::from_secs(5)));
-        tx.send(token("a")).await.unwrap();
-        next_text(&mut body).await;
+        let (tx, mut body, _end) = in_a_window(Duration::from_secs(5)).await;
         tx.send(token("b")).await.unwrap();
         drop(tx);
         let rest = next_text(&mut body).await;

@@ -235,14 +235,11 @@ pub async fn get_message_stream(
             .run(source, stored)
             .instrument(tracing::Span::current()),
     );
-    // Not coalesced: a replay of stored text is a burst that must leave at
-    // once (SPEC §14), not a window at a time; resumes are rare.
-    let pacing = Pacing {
-        coalesce: Duration::ZERO,
-        ..Pacing::of(&state.config)
-    };
     let mut response = Response::new(Body::from_stream(ReplayBody::new(
-        rx, chat_id, message_id, pacing,
+        rx,
+        chat_id,
+        message_id,
+        Pacing::of(&state.config),
     )));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
