@@ -84,9 +84,17 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
 
     let mut response = next.run(req).instrument(span).await;
     in_flight.finish(response.status().as_u16());
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
+        headers.insert(REQUEST_ID, value);
     }
+    // On every response (errors, CORS preflights and streams included): a
+    // browser must never guess that a JSON body or an error text is HTML
+    // or script.
+    headers.insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
@@ -189,10 +197,7 @@ impl Drop for InFlight {
 
 /// Errors the framework produces (unknown route, wrong method, bad body) come
 /// as plain text or empty bodies; give them SPEC's JSON shape.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let response = next.run(req).await;
+pub fn json_errors(method: &Method, path: &str, response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -231,7 +236,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 /// answered 408 and a body that cannot be read 400, both with
 /// `Connection: close`; a body larger than the limit 413. The route then
 /// reads the body from memory.
-pub async fn read_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn read_body(state: &AppState, req: Request, next: Next) -> Response {
     use axum::body::{Body, HttpBody};
     use http_body_util::{BodyExt, LengthLimitError, Limited};
 

@@ -3,7 +3,7 @@
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Method, header};
-use axum::middleware::{from_fn, from_fn_with_state};
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
@@ -68,72 +68,68 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), read_body))
-        .layer(from_fn_with_state(state.clone(), refuse_oversized))
-        .layer(from_fn(json_errors))
-        .layer(from_fn(openai_errors_under_v1))
+        .layer(from_fn_with_state(state.clone(), edge))
         .layer(cors())
-        .layer(from_fn(nosniff))
         .layer(from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// What every request passes on its way in and its answer on its way out,
+/// between CORS and the routes. One layer rather than one per rule: each
+/// `from_fn` layer boxes a future (≈ 1–1.5 KB) that a request holds until
+/// its response head, and in a burst of 5,000 streams five of them were
+/// ≈ 27 MB of the peak (BENCHMARKS.md, "Memory"). In order:
+///
+/// 1. a declared body over the path's limit is refused ([`oversized`]);
+/// 2. the body is read within its deadline ([`read_body`]), then the route
+///    runs;
+/// 3. the framework's own errors get SPEC's JSON shape ([`json_errors`]);
+/// 4. under `/v1/`, every error then gets OpenAI's
+///    ([`openai::openai_errors`]).
+async fn edge(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = match oversized(&state, &req) {
+        Some(refused) => refused,
+        None => read_body(&state, req, next).await,
+    };
+    let response = json_errors(&method, &path, response);
+    if path.starts_with("/v1/") {
+        openai::openai_errors(response).await
+    } else {
+        response
+    }
 }
 
 /// A declared `Content-Length` above `MAX_BODY_BYTES` is refused from the
 /// header alone, before authentication and before any byte of the body is
 /// read (`DefaultBodyLimit` only stops reading once the limit is passed, so
 /// a client announcing 10 MB and sending nothing held the request open).
-async fn refuse_oversized(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+fn oversized(state: &AppState, req: &axum::extract::Request) -> Option<axum::response::Response> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let limit = state.config.body_limit(req.uri().path());
-    if declared.is_some_and(|n| n > limit as u64) {
-        let mut response = crate::error::error_body(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "Request body is too large",
-        );
-        // The body is left unread: the connection cannot carry another
-        // request, and the client must not reuse it.
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return response;
+    if declared.is_none_or(|n| n <= limit as u64) {
+        return None;
     }
-    next.run(req).await
-}
-
-/// Errors of `/v1/*` in OpenAI's shape (see [`openai::openai_errors`]).
-async fn openai_errors_under_v1(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    if req.uri().path().starts_with("/v1/") {
-        openai::openai_errors(req, next).await
-    } else {
-        next.run(req).await
-    }
-}
-
-/// `X-Content-Type-Options: nosniff` on every response (errors, CORS
-/// preflights and streams included): a browser must never guess that a JSON
-/// body or an error text is HTML or script.
-async fn nosniff(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let mut response = next.run(req).await;
-    response.headers_mut().insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        header::HeaderValue::from_static("nosniff"),
+    let mut response = crate::error::error_body(
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "Request body is too large",
     );
-    response
+    // The body is left unread: the connection cannot carry another
+    // request, and the client must not reuse it.
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    Some(response)
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

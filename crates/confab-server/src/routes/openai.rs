@@ -13,11 +13,10 @@
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use confab_core::model::{MessageRole, MessageText, parse_system_prompt};
@@ -119,8 +118,7 @@ fn kind_and_code(status: StatusCode, message: &str) -> (&'static str, Option<&'s
 /// engine's errors) is rewritten with the same status, message and headers
 /// (`Retry-After`, `X-TokenLimit-*`, `X-Request-ID`); a body already in
 /// OpenAI's shape passes.
-pub async fn openai_errors(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
+pub async fn openai_errors(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
