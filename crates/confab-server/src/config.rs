@@ -602,12 +602,14 @@ impl Config {
     }
 }
 
-/// Streams one core carries at a real model's pace: ≈ 35 µs of server CPU
-/// per token event when this was set (BENCHMARKS.md) is ≈ 28,000 events/s
-/// per core, i.e. ≈ 1,000 streams at ≈ 28 tokens/s each. Paced writes have
-/// since brought it to ≈ 14–16 µs at 10–30 ms/token and ≈ 23 µs at 100 ms
-/// (one token per window); the bound was left as it is, not re-measured
-/// for sse-10k and the 5,000 burst at a higher value.
+/// Streams one core carries at a real model's pace, with headroom. Set
+/// when a token event cost ≈ 35 µs of server CPU (≈ 1,000 streams at ≈ 28
+/// tokens/s per core); paced writes have since brought it to ≈ 14–20 µs.
+/// Re-measured with sse-10k (10,000 streams, 100 ms/token; 2 cores, client
+/// and PostgreSQL on the machine): 2,000 admitted stretched 1.009, 3,500
+/// 1.071, 4,000 1.126, 5,000 1.197. Left at 1,000 for ≈ 1.75× of headroom
+/// below the knee: machines of one kind differ by up to 2× (README
+/// "Overload").
 pub const STREAMS_PER_CORE: usize = 1000;
 /// Turns one pooled connection keeps going: a turn commits twice (begin and
 /// final write) at ≈ 2 ms per commit under load, so a connection turns over
