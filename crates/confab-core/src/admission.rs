@@ -50,6 +50,11 @@ impl Admission {
         self.max
     }
 
+    /// Every place is taken: a turn asking now would be refused.
+    pub fn is_full(&self) -> bool {
+        self.permits.available_permits() == 0
+    }
+
     /// Turns admitted right now.
     pub fn in_flight(&self) -> usize {
         self.max - self.permits.available_permits()

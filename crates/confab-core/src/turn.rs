@@ -460,6 +460,18 @@ impl TurnEngine {
     /// Admission comes first: past `max_concurrent_turns` the turn is
     /// refused with [`ServiceError::AtCapacity`] before anything is read or
     /// written.
+    /// [`ServiceError::AtCapacity`] (counted like `start`'s refusal) when
+    /// every place is taken now, so that a caller can refuse a turn before
+    /// work that the refusal would waste — the rate limit's round trip and
+    /// token. It only looks: `start` stays the one that admits.
+    pub fn refuse_if_full(&self, interactive: bool) -> Result<(), ServiceError> {
+        if self.inner.admission.is_full() {
+            self.inner.metrics.turn_refused(interactive, "capacity");
+            return Err(ServiceError::AtCapacity);
+        }
+        Ok(())
+    }
+
     pub async fn start(
         &self,
         who: &Principal,

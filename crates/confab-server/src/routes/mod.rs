@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::error::ApiError;
-use crate::middleware::{json_errors, observe, read_body, require_auth};
+use crate::middleware::{json_errors, observe, read_body, refuse_at_capacity, require_auth};
 use crate::state::AppState;
 
 pub mod chats;
@@ -21,9 +21,15 @@ pub mod system;
 pub mod usage;
 
 pub fn router(state: AppState) -> Router {
-    let protected = Router::new()
+    // The routes that run a turn: a turn that would be refused for capacity
+    // is refused before authentication and the rate limit (the outer layer).
+    let turns = Router::new()
         .route("/chat", post(chats::post_chat))
         .route("/chat/stream", post(stream::post_chat_stream))
+        .route_layer(from_fn_with_state(state.clone(), require_auth))
+        .route_layer(from_fn_with_state(state.clone(), refuse_at_capacity));
+
+    let protected = Router::new()
         .route(
             "/chat/{id}",
             get(chats::get_chat)
@@ -48,8 +54,13 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model}", get(openai::get_model))
-        .route("/v1/chat/completions", post(openai::chat_completions))
         .route_layer(from_fn_with_state(state.clone(), require_auth))
+        .merge(
+            Router::new()
+                .route("/v1/chat/completions", post(openai::chat_completions))
+                .route_layer(from_fn_with_state(state.clone(), require_auth))
+                .route_layer(from_fn_with_state(state.clone(), refuse_at_capacity)),
+        )
         .route_layer(DefaultBodyLimit::max(state.config.openai_max_body_bytes));
 
     let public = Router::new()
@@ -63,6 +74,7 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .merge(public)
+        .merge(turns)
         .merge(protected)
         .merge(v1)
         .fallback(not_found)

@@ -14,6 +14,7 @@ use crate::support::{As, Db, TestApp, TestDb, assert_error, spawn_app_with};
 
 per_store!(
     past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish,
+    a_turn_refused_at_capacity_costs_no_rate_limit_token,
     a_request_that_gets_no_connection_in_time_is_refused_quickly,
 );
 
@@ -165,6 +166,52 @@ async fn past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish(db
         .post_json("/chat", &As::bob(), &json!({ "message": "/fail fast" }))
         .await;
     assert_ne!(res.status(), 503);
+}
+
+/// The capacity is looked at before the rate limit: a turn the server has
+/// no room for is refused without taking one of the org's tokens (a client
+/// is not charged for the server's overload), and without the limiter's
+/// round trip (in a burst, refusals would otherwise queue behind it).
+async fn a_turn_refused_at_capacity_costs_no_rate_limit_token(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("MAX_CONCURRENT_STREAMS", "1"),
+            ("SIMULATED_TOKEN_DELAY_MS", "100"),
+            ("SIMULATED_MIN_WORDS", "30"),
+            ("RATE_LIMIT_BURST", "4"),
+            ("RATE_LIMIT_PER_SECOND", "0.001"),
+        ],
+    )
+    .await;
+    let res = app
+        .post_json(
+            "/chat/stream",
+            &As::alice(),
+            &json!({ "message": "hold the place" }),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "3");
+    let reader = SseReader::new(res);
+    // More refusals than the org has tokens left, by every route that runs a
+    // turn: each is a 503, none a 429.
+    for path in ["/chat", "/chat/stream", "/chat", "/v1/chat/completions"] {
+        let body = if path.starts_with("/v1/") {
+            json!({ "model": "simulated", "messages": [{ "role": "user", "content": "hi" }] })
+        } else {
+            json!({ "message": "no room" })
+        };
+        let res = app.post_json(path, &As::alice(), &body).await;
+        assert_eq!(res.status(), 503, "{path}");
+        assert!(res.headers().get("retry-after").is_some(), "{path}");
+    }
+    let (events, _) = reader.all().await;
+    assert_eq!(events.last().expect("events")["done"], true);
+    // The refusals took nothing: the next request still has 3 − 1 left.
+    let res = app.get("/chats", &As::alice()).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "2");
 }
 
 /// Holds the database's only pooled connection busy: PostgreSQL, a lock on
