@@ -90,7 +90,7 @@ pub fn router(state: AppState) -> Router {
 /// between CORS and the routes. One layer rather than one per rule: each
 /// `from_fn` layer boxes a future (≈ 1–1.5 KB) that a request holds until
 /// its response head, and in a burst of 5,000 streams five of them were
-/// ≈ 27 MB of the peak (BENCHMARKS.md, "Memory"). In order:
+/// ≈ 26 MB of the peak (BENCHMARKS.md, "Memory: what a stream holds"). In order:
 ///
 /// 1. a declared body over the path's limit is refused ([`oversized`]);
 /// 2. the body is read within its deadline ([`read_body`]), then the route
