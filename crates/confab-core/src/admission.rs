@@ -5,7 +5,8 @@
 //! overloaded server answers "at capacity" in microseconds instead of letting
 //! the request wait for a connection or a CPU it will not get in time, and the
 //! turns already admitted keep their pace. The permit is held by the turn's
-//! task until the turn is settled (its final write included).
+//! begin task, then by its run task, until the turn is settled (its final
+//! write included).
 
 use std::sync::Arc;
 

@@ -449,17 +449,6 @@ impl TurnEngine {
             .ok_or_else(|| ServiceError::UnknownModel(default.name.clone()))
     }
 
-    /// Check the request, begin the turn and start generating. Errors are
-    /// what the client must hear before any byte of a reply (404, 403, 400,
-    /// idempotency); everything after the begin arrives as events.
-    ///
-    /// The turn is begun inside the tracked task that then runs it: if the
-    /// caller goes away while the user message is being stored, the task
-    /// still owns the turn and settles it (`cancelled`, as nobody listens).
-    ///
-    /// Admission comes first: past `max_concurrent_turns` the turn is
-    /// refused with [`ServiceError::AtCapacity`] before anything is read or
-    /// written.
     /// [`ServiceError::AtCapacity`] (counted like `start`'s refusal) when
     /// every place is taken now, so that a caller can refuse a turn before
     /// work that the refusal would waste — the rate limit's round trip and
@@ -472,6 +461,19 @@ impl TurnEngine {
         Ok(())
     }
 
+    /// Check the request, begin the turn and start generating. Errors are
+    /// what the client must hear before any byte of a reply (404, 403, 400,
+    /// idempotency); everything after the begin arrives as events.
+    ///
+    /// The turn is begun inside a tracked task, which then hands the run to
+    /// a second tracked task of its own (so that the begin's state is not
+    /// held for the stream's life): if the caller goes away while the user
+    /// message is being stored, the tasks still own the turn and settle it
+    /// (`cancelled`, as nobody listens).
+    ///
+    /// Admission comes first: past `max_concurrent_turns` the turn is
+    /// refused with [`ServiceError::AtCapacity`] before anything is read or
+    /// written.
     pub async fn start(
         &self,
         who: &Principal,

@@ -385,7 +385,8 @@ pub async fn refuse_at_capacity(
     req: Request,
     next: Next,
 ) -> Response {
-    // Every route but `/chat` streams, or may (`/v1` decides by its body).
+    // A guess, before the body is parsed: every route but `/chat` streams,
+    // or may (`/v1` decides by its body). No metric splits by it today.
     let interactive = req.uri().path() != "/chat";
     if let Err(err) = state.engine.refuse_if_full(interactive) {
         return ApiError::from(err).into_response();
