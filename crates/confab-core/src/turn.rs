@@ -455,10 +455,15 @@ impl TurnEngine {
     /// token. It only looks: `start` stays the one that admits.
     pub fn refuse_if_full(&self, interactive: bool) -> Result<(), ServiceError> {
         if self.inner.admission.is_full() {
-            self.inner.metrics.turn_refused(interactive, "capacity");
-            return Err(ServiceError::AtCapacity);
+            return Err(self.at_capacity(interactive));
         }
         Ok(())
+    }
+
+    /// The refusal for capacity, counted.
+    fn at_capacity(&self, interactive: bool) -> ServiceError {
+        self.inner.metrics.turn_refused(interactive, "capacity");
+        ServiceError::AtCapacity
     }
 
     /// Check the request, begin the turn and start generating. Errors are
@@ -483,8 +488,7 @@ impl TurnEngine {
         let inner = &self.inner;
         let interactive = input.interactive;
         let Some(admitted) = inner.admission.try_admit() else {
-            inner.metrics.turn_refused(interactive, "capacity");
-            return Err(ServiceError::AtCapacity);
+            return Err(self.at_capacity(interactive));
         };
         inner.metrics.admission(true);
         let place = Place {
@@ -571,9 +575,6 @@ impl TurnEngine {
         // request's handler while its turn begins).
         {
             let task = async move {
-                // Held until the turn is settled, whichever way it ends (by
-                // the run's task below once it has begun).
-                let place = place;
                 let request = Arc::new(chat_request(&model, system, messages, max_output, &input));
                 let mut early = (input.store && input.idempotency.is_none())
                     .then(|| EarlyOpen::start(model.provider.clone(), request.clone()));
@@ -632,6 +633,8 @@ impl TurnEngine {
                     // After the last event, or without one (the run dropped
                     // its sender): the reader must look now.
                     ended.wake();
+                    // The turn's place, held until it is settled (on an early
+                    // return above, dropped with this task).
                     drop(place);
                 });
                 tasks.spawn(go.instrument(tracing::Span::current()));

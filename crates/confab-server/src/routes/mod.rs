@@ -21,13 +21,12 @@ pub mod system;
 pub mod usage;
 
 pub fn router(state: AppState) -> Router {
-    // The routes that run a turn: a turn that would be refused for capacity
-    // is refused before authentication and the rate limit (the outer layer).
-    let turns = Router::new()
-        .route("/chat", post(chats::post_chat))
-        .route("/chat/stream", post(stream::post_chat_stream))
-        .route_layer(from_fn_with_state(state.clone(), require_auth))
-        .route_layer(from_fn_with_state(state.clone(), refuse_at_capacity));
+    let turns = run_turns(
+        Router::new()
+            .route("/chat", post(chats::post_chat))
+            .route("/chat/stream", post(stream::post_chat_stream)),
+        &state,
+    );
 
     let protected = Router::new()
         .route(
@@ -55,12 +54,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model}", get(openai::get_model))
         .route_layer(from_fn_with_state(state.clone(), require_auth))
-        .merge(
-            Router::new()
-                .route("/v1/chat/completions", post(openai::chat_completions))
-                .route_layer(from_fn_with_state(state.clone(), require_auth))
-                .route_layer(from_fn_with_state(state.clone(), refuse_at_capacity)),
-        )
+        .merge(run_turns(
+            Router::new().route("/v1/chat/completions", post(openai::chat_completions)),
+            &state,
+        ))
         .route_layer(DefaultBodyLimit::max(state.config.openai_max_body_bytes));
 
     let public = Router::new()
@@ -84,6 +81,15 @@ pub fn router(state: AppState) -> Router {
         .layer(cors())
         .layer(from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// The layers of the routes that run a turn: authentication and the rate
+/// limit, and outside them the capacity (a turn that would be refused for
+/// capacity is refused before either).
+fn run_turns(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
+    routes
+        .route_layer(from_fn_with_state(state.clone(), require_auth))
+        .route_layer(from_fn_with_state(state.clone(), refuse_at_capacity))
 }
 
 /// What every request passes on its way in and its answer on its way out,

@@ -196,16 +196,22 @@ async fn a_turn_refused_at_capacity_costs_no_rate_limit_token(db: Db) {
     let reader = SseReader::new(res);
     // More refusals than the org has tokens left, by every route that runs a
     // turn: each is a 503, none a 429.
-    for path in ["/chat", "/chat/stream", "/chat", "/v1/chat/completions"] {
-        let body = if path.starts_with("/v1/") {
-            json!({ "model": "simulated", "messages": [{ "role": "user", "content": "hi" }] })
-        } else {
-            json!({ "message": "no room" })
-        };
-        let res = app.post_json(path, &As::alice(), &body).await;
-        assert_eq!(res.status(), 503, "{path}");
-        assert!(res.headers().get("retry-after").is_some(), "{path}");
+    for path in ["/chat", "/chat/stream", "/chat"] {
+        let res = app
+            .post_json(path, &As::alice(), &json!({ "message": "no room" }))
+            .await;
+        assert_refused(res).await;
     }
+    // The OpenAI route too (its error in OpenAI's shape).
+    let res = app
+        .post_json(
+            "/v1/chat/completions",
+            &As::alice(),
+            &json!({ "model": "simulated", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .await;
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().get("retry-after").is_some());
     let (events, _) = reader.all().await;
     assert_eq!(events.last().expect("events")["done"], true);
     // The refusals took nothing: the next request still has 3 − 1 left.
