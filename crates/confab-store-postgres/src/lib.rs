@@ -1314,6 +1314,14 @@ impl Store for PostgresStore {
             .bind(texts)
             .bind(lengths)
             .bind(prompts)
+            // Not a cached prepared statement: planned for these very
+            // arrays each time (once a second). PostgreSQL's generic plan
+            // for it, taken after a few runs, guessed 10 elements and 1
+            // locked row and joined them in a nested loop that rescanned the
+            // unnested arrays once per row: 25 million comparisons and 4 GB
+            // of temp reads per save at 5,000 live streams, 14-24 s per
+            // save instead of 0.1-0.3 s (BENCHMARKS.md).
+            .persistent(false)
             .execute(&mut *conn)
             .await
         })

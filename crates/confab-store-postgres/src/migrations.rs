@@ -19,6 +19,11 @@ const MIGRATIONS: &EmbeddedMigrations = &[
         "stream_events",
         include_str!("../migrations/0005_stream_events.sql"),
     ),
+    (
+        6,
+        "hot_partial_saves",
+        include_str!("../migrations/0006_hot_partial_saves.sql"),
+    ),
 ];
 
 /// The migrator for this backend's schema.
