@@ -232,6 +232,9 @@ pub struct Config {
     /// `SSE_COALESCE_MS`: a stream's writes are at least this far apart
     /// (events in between leave together; see `sse::Pacing`).
     pub sse_coalesce: Duration,
+    /// `SSE_COALESCE_MAX_MS`: the window a nearly full server stretches
+    /// `sse_coalesce` to (see `sse::Pacing::window`).
+    pub sse_coalesce_max: Duration,
     /// A client that accepts no event for this long is treated as gone.
     pub stream_send_timeout: Duration,
     /// `STREAM_DETACH_SECONDS`: how long a generation goes on after its
@@ -377,7 +380,7 @@ impl Config {
         }
         let max_concurrent_streams: usize = src.parse(
             "MAX_CONCURRENT_STREAMS",
-            default_max_concurrent_streams(available_cores(), db_pool_max),
+            default_max_concurrent_streams(available_cores(), db_pool_max, memory_limit()),
             "a whole number",
         )?;
         if max_concurrent_streams == 0 {
@@ -477,6 +480,10 @@ impl Config {
         let sse_coalesce = src.millis("SSE_COALESCE_MS", 100)?;
         if sse_coalesce > Duration::from_secs(1) {
             return Err(bad("SSE_COALESCE_MS", "must be at most 1000"));
+        }
+        let sse_coalesce_max = src.millis("SSE_COALESCE_MAX_MS", 250)?;
+        if sse_coalesce_max > Duration::from_secs(1) {
+            return Err(bad("SSE_COALESCE_MAX_MS", "must be at most 1000"));
         }
         let rate_limit_fail_open = src.bool("RATE_LIMIT_FAIL_OPEN", true)?;
         let max_retries: u32 = src.parse("PROVIDER_MAX_RETRIES", 2, "a whole number")?;
@@ -591,6 +598,7 @@ impl Config {
             stream_stale_after,
             sse_keepalive: src.seconds("SSE_KEEPALIVE_SECONDS", 15.0)?,
             sse_coalesce,
+            sse_coalesce_max,
             stream_send_timeout,
             stream_detach,
             app_env,
@@ -602,26 +610,55 @@ impl Config {
     }
 }
 
-/// Streams one core carries at a real model's pace, with headroom. Set
-/// when a token event cost ≈ 35 µs of server CPU (≈ 1,000 streams at ≈ 28
-/// tokens/s per core); paced writes have since brought it to ≈ 14–20 µs.
-/// Re-measured with sse-10k (10,000 streams, 100 ms/token; 2 cores, client
-/// and PostgreSQL on the machine): 2,000 admitted stretched 1.009, 3,500
-/// 1.071, 4,000 1.126, 5,000 1.197. Left at 1,000 for ≈ 1.75× of headroom
-/// below the knee: machines of one kind differ by up to 2× (README
-/// "Overload").
-pub const STREAMS_PER_CORE: usize = 1000;
+/// Streams one core carries at a real model's pace. Measured with sse-10k
+/// (10,000 streams of 300 words at 100 ms/token started over 10 s, on 2
+/// cores shared with the client and PostgreSQL; BENCHMARKS.md): at 5,000
+/// admitted the streams kept their pace (stretch 1.001) and refusals took
+/// p99 73 ms; at 7,000 they still kept it but refusals queued behind them
+/// (p99 0.6 s). 2,500 per core also admits a burst of 5,000 short replies
+/// whole on 2 cores (README "Overload").
+pub const STREAMS_PER_CORE: usize = 2500;
 /// Turns one pooled connection keeps going: a turn commits twice (begin and
 /// final write) at ≈ 2 ms per commit under load, so a connection turns over
 /// ≈ 250 turns/s, and turns last ≥ 2 s.
 pub const STREAMS_PER_CONNECTION: usize = 500;
+/// What one open stream may cost in memory, for the memory bound: peak RSS
+/// grew by ≈ 35 KB per stream in a burst of 5,000 short replies and by
+/// ≈ 55 KB per stream with 5,000 replies of 300 words open; with headroom.
+pub const STREAM_MEMORY_BYTES: u64 = 64 * 1024;
 
-/// The default of `MAX_CONCURRENT_STREAMS`: what the CPU and the pool can
-/// each carry, whichever is less (README "Overload").
-pub fn default_max_concurrent_streams(cores: usize, db_pool_max: u32) -> usize {
+/// The default of `MAX_CONCURRENT_STREAMS`: what the CPU, the pool and (when
+/// a cgroup limits this process's memory) half of that memory can each
+/// carry, whichever is least (README "Overload").
+pub fn default_max_concurrent_streams(
+    cores: usize,
+    db_pool_max: u32,
+    memory_limit: Option<u64>,
+) -> usize {
     let by_cpu = STREAMS_PER_CORE.saturating_mul(cores.max(1));
     let by_pool = STREAMS_PER_CONNECTION.saturating_mul(db_pool_max.max(1) as usize);
-    by_cpu.min(by_pool)
+    let by_memory = memory_limit.map_or(usize::MAX, |bytes| {
+        usize::try_from(bytes / 2 / STREAM_MEMORY_BYTES)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    });
+    by_cpu.min(by_pool).min(by_memory)
+}
+
+/// The memory limit of this process's cgroup (v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`), when there is one.
+pub fn memory_limit() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let limit = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))?;
+    parse_memory_limit(&limit)
+}
+
+/// A cgroup memory limit as written in its file: `max` (v2) or a number
+/// near `i64::MAX` (v1) mean none.
+fn parse_memory_limit(text: &str) -> Option<u64> {
+    let bytes: u64 = text.trim().parse().ok()?;
+    (bytes < 1 << 60).then_some(bytes)
 }
 
 /// The cores this process may run on (cgroup and affinity limits included).
@@ -690,15 +727,23 @@ mod tests {
 
     #[test]
     fn the_concurrency_bound_follows_the_cores_and_the_pool() {
-        // 2 cores, the default pool: the CPU bounds it.
-        assert_eq!(default_max_concurrent_streams(2, 10), 2000);
+        // 2 cores, the default pool, no memory limit: 5,000.
+        assert_eq!(default_max_concurrent_streams(2, 10, None), 5000);
+        // 1 core: the CPU bounds it.
+        assert_eq!(default_max_concurrent_streams(1, 10, None), 2500);
         // A small pool bounds it instead.
-        assert_eq!(default_max_concurrent_streams(8, 2), 1000);
-        assert_eq!(default_max_concurrent_streams(0, 0), 500);
+        assert_eq!(default_max_concurrent_streams(8, 2, None), 1000);
+        assert_eq!(default_max_concurrent_streams(0, 0, None), 500);
+        // A 256 MiB container: half of it at 64 KiB a stream.
+        assert_eq!(default_max_concurrent_streams(2, 10, Some(256 << 20)), 2048);
+        assert_eq!(default_max_concurrent_streams(2, 10, Some(1)), 1);
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_memory_limit("536870912\n"), Some(512 << 20));
         let c = cfg(&[("DB_POOL_MAX", "3")]).unwrap();
         assert_eq!(
             c.engine.max_concurrent_turns,
-            default_max_concurrent_streams(available_cores(), 3)
+            default_max_concurrent_streams(available_cores(), 3, memory_limit())
         );
         assert_eq!(c.db_acquire_timeout, Duration::from_secs(1));
         assert!(c.db_group_commit);
@@ -750,6 +795,7 @@ mod tests {
             ("STREAM_DETACH_SECONDS", "soon"),
             ("SSE_COALESCE_MS", "1001"),
             ("SSE_COALESCE_MS", "-5"),
+            ("SSE_COALESCE_MAX_MS", "1001"),
             ("MAX_CONCURRENT_STREAMS", "0"),
             ("DB_ACQUIRE_TIMEOUT_MS", "0"),
             ("DB_GROUP_COMMIT", "sometimes"),

@@ -4,7 +4,7 @@
 //! The response body encodes the turn's events and sends whatever is queued
 //! in one write. The write is the largest cost of a token (the kernel's TCP
 //! send path: a third of the server's CPU in the sse-1k profile), so writes
-//! are paced ([`Pacing::coalesce`], `SSE_COALESCE_MS`): an event that finds
+//! are paced ([`Pacing::window`], `SSE_COALESCE_MS`): an event that finds
 //! the stream quiet leaves at once, and the events that follow it within
 //! the window leave together at its end — never later than the window, the
 //! first token and the final event never held. Each event is still its own
@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use confab_core::admission::Admission;
 use confab_core::model::{MessageStatus, Usage};
 use confab_core::turn::{StartedTurn, TurnEvent, TurnFailure};
 use confab_core::{ChatId, MessageId};
@@ -43,7 +44,7 @@ const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
 
 /// When a stream writes: one home for the keep-alive and the write pacing
 /// of every kind of stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Pacing {
     /// A `: ping` after this long without a write (`SSE_KEEPALIVE_SECONDS`,
     /// at least 100 ms); also how long a stream's headers wait for its
@@ -53,6 +54,12 @@ pub struct Pacing {
     /// has passed (`SSE_COALESCE_MS`; zero: every event at once). The final
     /// event is never held.
     pub coalesce: Duration,
+    /// What `coalesce` stretches to as the server fills up
+    /// (`SSE_COALESCE_MAX_MS`; see [`Pacing::window`]).
+    pub coalesce_max: Duration,
+    /// The server's turns in flight and their bound, when the window
+    /// follows the load.
+    load: Option<Admission>,
 }
 
 impl Pacing {
@@ -60,11 +67,47 @@ impl Pacing {
         Self {
             keepalive: keepalive.max(MIN_KEEPALIVE),
             coalesce,
+            coalesce_max: coalesce,
+            load: None,
         }
     }
 
-    pub fn of(config: &crate::config::Config) -> Self {
+    /// Windows that stretch from `coalesce` to `coalesce_max` as `load`
+    /// fills up (see [`Pacing::window`]).
+    pub fn following(mut self, load: Admission, coalesce_max: Duration) -> Self {
+        self.coalesce_max = coalesce_max.max(self.coalesce);
+        self.load = Some(load);
+        self
+    }
+
+    pub fn of(state: &crate::state::AppState) -> Self {
+        let config = &state.config;
         Self::new(config.sse_keepalive, config.sse_coalesce)
+            .following(state.engine.admission().clone(), config.sse_coalesce_max)
+    }
+
+    /// The window after a write: `coalesce` while at most half of the
+    /// server's places for turns are taken, then growing linearly to
+    /// `coalesce_max` as the rest fill. A nearly full server spends fewer
+    /// writes (a third of its CPU per token at 10 tokens a second: one
+    /// write each) on the streams it runs, and keeps the CPU for their pace
+    /// and for the first tokens of new ones; each token is still its own
+    /// event, and a stream's first token and final event are never held.
+    pub fn window(&self) -> Duration {
+        let Some(load) = &self.load else {
+            return self.coalesce;
+        };
+        if self.coalesce.is_zero() || self.coalesce_max <= self.coalesce {
+            return self.coalesce;
+        }
+        let max = load.max();
+        let half = max / 2;
+        let taken = load.in_flight();
+        if taken <= half {
+            return self.coalesce;
+        }
+        let share = (taken - half) as f64 / (max - half).max(1) as f64;
+        self.coalesce + (self.coalesce_max - self.coalesce).mul_f64(share.min(1.0))
     }
 }
 
@@ -129,7 +172,8 @@ pub struct SseBody<E: Encoder> {
     ping: tokio::time::Interval,
     sent_since_tick: bool,
     finished: bool,
-    coalesce: Duration,
+    /// The write windows (the keep-alive is in `ping`).
+    pacing: Pacing,
     /// Events encoded but not yet written (held until `quiet_until`).
     held: BytesMut,
     /// Until when a write waits, after the last write that carried events.
@@ -165,7 +209,7 @@ impl<E: Encoder> SseBody<E> {
             ping,
             sent_since_tick: false,
             finished: false,
-            coalesce: pacing.coalesce,
+            pacing,
             held: BytesMut::new(),
             quiet_until: None,
             hold: None,
@@ -299,8 +343,9 @@ where
             if out.len() > opening {
                 this.sent_since_tick = true;
                 this.fast = this.pending >= FAST_EVENTS;
-                this.quiet_until = (!this.coalesce.is_zero() && out.len() < MAX_BATCH_BYTES)
-                    .then(|| now + this.coalesce);
+                let window = this.pacing.window();
+                this.quiet_until =
+                    (!window.is_zero() && out.len() < MAX_BATCH_BYTES).then(|| now + window);
             }
             this.pending = 0;
             return Poll::Ready(Some(Ok(out.freeze())));
@@ -510,6 +555,32 @@ mod tests {
     use confab_core::model::UsageSource;
     use confab_core::turn::TurnSummary;
     use futures::StreamExt;
+
+    #[test]
+    fn the_window_stretches_as_the_server_fills_up() {
+        let admission = Admission::new(10);
+        let ms = Duration::from_millis;
+        let pacing = Pacing::new(ms(60_000), ms(100)).following(admission.clone(), ms(250));
+        let mut places = Vec::new();
+        let mut windows = Vec::new();
+        for _ in 0..10 {
+            places.push(admission.try_admit().expect("a place"));
+            windows.push(pacing.window());
+        }
+        // Up to half full: the configured window; then linear to the most.
+        assert_eq!(&windows[..5], &[ms(100); 5]);
+        assert_eq!(windows[5], ms(130));
+        assert_eq!(windows[7], ms(190));
+        assert_eq!(windows[9], ms(250));
+        drop(places);
+        assert_eq!(pacing.window(), ms(100));
+        // No pacing stays no pacing; a smaller most changes nothing.
+        let unpaced = Pacing::new(ms(60_000), ms(0)).following(admission.clone(), ms(250));
+        let small = Pacing::new(ms(60_000), ms(100)).following(admission.clone(), ms(50));
+        let _full: Vec<_> = (0..10).filter_map(|_| admission.try_admit()).collect();
+        assert_eq!(unpaced.window(), ms(0));
+        assert_eq!(small.window(), ms(100));
+    }
 
     fn body(pacing: Pacing) -> (mpsc::Sender<TurnEvent>, EventBody) {
         let (tx, body, _) = body_with_end(pacing);

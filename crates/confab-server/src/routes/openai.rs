@@ -457,7 +457,7 @@ pub async fn chat_completions(
     }
     // Hold the headers until the first event (or a keep-alive interval):
     // a failure before the first token is still an HTTP error.
-    let pacing = Pacing::of(&state.config);
+    let pacing = Pacing::of(&state);
     let first = match tokio::time::timeout(pacing.keepalive, turn.events.recv()).await {
         Ok(Some(TurnEvent::Failed(failure))) => {
             return Err(ApiError::from_turn_failure(&turn.model, failure).into_response());

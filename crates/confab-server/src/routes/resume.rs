@@ -239,7 +239,7 @@ pub async fn get_message_stream(
         rx,
         chat_id,
         message_id,
-        Pacing::of(&state.config),
+        Pacing::of(&state),
     )));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -45,7 +45,7 @@ pub async fn post_chat_stream(
             "a stream turn was answered as a replay".into(),
         ));
     };
-    let pacing = Pacing::of(&state.config);
+    let pacing = Pacing::of(&state);
     let first = match tokio::time::timeout(pacing.keepalive, turn.events.recv()).await {
         Ok(Some(TurnEvent::Failed(failure))) => {
             return Err(ApiError::from_turn_failure(&turn.model, failure));
