@@ -3,29 +3,36 @@
 //! PostgreSQL in shared transactions.
 //!
 //! A few writer tasks take turns at the queue: each takes whatever is waiting
-//! (up to [`MAX_BATCH`]) and runs it — alone as its own statement, or, when
-//! several were waiting, as the statements of one transaction: one commit and
-//! one WAL flush for all of them instead of one each. The begins of a batch
-//! (the writes a new stream waits for before its first token) are combined
-//! into one multi-row statement per shape — new chat, existing chat — so a
-//! batch of begins costs one round trip, not one per turn: on a saturated
-//! machine every round trip also waits for the CPU, twice. (Final writes stay
-//! one statement each: a multi-row `UPDATE messages … FROM unnest(…)` planned
-//! while the table was small kept a hash join over a sequential scan of it
-//! until the next autoanalyze, and cost more than the round trips it saved.)
+//! (up to [`MAX_BATCH`]) and writes it by kind — the begins first (what new
+//! streams wait for before their first token), then the final writes, then
+//! the rest — each kind as one statement where it can be: one commit and one
+//! WAL flush for all of them instead of one each, and each kind answered as
+//! soon as it has committed (a caller needs only its own write durable, so a
+//! begin never waits for the final writes it was queued with). The begins
+//! of a batch are one multi-row statement per shape — new chat, existing
+//! chat (a chat's further turns go into further statements, in one
+//! transaction then) — and its final writes one multi-row statement, so a
+//! batch costs a round trip per kind, not one per turn: on a saturated
+//! machine every round trip also waits for the CPU, twice. The multi-row
+//! statements are planned for their arrays on every run: a cached generic
+//! plan of `UPDATE messages … FROM unnest(…)` made while the table was small
+//! kept a hash join over a sequential scan of it until the next autoanalyze.
+//! A writer keeps its connection from one batch to the next (sqlx pings a
+//! connection given back to its pool, a round trip per batch).
 //! Nobody waits for a batch to fill: at light load every write finds an idle
 //! writer and runs at once, so a lone turn pays two task hand-offs
 //! (microseconds) and nothing else. Batches form only while every writer is
-//! busy, i.e. exactly when commits would otherwise queue for the pool. Each caller is answered only after the
-//! transaction holding its write has committed.
+//! busy, i.e. exactly when commits would otherwise queue for the pool. Each
+//! caller is answered only after the statement (or transaction) holding its
+//! write has committed.
 //!
 //! Every statement sent here is self-contained and safe to replay (see
 //! [`crate::PostgresStore`]'s `retry`), so a batch that fails for any reason
 //! (a dead connection, a conflict of one of its writes, a deadlock with
-//! another transaction) is undone as a whole and each caller then runs its
-//! own statement alone, with the usual dead-connection retry: one write's
-//! failure is never another's. Writes are ordered by chat within a batch so
-//! that two batches take the chats' row locks in the same order.
+//! another transaction) is undone as a whole and each of its callers then
+//! runs its own statement alone, with the usual dead-connection retry: one
+//! write's failure is never another's. Writes are ordered by chat within a
+//! kind so that two batches take the chats' row locks in the same order.
 //!
 //! Hand-written because what it needs — answering each caller after a shared
 //! commit, falling back per caller — is specific to these statements; no
@@ -47,7 +54,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::{Begin, begin_statement};
+use crate::{Begin, Finish, begin_statement, finish_statement};
 
 /// The most writes one transaction carries.
 pub(crate) const MAX_BATCH: usize = 128;
@@ -64,6 +71,21 @@ pub(crate) enum Write {
     /// written as one multi-row statement per shape (see
     /// [`crate::begin_statement`]).
     Begin(Begin),
+    /// A turn's final write without an idempotent response: the final
+    /// writes of a batch are one statement (see [`crate::finish_statement`]).
+    Finish(Finish),
+}
+
+impl Write {
+    /// Which writes of a batch are written together: begins, then final
+    /// writes, then the other statements.
+    fn kind(&self) -> usize {
+        match self {
+            Write::Begin(_) => 0,
+            Write::Finish(_) => 1,
+            Write::Statement(_) => 2,
+        }
+    }
 }
 
 /// What the writers answer a caller.
@@ -233,15 +255,30 @@ async fn writer(pool: PgPool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>, st
     }
 }
 
+/// Write a batch: its begins first (what new streams wait for before their
+/// first token), then its final writes, then the rest — each kind in a
+/// statement (or a transaction) of its own, answered as soon as it has
+/// committed. Each caller needs only its own write durable, so a begin
+/// never waits for the final writes it was queued with.
 async fn write(pool: &PgPool, kept: &mut Option<Kept>, batch: Vec<Job>, stats: &Stats) {
     let mut live: Vec<Job> = batch
         .into_iter()
         .filter(|job| job.impatient.as_ref().is_none_or(|s| settle(s, TAKEN)))
         .collect();
-    if live.is_empty() {
-        return;
+    // By kind, then by chat: two batches take the chats' row locks in the
+    // same order.
+    live.sort_by_key(|job| (job.write.kind(), job.chat));
+    while !live.is_empty() {
+        let kind = live[0].write.kind();
+        let rest = live.iter().position(|job| job.write.kind() != kind);
+        let tail = rest.map_or_else(Vec::new, |at| live.split_off(at));
+        write_together(pool, kept, live, stats).await;
+        live = tail;
     }
-    live.sort_by_key(|job| job.chat);
+}
+
+/// Write `live` (sorted by chat) together and answer each of them.
+async fn write_together(pool: &PgPool, kept: &mut Option<Kept>, live: Vec<Job>, stats: &Stats) {
     let impatient = live.iter().any(|job| job.impatient.is_some());
     let mut writes = Vec::with_capacity(live.len());
     let mut replies = Vec::with_capacity(live.len());
@@ -324,6 +361,7 @@ async fn run_on(
         let rows = match writes.into_iter().next() {
             Some(Write::Statement(statement)) => statement.fetch_all(&mut *conn).await?,
             Some(Write::Begin(begin)) => begin.alone().fetch_all(&mut *conn).await?,
+            Some(Write::Finish(finish)) => finish.alone(None).fetch_all(&mut *conn).await?,
             None => Vec::new(),
         };
         return Ok(vec![rows]);
@@ -332,15 +370,38 @@ async fn run_on(
         .take(writes.len())
         .collect();
     let mut begins: Vec<(usize, Begin)> = Vec::new();
+    let mut finishes: Vec<(usize, Finish)> = Vec::new();
     let mut statements: Vec<(usize, Statement)> = Vec::new();
     for (i, write) in writes.into_iter().enumerate() {
         match write {
             Write::Begin(begin) => begins.push((i, begin)),
+            Write::Finish(finish) => finishes.push((i, finish)),
             Write::Statement(statement) => statements.push((i, statement)),
         }
     }
-    let mut tx = conn.begin().await?;
     let order = rounds(&begins);
+    // One statement is a transaction of its own; several share one.
+    let many = order.len() + usize::from(!finishes.is_empty()) + statements.len() > 1;
+    if many {
+        let mut tx = conn.begin().await?;
+        run_all(&mut tx, begins, order, finishes, statements, &mut out).await?;
+        tx.commit().await?;
+    } else {
+        run_all(conn, begins, order, finishes, statements, &mut out).await?;
+    }
+    Ok(out)
+}
+
+/// Run the statements of a batch on `conn`, the rows of each write into
+/// its place in `out`.
+async fn run_all(
+    conn: &mut sqlx::PgConnection,
+    begins: Vec<(usize, Begin)>,
+    order: Vec<Vec<usize>>,
+    finishes: Vec<(usize, Finish)>,
+    statements: Vec<(usize, Statement)>,
+    out: &mut [Vec<PgRow>],
+) -> Result<(), Error> {
     // Each begin goes into exactly one statement, which takes it over.
     let mut begins: Vec<Option<(usize, Begin)>> = begins.into_iter().map(Some).collect();
     for round in order {
@@ -350,30 +411,37 @@ async fn run_on(
         };
         let slot: HashMap<Uuid, usize> = taken.iter().map(|(i, b)| (b.chat, *i)).collect();
         let rows = begin_statement(new_chat, taken.into_iter().map(|(_, b)| b))
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?;
-        hand_out(rows, &slot, &mut out)?;
+        hand_out(rows, "chat_id", &slot, out)?;
+    }
+    if !finishes.is_empty() {
+        let slot: HashMap<Uuid, usize> = finishes.iter().map(|(i, f)| (f.id, *i)).collect();
+        let finishes: Vec<Finish> = finishes.into_iter().map(|(_, f)| f).collect();
+        let rows = finish_statement(&finishes).fetch_all(&mut *conn).await?;
+        hand_out(rows, "id", &slot, out)?;
     }
     for (i, statement) in statements {
-        out[i] = statement.fetch_all(&mut *tx).await?;
+        out[i] = statement.fetch_all(&mut *conn).await?;
     }
-    tx.commit().await?;
-    Ok(out)
+    Ok(())
 }
 
-/// Give each row of a multi-row begin statement to the write it belongs
-/// to: the one whose chat (`slot`: chat → index into `out`) it is in.
+/// Give each row of a multi-row statement to the write it belongs to: the
+/// one whose `key` column's value (`slot`: value → index into `out`) it
+/// has — a begin's chat, a final write's message.
 fn hand_out(
     rows: Vec<PgRow>,
+    key: &str,
     slot: &HashMap<Uuid, usize>,
     out: &mut [Vec<PgRow>],
 ) -> Result<(), Error> {
     for row in rows {
-        // The one row of a statement that inserted nothing has no chat.
-        let Some(chat) = row.try_get::<Option<Uuid>, _>("chat_id")? else {
+        // The one row of a begin statement that inserted nothing has no chat.
+        let Some(value) = row.try_get::<Option<Uuid>, _>(key)? else {
             continue;
         };
-        if let Some(&i) = slot.get(&chat)
+        if let Some(&i) = slot.get(&value)
             && let Some(rows) = out.get_mut(i)
         {
             rows.push(row);

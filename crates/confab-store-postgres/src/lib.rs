@@ -42,7 +42,9 @@ use uuid::Uuid;
 
 use crate::error::{connection_lost, map_err};
 use crate::group::{Answer, GroupCommit, Statement, Write};
-use crate::rows::{api_key_columns, chat_columns, message_columns, org_columns, user_columns};
+use crate::rows::{
+    api_key_columns, chat_columns, finished_columns, message_columns, org_columns, user_columns,
+};
 
 /// A pooled connection idle for longer than this is pinged before use: it
 /// may have been cut by a server restart or a NAT timeout meanwhile. Busy
@@ -518,6 +520,185 @@ pub(crate) fn begin_statement(
     .bind(title)
     .bind(system)
     .bind(system_message)
+}
+
+/// One turn's final write (SPEC §6, §12): the message's final text,
+/// status and usage, its chat's `updated_at` and its ledger row, written
+/// together — alone ([`Finish::alone`], also storing an idempotent
+/// response), or with the other final writes of a group commit batch in one
+/// statement ([`finish_statement`]). The two statements write the same
+/// columns the same way; the store contract's final-write tests run both.
+#[derive(Clone, Debug)]
+pub(crate) struct Finish {
+    pub(crate) id: Uuid,
+    org: Uuid,
+    pub(crate) chat: Uuid,
+    content: String,
+    status: &'static str,
+    completion: i64,
+    prompt: i64,
+    source: &'static str,
+    cost: i64,
+    lengths: Vec<u8>,
+}
+
+impl Finish {
+    fn of(msg: &FinishedMessage) -> Finish {
+        Finish {
+            id: uuid(msg.id),
+            org: uuid(msg.org),
+            chat: uuid(msg.chat),
+            content: msg.content.clone(),
+            status: msg.status.as_str(),
+            completion: msg.usage.completion_tokens,
+            prompt: msg.usage.prompt_tokens,
+            source: msg.usage.source.as_str(),
+            cost: msg.cost.cost_micro_usd,
+            lengths: msg.event_lengths.clone(),
+        }
+    }
+
+    /// This final write alone, storing `idempotent` (user, key, response)
+    /// with it: one statement, hence one transaction; the chat's
+    /// `updated_at` and the response change only when the message was
+    /// found ($7/$8 are NULL without a response, which matches no key).
+    pub(crate) fn alone(&self, idempotent: Option<(Uuid, &str, &serde_json::Value)>) -> Statement {
+        let (user, key, response) = match idempotent {
+            Some((user, key, response)) => (Some(user), Some(key), Some(response)),
+            None => (None, None, None),
+        };
+        sqlx::query(concat!(
+            "WITH m AS ( \
+                UPDATE messages \
+                   SET content = $4, status = $5, token_count = $6, updated_at = now(), \
+                       prompt_tokens = $10, completion_tokens = $6, usage_source = $11, \
+                       event_lengths = $13 \
+                 WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
+                RETURNING ",
+            finished_columns!(),
+            " ), c AS ( \
+                UPDATE chats SET updated_at = now() \
+                 WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
+                RETURNING user_id \
+            ), l AS ( \
+                INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+                SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                       m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, $12, now() \
+                  FROM m, c \
+                ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
+                   prompt_tokens = EXCLUDED.prompt_tokens, \
+                   completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
+                   cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
+            ), k AS ( \
+                UPDATE idempotency_keys SET response = $9 \
+                 WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
+            ) \
+            SELECT * FROM m"
+        ))
+        .bind(self.id)
+        .bind(self.org)
+        .bind(self.chat)
+        .bind(&self.content)
+        .bind(self.status)
+        .bind(self.completion)
+        .bind(user)
+        .bind(key)
+        .bind(response)
+        .bind(self.prompt)
+        .bind(self.source)
+        .bind(self.cost)
+        .bind(&self.lengths)
+    }
+}
+
+/// Several final writes (none with an idempotent response, no message
+/// twice) as one statement: what [`Finish::alone`] does for each, with the
+/// rows of the messages found (`finished_columns`, each with its `id`).
+/// Planned for its arrays on every run, never a cached generic plan (see
+/// `save_partials`): a multi-row `UPDATE messages … FROM unnest(…)` whose
+/// generic plan was made while the table was small kept a hash join over a
+/// sequential scan of it.
+pub(crate) fn finish_statement(finishes: &[Finish]) -> Statement {
+    let n = finishes.len();
+    let (mut id, mut org, mut chat) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut content, mut status, mut completion, mut prompt) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut source, mut cost, mut lengths) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for f in finishes {
+        id.push(f.id);
+        org.push(f.org);
+        chat.push(f.chat);
+        content.push(f.content.as_str());
+        status.push(f.status);
+        completion.push(f.completion);
+        prompt.push(f.prompt);
+        source.push(f.source);
+        cost.push(f.cost);
+        lengths.push(f.lengths.as_slice());
+    }
+    sqlx::query(concat!(
+        "WITH p AS ( \
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
+                                 $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bytea[]) \
+                AS p(id, org_id, chat_id, content, status, completion_tokens, prompt_tokens, \
+                     usage_source, cost, event_lengths) \
+        ), m AS ( \
+            UPDATE messages \
+               SET content = p.content, status = p.status, token_count = p.completion_tokens, \
+                   updated_at = now(), prompt_tokens = p.prompt_tokens, \
+                   completion_tokens = p.completion_tokens, usage_source = p.usage_source, \
+                   event_lengths = p.event_lengths \
+              FROM p \
+             WHERE messages.id = p.id AND messages.org_id = p.org_id \
+               AND messages.chat_id = p.chat_id \
+            RETURNING messages.id, messages.chat_id, messages.org_id, messages.role, \
+                      messages.status, messages.token_count, messages.seq, messages.model, \
+                      messages.prompt_tokens, messages.completion_tokens, \
+                      messages.usage_source, messages.created_at, messages.updated_at, p.cost \
+        ), c AS ( \
+            UPDATE chats SET updated_at = now() \
+              FROM (SELECT DISTINCT chat_id, org_id FROM m) mc \
+             WHERE chats.id = mc.chat_id AND chats.org_id = mc.org_id \
+            RETURNING chats.id, chats.user_id \
+        ), l AS ( \
+            INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+                prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+            SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                   m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, m.cost, now() \
+              FROM m JOIN c ON c.id = m.chat_id \
+            ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
+               prompt_tokens = EXCLUDED.prompt_tokens, \
+               completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
+               cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
+        ) \
+        SELECT ",
+        finished_columns!(),
+        " FROM m"
+    ))
+    .bind(id)
+    .bind(org)
+    .bind(chat)
+    .bind(content)
+    .bind(status)
+    .bind(completion)
+    .bind(prompt)
+    .bind(source)
+    .bind(cost)
+    .bind(lengths)
+    .persistent(false)
 }
 
 /// Interpret the result rows of a turn statement: `Conflict` when a key was
@@ -1186,64 +1367,20 @@ impl Store for PostgresStore {
     }
 
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {
-        // One statement, hence one transaction: the message, its chat's
-        // updated_at and the idempotent response change together. The last
-        // two only when the message was found. $7/$8 are NULL without a
-        // response, which matches no key.
-        let (user, key, response) = match &msg.idempotent_response {
-            Some((user, key, response)) => (Some(uuid(*user)), Some(key.as_str()), Some(response)),
-            None => (None, None, None),
-        };
-        let build = move || {
-            sqlx::query(concat!(
-                "WITH m AS ( \
-                UPDATE messages \
-                   SET content = $4, status = $5, token_count = $6, updated_at = now(), \
-                       prompt_tokens = $10, completion_tokens = $6, usage_source = $11, \
-                       event_lengths = $13 \
-                 WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
-                RETURNING ",
-                message_columns!(),
-                " ), c AS ( \
-                UPDATE chats SET updated_at = now() \
-                 WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
-                RETURNING user_id \
-            ), l AS ( \
-                INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
-                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
-                SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
-                       m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, $12, now() \
-                  FROM m, c \
-                ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
-                   prompt_tokens = EXCLUDED.prompt_tokens, \
-                   completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
-                   cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
-            ), k AS ( \
-                UPDATE idempotency_keys SET response = $9 \
-                 WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
-            ) \
-            SELECT * FROM m"
-            ))
-            .bind(uuid(msg.id))
-            .bind(uuid(msg.org))
-            .bind(uuid(msg.chat))
-            .bind(&msg.content)
-            .bind(msg.status.as_str())
-            .bind(msg.usage.completion_tokens)
-            .bind(user)
-            .bind(key)
-            .bind(response)
-            .bind(msg.usage.prompt_tokens)
-            .bind(msg.usage.source.as_str())
-            .bind(msg.cost.cost_micro_usd)
-            .bind(&msg.event_lengths)
-        };
+        let finish = Finish::of(msg);
+        let idempotent = msg
+            .idempotent_response
+            .as_ref()
+            .map(|(user, key, response)| (uuid(*user), key.as_str(), response));
+        // Without a response to store, the group commit may write it with
+        // the other final writes of its batch (one statement).
+        let batched = idempotent.is_none().then(|| Write::Finish(finish.clone()));
         let rows = self
-            .write_turn(build, None, uuid(msg.chat), false)
+            .write_turn(|| finish.alone(idempotent), batched, finish.chat, false)
             .await
             .map_err(map_err)?;
         rows.first()
-            .map(rows::message)
+            .map(|row| rows::finished_message(row, msg.content.clone()))
             .ok_or(StoreError::NotFound)?
     }
 

@@ -41,13 +41,23 @@ macro_rules! message_columns {
          completion_tokens, usage_source, created_at, updated_at"
     };
 }
+/// Columns read by [`finished_message`]: a message's but its content (the
+/// writer has it; a final write does not read back the text it sent).
+macro_rules! finished_columns {
+    () => {
+        "id, chat_id, org_id, role, status, token_count, seq, model, prompt_tokens, \
+         completion_tokens, usage_source, created_at, updated_at"
+    };
+}
 /// Columns read by [`api_key`].
 macro_rules! api_key_columns {
     () => {
         "id, org_id, user_id, prefix, name, created_at, last_used_at, revoked_at"
     };
 }
-pub(crate) use {api_key_columns, chat_columns, message_columns, org_columns, user_columns};
+pub(crate) use {
+    api_key_columns, chat_columns, finished_columns, message_columns, org_columns, user_columns,
+};
 
 fn get<'r, T>(row: &'r PgRow, column: &str) -> Result<T, StoreError>
 where
@@ -219,12 +229,18 @@ pub(crate) fn chat(row: &PgRow) -> Result<Chat, StoreError> {
 }
 
 pub(crate) fn message(row: &PgRow) -> Result<Message, StoreError> {
+    finished_message(row, get(row, "content")?)
+}
+
+/// A message from [`finished_columns`], with the `content` its final write
+/// stored.
+pub(crate) fn finished_message(row: &PgRow, content: String) -> Result<Message, StoreError> {
     Ok(Message {
         id: get_id(row, "id")?,
         chat_id: get_id(row, "chat_id")?,
         org_id: get_id(row, "org_id")?,
         role: parse(row, "role")?,
-        content: get(row, "content")?,
+        content,
         status: parse(row, "status")?,
         token_count: get(row, "token_count")?,
         seq: get(row, "seq")?,

@@ -65,6 +65,7 @@ per_store!(
     concurrent_turns_on_one_chat_get_gap_free_sequence_numbers,
     concurrent_writes_are_answered_each_on_its_own,
     concurrent_begins_of_every_kind_are_answered_each_on_its_own,
+    concurrent_final_writes_are_answered_each_on_its_own,
     chat_service_lets_only_the_owner_write_and_admins_read,
     connecting_to_an_unreachable_database_is_unavailable,
 );
@@ -1415,6 +1416,120 @@ async fn concurrent_writes_are_answered_each_on_its_own(db: Db) {
         assert_eq!(messages[1].content, "a reply");
         assert_eq!(messages[1].status, MessageStatus::Complete);
     }
+}
+
+/// Final writes at once — complete, cancelled and failed replies, two on
+/// one chat, one of a message that does not exist and one naming another
+/// org — each get their own answer: the last two `NotFound` and nothing
+/// written for them, every other one stored with its text, status, usage
+/// and event boundaries, its chat's `updated_at` moved and exactly one
+/// ledger row with its cost. On PostgreSQL they share group commits (as one
+/// multi-row statement); the waves repeat until final writes have shared one.
+async fn concurrent_final_writes_are_answered_each_on_its_own(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let other = new_org(&*store, "other").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let since = now() - Duration::seconds(1);
+    let (mut written, mut completion, mut cost) = (0i64, 0i64, 0i64);
+    for wave in 0..20 {
+        // Begun one after the other (two turns of one chat need an order).
+        let mut begun = Vec::new();
+        for i in 0..36usize {
+            let turn = if i % 6 == 5 {
+                let (_, earlier): &(usize, BegunTurn) = &begun[begun.len() - 1];
+                let text = format!("more {wave} {i}");
+                store
+                    .begin_turn(&turn(&alice, TurnChat::Existing(earlier.chat_id), &text))
+                    .await
+                    .unwrap()
+            } else {
+                start_chat(&*store, &alice, &format!("final {wave} {i}")).await
+            };
+            begun.push((i, turn));
+        }
+        let tasks: Vec<_> = begun
+            .into_iter()
+            .map(|(i, begun)| {
+                let store = Arc::clone(&store);
+                let text = format!("reply {wave} {i} with several words");
+                let status = [
+                    MessageStatus::Complete,
+                    MessageStatus::Cancelled,
+                    MessageStatus::Failed,
+                ][i % 3];
+                let mut finish = finished(&alice, &begun, &text, status);
+                finish.cost.cost_micro_usd = i as i64 + 1;
+                match i % 6 {
+                    3 => finish.id = MessageId::new(),
+                    4 => finish.org = other.id,
+                    _ => {}
+                }
+                tokio::spawn(async move {
+                    let done = store.finish_message(&finish).await;
+                    (i, begun, finish, done)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (i, begun, finish, done) = task.await.unwrap();
+            if matches!(i % 6, 3 | 4) {
+                assert!(
+                    is_not_found(done),
+                    "final write {i} of no message of this org"
+                );
+                let stored = all_messages(&*store, acme.id, begun.chat_id).await;
+                assert!(stored.iter().all(|m| m.status == MessageStatus::Streaming
+                    || m.role != MessageRole::Assistant
+                    || m.id != begun.assistant_message.id));
+                continue;
+            }
+            let done = done.unwrap_or_else(|e| panic!("final write {i}: {e:?}"));
+            assert_eq!(done.id, begun.assistant_message.id);
+            assert_eq!(done.content, finish.content);
+            assert_eq!(done.status, finish.status);
+            assert_eq!(done.usage, Some(finish.usage));
+            let stored = all_messages(&*store, acme.id, begun.chat_id).await;
+            assert!(stored.contains(&done), "final write {i} stored as answered");
+            let state = store
+                .stream_state(acme.id, begun.chat_id, begun.assistant_message.id)
+                .await
+                .unwrap();
+            assert_eq!(
+                state.event_lengths.as_deref(),
+                Some(&finish.event_lengths[..])
+            );
+            let chat = store.get_chat(acme.id, begun.chat_id).await.unwrap();
+            assert!(chat.updated_at >= done.updated_at, "chat {i} touched");
+            written += 1;
+            completion += finish.usage.completion_tokens;
+            cost += finish.cost.cost_micro_usd;
+        }
+        match store.group_commit_stats() {
+            Some(stats) if stats.transactions + 10 >= stats.writes => {}
+            _ => break,
+        }
+    }
+    if let Some(stats) = store.group_commit_stats() {
+        assert!(
+            stats.transactions + 10 < stats.writes,
+            "final writes never shared a group commit: {stats:?}"
+        );
+        assert_eq!(stats.fallbacks, 0, "{stats:?}");
+    }
+    // One ledger row per stored final write, none for the others.
+    let report = store
+        .usage_report(acme.id, None, since, now() + Duration::seconds(1), None)
+        .await
+        .unwrap();
+    assert_eq!(report.totals.turns, written);
+    assert_eq!(report.totals.completion_tokens, completion);
+    assert_eq!(report.totals.cost_micro_usd, cost);
+    let report = store
+        .usage_report(other.id, None, since, now() + Duration::seconds(1), None)
+        .await
+        .unwrap();
+    assert_eq!(report.totals.turns, 0);
 }
 
 /// Begins of every kind at once — new chats with and without a system
