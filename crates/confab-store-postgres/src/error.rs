@@ -40,7 +40,8 @@ pub(crate) fn connection_lost(err: &sqlx::Error) -> bool {
 /// Unique violation → `Conflict` with the constraint name PostgreSQL reports
 /// (`orgs_slug_key`, `users_org_email`, …); foreign-key violation →
 /// `NotFound` (the referenced org/user/chat does not exist); connection,
-/// pool and shutdown errors → `Unavailable`; everything else → `Other`.
+/// protocol, pool and shutdown errors → `Unavailable`; everything else →
+/// `Other`.
 pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
     match err {
         sqlx::Error::RowNotFound => StoreError::NotFound,
@@ -50,6 +51,12 @@ pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
         sqlx::Error::PoolClosed => StoreError::Unavailable("the PostgreSQL pool is closed".into()),
         sqlx::Error::Io(e) => StoreError::Unavailable(format!("PostgreSQL I/O error: {e}")),
         sqlx::Error::Tls(e) => StoreError::Unavailable(format!("PostgreSQL TLS error: {e}")),
+        // What came back is not PostgreSQL speaking (a connection closed at
+        // once by a proxy whose server is gone, a stream cut mid-message):
+        // the database is unreachable, not the request wrong.
+        sqlx::Error::Protocol(e) => {
+            StoreError::Unavailable(format!("PostgreSQL connection broken: {e}"))
+        }
         sqlx::Error::Database(db) => match db.kind() {
             ErrorKind::UniqueViolation => StoreError::Conflict {
                 constraint: db.constraint().unwrap_or("unknown").to_owned(),
@@ -97,6 +104,16 @@ mod tests {
         assert!(matches!(
             map_err(sqlx::Error::RowNotFound),
             StoreError::NotFound
+        ));
+    }
+
+    #[test]
+    fn a_peer_not_speaking_postgresql_is_unavailable() {
+        let closed_at_once =
+            sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+        assert!(matches!(
+            map_err(closed_at_once),
+            StoreError::Unavailable(_)
         ));
     }
 }

@@ -1912,10 +1912,13 @@ async fn connecting_to_an_unreachable_database_is_unavailable(db: Db) {
 }
 
 /// A TCP relay in front of the PostgreSQL server, which a test can cut (as
-/// if the server went away) and start again on the same address.
+/// if the server went away) and restore. While cut it keeps its port and
+/// closes every connection it accepts: a port given back could be taken by
+/// another test's server in this process, whose answer is not "gone".
 struct Relay {
     addr: SocketAddr,
     accept: JoinHandle<()>,
+    down: Arc<std::sync::atomic::AtomicBool>,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
@@ -1924,9 +1927,15 @@ impl Relay {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tracked = Arc::clone(&connections);
+        let is_down = Arc::clone(&down);
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let upstream = upstream.clone();
                 let relay = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(upstream).await {
@@ -1939,16 +1948,28 @@ impl Relay {
         Relay {
             addr,
             accept,
+            down,
             connections,
         }
     }
 
-    /// Stop listening and drop every relayed connection.
-    fn cut(self) {
-        self.accept.abort();
+    /// Drop every relayed connection and refuse new ones until `restore`.
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
         for connection in self.connections.lock().unwrap().drain(..) {
             connection.abort();
         }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
     }
 }
 
@@ -1970,7 +1991,7 @@ fn split_postgres_url(url: &str) -> (String, &str, &str) {
 async fn postgres_store_reports_a_lost_server_as_unavailable_and_recovers() {
     let t = TestDb::new(Db::Postgres).await;
     let (upstream, user, path) = split_postgres_url(&t.url);
-    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), upstream.clone()).await;
+    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), upstream).await;
     let addr = relay.addr;
     let via_relay = if user.is_empty() {
         format!("postgres://{addr}{path}")
@@ -1995,7 +2016,7 @@ async fn postgres_store_reports_a_lost_server_as_unavailable_and_recovers() {
     }
 
     // The server is back: the same store serves again.
-    let relay = Relay::start(addr, upstream).await;
+    relay.restore();
     let result = tokio::time::timeout(std::time::Duration::from_secs(15), store.ping())
         .await
         .expect("a call hung after the database came back");
