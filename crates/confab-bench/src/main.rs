@@ -27,7 +27,7 @@ use confab_llm::{SimulatedModel, TokenDelay};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::client::{Auth, local_base, new_client};
+use crate::client::{Auth, local_base, new_client, new_unpooled_client};
 use crate::procfs::{Monitor, Targets};
 
 #[derive(Parser)]
@@ -524,11 +524,15 @@ async fn sse(args: Sse) -> anyhow::Result<()> {
             ramp: seconds(args.spread_s),
         },
     };
+    let streams_client = match shape {
+        sse::Shape::Burst { .. } => new_unpooled_client()?,
+        _ => new_client()?,
+    };
     let metrics_client = new_client()?;
     let before = server_metrics::scrape(&metrics_client, &base).await;
     let monitor = Monitor::start(args.probe.targets());
     let result = sse::run(
-        new_client()?,
+        streams_client,
         &base,
         args.target.auth(),
         sse::Plan {

@@ -151,14 +151,16 @@ impl Shared {
     }
 }
 
-/// Run one stream to its end; `released` is the burst's common start.
+/// Run one stream to its end; `released` is the burst's common start,
+/// `planned` the model's plan for `message` ([`Shared::ideal`]).
 async fn stream(
     shared: &Shared,
     message: String,
+    planned: (Duration, Duration, usize),
     request: reqwest::Request,
     released: Option<Instant>,
 ) -> Record {
-    let (ideal, first_delay, planned_tokens) = shared.ideal(&message);
+    let (ideal, first_delay, planned_tokens) = planned;
     let mut record = Record {
         ideal,
         first_delay,
@@ -279,7 +281,10 @@ pub async fn run(
                         while Instant::now() < until {
                             let message = shared.message();
                             let record = match shared.request(&message) {
-                                Ok(request) => stream(&shared, message, request, None).await,
+                                Ok(request) => {
+                                    let planned = shared.ideal(&message);
+                                    stream(&shared, message, planned, request, None).await
+                                }
                                 Err(e) => Record {
                                     error: Some(e.to_string()),
                                     ..Record::default()
@@ -318,6 +323,9 @@ pub async fn run(
             for _ in 0..streams {
                 let message = shared.message();
                 let request = shared.request(&message)?;
+                // The client's bookkeeping, done before the release so the
+                // instant costs it as little as possible.
+                let planned = shared.ideal(&message);
                 let shared = shared.clone();
                 let mut wait = wait.clone();
                 let ready = ready.clone();
@@ -327,7 +335,7 @@ pub async fn run(
                         Ok(at) => *at,
                         Err(_) => None,
                     };
-                    stream(&shared, message, request, released).await
+                    stream(&shared, message, planned, request, released).await
                 }));
             }
             ready.wait().await;
@@ -347,7 +355,10 @@ pub async fn run(
                         tokio::time::sleep(offset).await;
                         let message = shared.message();
                         match shared.request(&message) {
-                            Ok(request) => stream(&shared, message, request, None).await,
+                            Ok(request) => {
+                                let planned = shared.ideal(&message);
+                                stream(&shared, message, planned, request, None).await
+                            }
                             Err(e) => Record {
                                 error: Some(e.to_string()),
                                 ..Record::default()

@@ -34,7 +34,7 @@ pub struct Decision {
     pub retry_after: Option<Duration>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RateLimitError {
     /// The shared backend (Redis) is unreachable or timed out.
     #[error("rate limit backend unavailable: {0}")]

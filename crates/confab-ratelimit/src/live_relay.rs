@@ -172,6 +172,7 @@ impl RedisLiveRelay {
             .collect();
         let found = self
             .redis
+            .link()
             .run_idempotent("check for missed cancels and follows", |mut conn| {
                 let keys = keys.clone();
                 async move {
@@ -250,6 +251,7 @@ impl LiveRelay for RedisLiveRelay {
         let id = message.to_string();
         let ttl = u64::try_from(STREAM_TTL.as_millis()).unwrap_or(600_000);
         self.redis
+            .link()
             .run_idempotent("publish a cancel", |mut conn| {
                 let id = id.clone();
                 async move {
@@ -280,6 +282,7 @@ impl LiveRelay for RedisLiveRelay {
         let key = format!("{WATCH_PREFIX}{message}");
         let ttl = u64::try_from(WATCH_TTL.as_millis()).unwrap_or(5000);
         self.redis
+            .link()
             .run_idempotent("renew a stream watch", |mut conn| {
                 let key = key.clone();
                 let id = message.to_string();
@@ -309,6 +312,7 @@ impl LiveRelay for RedisLiveRelay {
     async fn watched(&self, message: MessageId) -> Result<bool, RelayError> {
         let key = format!("{WATCH_PREFIX}{message}");
         self.redis
+            .link()
             .run_idempotent("check a stream watch", |mut conn| {
                 let key = key.clone();
                 async move {
@@ -402,6 +406,7 @@ async fn write_batch(
         }
     }
     let results = redis
+        .link()
         .run("relay stream events", |mut conn| async move {
             pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut conn)
                 .await

@@ -9,9 +9,10 @@
 //! - a broken connection is dropped and the next call reconnects, so the
 //!   limiter heals by itself when Redis comes back.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use confab_core::ratelimit::{
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisResult, Script};
+use tokio::sync::oneshot;
 
 use crate::bucket;
 
@@ -56,12 +58,18 @@ const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Token buckets in Redis, one hash per key (`confab:rl:<key>`).
 ///
-/// Each acquire is one `EVALSHA` of a script that reads, refills (with the
+/// Each step is one `EVALSHA` of a script that reads, refills (with the
 /// Redis server's `TIME`, so instances with skewed clocks agree), takes and
 /// writes the bucket; Redis runs scripts one at a time, so the step is atomic
 /// across all processes sharing the server. `redis::Script` loads the script
 /// again when the server answers `NOSCRIPT` (after a restart or
 /// `SCRIPT FLUSH`).
+///
+/// Takes of one key that arrive while a script for that key is running wait
+/// and then go together, in arrival order, as one script call (see
+/// [`Buckets`]): a burst of requests from one org costs Redis a handful of
+/// round trips instead of one each, and no request's round trip queues behind
+/// thousands of others on the shared connection.
 ///
 /// We keep one multiplexed connection, opened lazily and replaced after it
 /// breaks, instead of `redis::aio::ConnectionManager`: the manager only
@@ -70,11 +78,18 @@ const WARN_INTERVAL: Duration = Duration::from_secs(1);
 /// the life of the process. Here a failed attempt leaves nothing behind and
 /// the next call simply tries again.
 pub struct RedisRateLimiter {
+    link: Arc<Link>,
+    buckets: Arc<Buckets>,
+    budget_script: Script,
+}
+
+/// The connection to Redis and the rules for using it: every call within
+/// the time budget, reconnecting after a broken connection, warnings
+/// throttled. Shared with the tasks that run batched takes.
+pub(crate) struct Link {
     client: Client,
     config: AsyncConnectionConfig,
     timeout: Duration,
-    script: Script,
-    budget_script: Script,
     /// The live connection, if any. A std lock: it is held only to clone or
     /// swap the handle, never across an `.await`.
     current: RwLock<Option<Current>>,
@@ -91,6 +106,149 @@ pub struct RedisRateLimiter {
 struct Current {
     generation: u64,
     conn: MultiplexedConnection,
+}
+
+/// Most takes one script call carries; more wait for the next call. Bounds
+/// the time Redis spends in one script (a few microseconds a take) and the
+/// size of one command.
+const MAX_BATCH: usize = 512;
+
+/// What a take learns: allowed or not, and the tokens left after it.
+type Step = Result<(bool, f64), RateLimitError>;
+
+/// One caller's take, waiting for the next script call on its key.
+struct Take {
+    limit: Limit,
+    cost: u32,
+    reply: oneshot::Sender<Step>,
+}
+
+/// The token-bucket script and the takes waiting on each key.
+///
+/// A key is in `waiting` while a task runs script calls for it. The first
+/// take of an idle key starts that task with itself as the batch; takes
+/// arriving meanwhile queue, and when a call returns the task sends the next
+/// batch (everything queued, up to [`MAX_BATCH`], of one limit) at once; when
+/// nothing is queued the key leaves the map and the task ends. At light load
+/// every take is a batch of one; in a burst the waiting is what batches.
+///
+/// Hand-written rather than a crate: what is batched is one key's takes in
+/// one atomic script, with a reply per take.
+struct Buckets {
+    script: Script,
+    waiting: Mutex<HashMap<String, VecDeque<Take>>>,
+}
+
+impl Buckets {
+    fn waiting(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Take>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next batch for `key`, or `None` (and the key forgotten) when no
+    /// one waits. Takes whose caller gave up are dropped here, so their
+    /// tokens are not taken.
+    fn next_batch(&self, key: &str) -> Option<Vec<Take>> {
+        let mut waiting = self.waiting();
+        let queue = waiting.get_mut(key)?;
+        queue.retain(|take| !take.reply.is_closed());
+        let Some(limit) = queue.front().map(|take| take.limit) else {
+            waiting.remove(key);
+            return None;
+        };
+        // Takes under another limit (a changed override) stay for a later
+        // call: one call applies one limit.
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::new();
+        while let Some(take) = queue.pop_front() {
+            if take.limit == limit && batch.len() < MAX_BATCH {
+                batch.push(take);
+            } else {
+                rest.push_back(take);
+            }
+        }
+        *queue = rest;
+        Some(batch)
+    }
+
+    /// Run batches for `key`, starting with `batch`, until no take waits.
+    async fn run(self: Arc<Self>, link: Arc<Link>, key: String, mut batch: Vec<Take>) {
+        loop {
+            let limit = batch.first().map(|take| take.limit);
+            if let Some(limit) = limit {
+                let costs: Vec<u32> = batch.iter().map(|take| take.cost).collect();
+                match self.call(&link, &key, limit, &costs).await {
+                    Ok(steps) => {
+                        for (take, step) in batch.into_iter().zip(steps) {
+                            let _ = take.reply.send(Ok(step));
+                        }
+                    }
+                    Err(e) => {
+                        for take in batch {
+                            let _ = take.reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            match self.next_batch(&key) {
+                Some(next) => batch = next,
+                None => return,
+            }
+        }
+    }
+
+    /// One script call taking `costs` in order (a single 0 is a peek).
+    async fn call(
+        &self,
+        link: &Link,
+        key: &str,
+        limit: Limit,
+        costs: &[u32],
+    ) -> Result<Vec<(bool, f64)>, RateLimitError> {
+        let what = if costs == [0] { "peek" } else { "acquire" };
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(format!("{KEY_PREFIX}{key}"))
+            .arg(limit.burst)
+            .arg(bucket::rate(limit))
+            .arg(bucket::epsilon(limit))
+            .arg(u64::try_from(bucket::MAX_WAIT.as_millis()).unwrap_or(u64::MAX));
+        for cost in costs {
+            invocation.arg(*cost);
+        }
+        let reply: Vec<String> = link
+            .run(what, |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        let steps = parse_steps(&reply).filter(|steps| steps.len() == costs.len());
+        steps.ok_or_else(|| {
+            let message = format!(
+                "unexpected token-bucket reply from Redis ({} values for {} takes)",
+                reply.len(),
+                costs.len()
+            );
+            link.warnings.warn(what, &message);
+            RateLimitError::Unavailable(message)
+        })
+    }
+}
+
+/// The script's reply, `allowed, tokens` per take, as pairs.
+fn parse_steps(reply: &[String]) -> Option<Vec<(bool, f64)>> {
+    if !reply.len().is_multiple_of(2) {
+        return None;
+    }
+    reply
+        .chunks_exact(2)
+        .map(|pair| {
+            let allowed = match pair[0].as_str() {
+                "1" => true,
+                "0" => false,
+                _ => return None,
+            };
+            Some((allowed, pair[1].parse::<f64>().ok()?))
+        })
+        .collect()
 }
 
 impl RedisRateLimiter {
@@ -112,28 +270,95 @@ impl RedisRateLimiter {
             .set_response_timeout(Some(timeout))
             .set_pipeline_buffer_size(PIPELINE_BUFFER);
         Ok(Self {
-            client,
-            config,
-            timeout,
-            script: Script::new(TOKEN_BUCKET_LUA),
+            link: Arc::new(Link {
+                client,
+                config,
+                timeout,
+                current: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                generations: AtomicU64::new(0),
+                warnings: WarnThrottle::new(),
+            }),
+            buckets: Arc::new(Buckets {
+                script: Script::new(TOKEN_BUCKET_LUA),
+                waiting: Mutex::new(HashMap::new()),
+            }),
             budget_script: Script::new(TOKEN_BUDGET_LUA),
-            current: RwLock::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            generations: AtomicU64::new(0),
-            warnings: WarnThrottle::new(),
         })
     }
 
     /// The client, for connections of their own (a blocking read, pub/sub).
     pub(crate) fn client(&self) -> &Client {
-        &self.client
+        &self.link.client
     }
 
     /// The per-call time budget given to [`RedisRateLimiter::connect`].
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.link.timeout
     }
 
+    /// The connection, for the other Redis users of this crate (the live
+    /// relay), so they share its rules.
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Take `cost` tokens from `key`'s bucket, in the key's next script
+    /// call: at once when none runs, else with the takes that queued behind
+    /// the running one. Gives up after the time budget like any call (the
+    /// take may still be made by the call it waited for).
+    async fn take(&self, key: &str, limit: Limit, cost: u32) -> Result<Decision, RateLimitError> {
+        let (reply, answer) = oneshot::channel();
+        let take = Take { limit, cost, reply };
+        let start = {
+            let mut waiting = self.buckets.waiting();
+            match waiting.get_mut(key) {
+                Some(queue) => {
+                    queue.push_back(take);
+                    None
+                }
+                None => {
+                    waiting.insert(key.to_owned(), VecDeque::new());
+                    Some(take)
+                }
+            }
+        };
+        if let Some(take) = start {
+            // A task of its own: the calls for this key go on when this
+            // caller is cancelled (its client left), or later takes would
+            // wait for nobody.
+            tokio::spawn(
+                self.buckets
+                    .clone()
+                    .run(self.link.clone(), key.to_owned(), vec![take]),
+            );
+        }
+        let step = match tokio::time::timeout(self.link.timeout, answer).await {
+            Ok(Ok(step)) => step,
+            // The task ended without answering: only when the runtime is
+            // shutting down.
+            Ok(Err(_)) => Err(RateLimitError::Unavailable(
+                "the rate-limit call was abandoned".into(),
+            )),
+            Err(_elapsed) => Err(self.link.timed_out("acquire")),
+        };
+        let (allowed, tokens) = step?;
+        Ok(bucket::decision(limit, cost, allowed, tokens))
+    }
+
+    /// A peek, on its own: it writes nothing, so it need not queue.
+    async fn peek_now(&self, key: &str, limit: Limit) -> Result<Decision, RateLimitError> {
+        let steps = self.buckets.call(&self.link, key, limit, &[0]).await?;
+        let Some(&(allowed, tokens)) = steps.first() else {
+            return Err(RateLimitError::Unavailable(
+                "empty token-bucket reply from Redis".into(),
+            ));
+        };
+        Ok(bucket::decision(limit, 0, allowed, tokens))
+    }
+}
+
+impl Link {
     fn live(&self) -> Option<Current> {
         self.current
             .read()
@@ -187,10 +412,10 @@ impl RedisRateLimiter {
         self.answer(what, tokio::time::timeout(self.timeout, attempt).await)
     }
 
-    /// [`RedisRateLimiter::run`] for a step that may safely run twice (a
-    /// read, a `SET`, a `PUBLISH`): when the connection turns out dead (the
-    /// first call after a Redis restart), it is tried once more on a fresh
-    /// one instead of failing its caller.
+    /// [`Link::run`] for a step that may safely run twice (a read, a `SET`,
+    /// a `PUBLISH`): when the connection turns out dead (the first call
+    /// after a Redis restart), it is tried once more on a fresh one instead
+    /// of failing its caller.
     pub(crate) async fn run_idempotent<T, F, Fut>(
         &self,
         what: &'static str,
@@ -238,36 +463,15 @@ impl RedisRateLimiter {
                 self.warnings.warn(what, &e);
                 Err(RateLimitError::Unavailable(e.to_string()))
             }
-            Err(_elapsed) => {
-                let message = format!("no answer from Redis within {:?}", self.timeout);
-                self.warnings.warn(what, &message);
-                Err(RateLimitError::Unavailable(message))
-            }
+            Err(_elapsed) => Err(self.timed_out(what)),
         }
     }
 
-    /// One script step; `cost` 0 is a peek.
-    async fn step(&self, key: &str, limit: Limit, cost: u32) -> Result<Decision, RateLimitError> {
-        let what = if cost == 0 { "peek" } else { "acquire" };
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(format!("{KEY_PREFIX}{key}"))
-            .arg(limit.burst)
-            .arg(bucket::rate(limit))
-            .arg(cost)
-            .arg(bucket::epsilon(limit))
-            .arg(u64::try_from(bucket::MAX_WAIT.as_millis()).unwrap_or(u64::MAX));
-        let (allowed, tokens): (i64, String) = self
-            .run(what, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
-        let Ok(tokens) = tokens.parse::<f64>() else {
-            let message = format!("unexpected token count from Redis: {tokens:?}");
-            self.warnings.warn(what, &message);
-            return Err(RateLimitError::Unavailable(message));
-        };
-        Ok(bucket::decision(limit, cost, allowed == 1, tokens))
+    /// The error (and throttled warning) for a call past its time budget.
+    fn timed_out(&self, what: &'static str) -> RateLimitError {
+        let message = format!("no answer from Redis within {:?}", self.timeout);
+        self.warnings.warn(what, &message);
+        RateLimitError::Unavailable(message)
     }
 }
 
@@ -275,8 +479,8 @@ impl std::fmt::Debug for RedisRateLimiter {
     // By hand: the client's connection info could include the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisRateLimiter")
-            .field("timeout", &self.timeout)
-            .field("connected", &self.live().is_some())
+            .field("timeout", &self.link.timeout)
+            .field("connected", &self.link.live().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -293,18 +497,22 @@ impl RateLimiter for RedisRateLimiter {
         limit: Limit,
         cost: u32,
     ) -> Result<Decision, RateLimitError> {
-        self.step(key, limit, cost).await
+        if cost == 0 {
+            return self.peek_now(key, limit).await;
+        }
+        self.take(key, limit, cost).await
     }
 
     async fn peek(&self, key: &str, limit: Limit) -> Result<Decision, RateLimitError> {
-        self.step(key, limit, 0).await
+        self.peek_now(key, limit).await
     }
 
     async fn ping(&self) -> Result<(), RateLimitError> {
-        self.run("ping", |mut conn| async move {
-            redis::cmd("PING").query_async::<()>(&mut conn).await
-        })
-        .await
+        self.link
+            .run("ping", |mut conn| async move {
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            })
+            .await
     }
 }
 
@@ -324,6 +532,7 @@ impl TokenBudget for RedisRateLimiter {
                 .arg(window.window_secs);
         }
         let reply: Vec<i64> = self
+            .link
             .run("reserve tokens", |mut conn| async move {
                 invocation.invoke_async(&mut conn).await
             })
@@ -370,6 +579,7 @@ impl TokenBudget for RedisRateLimiter {
                 .arg(*window_secs);
         }
         let _: i64 = self
+            .link
             .run("settle tokens", |mut conn| async move {
                 invocation.invoke_async(&mut conn).await
             })

@@ -622,3 +622,197 @@ async fn redis_keys_are_namespaced_and_expire_when_full() {
         ":0"
     );
 }
+
+/// A forwarder to the test Redis that counts the `EVALSHA`s sent through it
+/// and, while its gate is closed, holds Redis's replies (the commands still
+/// reach Redis): a script call stays in flight for as long as a test needs.
+struct GatedRedis {
+    url: String,
+    evalshas: Arc<std::sync::atomic::AtomicUsize>,
+    gate: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl GatedRedis {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (upstream, url) = redis_via(port);
+        let evalshas = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (gate, open) = tokio::sync::watch::channel(true);
+        let counter = evalshas.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(upstream.clone()).await else {
+                    continue;
+                };
+                let (mut in_read, mut in_write) = inbound.into_split();
+                let (mut out_read, mut out_write) = outbound.into_split();
+                let counter = counter.clone();
+                connections.spawn(async move {
+                    // The last bytes of the previous read, so a name split
+                    // across two reads is still counted once.
+                    let mut tail = Vec::new();
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n) = in_read.read(&mut buf).await {
+                        if n == 0 || out_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        tail.extend_from_slice(&buf[..n]);
+                        let found = tail.windows(7).filter(|w| w == b"EVALSHA").count();
+                        counter.fetch_add(found, std::sync::atomic::Ordering::SeqCst);
+                        let keep = tail.len().min(6);
+                        tail.drain(..tail.len() - keep);
+                    }
+                });
+                let mut open = open.clone();
+                connections.spawn(async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n) = out_read.read(&mut buf).await {
+                        if n == 0 || open.wait_for(|open| *open).await.is_err() {
+                            return;
+                        }
+                        if in_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            evalshas,
+            gate,
+            task,
+        }
+    }
+
+    fn evalshas(&self) -> usize {
+        self.evalshas.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until `n` `EVALSHA`s have gone through; fail after 5 s.
+    async fn until_evalshas(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.evalshas() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} EVALSHA sent, waited for {n}",
+                self.evalshas()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for GatedRedis {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A limiter through `proxy`, connected and with its script loaded.
+async fn gated_limiter(proxy: &GatedRedis, key: &str, limit: Limit) -> Arc<RedisRateLimiter> {
+    let limiter =
+        Arc::new(RedisRateLimiter::connect(&proxy.url, CALL_TIMEOUT).expect("valid Redis URL"));
+    let first = limiter.acquire(key, limit, 1).await.expect("first acquire");
+    assert_eq!(first.remaining, limit.burst - 1);
+    limiter
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_answer() {
+    let proxy = GatedRedis::start().await;
+    let key = unique_key();
+    let limit = Limit {
+        burst: 100,
+        per_second: 0.001,
+    };
+    let limiter = gated_limiter(&proxy, &key, limit).await;
+    let before = proxy.evalshas();
+
+    // One call in flight, held at the proxy; 50 more takes of the key meanwhile.
+    proxy.gate.send_replace(false);
+    let first = tokio::spawn({
+        let (limiter, key) = (limiter.clone(), key.clone());
+        async move { limiter.acquire(&key, limit, 1).await }
+    });
+    proxy.until_evalshas(before + 1).await;
+    let queued: Vec<_> = (0..50)
+        .map(|_| {
+            let (limiter, key) = (limiter.clone(), key.clone());
+            tokio::spawn(async move { limiter.acquire(&key, limit, 1).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        proxy.evalshas(),
+        before + 1,
+        "takes of a key with a call in flight must wait for it"
+    );
+    proxy.gate.send_replace(true);
+
+    let first = first.await.expect("task").expect("acquire");
+    assert!(first.allowed);
+    assert_eq!(first.remaining, 98);
+    let mut remaining = Vec::new();
+    for take in queued {
+        let decision = take.await.expect("task").expect("acquire");
+        assert!(decision.allowed, "{decision:?}");
+        remaining.push(decision.remaining);
+    }
+    remaining.sort_unstable();
+    // Applied one after the other: each take sees the bucket the one
+    // before it left.
+    assert_eq!(remaining, (48..=97).collect::<Vec<u32>>());
+    assert_eq!(
+        proxy.evalshas(),
+        before + 2,
+        "the 50 queued takes must go as one script call"
+    );
+    // What one call each would have left.
+    assert_eq!(acquire(&*limiter, &key, limit).await.remaining, 47);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_leaving_mid_call_does_not_strand_the_takes_queued_behind_it() {
+    let proxy = GatedRedis::start().await;
+    let key = unique_key();
+    let limit = Limit {
+        burst: 10,
+        per_second: 0.001,
+    };
+    let limiter = gated_limiter(&proxy, &key, limit).await;
+    let before = proxy.evalshas();
+
+    proxy.gate.send_replace(false);
+    let leaving = tokio::spawn({
+        let (limiter, key) = (limiter.clone(), key.clone());
+        async move { limiter.acquire(&key, limit, 1).await }
+    });
+    proxy.until_evalshas(before + 1).await;
+    let queued = tokio::spawn({
+        let (limiter, key) = (limiter.clone(), key.clone());
+        async move { limiter.acquire(&key, limit, 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The client of the request whose take is in flight goes away.
+    leaving.abort();
+    let _ = leaving.await;
+    proxy.gate.send_replace(true);
+
+    let start = Instant::now();
+    let decision = queued
+        .await
+        .expect("task")
+        .expect("the queued take is answered");
+    assert!(decision.allowed);
+    // The call in flight reached Redis, so its token is gone too.
+    assert_eq!(decision.remaining, 7);
+    assert!(
+        start.elapsed() < CALL_TIMEOUT / 2,
+        "answered after {:?}",
+        start.elapsed()
+    );
+}
