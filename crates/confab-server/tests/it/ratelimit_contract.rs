@@ -623,12 +623,15 @@ async fn redis_keys_are_namespaced_and_expire_when_full() {
     );
 }
 
-/// A forwarder to the test Redis that counts the `EVALSHA`s sent through it
-/// and, while its gate is closed, holds Redis's replies (the commands still
-/// reach Redis): a script call stays in flight for as long as a test needs.
+/// A forwarder to the test Redis that counts the script calls sent through
+/// it and, while its gate is closed, holds Redis's replies (the commands
+/// still reach Redis): a script call stays in flight for as long as a test
+/// needs. A call is an `EVALSHA`; one that Redis answers `NOSCRIPT` (another
+/// test flushed the script cache) is sent again after a `SCRIPT LOAD`, so
+/// each `LOAD` takes one `EVALSHA` off the count.
 struct GatedRedis {
     url: String,
-    evalshas: Arc<std::sync::atomic::AtomicUsize>,
+    evalshas: Arc<std::sync::atomic::AtomicI64>,
     gate: tokio::sync::watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -638,7 +641,7 @@ impl GatedRedis {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let (upstream, url) = redis_via(port);
-        let evalshas = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let evalshas = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let (gate, open) = tokio::sync::watch::channel(true);
         let counter = evalshas.clone();
         let task = tokio::spawn(async move {
@@ -651,18 +654,26 @@ impl GatedRedis {
                 let (mut out_read, mut out_write) = outbound.into_split();
                 let counter = counter.clone();
                 connections.spawn(async move {
-                    // The last bytes of the previous read, so a name split
-                    // across two reads is still counted once.
-                    let mut tail = Vec::new();
+                    // The last bytes of the previous read, so a word split
+                    // across two reads is still counted, once: only matches
+                    // ending in the new bytes count.
+                    let mut tail: Vec<u8> = Vec::new();
                     let mut buf = vec![0; 64 * 1024];
                     while let Ok(n) = in_read.read(&mut buf).await {
                         if n == 0 || out_write.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
+                        let old = tail.len();
                         tail.extend_from_slice(&buf[..n]);
-                        let found = tail.windows(7).filter(|w| w == b"EVALSHA").count();
-                        counter.fetch_add(found, std::sync::atomic::Ordering::SeqCst);
-                        let keep = tail.len().min(6);
+                        let count = |word: &[u8]| {
+                            tail.windows(word.len())
+                                .enumerate()
+                                .filter(|(at, w)| at + word.len() > old && *w == word)
+                                .count()
+                        };
+                        let calls = count(b"EVALSHA") as i64 - count(b"\r\nLOAD\r\n") as i64;
+                        counter.fetch_add(calls, std::sync::atomic::Ordering::SeqCst);
+                        let keep = tail.len().min(8);
                         tail.drain(..tail.len() - keep);
                     }
                 });
@@ -688,12 +699,12 @@ impl GatedRedis {
         }
     }
 
-    fn evalshas(&self) -> usize {
+    fn evalshas(&self) -> i64 {
         self.evalshas.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Wait until `n` `EVALSHA`s have gone through; fail after 5 s.
-    async fn until_evalshas(&self, n: usize) {
+    async fn until_evalshas(&self, n: i64) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.evalshas() < n {
             assert!(
