@@ -85,8 +85,7 @@ PG_BASE=${PG_ADMIN%/*}
 DB=confab_bench_$(date -u +%Y%m%d_%H%M%S)_$$
 DB_URL=$PG_BASE/$DB
 DB_CREATED=0
-BASE_DB=
-BASE_DB_CREATED=0
+FRESH_DBS=()
 SERVER_PID=
 REDIS_PID=
 UPSTREAM_PIDS=()
@@ -116,10 +115,10 @@ cleanup() {
   if [ -n "$LITELLM_PID" ]; then stop_pid "$LITELLM_PID"; fi
   for pid in "${UPSTREAM_PIDS[@]}"; do stop_pid "$pid"; done
   if [ -n "$REDIS_PID" ]; then stop_pid "$REDIS_PID"; fi
-  if [ $BASE_DB_CREATED = 1 ]; then
-    psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $BASE_DB WITH (FORCE)" >/dev/null 2>&1 \
-      || log "could not drop database $BASE_DB"
-  fi
+  for db in "${FRESH_DBS[@]}"; do
+    psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 \
+      || log "could not drop database $db"
+  done
   if [ $DB_CREATED = 1 ]; then
     psql "$PG_ADMIN" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 \
       || log "could not drop database $DB"
@@ -319,35 +318,41 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
   stop_server
 fi
 
-# ---- sse-1k again on a baseline binary, same run (BENCH_BASELINE_BIN) ------------
+# ---- sse-1k on a baseline binary, same run (BENCH_BASELINE_BIN) ------------------
 # BENCH_BASELINE_BIN=<an older confab binary> [BENCH_BASELINE_LABEL=<its commit>]:
-# the same sse-1k, same client and Redis, against that binary on its own fresh
-# database (migrated, seeded and keyed by that binary), right after the
-# current one: the before/after ratio of CPU per token event within one run.
-if want sse-1k && [ -n "${BENCH_BASELINE_BIN:-}" ]; then
-  log "baseline confab ($BENCH_BASELINE_BIN) on a fresh database of its own"
-  BASE_DB=${DB}_base
-  psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $BASE_DB" >/dev/null
-  BASE_DB_CREATED=1
-  BASE_URL=$PG_BASE/$BASE_DB
-  DATABASE_URL=$BASE_URL "$BENCH_BASELINE_BIN" migrate >/dev/null
-  DATABASE_URL=$BASE_URL "$BENCH_BASELINE_BIN" seed-demo >/dev/null
-  BASE_KEY=$(DATABASE_URL=$BASE_URL "$BENCH_BASELINE_BIN" key create --user $ALICE --name bench 2>/dev/null \
+# the same sse-1k, same client and Redis, once more on the current binary and
+# then on that binary, each on a fresh database of its own (migrated, seeded
+# and keyed by that binary), one right after the other: the before/after ratio
+# of CPU per token event within one run, like for like. (The sse-1k above runs
+# on the database and process that served the scenarios before it.)
+sse_1k_fresh() { # scenario, binary, label
+  local name=$1 binary=$2 label=$3 db key
+  db=${DB}_${name//-/_}
+  FRESH_DBS+=("$db")
+  psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $db" >/dev/null
+  DATABASE_URL=$PG_BASE/$db "$binary" migrate >/dev/null
+  DATABASE_URL=$PG_BASE/$db "$binary" seed-demo >/dev/null
+  key=$(DATABASE_URL=$PG_BASE/$db "$binary" key create --user $ALICE --name bench 2>/dev/null \
     | awk '$1 == "key:" { print $2 }')
-  [ -n "$BASE_KEY" ] || { log "could not create the baseline's API key"; exit 1; }
-  current=$CONFAB
-  CONFAB=$BENCH_BASELINE_BIN
-  start_server baseline APP_ENV=production DATABASE_URL="$BASE_URL" REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  [ -n "$key" ] || { log "could not create an API key for $name"; exit 1; }
+  local current=$CONFAB
+  CONFAB=$binary
+  start_server "$name" APP_ENV=production DATABASE_URL="$PG_BASE/$db" REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
   CONFAB=$current
-  fragment sse-1k-baseline
-  log "sse-1k-baseline: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
-  profile_server sse-1k-baseline $((SSE_DURATION + 2))
-  run_scenario sse-1k-baseline env BENCH_API_KEY="$BASE_KEY" "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
+  fragment "$name"
+  log "$name: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
+  profile_server "$name" $((SSE_DURATION + 2))
+  run_scenario "$name" env BENCH_API_KEY="$key" "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
     --duration-s $SSE_DURATION --spread-s 1 --token-delay 10-30 --url "$SERVER_URL" \
-    --server-pid "$SERVER_PID" --redis-pid "$REDIS_PID" --db-name "$BASE_DB" \
-    --scenario sse-1k-baseline --label "${BENCH_BASELINE_LABEL:-baseline}" --out "$FRAG"
+    --server-pid "$SERVER_PID" --redis-pid "$REDIS_PID" --db-name "$db" \
+    --scenario "$name" --label "$label" --out "$FRAG"
   profile_report
   stop_server
+}
+if want sse-1k && [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+  log "sse-1k on fresh databases: the current binary, then the baseline ($BENCH_BASELINE_BIN)"
+  sse_1k_fresh sse-1k-current "$CONFAB" "$(git rev-parse --short HEAD 2>/dev/null || echo current)"
+  sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}"
 fi
 
 # ---- confab on PostgreSQL + Redis, long slow replies ----------------------------
