@@ -614,8 +614,8 @@ impl Config {
 /// (10,000 streams of 300 words at 100 ms/token started over 10 s, on 2
 /// cores shared with the client and PostgreSQL; BENCHMARKS.md): at 5,000
 /// admitted the streams kept their pace (stretch 1.001) and refusals took
-/// p99 73 ms; at 7,000 they still kept it but refusals queued behind them
-/// (p99 0.6 s). 2,500 per core also admits a burst of 5,000 short replies
+/// p99 10–73 ms (runs differ); at 7,000 they still kept it but refusals
+/// queued behind them (p99 0.6 s). 2,500 per core also admits a burst of 5,000 short replies
 /// whole on 2 cores (README "Overload").
 pub const STREAMS_PER_CORE: usize = 2500;
 /// Turns one pooled connection keeps going: a turn commits twice (begin and

@@ -522,6 +522,24 @@ pub(crate) fn begin_statement(
     .bind(system_message)
 }
 
+/// The ledger rows of final writes (SPEC §12), one home for both final
+/// write statements: from CTE `m` (the messages written, with their `cost`)
+/// and `c` (their chats' `id` and `user_id`), one row per turn, replaced
+/// when the turn was settled before.
+macro_rules! final_ledger_rows {
+    () => {
+        "INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
+             prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
+         SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
+                m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, m.cost, now() \
+           FROM m JOIN c ON c.id = m.chat_id \
+         ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
+            prompt_tokens = EXCLUDED.prompt_tokens, \
+            completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
+            cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at"
+    };
+}
+
 /// One turn's final write (SPEC §6, §12): the message's final text,
 /// status and usage, its chat's `updated_at` and its ledger row, written
 /// together — alone ([`Finish::alone`], also storing an idempotent
@@ -576,21 +594,14 @@ impl Finish {
                  WHERE id = $1 AND org_id = $2 AND chat_id = $3 \
                 RETURNING ",
             finished_columns!(),
-            " ), c AS ( \
+            ", $12::bigint AS cost \
+            ), c AS ( \
                 UPDATE chats SET updated_at = now() \
                  WHERE id = $3 AND org_id = $2 AND EXISTS (SELECT 1 FROM m) \
-                RETURNING user_id \
-            ), l AS ( \
-                INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
-                    prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
-                SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
-                       m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, $12, now() \
-                  FROM m, c \
-                ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
-                   prompt_tokens = EXCLUDED.prompt_tokens, \
-                   completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
-                   cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
-            ), k AS ( \
+                RETURNING id, user_id \
+            ), l AS ( ",
+            final_ledger_rows!(),
+            " ), k AS ( \
                 UPDATE idempotency_keys SET response = $9 \
                  WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
             ) \
@@ -620,34 +631,8 @@ impl Finish {
 /// generic plan was made while the table was small kept a hash join over a
 /// sequential scan of it.
 pub(crate) fn finish_statement(finishes: &[Finish]) -> Statement {
-    let n = finishes.len();
-    let (mut id, mut org, mut chat) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut content, mut status, mut completion, mut prompt) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut source, mut cost, mut lengths) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for f in finishes {
-        id.push(f.id);
-        org.push(f.org);
-        chat.push(f.chat);
-        content.push(f.content.as_str());
-        status.push(f.status);
-        completion.push(f.completion);
-        prompt.push(f.prompt);
-        source.push(f.source);
-        cost.push(f.cost);
-        lengths.push(f.lengths.as_slice());
+    fn column<'a, T>(finishes: &'a [Finish], field: impl Fn(&'a Finish) -> T) -> Vec<T> {
+        finishes.iter().map(field).collect()
     }
     sqlx::query(concat!(
         "WITH p AS ( \
@@ -673,31 +658,23 @@ pub(crate) fn finish_statement(finishes: &[Finish]) -> Statement {
               FROM (SELECT DISTINCT chat_id, org_id FROM m) mc \
              WHERE chats.id = mc.chat_id AND chats.org_id = mc.org_id \
             RETURNING chats.id, chats.user_id \
-        ), l AS ( \
-            INSERT INTO usage_ledger (turn_id, org_id, user_id, chat_id, model, status, \
-                prompt_tokens, completion_tokens, source, cost_micro_usd, created_at) \
-            SELECT m.id, m.org_id, c.user_id, m.chat_id, coalesce(m.model, 'unknown'), \
-                   m.status, m.prompt_tokens, m.completion_tokens, m.usage_source, m.cost, now() \
-              FROM m JOIN c ON c.id = m.chat_id \
-            ON CONFLICT (turn_id) DO UPDATE SET status = EXCLUDED.status, \
-               prompt_tokens = EXCLUDED.prompt_tokens, \
-               completion_tokens = EXCLUDED.completion_tokens, source = EXCLUDED.source, \
-               cost_micro_usd = EXCLUDED.cost_micro_usd, created_at = EXCLUDED.created_at \
-        ) \
+        ), l AS ( ",
+        final_ledger_rows!(),
+        " ) \
         SELECT ",
         finished_columns!(),
         " FROM m"
     ))
-    .bind(id)
-    .bind(org)
-    .bind(chat)
-    .bind(content)
-    .bind(status)
-    .bind(completion)
-    .bind(prompt)
-    .bind(source)
-    .bind(cost)
-    .bind(lengths)
+    .bind(column(finishes, |f| f.id))
+    .bind(column(finishes, |f| f.org))
+    .bind(column(finishes, |f| f.chat))
+    .bind(column(finishes, |f| f.content.as_str()))
+    .bind(column(finishes, |f| f.status))
+    .bind(column(finishes, |f| f.completion))
+    .bind(column(finishes, |f| f.prompt))
+    .bind(column(finishes, |f| f.source))
+    .bind(column(finishes, |f| f.cost))
+    .bind(column(finishes, |f| f.lengths.as_slice()))
     .persistent(false)
 }
 

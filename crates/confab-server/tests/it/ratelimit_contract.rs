@@ -732,6 +732,16 @@ async fn gated_limiter(proxy: &GatedRedis, key: &str, limit: Limit) -> Arc<Redis
     limiter
 }
 
+/// One acquire of `key` in a task of its own.
+fn spawn_acquire(
+    limiter: &Arc<RedisRateLimiter>,
+    key: &str,
+    limit: Limit,
+) -> JoinHandle<Result<Decision, RateLimitError>> {
+    let (limiter, key) = (limiter.clone(), key.to_owned());
+    tokio::spawn(async move { limiter.acquire(&key, limit, 1).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_answer() {
     let proxy = GatedRedis::start().await;
@@ -745,16 +755,10 @@ async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_ans
 
     // One call in flight, held at the proxy; 50 more takes of the key meanwhile.
     proxy.gate.send_replace(false);
-    let first = tokio::spawn({
-        let (limiter, key) = (limiter.clone(), key.clone());
-        async move { limiter.acquire(&key, limit, 1).await }
-    });
+    let first = spawn_acquire(&limiter, &key, limit);
     proxy.until_evalshas(before + 1).await;
     let queued: Vec<_> = (0..50)
-        .map(|_| {
-            let (limiter, key) = (limiter.clone(), key.clone());
-            tokio::spawn(async move { limiter.acquire(&key, limit, 1).await })
-        })
+        .map(|_| spawn_acquire(&limiter, &key, limit))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -798,15 +802,9 @@ async fn a_caller_leaving_mid_call_does_not_strand_the_takes_queued_behind_it() 
     let before = proxy.evalshas();
 
     proxy.gate.send_replace(false);
-    let leaving = tokio::spawn({
-        let (limiter, key) = (limiter.clone(), key.clone());
-        async move { limiter.acquire(&key, limit, 1).await }
-    });
+    let leaving = spawn_acquire(&limiter, &key, limit);
     proxy.until_evalshas(before + 1).await;
-    let queued = tokio::spawn({
-        let (limiter, key) = (limiter.clone(), key.clone());
-        async move { limiter.acquire(&key, limit, 1).await }
-    });
+    let queued = spawn_acquire(&limiter, &key, limit);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The client of the request whose take is in flight goes away.
     leaving.abort();
