@@ -757,10 +757,17 @@ async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_ans
     proxy.gate.send_replace(false);
     let first = spawn_acquire(&limiter, &key, limit);
     proxy.until_evalshas(before + 1).await;
-    let queued: Vec<_> = (0..50)
-        .map(|_| spawn_acquire(&limiter, &key, limit))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Polled here, not spawned: once the first poll returns, every take
+    // has queued (none waits for a worker to get to it).
+    let mut queued = Box::pin(futures::future::join_all(
+        (0..50).map(|_| limiter.acquire(&key, limit, 1)),
+    ));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut queued)
+            .await
+            .is_err(),
+        "queued takes were answered while the call before them was held"
+    );
     assert_eq!(
         proxy.evalshas(),
         before + 1,
@@ -772,8 +779,8 @@ async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_ans
     assert!(first.allowed);
     assert_eq!(first.remaining, 98);
     let mut remaining = Vec::new();
-    for take in queued {
-        let decision = take.await.expect("task").expect("acquire");
+    for take in queued.await {
+        let decision = take.expect("acquire");
         assert!(decision.allowed, "{decision:?}");
         remaining.push(decision.remaining);
     }
@@ -804,18 +811,20 @@ async fn a_caller_leaving_mid_call_does_not_strand_the_takes_queued_behind_it() 
     proxy.gate.send_replace(false);
     let leaving = spawn_acquire(&limiter, &key, limit);
     proxy.until_evalshas(before + 1).await;
-    let queued = spawn_acquire(&limiter, &key, limit);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Polled here, so it has queued behind the call in flight.
+    let mut queued = limiter.acquire(&key, limit, 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut queued)
+            .await
+            .is_err()
+    );
     // The client of the request whose take is in flight goes away.
     leaving.abort();
     let _ = leaving.await;
     proxy.gate.send_replace(true);
 
     let start = Instant::now();
-    let decision = queued
-        .await
-        .expect("task")
-        .expect("the queued take is answered");
+    let decision = queued.await.expect("the queued take is answered");
     assert!(decision.allowed);
     // The call in flight reached Redis, so its token is gone too.
     assert_eq!(decision.remaining, 7);
