@@ -656,11 +656,13 @@ impl GatedRedis {
                 connections.spawn(async move {
                     // The last bytes of the previous read, so a word split
                     // across two reads is still counted, once: only matches
-                    // ending in the new bytes count.
+                    // ending in the new bytes count. Counted before they are
+                    // sent on: a test that has its answer reads a count
+                    // that includes its command.
                     let mut tail: Vec<u8> = Vec::new();
                     let mut buf = vec![0; 64 * 1024];
                     while let Ok(n) = in_read.read(&mut buf).await {
-                        if n == 0 || out_write.write_all(&buf[..n]).await.is_err() {
+                        if n == 0 {
                             return;
                         }
                         let old = tail.len();
@@ -675,6 +677,9 @@ impl GatedRedis {
                         counter.fetch_add(calls, std::sync::atomic::Ordering::SeqCst);
                         let keep = tail.len().min(8);
                         tail.drain(..tail.len() - keep);
+                        if out_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
                     }
                 });
                 let mut open = open.clone();
