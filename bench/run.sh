@@ -20,8 +20,9 @@
 # BENCH_GW_LEVELS ("100 1000") / BENCH_GW_PACES ("25 2") / BENCH_GATEWAY_LITELLM (1):
 # the gateway scenario's concurrency levels, its upstream's delays before each
 # token (ms; one upstream per pace) and whether LiteLLM runs (full size).
-# BENCH_BASELINE_BIN / BENCH_BASELINE_LABEL: run sse-1k on an older binary too
-# (same run; see below), BENCH_PERF=1: profile the server during sse-1k,
+# BENCH_BASELINE_BIN / BENCH_BASELINE_LABEL / BENCH_BASELINE_ROUNDS (2): run
+# sse-1k on an older binary too, in rounds alternating with the current one
+# (same run; see below), BENCH_PERF=1: profile the server during sse-1k and the bursts,
 # BENCH_SERVER_ENV: extra VAR=value words for every confab server (experiments,
 # e.g. BENCH_SERVER_ENV=DB_GROUP_COMMIT=off).
 set -euo pipefail
@@ -310,9 +311,11 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
     for n in "${BURSTS[@]}"; do
       fragment "sse-burst-$n"
       log "sse-burst: $n streams at once"
+      profile_server "sse-burst-$n" 6
       run_scenario "sse-burst-$n" env BENCH_API_KEY="$ALICE_KEY" "$BENCH" sse --shape burst --streams "$n" --token-delay 10-30 \
         --url "$SERVER_URL" "${probe[@]}" --scenario sse-burst --label "$n" \
         --out "$FRAG"
+      profile_report
     done
   fi
   stop_server
@@ -320,14 +323,14 @@ fi
 
 # ---- sse-1k on a baseline binary, same run (BENCH_BASELINE_BIN) ------------------
 # BENCH_BASELINE_BIN=<an older confab binary> [BENCH_BASELINE_LABEL=<its commit>]:
-# the same sse-1k, same client and Redis, once more on the current binary and
-# then on that binary, each on a fresh database of its own (migrated, seeded
-# and keyed by that binary), one right after the other: the before/after ratio
-# of CPU per token event within one run, like for like. (The sse-1k above runs
-# on the database and process that served the scenarios before it.)
-sse_1k_fresh() { # scenario, binary, label
-  local name=$1 binary=$2 label=$3 db key
-  db=${DB}_${name//-/_}
+# the same sse-1k, same client and Redis, on the current binary and on that
+# binary, each on a fresh database of its own (migrated, seeded and keyed by
+# that binary), one right after the other: the before/after ratio of CPU per
+# token event within one run, like for like. (The sse-1k above runs on the
+# database and process that served the scenarios before it.)
+sse_1k_fresh() { # scenario, binary, label, round
+  local name=$1 binary=$2 label=$3 round=$4 db key
+  db=${DB}_${name//-/_}_$round
   FRESH_DBS+=("$db")
   psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $db" >/dev/null
   DATABASE_URL=$PG_BASE/$db "$binary" migrate >/dev/null
@@ -337,22 +340,36 @@ sse_1k_fresh() { # scenario, binary, label
   [ -n "$key" ] || { log "could not create an API key for $name"; exit 1; }
   local current=$CONFAB
   CONFAB=$binary
-  start_server "$name" APP_ENV=production DATABASE_URL="$PG_BASE/$db" REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  start_server "$name-$round" APP_ENV=production DATABASE_URL="$PG_BASE/$db" REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
   CONFAB=$current
-  fragment "$name"
-  log "$name: $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
-  profile_server "$name" $((SSE_DURATION + 2))
+  fragment "$name-$round"
+  log "$name (round $round): $SSE_CLIENTS concurrent streams, ${SSE_DURATION}s"
+  profile_server "$name-$round" $((SSE_DURATION + 2))
   run_scenario "$name" env BENCH_API_KEY="$key" "$BENCH" sse --shape loop --streams $SSE_CLIENTS \
     --duration-s $SSE_DURATION --spread-s 1 --token-delay 10-30 --url "$SERVER_URL" \
     --server-pid "$SERVER_PID" --redis-pid "$REDIS_PID" --db-name "$db" \
-    --scenario "$name" --label "$label" --out "$FRAG"
+    --scenario "$name" --label "$label (round $round)" --out "$FRAG"
   profile_report
   stop_server
 }
+# Two rounds in the order current, baseline, baseline, current (ABBA): a
+# drift of the machine's speed during the four runs (seen: 1.5x within
+# minutes) weighs on both binaries alike; the report gives each round's
+# ratio and the pooled one (BENCH_BASELINE_ROUNDS=1: one pair only).
 if want sse-1k && [ -n "${BENCH_BASELINE_BIN:-}" ]; then
-  log "sse-1k on fresh databases: the current binary, then the baseline ($BENCH_BASELINE_BIN)"
-  sse_1k_fresh sse-1k-current "$CONFAB" "$(git rev-parse --short HEAD 2>/dev/null || echo current)"
-  sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}"
+  current_label=$(git rev-parse --short HEAD 2>/dev/null || echo current)
+  rounds=${BENCH_BASELINE_ROUNDS:-2}
+  [ $QUICK = 1 ] && rounds=1
+  for round in $(seq 1 "$rounds"); do
+    log "sse-1k on fresh databases, round $round of $rounds: the current binary and the baseline ($BENCH_BASELINE_BIN)"
+    if [ $((round % 2)) = 1 ]; then
+      sse_1k_fresh sse-1k-current "$CONFAB" "$current_label" "$round"
+      sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}" "$round"
+    else
+      sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}" "$round"
+      sse_1k_fresh sse-1k-current "$CONFAB" "$current_label" "$round"
+    fi
+  done
 fi
 
 # ---- confab on PostgreSQL + Redis, long slow replies ----------------------------

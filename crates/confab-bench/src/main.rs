@@ -561,6 +561,12 @@ async fn sse(args: Sse) -> anyhow::Result<()> {
         result.gap_ms.p99,
         usage.server_memory.as_ref().map_or(0.0, |m| m.rss_peak_mb),
     );
+    if let (Some(ttft), Some(sent)) = (&result.ttft_from_release_ms, &result.sent_from_release_ms) {
+        eprintln!(
+            "    from the release: TTFT p50 {:.1} ms p99 {:.1} ms; the client started the requests at p50 {:.1} ms p99 {:.1} ms",
+            ttft.p50, ttft.p99, sent.p50, sent.p99,
+        );
+    }
     write_fragment(
         &args.output,
         json!({

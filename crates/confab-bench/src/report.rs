@@ -557,7 +557,9 @@ pub fn render(doc: &Value) -> String {
             "| scenario | token events | streams | server CPU s | server CPU per token event µs | per stream ms |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
-        let mut per_token: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        // Server CPU, token events and streams of each scenario's runs, in
+        // the order they ran.
+        let mut runs: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
         for f in &streams {
             let r = &f["result"];
             let num = |p: &str| r.pointer(p).and_then(Value::as_f64);
@@ -571,7 +573,9 @@ pub fn render(doc: &Value) -> String {
                 continue;
             }
             let name = f["scenario"].as_str().unwrap_or("");
-            per_token.insert(name.to_owned(), (cpu / tokens * 1e6, cpu / n * 1e3));
+            runs.entry(name.to_owned())
+                .or_default()
+                .push((cpu, tokens, n));
             let _ = writeln!(
                 out,
                 "| {name} {} | {tokens:.0} | {n:.0} | {cpu:.2} | {:.1} | {:.2} |",
@@ -580,26 +584,7 @@ pub fn render(doc: &Value) -> String {
                 cpu / n * 1e3,
             );
         }
-        // Like for like first: both binaries on fresh databases, one after
-        // the other; then the sse-1k that ran after the other scenarios.
-        if let Some(base) = per_token.get("sse-1k-baseline") {
-            for (name, how) in [
-                ("sse-1k-current", "both on fresh databases"),
-                (
-                    "sse-1k",
-                    "the current binary's first sse-1k, after any scenario before it",
-                ),
-            ] {
-                if let Some(now) = per_token.get(name) {
-                    let _ = writeln!(
-                        out,
-                        "\n{name} / sse-1k-baseline (same run, {how}): CPU per token event {:.2}, per stream {:.2} (issue #15 goal ≤ 0.50)",
-                        now.0 / base.0,
-                        now.1 / base.1,
-                    );
-                }
-            }
-        }
+        let _ = write!(out, "{}", baseline_ratios(&runs));
         let _ = writeln!(out);
     }
 
@@ -724,4 +709,81 @@ pub fn render(doc: &Value) -> String {
         }
     }
     out
+}
+
+/// CPU per token event and per stream of the current binary over the
+/// baseline's (`sse-1k-current` ÷ `sse-1k-baseline`, fresh databases): each
+/// round's, then pooled over the rounds (Σ CPU ÷ Σ tokens on each side), then
+/// the sse-1k that ran after the other scenarios over the pooled baseline.
+fn baseline_ratios(runs: &BTreeMap<String, Vec<(f64, f64, f64)>>) -> String {
+    let mut out = String::new();
+    let Some(base) = runs.get("sse-1k-baseline").filter(|b| !b.is_empty()) else {
+        return out;
+    };
+    let pooled = |rs: &[(f64, f64, f64)]| {
+        let (cpu, tokens, n) = rs
+            .iter()
+            .fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+        (cpu / tokens, cpu / n)
+    };
+    let goal = "(issue #15 goal ≤ 0.50)";
+    let current = runs.get("sse-1k-current").map_or(&[][..], Vec::as_slice);
+    for (i, (now, then)) in current.iter().zip(base).enumerate() {
+        let _ = writeln!(
+            out,
+            "\nsse-1k-current / sse-1k-baseline, round {} (same run, both on fresh databases): CPU per token event {:.2}, per stream {:.2} {goal}",
+            i + 1,
+            (now.0 / now.1) / (then.0 / then.1),
+            (now.0 / now.2) / (then.0 / then.2),
+        );
+    }
+    let base_pooled = pooled(base);
+    if !current.is_empty() {
+        let now = pooled(current);
+        let _ = writeln!(
+            out,
+            "\nsse-1k-current / sse-1k-baseline, pooled ({} and {} runs): CPU per token event {:.2}, per stream {:.2} {goal}",
+            current.len(),
+            base.len(),
+            now.0 / base_pooled.0,
+            now.1 / base_pooled.1,
+        );
+    }
+    if let Some(first) = runs.get("sse-1k").and_then(|r| r.first()) {
+        let _ = writeln!(
+            out,
+            "\nsse-1k / sse-1k-baseline pooled (the current binary's first sse-1k, after any scenario before it): CPU per token event {:.2}, per stream {:.2} {goal}",
+            (first.0 / first.1) / base_pooled.0,
+            (first.0 / first.2) / base_pooled.1,
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_ratios_pair_rounds_and_pool_them() {
+        let mut runs = BTreeMap::new();
+        // (CPU s, token events, streams)
+        runs.insert(
+            "sse-1k-current".to_owned(),
+            vec![(10.0, 1_000_000.0, 20_000.0), (12.0, 1_000_000.0, 20_000.0)],
+        );
+        runs.insert(
+            "sse-1k-baseline".to_owned(),
+            vec![(20.0, 1_000_000.0, 20_000.0), (24.0, 800_000.0, 16_000.0)],
+        );
+        let text = baseline_ratios(&runs);
+        assert!(text.contains("round 1 (same run, both on fresh databases): CPU per token event 0.50, per stream 0.50"), "{text}");
+        assert!(text.contains("round 2 (same run, both on fresh databases): CPU per token event 0.40, per stream 0.40"), "{text}");
+        // Pooled: 22 / 2,000,000 over 44 / 1,800,000.
+        assert!(
+            text.contains("pooled (2 and 2 runs): CPU per token event 0.45, per stream 0.45"),
+            "{text}"
+        );
+        assert!(baseline_ratios(&BTreeMap::new()).is_empty());
+    }
 }

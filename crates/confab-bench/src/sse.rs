@@ -61,6 +61,9 @@ struct Record {
     ttft: Option<Duration>,
     /// Common release instant → first token event (bursts).
     ttft_from_release: Option<Duration>,
+    /// Common release instant → this stream's request started (bursts):
+    /// the client's own share of `ttft_from_release`.
+    sent_from_release: Option<Duration>,
     /// Send → `done` event.
     duration: Option<Duration>,
     ideal: Duration,
@@ -92,6 +95,9 @@ pub struct SseResult {
     pub ttft_over_model_ms: Summary,
     /// For bursts: from the instant all streams were released.
     pub ttft_from_release_ms: Option<Summary>,
+    /// For bursts: from the release to each request's start (connect and
+    /// send), i.e. how long the client itself took to get to it.
+    pub sent_from_release_ms: Option<Summary>,
     /// Per completed stream: measured ÷ ideal duration.
     pub stretch: Summary,
     /// Σ measured ÷ Σ ideal over the completed streams.
@@ -170,6 +176,7 @@ async fn stream(
     let now = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
     shared.max_active.fetch_max(now, Ordering::Relaxed);
     let sent = Instant::now();
+    record.sent_from_release = released.map(|r| sent - r);
     let outcome = tokio::time::timeout(
         shared.timeout,
         read_stream(shared, &message, request, sent, released, &mut record),
@@ -398,6 +405,7 @@ fn summarize(
     let mut ttft = Vec::new();
     let mut ttft_over = Vec::new();
     let mut ttft_release = Vec::new();
+    let mut sent_release = Vec::new();
     let mut stretch = Vec::new();
     let mut ideal = Vec::new();
     let mut duration = Vec::new();
@@ -417,6 +425,9 @@ fn summarize(
         }
         if let Some(t) = r.ttft_from_release {
             ttft_release.push(micros(t));
+        }
+        if let Some(t) = r.sent_from_release {
+            sent_release.push(micros(t));
         }
         if let Some((took, retry_after)) = r.refused {
             refused.push(micros(took));
@@ -458,6 +469,7 @@ fn summarize(
         ttft_ms: summarize_micros(&mut ttft),
         ttft_over_model_ms: summarize_micros(&mut ttft_over),
         ttft_from_release_ms: burst.then(|| summarize_micros(&mut ttft_release)),
+        sent_from_release_ms: burst.then(|| summarize_micros(&mut sent_release)),
         stretch: summarize_values(&mut stretch),
         stretch_overall: if sum_ideal > 0.0 {
             sum_measured / sum_ideal
