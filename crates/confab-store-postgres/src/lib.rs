@@ -1476,7 +1476,13 @@ impl Store for PostgresStore {
         stale_after: std::time::Duration,
     ) -> Result<u64, StoreError> {
         // One statement: the estimated usage, the final status and the
-        // ledger rows together.
+        // ledger rows together. A stale row that is locked is skipped
+        // (`SKIP LOCKED`): the lock is its final write (or a partial save)
+        // in progress, so the stream is not dead, and waiting for it would
+        // let this statement and a group commit's multi-row final write lock
+        // rows in opposite orders — a deadlock, which PostgreSQL breaks only
+        // after `deadlock_timeout` by failing one of them (seen while saves
+        // took seconds at 5,000 streams).
         let row = self
             .retry(move || async move {
                 let mut conn = patient_acquire(&self.pool, PoolConfig::PATIENT_ACQUIRE).await?;
@@ -1486,7 +1492,11 @@ impl Store for PostgresStore {
                     prompt_tokens = coalesce(prompt_tokens, 0), \
                     completion_tokens = (length(content) + 3) / 4, \
                     token_count = (length(content) + 3) / 4, usage_source = 'estimated' \
-                 WHERE status = 'streaming' AND updated_at < now() - make_interval(secs => $1) \
+                 WHERE status = 'streaming' AND id IN ( \
+                     SELECT id FROM messages \
+                      WHERE status = 'streaming' \
+                        AND updated_at < now() - make_interval(secs => $1) \
+                     FOR UPDATE SKIP LOCKED) \
                 RETURNING id, org_id, chat_id, model, status, prompt_tokens, completion_tokens, \
                           usage_source \
              ), l AS ( \

@@ -1278,6 +1278,58 @@ async fn interrupt_stale_streams_marks_only_stale_streams(db: Db) {
     assert_eq!(after[1].content, "half a reply");
 }
 
+/// PostgreSQL only (SQLite has no row locks): a stale stream whose row is
+/// locked — its final write in progress, in a group commit that may hold
+/// other replies' rows too — is skipped by the sweep, not waited for.
+/// Waiting let the sweep and a multi-row final write lock rows in opposite
+/// orders: a deadlock, broken by PostgreSQL only after `deadlock_timeout` by
+/// failing one of the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sweep_skips_a_stale_stream_whose_row_is_locked() {
+    crate::support::init();
+    let (t, store) = open(Db::Postgres).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let finishing = start_chat(&*store, &alice, "its final write is under way").await;
+    let dead = start_chat(&*store, &alice, "left by a dead process").await;
+    age_message(&t, finishing.assistant_message.id, 1).await;
+    age_message(&t, dead.assistant_message.id, 1).await;
+
+    // The final write's transaction, holding the row's lock.
+    let mut writer = PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut writer).await.unwrap();
+    sqlx::query("SELECT id FROM messages WHERE id = $1 FOR UPDATE")
+        .bind(*finishing.assistant_message.id.as_uuid())
+        .execute(&mut writer)
+        .await
+        .unwrap();
+
+    let ten_minutes = std::time::Duration::from_secs(600);
+    let swept = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.interrupt_stale_streams(ten_minutes),
+    )
+    .await
+    .expect("the sweep waited for a locked row")
+    .unwrap();
+    assert_eq!(swept, 1, "only the unlocked stale stream is interrupted");
+
+    // The final write lands; the stream ends complete, and the next sweep
+    // has nothing left to do.
+    sqlx::query("UPDATE messages SET status = 'complete', updated_at = now() WHERE id = $1")
+        .bind(*finishing.assistant_message.id.as_uuid())
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+    writer.close().await.unwrap();
+    assert_eq!(store.interrupt_stale_streams(ten_minutes).await.unwrap(), 0);
+    let finished_now = all_messages(&*store, acme.id, finishing.chat_id).await;
+    assert_eq!(finished_now[1].status, MessageStatus::Complete);
+    let dead_now = all_messages(&*store, acme.id, dead.chat_id).await;
+    assert_eq!(dead_now[1].status, MessageStatus::Interrupted);
+}
+
 // ---- races --------------------------------------------------------------------
 
 async fn concurrent_turns_with_one_idempotency_key_admit_exactly_one(db: Db) {
