@@ -4,7 +4,7 @@
 #   bench/run.sh [scenario…] [--quick]
 #
 # Scenarios: post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k
-# gateway embedded footprint (default: all). --quick runs each for a few
+# light-load gateway embedded footprint (default: all). --quick runs each for a few
 # seconds at low concurrency: a smoke test (CI runs it), not numbers to
 # compare; its gateway scenario skips LiteLLM (BENCH_GATEWAY_LITELLM=1 keeps it).
 #
@@ -29,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ALL=(post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k gateway embedded footprint)
+ALL=(post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k light-load gateway embedded footprint)
 QUICK=0
 SELECTED=()
 for arg in "$@"; do
@@ -54,12 +54,14 @@ if [ $QUICK = 1 ]; then
   SSE_CLIENTS=50; SSE_DURATION=3; BURSTS=(50 250)
   LONG_STREAMS=200; LONG_RAMP=1; LONG_MIN_WORDS=0; LONG_DELAY=100
   GW_LEVELS=(20); GW_DURATION=3; GW_LITELLM=${BENCH_GATEWAY_LITELLM:-0}
+  LIGHT_DURATION=2
 else
   CLIENTS=64; DURATION=20; WARMUP=3; PGBENCH_DURATION=20
   SSE_CLIENTS=1000; SSE_DURATION=20; BURSTS=(1000 5000)
   LONG_STREAMS=10000; LONG_RAMP=10; LONG_MIN_WORDS=300; LONG_DELAY=100
   read -r -a GW_LEVELS <<<"${BENCH_GW_LEVELS:-100 1000}"; GW_DURATION=20
   GW_LITELLM=${BENCH_GATEWAY_LITELLM:-1}
+  LIGHT_DURATION=8
 fi
 # The gateway scenario's upstream: tokens per reply, delay before each (one
 # upstream per pace: 25 ms is a real model's pace, at which the machine has
@@ -248,7 +250,7 @@ BOB=00000000-0000-0000-0001-000000000002
 PROBE_PG=()
 deployed_env=()
 
-if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k gateway footprint; then
+if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst sse-10k light-load gateway footprint; then
   log "fresh database $DB and a dedicated Redis"
   psql "$PG_ADMIN" -qAt -c "CREATE DATABASE $DB" >/dev/null
   DB_CREATED=1
@@ -384,6 +386,35 @@ if want sse-10k; then
     --url "$SERVER_URL" --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
     --scenario sse-10k --label "$LONG_STREAMS streams" --out "$FRAG"
   stop_server
+fi
+
+# ---- light load: one client, group commit on and off ---------------------------
+# Group commit must not cost a lone turn anything (issue #15: ±1 ms). One
+# client, one request at a time: POST /chat (a whole turn: begin, the model,
+# the final write) and then one stream after another (time to first token,
+# which waits for the begin's commit; replies paced at 2 ms a token so that
+# many streams fit), on a server with DB_GROUP_COMMIT on and on one with it
+# off, on the same database, in the order on, off, off, on.
+if want light-load; then
+  for round in 1 2; do
+    if [ $round = 1 ]; then modes=(on off); else modes=(off on); fi
+    for mode in "${modes[@]}"; do
+      start_server "light-load-$mode-$round" "${deployed_env[@]}" DB_GROUP_COMMIT=$mode \
+        SIMULATED_TOKEN_DELAY_MS=2
+      fragment "light-load-$mode-$round"
+      log "light-load: group commit $mode (round $round), POST /chat, 1 client, ${LIGHT_DURATION}s"
+      run_scenario light-load env BENCH_API_KEY="$ALICE_KEY" "$BENCH" http --kind post-chat --url "$SERVER_URL" \
+        --concurrency 1 --duration-s $LIGHT_DURATION --warmup-s 1 --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
+        --scenario light-load --label "group commit $mode (round $round)" --out "$FRAG"
+      fragment "light-load-stream-$mode-$round"
+      log "light-load: group commit $mode (round $round), streams, 1 client, ${LIGHT_DURATION}s"
+      run_scenario light-load-stream env BENCH_API_KEY="$ALICE_KEY" "$BENCH" sse --shape loop --streams 1 \
+        --duration-s $LIGHT_DURATION --spread-s 0 --token-delay 2 --url "$SERVER_URL" \
+        --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
+        --scenario light-load-stream --label "group commit $mode (round $round)" --out "$FRAG"
+      stop_server
+    done
+  done
 fi
 
 # ---- gateway overhead: the upstream directly, confab, LiteLLM; same client -------

@@ -397,6 +397,7 @@ pub fn render(doc: &Value) -> String {
                     "list-chats",
                     "get-chat",
                     "embedded",
+                    "light-load",
                 ],
             )
         })
@@ -425,9 +426,14 @@ pub fn render(doc: &Value) -> String {
                     cpu_split(usage),
                 );
             } else {
+                let label = if name == "light-load" {
+                    format!(", {}", f["label"].as_str().unwrap_or(""))
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     out,
-                    "| {name} ({} clients) | {:.0} req/s | {} | {} | {} | {} | {}{flag} |",
+                    "| {name} ({} clients{label}) | {:.0} req/s | {} | {} | {} | {} | {}{flag} |",
                     r["concurrency"],
                     r["requests_per_s"].as_f64().unwrap_or(0.0),
                     ms(at(r, "/latency_ms/p50")),
@@ -443,6 +449,7 @@ pub fn render(doc: &Value) -> String {
             v.as_f64()
                 .map_or_else(|| "–".into(), |v| format!("{:.0}%", v * 100.0))
         };
+        let _ = write!(out, "{}", light_load(&all));
         let _ = writeln!(
             out,
             "\npost-chat / db-ceiling = {} (target ≥ 50%); post-chat / db-ceiling-autocommit = {}; embedded / post-chat = {}\n",
@@ -464,6 +471,7 @@ pub fn render(doc: &Value) -> String {
                     "sse-1k-baseline",
                     "sse-burst",
                     "sse-10k",
+                    "light-load-stream",
                 ],
             )
         })
@@ -711,6 +719,51 @@ pub fn render(doc: &Value) -> String {
     out
 }
 
+/// One client at a time, group commit on against off (`light-load`: POST
+/// /chat latency; `light-load-stream`: what the service adds to the time
+/// to first token): each mode's p50 and p99 averaged over its rounds, and
+/// on − off.
+fn light_load(all: &[&Value]) -> String {
+    let mut out = String::new();
+    for (scenario, pointer, what) in [
+        ("light-load", "/latency_ms", "POST /chat latency"),
+        (
+            "light-load-stream",
+            "/ttft_over_model_ms",
+            "stream TTFT − the model's first delay",
+        ),
+    ] {
+        let mean = |mode: &str, q: &str| {
+            let values: Vec<f64> = all
+                .iter()
+                .filter(|f| f["scenario"] == scenario)
+                .filter(|f| {
+                    f["label"]
+                        .as_str()
+                        .is_some_and(|l| l.starts_with(&format!("group commit {mode} ")))
+                })
+                .filter_map(|f| f["result"].pointer(&format!("{pointer}/{q}"))?.as_f64())
+                .collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
+        let (Some(on50), Some(off50), Some(on99), Some(off99)) = (
+            mean("on", "p50"),
+            mean("off", "p50"),
+            mean("on", "p99"),
+            mean("off", "p99"),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "\n{scenario}, one client ({what}, mean over the rounds): group commit on p50 {on50:.2} · p99 {on99:.2} ms, off p50 {off50:.2} · p99 {off99:.2} ms; on − off: p50 {:+.2} ms, p99 {:+.2} ms (issue #15: ±1 ms)",
+            on50 - off50,
+            on99 - off99,
+        );
+    }
+    out
+}
+
 /// CPU per token event and per stream of the current binary over the
 /// baseline's (`sse-1k-current` ÷ `sse-1k-baseline`, fresh databases): each
 /// round's, then pooled over the rounds (Σ CPU ÷ Σ tokens on each side), then
@@ -785,5 +838,32 @@ mod tests {
             "{text}"
         );
         assert!(baseline_ratios(&BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn light_load_compares_the_modes_over_their_rounds() {
+        let frag = |scenario: &str, label: &str, p50: f64, p99: f64| {
+            let key = if scenario == "light-load" {
+                "latency_ms"
+            } else {
+                "ttft_over_model_ms"
+            };
+            json!({ "scenario": scenario, "label": label, "result": { key: { "p50": p50, "p99": p99 } } })
+        };
+        let frags = [
+            frag("light-load", "group commit on (round 1)", 3.0, 5.0),
+            frag("light-load", "group commit off (round 1)", 2.5, 4.0),
+            frag("light-load", "group commit off (round 2)", 2.5, 6.0),
+            frag("light-load", "group commit on (round 2)", 4.0, 7.0),
+            frag("light-load-stream", "group commit on (round 1)", 1.0, 2.0),
+        ];
+        let all: Vec<&Value> = frags.iter().collect();
+        let text = light_load(&all);
+        assert!(
+            text.contains("group commit on p50 3.50 · p99 6.00 ms, off p50 2.50 · p99 5.00 ms; on − off: p50 +1.00 ms, p99 +1.00 ms"),
+            "{text}"
+        );
+        // A scenario with one mode only gives no comparison.
+        assert!(!text.contains("light-load-stream"), "{text}");
     }
 }
