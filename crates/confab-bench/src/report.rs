@@ -77,7 +77,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             let n = f.result["streams"].as_f64().unwrap_or(0.0);
             json!({
                 "streams": n,
-                "floor_ms": ceiling.map(|tps| n / tps * 1000.0),
+                "floor_ms": ceiling_auto.map(|tps| n / tps * 1000.0),
                 "ttft_p50_ms": f.result.pointer("/ttft_from_release_ms/p50"),
                 "ttft_p99_ms": f.result.pointer("/ttft_from_release_ms/p99"),
             })
@@ -90,7 +90,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         "sse_burst_floor": bursts,
         "gateway": gateway_ratios(&fragments),
     });
-    let targets = targets(&fragments, ratio(post, ceiling));
+    let targets = targets(
+        &fragments,
+        ratio(post, ceiling),
+        ratio(post, ceiling_auto),
+        ceiling_auto,
+    );
 
     let mut meta = serde_json::Map::new();
     meta.insert("run_id".into(), json!(args.run_id));
@@ -201,8 +206,31 @@ fn gateway_level_name(level: &Value) -> String {
     }
 }
 
-fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value> {
+/// The first wave's targets and issue #15's "Done when" (the commit floor
+/// and the two-commit ceiling are db-ceiling-autocommit's, as the issue
+/// defines them).
+fn targets(
+    fragments: &[Fragment],
+    post_over_ceiling: Option<f64>,
+    post_over_autocommit: Option<f64>,
+    autocommit_tps: Option<f64>,
+) -> Vec<Value> {
     let find = |name: &str| fragments.iter().find(|f| f.scenario == name);
+    let burst = |n: f64| {
+        fragments
+            .iter()
+            .find(|f| f.scenario == "sse-burst" && f.result["streams"].as_f64() == Some(n))
+    };
+    let burst_get = |n: f64, pointer: &str| {
+        burst(n)
+            .and_then(|f| f.result.pointer(pointer))
+            .and_then(Value::as_f64)
+    };
+    let docs: Vec<Value> = fragments
+        .iter()
+        .filter_map(|f| serde_json::to_value(f).ok())
+        .collect();
+    let docs: Vec<&Value> = docs.iter().collect();
     let get = |name: &str, pointer: &str| {
         find(name)
             .and_then(|f| f.result.pointer(pointer))
@@ -268,16 +296,31 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             "< 100",
             |v| v < 100.0,
         ),
-        check("sse-10k errors", get("sse-10k", "/errors"), "== 0", |v| {
-            v == 0.0
-        }),
+        // Issue #15: past the admission bound a stream is refused at
+        // once (429/503); every other outcome is an error.
         check(
-            "sse-10k completed / streams",
+            "sse-10k errors other than refusals",
+            get("sse-10k", "/errors")
+                .map(|e| e - get("sse-10k", "/refused_ms/count").unwrap_or(0.0)),
+            "== 0",
+            |v| v == 0.0,
+        ),
+        check(
+            "sse-10k admitted streams completed / admitted",
             get("sse-10k", "/completed")
                 .zip(get("sse-10k", "/streams"))
-                .map(|(done, all)| if all > 0.0 { done / all } else { 0.0 }),
+                .map(|(done, all)| {
+                    let admitted = all - get("sse-10k", "/refused_ms/count").unwrap_or(0.0);
+                    if admitted > 0.0 { done / admitted } else { 0.0 }
+                }),
             "== 1",
             |v| v >= 1.0,
+        ),
+        check(
+            "sse-10k stretch (overall)",
+            get("sse-10k", "/stretch_overall"),
+            "<= 1.10",
+            |v| v <= 1.10,
         ),
         check(
             "sse-10k refusals: time to the 503 p99 (ms)",
@@ -311,6 +354,61 @@ fn targets(fragments: &[Fragment], post_over_ceiling: Option<f64>) -> Vec<Value>
             |v| v < 1000.0,
         ),
     ];
+    all.extend([
+        check(
+            "post-chat / db-ceiling-autocommit (#15)",
+            post_over_autocommit,
+            ">= 0.70",
+            |v| v >= 0.70,
+        ),
+        check(
+            "sse-burst 1000: TTFT p99 from the release / commit floor (#15)",
+            burst_get(1000.0, "/ttft_from_release_ms/p99")
+                .zip(autocommit_tps)
+                .map(|(p99, tps)| p99 / (1000.0 / tps * 1000.0)),
+            "<= 1.5",
+            |v| v <= 1.5,
+        ),
+        check(
+            "sse-burst 5000 errors (#15)",
+            burst_get(5000.0, "/errors"),
+            "== 0",
+            |v| v == 0.0,
+        ),
+        check(
+            "sse-burst 5000: TTFT p99 from the release (ms) (#15)",
+            burst_get(5000.0, "/ttft_from_release_ms/p99"),
+            "<= 1500",
+            |v| v <= 1500.0,
+        ),
+        check(
+            "sse-burst 5000 server peak RSS (MB) (#15)",
+            burst(5000.0)
+                .and_then(|f| f.usage.as_ref())
+                .and_then(|u| u.pointer("/server_memory/rss_peak_mb"))
+                .and_then(Value::as_f64)
+                .map(|mib| mib * 1.048_576),
+            "<= 200",
+            |v| v <= 200.0,
+        ),
+        check(
+            "sse-1k CPU per token event, current / baseline pooled (#15)",
+            pooled_cpu_ratio(&docs),
+            "<= 0.50",
+            |v| v <= 0.50,
+        ),
+    ]);
+    if let Some(post) = light_load_modes(&docs)
+        .into_iter()
+        .find(|m| m.scenario == "light-load")
+    {
+        all.push(check(
+            "light-load POST /chat p50, group commit on − off (ms) (#15)",
+            Some(post.on.0 - post.off.0),
+            "within ±1",
+            |v| v.abs() <= 1.0,
+        ));
+    }
     all.extend(gateway_checks);
     all
 }
@@ -485,9 +583,10 @@ pub fn render(doc: &Value) -> String {
             out,
             "|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|"
         );
+        // The commit floor: the two-commit ceiling (issue #15).
         let ceiling = all
             .iter()
-            .find(|f| f["scenario"] == "db-ceiling")
+            .find(|f| f["scenario"] == "db-ceiling-autocommit")
             .and_then(|f| f["result"]["tps"].as_f64());
         for f in streams.iter().copied() {
             let r = &f["result"];
@@ -569,17 +668,9 @@ pub fn render(doc: &Value) -> String {
         // the order they ran.
         let mut runs: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
         for f in &streams {
-            let r = &f["result"];
-            let num = |p: &str| r.pointer(p).and_then(Value::as_f64);
-            let tokens = num("/tokens_per_s").zip(num("/wall_s")).map(|(t, w)| t * w);
-            let cpu = f.pointer("/usage/cpu/server_s").and_then(Value::as_f64);
-            let n = r["streams"].as_f64();
-            let (Some(tokens), Some(cpu), Some(n)) = (tokens, cpu, n) else {
+            let Some((cpu, tokens, n)) = cpu_of(f) else {
                 continue;
             };
-            if tokens <= 0.0 || n <= 0.0 {
-                continue;
-            }
             let name = f["scenario"].as_str().unwrap_or("");
             runs.entry(name.to_owned())
                 .or_default()
@@ -719,12 +810,19 @@ pub fn render(doc: &Value) -> String {
     out
 }
 
-/// One client at a time, group commit on against off (`light-load`: POST
-/// /chat latency; `light-load-stream`: what the service adds to the time
-/// to first token): each mode's p50 and p99 averaged over its rounds, and
-/// on − off.
-fn light_load(all: &[&Value]) -> String {
-    let mut out = String::new();
+/// One client at a time, group commit on against off: each mode's p50 and
+/// p99 averaged over its rounds (see [`light_load_modes`]).
+struct LightLoad {
+    scenario: &'static str,
+    what: &'static str,
+    on: (f64, f64),
+    off: (f64, f64),
+}
+
+/// `light-load` (POST /chat latency) and `light-load-stream` (what the
+/// service adds to the time to first token), where both modes ran.
+fn light_load_modes(all: &[&Value]) -> Vec<LightLoad> {
+    let mut modes = Vec::new();
     for (scenario, pointer, what) in [
         ("light-load", "/latency_ms", "POST /chat latency"),
         (
@@ -746,22 +844,73 @@ fn light_load(all: &[&Value]) -> String {
                 .collect();
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         };
-        let (Some(on50), Some(off50), Some(on99), Some(off99)) = (
+        if let (Some(on50), Some(on99), Some(off50), Some(off99)) = (
             mean("on", "p50"),
-            mean("off", "p50"),
             mean("on", "p99"),
+            mean("off", "p50"),
             mean("off", "p99"),
-        ) else {
-            continue;
-        };
+        ) {
+            modes.push(LightLoad {
+                scenario,
+                what,
+                on: (on50, on99),
+                off: (off50, off99),
+            });
+        }
+    }
+    modes
+}
+
+fn light_load(all: &[&Value]) -> String {
+    let mut out = String::new();
+    for m in light_load_modes(all) {
         let _ = writeln!(
             out,
-            "\n{scenario}, one client ({what}, mean over the rounds): group commit on p50 {on50:.2} · p99 {on99:.2} ms, off p50 {off50:.2} · p99 {off99:.2} ms; on − off: p50 {:+.2} ms, p99 {:+.2} ms (issue #15: ±1 ms)",
-            on50 - off50,
-            on99 - off99,
+            "\n{}, one client ({}, mean over the rounds): group commit on p50 {:.2} · p99 {:.2} ms, off p50 {:.2} · p99 {:.2} ms; on − off: p50 {:+.2} ms, p99 {:+.2} ms (issue #15: ±1 ms)",
+            m.scenario,
+            m.what,
+            m.on.0,
+            m.on.1,
+            m.off.0,
+            m.off.1,
+            m.on.0 - m.off.0,
+            m.on.1 - m.off.1,
         );
     }
     out
+}
+
+/// A streaming fragment's server CPU (s), token events and streams.
+fn cpu_of(f: &Value) -> Option<(f64, f64, f64)> {
+    let r = &f["result"];
+    let num = |p: &str| r.pointer(p).and_then(Value::as_f64);
+    let tokens = num("/tokens_per_s")
+        .zip(num("/wall_s"))
+        .map(|(t, w)| t * w)?;
+    let cpu = f.pointer("/usage/cpu/server_s").and_then(Value::as_f64)?;
+    let n = r["streams"].as_f64()?;
+    (tokens > 0.0 && n > 0.0).then_some((cpu, tokens, n))
+}
+
+/// Σ CPU ÷ Σ token events and ÷ Σ streams over some runs.
+fn pooled(runs: &[(f64, f64, f64)]) -> (f64, f64) {
+    let (cpu, tokens, n) = runs
+        .iter()
+        .fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+    (cpu / tokens, cpu / n)
+}
+
+/// The current binary's CPU per token event over the baseline's, pooled
+/// over the rounds on fresh databases (`sse-1k-current` ÷ `sse-1k-baseline`).
+fn pooled_cpu_ratio(all: &[&Value]) -> Option<f64> {
+    let runs = |name: &str| -> Vec<(f64, f64, f64)> {
+        all.iter()
+            .filter(|f| f["scenario"] == name)
+            .filter_map(|f| cpu_of(f))
+            .collect()
+    };
+    let (now, base) = (runs("sse-1k-current"), runs("sse-1k-baseline"));
+    (!now.is_empty() && !base.is_empty()).then(|| pooled(&now).0 / pooled(&base).0)
 }
 
 /// CPU per token event and per stream of the current binary over the
@@ -772,12 +921,6 @@ fn baseline_ratios(runs: &BTreeMap<String, Vec<(f64, f64, f64)>>) -> String {
     let mut out = String::new();
     let Some(base) = runs.get("sse-1k-baseline").filter(|b| !b.is_empty()) else {
         return out;
-    };
-    let pooled = |rs: &[(f64, f64, f64)]| {
-        let (cpu, tokens, n) = rs
-            .iter()
-            .fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
-        (cpu / tokens, cpu / n)
     };
     let goal = "(issue #15 goal ≤ 0.50)";
     let current = runs.get("sse-1k-current").map_or(&[][..], Vec::as_slice);
@@ -865,5 +1008,51 @@ mod tests {
         );
         // A scenario with one mode only gives no comparison.
         assert!(!text.contains("light-load-stream"), "{text}");
+    }
+
+    #[test]
+    fn targets_count_refusals_apart_from_errors_and_use_the_two_commit_floor() {
+        let fragment = |scenario: &str, result: Value| Fragment {
+            scenario: scenario.to_owned(),
+            label: String::new(),
+            finished_at: String::new(),
+            params: json!({}),
+            result,
+            usage: None,
+            server_metrics: None,
+        };
+        let fragments = [
+            fragment(
+                "sse-10k",
+                json!({ "errors": 5000, "completed": 5000, "streams": 10000,
+                        "refused_ms": { "count": 5000, "p99": 3.0 } }),
+            ),
+            fragment(
+                "sse-burst",
+                json!({ "streams": 1000, "errors": 0, "ttft_from_release_ms": { "p99": 450.0 } }),
+            ),
+        ];
+        let targets = targets(&fragments, None, None, Some(2000.0));
+        let value = |name: &str| {
+            targets
+                .iter()
+                .find(|t| t["target"] == name)
+                .map(|t| (t["value"].as_f64(), t["met"].as_bool()))
+        };
+        assert_eq!(
+            value("sse-10k errors other than refusals"),
+            Some((Some(0.0), Some(true)))
+        );
+        assert_eq!(
+            value("sse-10k admitted streams completed / admitted"),
+            Some((Some(1.0), Some(true)))
+        );
+        // Floor: 1,000 ÷ 2,000 tps = 500 ms; 450 ms is 0.9 of it.
+        assert_eq!(
+            value("sse-burst 1000: TTFT p99 from the release / commit floor (#15)"),
+            Some((Some(0.9), Some(true)))
+        );
+        // Not measured: no verdict.
+        assert_eq!(value("sse-burst 5000 errors (#15)"), Some((None, None)));
     }
 }
