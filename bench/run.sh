@@ -323,6 +323,12 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
   stop_server
 fi
 
+# Two variants measured in rounds, in the order A B, B A, A B, …: a drift of
+# the machine's speed (seen: 1.5x within minutes) weighs on both alike.
+abba() { # round, a, b → the two in that round's order
+  if [ $(($1 % 2)) = 1 ]; then echo "$2 $3"; else echo "$3 $2"; fi
+}
+
 # ---- sse-1k on a baseline binary, same run (BENCH_BASELINE_BIN) ------------------
 # BENCH_BASELINE_BIN=<an older confab binary> [BENCH_BASELINE_LABEL=<its commit>]:
 # the same sse-1k, same client and Redis, on the current binary and on that
@@ -354,23 +360,22 @@ sse_1k_fresh() { # scenario, binary, label, round
   profile_report
   stop_server
 }
-# Two rounds in the order current, baseline, baseline, current (ABBA): a
-# drift of the machine's speed during the four runs (seen: 1.5x within
-# minutes) weighs on both binaries alike; the report gives each round's
-# ratio and the pooled one (BENCH_BASELINE_ROUNDS=1: one pair only).
+# Two rounds in the order current, baseline, baseline, current (abba); the
+# report gives each round's ratio and the pooled one (BENCH_BASELINE_ROUNDS=1:
+# one pair only).
 if want sse-1k && [ -n "${BENCH_BASELINE_BIN:-}" ]; then
   current_label=$(git rev-parse --short HEAD 2>/dev/null || echo current)
   rounds=${BENCH_BASELINE_ROUNDS:-2}
   [ $QUICK = 1 ] && rounds=1
   for round in $(seq 1 "$rounds"); do
     log "sse-1k on fresh databases, round $round of $rounds: the current binary and the baseline ($BENCH_BASELINE_BIN)"
-    if [ $((round % 2)) = 1 ]; then
-      sse_1k_fresh sse-1k-current "$CONFAB" "$current_label" "$round"
-      sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}" "$round"
-    else
-      sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}" "$round"
-      sse_1k_fresh sse-1k-current "$CONFAB" "$current_label" "$round"
-    fi
+    for which in $(abba "$round" current baseline); do
+      if [ "$which" = current ]; then
+        sse_1k_fresh sse-1k-current "$CONFAB" "$current_label" "$round"
+      else
+        sse_1k_fresh sse-1k-baseline "$BENCH_BASELINE_BIN" "${BENCH_BASELINE_LABEL:-baseline}" "$round"
+      fi
+    done
   done
 fi
 
@@ -397,8 +402,7 @@ fi
 # off, on the same database, in the order on, off, off, on.
 if want light-load; then
   for round in 1 2; do
-    if [ $round = 1 ]; then modes=(on off); else modes=(off on); fi
-    for mode in "${modes[@]}"; do
+    for mode in $(abba "$round" on off); do
       start_server "light-load-$mode-$round" "${deployed_env[@]}" DB_GROUP_COMMIT=$mode \
         SIMULATED_TOKEN_DELAY_MS=2
       fragment "light-load-$mode-$round"

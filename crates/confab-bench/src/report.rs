@@ -77,7 +77,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
             let n = f.result["streams"].as_f64().unwrap_or(0.0);
             json!({
                 "streams": n,
-                "floor_ms": ceiling_auto.map(|tps| n / tps * 1000.0),
+                "floor_ms": ceiling_auto.map(|tps| floor_ms(n, tps)),
                 "ttft_p50_ms": f.result.pointer("/ttft_from_release_ms/p50"),
                 "ttft_p99_ms": f.result.pointer("/ttft_from_release_ms/p99"),
             })
@@ -277,6 +277,7 @@ fn targets(
             |v| v >= 10.0,
         ));
     }
+    let refused_10k = get("sse-10k", "/refused_ms/count").unwrap_or(0.0);
     let mut all = vec![
         check(
             "post-chat / db-ceiling",
@@ -300,8 +301,7 @@ fn targets(
         // once (429/503); every other outcome is an error.
         check(
             "sse-10k errors other than refusals",
-            get("sse-10k", "/errors")
-                .map(|e| e - get("sse-10k", "/refused_ms/count").unwrap_or(0.0)),
+            get("sse-10k", "/errors").map(|e| e - refused_10k),
             "== 0",
             |v| v == 0.0,
         ),
@@ -310,7 +310,7 @@ fn targets(
             get("sse-10k", "/completed")
                 .zip(get("sse-10k", "/streams"))
                 .map(|(done, all)| {
-                    let admitted = all - get("sse-10k", "/refused_ms/count").unwrap_or(0.0);
+                    let admitted = all - refused_10k;
                     if admitted > 0.0 { done / admitted } else { 0.0 }
                 }),
             "== 1",
@@ -365,7 +365,7 @@ fn targets(
             "sse-burst 1000: TTFT p99 from the release / commit floor (#15)",
             burst_get(1000.0, "/ttft_from_release_ms/p99")
                 .zip(autocommit_tps)
-                .map(|(p99, tps)| p99 / (1000.0 / tps * 1000.0)),
+                .map(|(p99, tps)| p99 / floor_ms(1000.0, tps)),
             "<= 1.5",
             |v| v <= 1.5,
         ),
@@ -393,7 +393,7 @@ fn targets(
         ),
         check(
             "sse-1k CPU per token event, current / baseline pooled (#15)",
-            pooled_cpu_ratio(&docs),
+            pooled_cpu_ratio(&cpu_runs(&docs)),
             "<= 0.50",
             |v| v <= 0.50,
         ),
@@ -599,7 +599,7 @@ pub fn render(doc: &Value) -> String {
             let floor = if burst {
                 ceiling
                     .zip(r["streams"].as_f64())
-                    .map_or_else(|| "–".into(), |(tps, n)| format!("{:.0}", n / tps * 1000.0))
+                    .map_or_else(|| "–".into(), |(tps, n)| format!("{:.0}", floor_ms(n, tps)))
             } else {
                 String::new()
             };
@@ -664,17 +664,11 @@ pub fn render(doc: &Value) -> String {
             "| scenario | token events | streams | server CPU s | server CPU per token event µs | per stream ms |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
-        // Server CPU, token events and streams of each scenario's runs, in
-        // the order they ran.
-        let mut runs: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
         for f in &streams {
             let Some((cpu, tokens, n)) = cpu_of(f) else {
                 continue;
             };
             let name = f["scenario"].as_str().unwrap_or("");
-            runs.entry(name.to_owned())
-                .or_default()
-                .push((cpu, tokens, n));
             let _ = writeln!(
                 out,
                 "| {name} {} | {tokens:.0} | {n:.0} | {cpu:.2} | {:.1} | {:.2} |",
@@ -683,7 +677,7 @@ pub fn render(doc: &Value) -> String {
                 cpu / n * 1e3,
             );
         }
-        let _ = write!(out, "{}", baseline_ratios(&runs));
+        let _ = write!(out, "{}", baseline_ratios(&cpu_runs(&streams)));
         let _ = writeln!(out);
     }
 
@@ -900,17 +894,30 @@ fn pooled(runs: &[(f64, f64, f64)]) -> (f64, f64) {
     (cpu / tokens, cpu / n)
 }
 
+/// Server CPU, token events and streams of each streaming scenario's runs,
+/// in the order they ran.
+fn cpu_runs(all: &[&Value]) -> BTreeMap<String, Vec<(f64, f64, f64)>> {
+    let mut runs: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    for f in all {
+        if let (Some(name), Some(run)) = (f["scenario"].as_str(), cpu_of(f)) {
+            runs.entry(name.to_owned()).or_default().push(run);
+        }
+    }
+    runs
+}
+
 /// The current binary's CPU per token event over the baseline's, pooled
 /// over the rounds on fresh databases (`sse-1k-current` ÷ `sse-1k-baseline`).
-fn pooled_cpu_ratio(all: &[&Value]) -> Option<f64> {
-    let runs = |name: &str| -> Vec<(f64, f64, f64)> {
-        all.iter()
-            .filter(|f| f["scenario"] == name)
-            .filter_map(|f| cpu_of(f))
-            .collect()
-    };
-    let (now, base) = (runs("sse-1k-current"), runs("sse-1k-baseline"));
-    (!now.is_empty() && !base.is_empty()).then(|| pooled(&now).0 / pooled(&base).0)
+fn pooled_cpu_ratio(runs: &BTreeMap<String, Vec<(f64, f64, f64)>>) -> Option<f64> {
+    let now = runs.get("sse-1k-current").filter(|r| !r.is_empty())?;
+    let base = runs.get("sse-1k-baseline").filter(|r| !r.is_empty())?;
+    Some(pooled(now).0 / pooled(base).0)
+}
+
+/// The commit floor of `streams` new turns: their commits alone at the
+/// two-commit ceiling's rate (issue #15), in ms.
+fn floor_ms(streams: f64, tps: f64) -> f64 {
+    streams / tps * 1000.0
 }
 
 /// CPU per token event and per stream of the current binary over the
