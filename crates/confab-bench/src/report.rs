@@ -529,10 +529,14 @@ pub fn render(doc: &Value) -> String {
                 } else {
                     String::new()
                 };
+                let clients = match r["concurrency"].as_u64() {
+                    Some(1) => "1 client".to_owned(),
+                    Some(n) => format!("{n} clients"),
+                    None => format!("{} clients", r["concurrency"]),
+                };
                 let _ = writeln!(
                     out,
-                    "| {name} ({} clients{label}) | {:.0} req/s | {} | {} | {} | {} | {}{flag} |",
-                    r["concurrency"],
+                    "| {name} ({clients}{label}) | {:.0} req/s | {} | {} | {} | {} | {}{flag} |",
                     r["requests_per_s"].as_f64().unwrap_or(0.0),
                     ms(at(r, "/latency_ms/p50")),
                     ms(at(r, "/latency_ms/p95")),
@@ -988,6 +992,24 @@ mod tests {
             "{text}"
         );
         assert!(baseline_ratios(&BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn http_rows_name_their_clients_in_the_right_number() {
+        let row = |scenario: &str, label: &str, concurrency: u64| {
+            json!({ "scenario": scenario, "label": label,
+                    "result": { "concurrency": concurrency, "requests_per_s": 100.0, "errors": 0 } })
+        };
+        let doc = json!({ "run": { "run_id": "r" }, "scenarios": [
+            row("post-chat", "", 64),
+            row("light-load", "group commit on (round 1)", 1),
+        ] });
+        let text = render(&doc);
+        assert!(text.contains("| post-chat (64 clients) |"), "{text}");
+        assert!(
+            text.contains("| light-load (1 client, group commit on (round 1)) |"),
+            "{text}"
+        );
     }
 
     #[test]
