@@ -164,8 +164,11 @@ impl App {
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             config.auth_mode,
-            config.auth_cache_ttl,
-            config.auth_cache_grace,
+            crate::auth::CachePolicy {
+                ttl: config.auth_cache_ttl,
+                grace: config.auth_cache_grace,
+                lookup: config.db_acquire_timeout,
+            },
             config.auth_failures,
             metrics.clone(),
         ));

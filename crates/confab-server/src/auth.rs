@@ -78,6 +78,16 @@ pub fn hash_key(secret: &str) -> Vec<u8> {
 /// How many unknown credentials are remembered at most.
 const UNKNOWN_CACHE_CAPACITY: u64 = 10_000;
 
+/// How authenticated principals are cached (`AUTH_CACHE_TTL_SECONDS`,
+/// `AUTH_CACHE_GRACE_SECONDS`; see [`crate::principal_cache`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CachePolicy {
+    pub ttl: Duration,
+    pub grace: Duration,
+    /// The longest a lookup may take (`DB_ACQUIRE_TIMEOUT_MS`).
+    pub lookup: Duration,
+}
+
 /// What failed authentications cost (`AUTH_FAILURE_*`, `AUTH_NEGATIVE_CACHE_SECONDS`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FailurePolicy {
@@ -106,12 +116,17 @@ impl Authenticator {
     pub fn new(
         store: Arc<dyn Store>,
         mode: AuthMode,
-        ttl: Duration,
-        grace: Duration,
+        cache: CachePolicy,
         failures: FailurePolicy,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let cache = PrincipalCache::new(store.clone(), ttl, grace, metrics.clone());
+        let cache = PrincipalCache::new(
+            store.clone(),
+            cache.ttl,
+            cache.grace,
+            cache.lookup,
+            metrics.clone(),
+        );
         let unknown = moka::future::Cache::builder()
             .max_capacity(UNKNOWN_CACHE_CAPACITY)
             .time_to_live(failures.negative_ttl.max(Duration::from_millis(1)))

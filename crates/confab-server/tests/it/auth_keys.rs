@@ -17,6 +17,7 @@ per_store!(
     a_valid_key_authenticates_as_its_user,
     unknown_or_malformed_keys_are_401_without_details,
     a_revoked_key_is_refused_within_the_cache_ttl,
+    a_revoked_key_that_sat_idle_is_refused_at_its_next_request,
     a_key_of_a_deleted_user_is_refused,
     a_key_is_judged_before_headers,
     production_refuses_header_auth_unless_enabled,
@@ -136,6 +137,26 @@ async fn a_revoked_key_is_refused_within_the_cache_ttl(db: Db) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn a_revoked_key_that_sat_idle_is_refused_at_its_next_request(db: Db) {
+    // Revoked, then unused past its TTL but well within the grace: its very
+    // next request is refused (a cached principal past its TTL is served
+    // without a lookup only while the database cannot answer).
+    let app = spawn_app_with(
+        db,
+        &[
+            ("AUTH_CACHE_TTL_SECONDS", "0.5"),
+            ("AUTH_CACHE_GRACE_SECONDS", "60"),
+        ],
+    )
+    .await;
+    let (id, key) = new_key(&app, ACME, ALICE).await;
+    let who = As::Key(key);
+    assert_eq!(app.get("/chats", &who).await.status(), 200);
+    app.state.store.revoke_api_key(id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_error(app.get("/chats", &who).await, 401, "Unauthorized").await;
 }
 
 async fn a_key_of_a_deleted_user_is_refused(db: Db) {
