@@ -1147,8 +1147,15 @@ impl Run {
             (_, _) => failure.map(TurnEvent::Failed),
         };
         if let Some(event) = last {
-            // Bounded: a client that stopped reading does not hold shutdown up.
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.send(event)).await;
+            let inner = &self.engine.inner;
+            if !send_last(&self.tx, event, inner.config.send_timeout, &inner.hard_stop).await
+                && !self.tx.is_closed()
+            {
+                tracing::info!(
+                    messageId = %self.turn.id,
+                    "the stream's reader took no event in time; its last event was not delivered (the reply is stored)"
+                );
+            }
         }
     }
 
@@ -1156,13 +1163,15 @@ impl Run {
     async fn generate(&mut self) -> Stop {
         let inner = self.engine.inner.clone();
         let config = &inner.config;
-        let tx = self.tx.clone();
         // Polled on every token: a flag, not the stop futures (see
         // StopFlag). The process-wide stop is watched through a child token:
-        // the shared token's lock was contended across threads.
+        // the shared token's lock was contended across threads. No other
+        // clone of the sender is kept here: when a detached turn lets a
+        // stalled reader go (`forward`), dropping `self.tx` must end that
+        // reader's stream.
         let stop = StopFlag::watch(
             inner.hard_stop.child_token(),
-            self.publication.stop_signal(tx.clone()),
+            self.publication.stop_signal(self.tx.clone()),
         );
 
         let request = self.call.request.clone();
@@ -1760,5 +1769,96 @@ async fn settle_with_retries(store: &dyn Store, settlement: &Settlement) -> Resu
 async fn release_key(store: &dyn Store, who: &Principal, key: &str) {
     if let Err(err) = store.release_idempotency(who.user_id, key).await {
         tracing::error!(error = %err, "could not release an idempotency key; retries wait until it is abandoned");
+    }
+}
+
+/// How long a turn's last event may still wait for room once the
+/// process-wide stop is raised (the shutdown's grace is over): a client
+/// that stopped reading does not hold the shutdown up.
+const LAST_EVENT_AFTER_STOP: Duration = Duration::from_secs(2);
+
+/// Hand a turn's last event (`done`, or the error) to its reader, as
+/// patiently as a token (`patience`: `STREAM_SEND_TIMEOUT_SECONDS`), so that
+/// a reader that paused while the reply was being stored still gets it; at
+/// most [`LAST_EVENT_AFTER_STOP`] after `stop`. Whether it was delivered.
+async fn send_last(
+    tx: &mpsc::Sender<TurnEvent>,
+    event: TurnEvent,
+    patience: Duration,
+    stop: &CancellationToken,
+) -> bool {
+    let after_stop = async {
+        stop.cancelled().await;
+        tokio::time::sleep(LAST_EVENT_AFTER_STOP).await;
+    };
+    tokio::select! {
+        sent = tokio::time::timeout(patience, tx.send(event)) => matches!(sent, Ok(Ok(()))),
+        () = after_stop => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(text: &str) -> TurnEvent {
+        TurnEvent::Token(text.to_owned())
+    }
+
+    fn text(event: Option<TurnEvent>) -> Option<String> {
+        match event {
+            Some(TurnEvent::Token(text)) => Some(text),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_event_waits_for_a_paused_reader_as_long_as_a_token_would() {
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.try_send(token("a")).unwrap();
+        let reader = tokio::spawn(async move {
+            // A reader that pauses for 10 s (a backgrounded tab), then reads.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            (text(rx.recv().await), text(rx.recv().await))
+        });
+        let stop = CancellationToken::new();
+        let sent = send_last(&tx, token("last"), Duration::from_secs(30), &stop).await;
+        assert!(sent);
+        drop(tx);
+        let (first, last) = reader.await.unwrap();
+        assert_eq!(first.as_deref(), Some("a"));
+        assert_eq!(last.as_deref(), Some("last"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_event_gives_up_on_a_silent_reader_and_soon_after_the_stop() {
+        let (tx, _rx) = mpsc::channel(1);
+        tx.try_send(token("a")).unwrap();
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        assert!(!send_last(&tx, token("last"), Duration::from_secs(30), &stop).await);
+        assert_eq!(started.elapsed().as_secs(), 30);
+
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stopper.cancel();
+        });
+        let started = Instant::now();
+        assert!(!send_last(&tx, token("last"), Duration::from_secs(30), &stop).await);
+        assert_eq!(
+            started.elapsed().as_secs(),
+            1 + LAST_EVENT_AFTER_STOP.as_secs()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_event_to_a_reader_that_left_is_dropped_at_once() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let started = Instant::now();
+        let stop = CancellationToken::new();
+        assert!(!send_last(&tx, token("last"), Duration::from_secs(30), &stop).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }
