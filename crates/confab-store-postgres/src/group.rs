@@ -151,13 +151,19 @@ impl GroupCommit {
             .clamp(1, 4)
     }
 
-    /// Start `writers` writer tasks on the current runtime.
-    pub(crate) fn start(pool: PgPool, writers: usize) -> GroupCommit {
+    /// Start the writer tasks of a pool of `max_connections` on the current
+    /// runtime ([`GroupCommit::writers_for`]). Writers keep their
+    /// connections between batches only when that leaves the pool at least
+    /// one for everything else (not with `DB_POOL_MAX=1`, where a kept
+    /// connection would starve every read).
+    pub(crate) fn start(pool: PgPool, max_connections: u32) -> GroupCommit {
+        let writers = Self::writers_for(max_connections);
+        let keep = u32::try_from(writers).is_ok_and(|w| w < max_connections);
         let (queue, jobs) = mpsc::unbounded_channel();
         let jobs = Arc::new(Mutex::new(jobs));
         let stats = Arc::new(Stats::default());
-        for _ in 0..writers.max(1) {
-            tokio::spawn(writer(pool.clone(), jobs.clone(), stats.clone()));
+        for _ in 0..writers {
+            tokio::spawn(writer(pool.clone(), jobs.clone(), stats.clone(), keep));
         }
         GroupCommit { queue, stats }
     }
@@ -225,18 +231,37 @@ struct Kept {
 const KEEP_IDLE_AT_MOST: Duration = Duration::from_secs(30);
 
 /// One writer: wait for the queue, take what is there, write it, repeat.
-async fn writer(pool: PgPool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>, stats: Arc<Stats>) {
+/// `keep`: whether it keeps its connection from one batch to the next.
+async fn writer(
+    pool: PgPool,
+    jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>,
+    stats: Arc<Stats>,
+    keep: bool,
+) {
     let mut kept: Option<Kept> = None;
     // Closing the pool waits for every connection to come back: the kept
     // one is given back then (by returning), not held until a next batch.
     let mut closing = pool.close_event();
     loop {
         let mut batch = Vec::new();
+        let idle_until = kept.as_ref().map(|k| k.used + KEEP_IDLE_AT_MOST);
         let taken = tokio::select! {
             biased;
             () = &mut closing => 0,
+            // Unused for KEEP_IDLE_AT_MOST: given back while waiting, not
+            // only when the next batch comes.
+            () = async {
+                match idle_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                kept = None;
+                continue;
+            }
             // One writer at a time waits at the queue; the others are
-            // writing or waiting for their turn here.
+            // writing or waiting for their turn here. (`recv_many` is
+            // cancel-safe: a batch is taken whole or not at all.)
             taken = async {
                 let mut queue = jobs.lock().await;
                 queue.recv_many(&mut batch, MAX_BATCH).await
@@ -245,13 +270,10 @@ async fn writer(pool: PgPool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>, st
         if taken == 0 {
             return;
         }
-        if kept
-            .as_ref()
-            .is_some_and(|k| k.used.elapsed() > KEEP_IDLE_AT_MOST)
-        {
+        write(&pool, &mut kept, batch, &stats).await;
+        if !keep {
             kept = None;
         }
-        write(&pool, &mut kept, batch, &stats).await;
     }
 }
 

@@ -145,12 +145,9 @@ impl PostgresStore {
                 }
                 other => other,
             })?;
-        let group = config.group_commit.then(|| {
-            Arc::new(GroupCommit::start(
-                pool.clone(),
-                GroupCommit::writers_for(config.max_connections),
-            ))
-        });
+        let group = config
+            .group_commit
+            .then(|| Arc::new(GroupCommit::start(pool.clone(), config.max_connections)));
         Ok(PostgresStore {
             pool,
             liveness,

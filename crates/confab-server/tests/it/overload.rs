@@ -16,6 +16,7 @@ per_store!(
     past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish,
     a_turn_refused_at_capacity_costs_no_rate_limit_token,
     a_request_that_gets_no_connection_in_time_is_refused_quickly,
+    with_one_pooled_connection_reads_work_after_turns,
 );
 
 /// PostgreSQL only: an embedded SQLite file cannot be taken away from a
@@ -326,6 +327,40 @@ async fn a_request_that_gets_no_connection_in_time_is_refused_quickly(db: Db) {
         ),
         1.0
     );
+}
+
+async fn with_one_pooled_connection_reads_work_after_turns(db: Db) {
+    // DB_POOL_MAX=1 is allowed: the group commit's writer must give the only
+    // connection back after its batch, or every read waits for it and is
+    // refused after DB_ACQUIRE_TIMEOUT_MS.
+    let app = spawn_app_with(
+        db,
+        &[("DB_POOL_MAX", "1"), ("DB_ACQUIRE_TIMEOUT_MS", "500")],
+    )
+    .await;
+    for n in 0..3 {
+        let res = app
+            .post_json(
+                "/chat",
+                &As::alice(),
+                &json!({ "message": format!("turn {n}") }),
+            )
+            .await;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let chat = body["chat_id"].as_str().unwrap().to_owned();
+        let asked = Instant::now();
+        let (status, body) = app.get_json(&format!("/chat/{chat}"), &As::alice()).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            asked.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            asked.elapsed()
+        );
+        let (status, _) = app.get_json("/chats", &As::alice()).await;
+        assert_eq!(status, 200);
+    }
 }
 
 const TTL: Duration = Duration::from_millis(500);
