@@ -170,7 +170,9 @@ pub struct SseBody<E: Encoder> {
     opening: bool,
     encoder: E,
     ping: tokio::time::Interval,
-    sent_since_tick: bool,
+    /// When the last write that carried events left: the next keep-alive is
+    /// due a keep-alive interval after it.
+    last_write: Option<Instant>,
     finished: bool,
     /// The write windows (the keep-alive is in `ping`).
     pacing: Pacing,
@@ -207,7 +209,7 @@ impl<E: Encoder> SseBody<E> {
             opening: true,
             encoder,
             ping,
-            sent_since_tick: false,
+            last_write: None,
             finished: false,
             pacing,
             held: BytesMut::new(),
@@ -341,7 +343,7 @@ where
             // window. Nor does a full batch: the rest of a burst follows at
             // once.
             if out.len() > opening {
-                this.sent_since_tick = true;
+                this.last_write = Some(now);
                 this.fast = this.pending >= FAST_EVENTS;
                 let window = this.pacing.window();
                 this.quiet_until =
@@ -354,10 +356,13 @@ where
         if this.finished {
             return Poll::Ready(None);
         }
-        // Nothing queued: a keep-alive when a whole interval passed silently.
+        // Nothing queued: a keep-alive when a whole interval passed silently
+        // (a tick that comes sooner after a write moves to that write's
+        // interval, so no silence lasts longer than one).
         while this.ping.poll_tick(cx).is_ready() {
-            if !std::mem::replace(&mut this.sent_since_tick, false) {
-                return Poll::Ready(Some(Ok(ping_frame())));
+            match this.last_write.map(|at| at + this.pacing.keepalive) {
+                Some(due) if now < due => this.ping.reset_at(due),
+                _ => return Poll::Ready(Some(Ok(ping_frame()))),
             }
         }
         Poll::Pending
@@ -659,6 +664,30 @@ mod tests {
         assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
         assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
         assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_follows_the_last_write_by_one_interval() {
+        let interval = Duration::from_millis(100);
+        let (tx, mut body) = body(Pacing::new(interval, Duration::ZERO));
+        let start = Instant::now();
+        assert_eq!(
+            &body.next().await.unwrap().unwrap()[..],
+            PING,
+            "the opening"
+        );
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+        assert_eq!(start.elapsed(), interval);
+        // A token just after that keep-alive: the next one is due an
+        // interval after the token, not two after the keep-alive.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        tx.send(token("a")).await.unwrap();
+        assert!(next_text(&mut body).await.contains("\"token\":\"a\""));
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+        assert_eq!(start.elapsed(), Duration::from_millis(201));
+        // And silence goes on getting one per interval.
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], PING);
+        assert_eq!(start.elapsed(), Duration::from_millis(301));
     }
 
     #[tokio::test(start_paused = true)]
