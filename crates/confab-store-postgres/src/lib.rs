@@ -61,6 +61,25 @@ pub struct PostgresStore {
     acquire_timeout: Duration,
     /// The turn writes' group commit (`DB_GROUP_COMMIT`).
     group: Option<Arc<GroupCommit>>,
+    /// [`Store::ping`]'s own connection, outside the pool (opened on first
+    /// use, again after a failure): a pool whose every connection is busy
+    /// serving requests belongs to a database that answers, and a ping
+    /// queued behind them would call it down — the readiness probe would
+    /// then take a loaded but healthy instance out of rotation.
+    probe: Arc<Probe>,
+}
+
+/// [`Store::ping`]'s connection and how to open it.
+struct Probe {
+    conn: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+    options: PgConnectOptions,
+}
+
+impl std::fmt::Debug for Probe {
+    /// Not the options: they hold the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Probe")
+    }
 }
 
 impl PostgresStore {
@@ -130,7 +149,7 @@ impl PostgresStore {
                     Ok(true)
                 })
             })
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
         // However short the request paths' wait, the first connection gets
         // the patient one: a server that is still starting is waited for.
         patient_acquire(&pool, PoolConfig::PATIENT_ACQUIRE)
@@ -153,6 +172,10 @@ impl PostgresStore {
             liveness,
             acquire_timeout: config.acquire_timeout,
             group,
+            probe: Arc::new(Probe {
+                conn: tokio::sync::Mutex::new(None),
+                options,
+            }),
         })
     }
 
@@ -736,10 +759,23 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.retry(move || sqlx::query("SELECT 1").execute(&self.pool))
-            .await
-            .map(drop)
-            .map_err(map_err)
+        let mut probe = self.probe.conn.lock().await;
+        let conn = match probe.as_mut() {
+            Some(conn) => conn,
+            None => probe.insert(
+                sqlx::PgConnection::connect_with(&self.probe.options)
+                    .await
+                    .map_err(map_err)?,
+            ),
+        };
+        match sqlx::query("SELECT 1").execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                // Opened afresh by the next ping.
+                *probe = None;
+                Err(map_err(err))
+            }
+        }
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -750,6 +786,9 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
+        if let Some(conn) = self.probe.conn.lock().await.take() {
+            let _ = conn.close().await;
+        }
         self.pool.close().await;
     }
 

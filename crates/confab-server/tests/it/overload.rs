@@ -43,6 +43,33 @@ async fn an_idle_key_waits_for_its_lookup_at_most_the_bound_in_a_stall() {
     idle_keys_wait_for_their_lookup_within_the_bound(Db::Postgres).await;
 }
 
+/// PostgreSQL only: the readiness probe has its own connection there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_pool_does_not_make_the_instance_unready() {
+    crate::support::init();
+    let app = spawn_app_with(
+        Db::Postgres,
+        &[("DB_POOL_MAX", "1"), ("DB_ACQUIRE_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let (status, _) = app.get_json("/chats", &As::alice()).await;
+    assert_eq!(status, 200);
+    // The pool's only connection waits on a lock inside a turn, for longer
+    // than the probe's interval and deadline: requests needing the pool are
+    // refused (503), yet the database answers and the instance stays ready.
+    let blocker = Blocker::take(&app.db).await;
+    let req = app
+        .request(reqwest::Method::POST, "/chat", &As::alice())
+        .json(&json!({ "message": "waits for the lock" }));
+    let first = tokio::spawn(async move { req.send().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = app.get_json("/readyz", &As::Nobody).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["database"], "connected");
+    blocker.release().await;
+    assert_eq!(first.await.unwrap().status(), 200);
+}
+
 fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
