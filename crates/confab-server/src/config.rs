@@ -300,21 +300,32 @@ impl Source<'_> {
 
     fn seconds(&self, var: &'static str, default: f64) -> Result<Duration, ConfigError> {
         let secs: f64 = self.parse(var, default, "a number of seconds")?;
-        Duration::try_from_secs_f64(secs).map_err(|_| {
+        let duration = Duration::try_from_secs_f64(secs).map_err(|_| {
             bad(
                 var,
                 format!("{secs} is not a non-negative number of seconds"),
             )
-        })
+        })?;
+        at_most_a_year(var, duration)
     }
 
     fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(self.parse(
-            var,
-            default,
-            "a whole number of milliseconds",
-        )?))
+        let duration =
+            Duration::from_millis(self.parse(var, default, "a whole number of milliseconds")?);
+        at_most_a_year(var, duration)
     }
+}
+
+/// The longest any duration setting may be: a year is past every sensible
+/// value, and far larger ones would overflow the clock's arithmetic (a
+/// deadline of now + 10¹⁹ s panics) on every request that uses them.
+const LONGEST_SETTING: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn at_most_a_year(var: &'static str, duration: Duration) -> Result<Duration, ConfigError> {
+    if duration > LONGEST_SETTING {
+        return Err(bad(var, "at most a year (31536000 seconds)"));
+    }
+    Ok(duration)
 }
 
 impl Config {
@@ -799,6 +810,9 @@ mod tests {
             ("MAX_CONCURRENT_STREAMS", "0"),
             ("DB_ACQUIRE_TIMEOUT_MS", "0"),
             ("DB_GROUP_COMMIT", "sometimes"),
+            ("SSE_KEEPALIVE_SECONDS", "1e19"),
+            ("AUTH_CACHE_GRACE_SECONDS", "31536001"),
+            ("REDIS_TIMEOUT_MS", "18446744073709551615"),
         ] {
             let err = cfg(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{err}");
