@@ -164,12 +164,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         },
         draining: ready.draining,
     };
-    let status = if ready.ready() {
-        StatusCode::OK
+    if ready.ready() {
+        (StatusCode::OK, Json(body)).into_response()
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
+        // Like every 503 here: when to ask again (the probe runs every 250 ms).
+        crate::error::with_retry_after(
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
+            1,
+        )
+    }
 }
 
 /// Prometheus text format (0.0.4) by default, as the original served;

@@ -121,6 +121,9 @@ async fn readyz_turns_503_within_a_second_when_the_database_goes_away_and_recove
     assert!(took < Duration::from_secs(1), "503 after {took:?}");
     assert_eq!(body["database"], "disconnected", "{body}");
     assert_eq!(body["status"], "not ready");
+    let res = client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after"], "1", "like every 503");
     assert_eq!(status_and_json(&client, &app.url("/livez")).await.0, 200);
     let metrics = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
     assert!(metrics.contains("dependency_up{dependency=\"database\"} 0"));
