@@ -514,6 +514,21 @@ impl TurnEngine {
             Some(id) => Some(inner.service.chat_for(who, id, Access::Write).await?),
             None => None,
         };
+        // A retry whose first request was answered gets that answer, whatever
+        // its token budget says now. `begin` finds a stored answer too, but
+        // only after the reservation — which a retry of the turn that used
+        // the budget up would be refused (a 429 instead of the reply).
+        if let Some(claim) = &input.idempotency
+            && !budget_windows(who).is_empty()
+            && let Some(record) = inner.store.get_idempotency(who.user_id, &claim.key).await?
+        {
+            if record.request_hash != claim.request_hash {
+                return Err(ServiceError::IdempotencyMismatch);
+            }
+            if let Some(response) = record.response {
+                return Ok(Started::Replay(response));
+            }
+        }
         let model = self.resolve_model(who, input.model.as_deref(), existing.as_ref())?;
         let max_output = input
             .max_output_tokens

@@ -14,14 +14,51 @@ use crate::support::app::{ACME, ALICE, BOB};
 use crate::support::peers::{Llmock, LlmockOpts};
 use crate::support::process::{Confab, PrivateRedis, command, seeded_postgres};
 use crate::support::sse::SseReader;
-use crate::support::{As, Db, Limiter, TestApp};
+use crate::support::{As, Db, Limiter, TestApp, spawn_app_with};
 use crate::{per_limiter, per_store};
 
 per_store!(
     the_ledger_counts_every_finished_turn_exactly_once,
     the_cli_sets_token_limits_and_prints_the_usage_report,
+    an_answered_retry_is_replayed_whatever_the_budget_says_now,
 );
 per_limiter!(a_token_budget_is_refused_before_any_upstream_call_and_never_exceeded,);
+
+async fn an_answered_retry_is_replayed_whatever_the_budget_says_now(db: Db) {
+    // The first request uses the org's budget up (here: the limit drops to
+    // one token after it); its retry must still get the stored answer, not
+    // a 429 for a reservation it never needed.
+    let app = spawn_app_with(db, &[("AUTH_CACHE_TTL_SECONDS", "0.2")]).await;
+    let alice = As::alice();
+    let send = |key: &'static str| {
+        app.request(reqwest::Method::POST, "/chat", &alice)
+            .header("idempotency-key", key)
+            .json(&json!({ "message": "answer me once" }))
+            .send()
+    };
+    let first = send("spent-it").await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    app.state
+        .store
+        .set_org_token_limits(
+            ACME.parse().unwrap(),
+            confab_core::model::TokenLimits {
+                per_minute: 0,
+                per_day: 1,
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = send("a-new-one").await.unwrap();
+    assert_eq!(refused.status(), 429, "the budget refuses new turns now");
+    let retry = send("spent-it").await.unwrap();
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(retry, first);
+}
 
 /// Every assistant message of the caller's chats: (model, user, usage).
 async fn assistant_messages(app: &TestApp, who: &As, user: &str) -> Vec<(String, String, Value)> {
