@@ -584,7 +584,19 @@ impl Follower {
     /// Follow what the generation saves (every flush), until it finishes.
     async fn follow_database(&mut self, first: Option<StoredStream>) -> Flow {
         let mut first = first;
+        let relay = self.state.engine.live().relay().cloned();
+        let mut watched: Option<Instant> = None;
         loop {
+            if let Some(relay) = &relay
+                && watched.is_none_or(|t| t.elapsed() >= WATCH_EVERY)
+            {
+                // This reader follows the saved text (the relay failed it,
+                // or its generation is elsewhere and not relayed yet): a
+                // detached generation on another instance must still see
+                // that someone reads it, or it is cancelled under them.
+                let _ = relay.watch(self.message).await;
+                watched = Some(Instant::now());
+            }
             let stored = match first.take() {
                 Some(stored) => stored,
                 None => match load(&self.state, self.org, self.chat, self.message).await {
