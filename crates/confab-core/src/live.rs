@@ -594,8 +594,19 @@ impl Publication {
                         Instant::now()
                     });
                     if since.elapsed() >= detach {
-                        tracing::info!(messageId = %stream.id, "no reader came back within STREAM_DETACH_SECONDS; cancelling the generation");
-                        return;
+                        // A last look first: the relay is asked at most once
+                        // a second, and a reader may have come back on
+                        // another instance since.
+                        let back = match &relay {
+                            Some(relay) => relay.watched(stream.id).await.unwrap_or(false),
+                            None => false,
+                        };
+                        if !back {
+                            tracing::info!(messageId = %stream.id, "no reader came back within STREAM_DETACH_SECONDS; cancelling the generation");
+                            return;
+                        }
+                        remote = (true, Some(Instant::now()));
+                        alone_since = None;
                     }
                 }
                 tokio::select! {
@@ -676,6 +687,49 @@ mod tests {
         async fn watched(&self, _: MessageId) -> Result<bool, RelayError> {
             Ok(false)
         }
+    }
+
+    /// A relay whose `watched` answers what the test sets.
+    #[derive(Default)]
+    struct Watched(AtomicBool);
+
+    #[async_trait]
+    impl LiveRelay for Watched {
+        fn publish(&self, _message: MessageId, _entry: RelayEntry) {}
+        async fn follow(&self, _: MessageId) -> Result<Box<dyn RelayFollower>, RelayError> {
+            Err(RelayError("not here".into()))
+        }
+        async fn cancel(&self, _: MessageId) -> Result<(), RelayError> {
+            Ok(())
+        }
+        async fn watch(&self, _: MessageId) -> Result<(), RelayError> {
+            Ok(())
+        }
+        async fn watched(&self, _: MessageId) -> Result<bool, RelayError> {
+            Ok(self.0.load(Ordering::Acquire))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_back_elsewhere_just_before_the_detach_deadline_keeps_the_generation() {
+        let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
+        let relay = Arc::new(Watched::default());
+        hub.configure(Some(relay.clone()), Duration::from_millis(1500));
+        let publication = hub.open(MessageId::new(), ChatId::new(), Arc::default(), true, true);
+        // The request that started it is gone at once.
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let stop = tokio::spawn(publication.stop_signal(tx));
+        // A reader follows on another instance from 1.1 s on: after the
+        // relay was last asked (≈ 1.0 s), before the deadline (1.5 s).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        relay.0.store(true, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!stop.is_finished(), "cancelled under a reader");
+        // Once that reader leaves too, the generation stops a detach later.
+        relay.0.store(false, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        assert!(stop.is_finished());
     }
 
     #[test]
