@@ -147,11 +147,6 @@ impl Authenticator {
         self.mode
     }
 
-    /// Background refreshes of stale principals running now.
-    pub fn refreshes_running(&self) -> usize {
-        self.cache.refreshes_running()
-    }
-
     /// The message for a request that sent no credentials at all.
     pub fn missing_message(&self) -> &'static str {
         if self.mode.headers {

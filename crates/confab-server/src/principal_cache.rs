@@ -234,10 +234,6 @@ impl PrincipalCache {
         self.entries.contains_key(key)
     }
 
-    pub(crate) fn refreshes_running(&self) -> usize {
-        self.refreshing.lock().map_or(0, |set| set.len())
-    }
-
     /// Start the refresh of an entry, unless one is running for it; the
     /// running one.
     fn refresh(&self, key: CacheKey) -> Option<Running> {
