@@ -18,6 +18,10 @@ pub const TITLE_FROM_MESSAGE_CHARS: usize = 50;
 /// (Failures of a live process release their key at once.) The PostgreSQL
 /// store spells this value in its SQL.
 pub const ABANDONED_CLAIM_SECS: i64 = 120;
+/// How long a stored answer to an `Idempotency-Key` is replayed; after it
+/// the key may be used for a new request (and it is purged). The PostgreSQL
+/// store spells this value in its SQL.
+pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 /// Longest accepted chat title.
 pub const MAX_TITLE_CHARS: usize = 255;
 

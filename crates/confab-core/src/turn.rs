@@ -518,16 +518,18 @@ impl TurnEngine {
         // its token budget says now. `begin` finds a stored answer too, but
         // only after the reservation — which a retry of the turn that used
         // the budget up would be refused (a 429 instead of the reply).
+        // Anything else (no answer yet, an expired key) is `begin`'s.
         if let Some(claim) = &input.idempotency
             && !budget_windows(who).is_empty()
             && let Some(record) = inner.store.get_idempotency(who.user_id, &claim.key).await?
+            && let Some(response) = record.response
+            && Utc::now() - record.created_at
+                < chrono::Duration::hours(crate::model::IDEMPOTENCY_TTL_HOURS)
         {
             if record.request_hash != claim.request_hash {
                 return Err(ServiceError::IdempotencyMismatch);
             }
-            if let Some(response) = record.response {
-                return Ok(Started::Replay(response));
-            }
+            return Ok(Started::Replay(response));
         }
         let model = self.resolve_model(who, input.model.as_deref(), existing.as_ref())?;
         let max_output = input

@@ -31,7 +31,7 @@ use crate::state::{AppState, Shared};
 const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
 /// How often expired idempotency keys are purged.
 const IDEMPOTENCY_PURGE: Duration = Duration::from_secs(3600);
-const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+use confab_core::model::IDEMPOTENCY_TTL_HOURS;
 
 /// Open the configured store (the URL scheme picks the backend) and migrate it.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {

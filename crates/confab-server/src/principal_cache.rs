@@ -41,6 +41,8 @@ pub(crate) enum CacheKey {
 #[derive(Clone)]
 struct Cached {
     principal: Principal,
+    /// When the lookup that found it started.
+    looked_up: Instant,
     /// Looked up again in the background from here on (half the TTL).
     refresh_from: Instant,
     /// Served without a lookup until here (the TTL).
@@ -53,10 +55,11 @@ struct Cached {
 }
 
 impl Cached {
-    fn new(principal: Principal, ttl: Duration, grace: Duration) -> Self {
-        let now = Instant::now();
+    fn new(principal: Principal, looked_up: Instant, ttl: Duration, grace: Duration) -> Self {
+        let now = looked_up;
         Self {
             principal,
+            looked_up,
             refresh_from: now + ttl / 2,
             fresh_until: now + ttl,
             expires: now + ttl + grace,
@@ -167,8 +170,10 @@ impl PrincipalCache {
                 return Ok(Some(hit.principal.clone()));
             }
             if now < hit.expires {
-                self.metrics.auth_cache_hits.inc();
+                // Served from the cache (a hit) only when it does not wait
+                // for the lookup.
                 let stale = || {
+                    self.metrics.auth_cache_hits.inc();
                     self.metrics.auth_cache_stale.inc();
                     Some(hit.principal.clone())
                 };
@@ -213,8 +218,11 @@ impl PrincipalCache {
             .entries
             .try_get_with(key, async move {
                 misses.inc();
+                let started = Instant::now();
                 match fetch(store.as_ref(), &lookup_key, bound).await {
-                    Ok(Some(principal)) => Ok(Arc::new(Cached::new(principal, ttl, grace))),
+                    Ok(Some(principal)) => {
+                        Ok(Arc::new(Cached::new(principal, started, ttl, grace)))
+                    }
                     Ok(None) => Err(None),
                     Err(err) => Err(Some(err)),
                 }
@@ -259,11 +267,18 @@ impl PrincipalCache {
         let task = async move {
             let _in_flight = in_flight;
             metrics.auth_cache_misses.inc();
+            // What this lookup finds replaces only an entry looked up before
+            // it started: a request's own lookup may have stored a newer one
+            // (or found the key gone) meanwhile.
+            let older = |entry: &Option<Arc<Cached>>| {
+                entry.as_ref().is_some_and(|e| e.looked_up <= started)
+            };
             let found = match fetch(store.as_ref(), &key, bound).await {
                 Ok(Some(principal)) => {
-                    entries
-                        .insert(key, Arc::new(Cached::new(principal.clone(), ttl, grace)))
-                        .await;
+                    if older(&entries.get(&key).await) {
+                        let fresh = Cached::new(principal.clone(), started, ttl, grace);
+                        entries.insert(key, Arc::new(fresh)).await;
+                    }
                     Refresh::Found(principal)
                 }
                 // Revoked, deleted: refused from the next request on.
@@ -280,6 +295,8 @@ impl PrincipalCache {
                     // Served without waiting from now on, within its grace.
                     if let Some(old) = entries.get(&key).await
                         && !old.lookup_failed
+                        && old.looked_up <= started
+                        && Instant::now() < old.expires
                     {
                         let failed = Cached {
                             lookup_failed: true,

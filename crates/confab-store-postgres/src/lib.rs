@@ -759,23 +759,23 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut probe = self.probe.conn.lock().await;
-        let conn = match probe.as_mut() {
+        let mut slot = self.probe.conn.lock().await;
+        // Out of its slot while the ping runs, back only when it answered:
+        // a ping cut short by its caller's deadline (a host gone dark
+        // answers nothing) drops the connection, and the next ping opens a
+        // new one instead of waiting behind the old query.
+        let mut conn = match slot.take() {
             Some(conn) => conn,
-            None => probe.insert(
-                sqlx::PgConnection::connect_with(&self.probe.options)
-                    .await
-                    .map_err(map_err)?,
-            ),
+            None => sqlx::PgConnection::connect_with(&self.probe.options)
+                .await
+                .map_err(map_err)?,
         };
-        match sqlx::query("SELECT 1").execute(&mut *conn).await {
-            Ok(_) => Ok(()),
-            Err(err) => {
-                // Opened afresh by the next ping.
-                *probe = None;
-                Err(map_err(err))
-            }
-        }
+        sqlx::query("SELECT 1")
+            .execute(&mut conn)
+            .await
+            .map_err(map_err)?;
+        *slot = Some(conn);
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

@@ -54,7 +54,7 @@ use crate::rows::{
 /// [`PoolConfig::acquire_timeout`]).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idempotency keys older than this are expired and may be claimed again.
-const IDEMPOTENCY_TTL_MICROS: i64 = 24 * 60 * 60 * 1_000_000;
+const IDEMPOTENCY_TTL_MICROS: i64 = confab_core::model::IDEMPOTENCY_TTL_HOURS * 60 * 60 * 1_000_000;
 /// A claim never answered for this long belongs to a request that died.
 const ABANDONED_CLAIM_MICROS: i64 = confab_core::model::ABANDONED_CLAIM_SECS * 1_000_000;
 

@@ -615,11 +615,15 @@ impl Follower {
                 return self.follow_local(live).await;
             }
             self.replaying = false;
-            let every = self
+            let mut every = self
                 .state
                 .config
                 .stream_flush_interval
                 .max(Duration::from_millis(100));
+            if relay.is_some() {
+                // Back in time to renew the watch, however long the flush.
+                every = every.min(WATCH_EVERY);
+            }
             match self.pause(every).await {
                 Flow::Continue => {}
                 other => return other,
