@@ -666,9 +666,10 @@ mod tests {
         assert!(split_events("abc", Some(&[0x80])).is_none(), "truncated");
     }
 
-    /// Records what it is asked to publish.
+    /// Records what it is asked to publish; `watched` answers what the test
+    /// sets.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<RelayEntry>>);
+    struct Recorder(Mutex<Vec<RelayEntry>>, AtomicBool);
 
     #[async_trait]
     impl LiveRelay for Recorder {
@@ -685,35 +686,14 @@ mod tests {
             Ok(())
         }
         async fn watched(&self, _: MessageId) -> Result<bool, RelayError> {
-            Ok(false)
-        }
-    }
-
-    /// A relay whose `watched` answers what the test sets.
-    #[derive(Default)]
-    struct Watched(AtomicBool);
-
-    #[async_trait]
-    impl LiveRelay for Watched {
-        fn publish(&self, _message: MessageId, _entry: RelayEntry) {}
-        async fn follow(&self, _: MessageId) -> Result<Box<dyn RelayFollower>, RelayError> {
-            Err(RelayError("not here".into()))
-        }
-        async fn cancel(&self, _: MessageId) -> Result<(), RelayError> {
-            Ok(())
-        }
-        async fn watch(&self, _: MessageId) -> Result<(), RelayError> {
-            Ok(())
-        }
-        async fn watched(&self, _: MessageId) -> Result<bool, RelayError> {
-            Ok(self.0.load(Ordering::Acquire))
+            Ok(self.1.load(Ordering::Acquire))
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_reader_back_elsewhere_just_before_the_detach_deadline_keeps_the_generation() {
         let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
-        let relay = Arc::new(Watched::default());
+        let relay = Arc::new(Recorder::default());
         hub.configure(Some(relay.clone()), Duration::from_millis(1500));
         let publication = hub.open(MessageId::new(), ChatId::new(), Arc::default(), true, true);
         // The request that started it is gone at once.
@@ -723,11 +703,11 @@ mod tests {
         // A reader follows on another instance from 1.1 s on: after the
         // relay was last asked (≈ 1.0 s), before the deadline (1.5 s).
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        relay.0.store(true, Ordering::Release);
+        relay.1.store(true, Ordering::Release);
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(!stop.is_finished(), "cancelled under a reader");
         // Once that reader leaves too, the generation stops a detach later.
-        relay.0.store(false, Ordering::Release);
+        relay.1.store(false, Ordering::Release);
         tokio::time::sleep(Duration::from_millis(3000)).await;
         assert!(stop.is_finished());
     }

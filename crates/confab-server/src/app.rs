@@ -31,7 +31,6 @@ use crate::state::{AppState, Shared};
 const KEY_USE_FLUSH: Duration = Duration::from_secs(30);
 /// How often expired idempotency keys are purged.
 const IDEMPOTENCY_PURGE: Duration = Duration::from_secs(3600);
-use confab_core::model::IDEMPOTENCY_TTL_HOURS;
 
 /// Open the configured store (the URL scheme picks the backend) and migrate it.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -361,7 +360,8 @@ impl Job {
             }
             Job::FlushKeyUses => state.auth.flush_key_uses().await,
             Job::PurgeIdempotency => {
-                let cutoff = Utc::now() - chrono::Duration::hours(IDEMPOTENCY_TTL_HOURS);
+                let cutoff =
+                    Utc::now() - chrono::Duration::hours(confab_core::model::IDEMPOTENCY_TTL_HOURS);
                 match state.store.purge_idempotency(cutoff).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(keys = n, "purged expired idempotency keys"),

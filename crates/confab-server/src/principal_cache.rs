@@ -56,13 +56,12 @@ struct Cached {
 
 impl Cached {
     fn new(principal: Principal, looked_up: Instant, ttl: Duration, grace: Duration) -> Self {
-        let now = looked_up;
         Self {
             principal,
             looked_up,
-            refresh_from: now + ttl / 2,
-            fresh_until: now + ttl,
-            expires: now + ttl + grace,
+            refresh_from: looked_up + ttl / 2,
+            fresh_until: looked_up + ttl,
+            expires: looked_up + ttl + grace,
             lookup_failed: false,
         }
     }

@@ -472,6 +472,28 @@ impl Follower {
         }
     }
 
+    /// Tell a detached generation, wherever it runs, that someone reads it
+    /// (every [`WATCH_EVERY`]; `watched`: when it was last told), or it is
+    /// cancelled under this reader after `STREAM_DETACH_SECONDS`.
+    async fn renew_watch(
+        &self,
+        relay: &Arc<dyn confab_core::live::LiveRelay>,
+        watched: &mut Option<Instant>,
+    ) {
+        if watched.is_some_and(|t| t.elapsed() < WATCH_EVERY) {
+            return;
+        }
+        *watched = Some(Instant::now());
+        if let Err(err) = relay.watch(self.message).await {
+            self.state
+                .metrics
+                .stream_relay_errors
+                .get_or_create(&crate::metrics::OpLabels { op: "watch" })
+                .inc();
+            tracing::warn!(error = %err, messageId = %self.message, "could not tell the stream relay that this reader follows");
+        }
+    }
+
     async fn follow_relay(&mut self, mut follower: Box<dyn RelayFollower>) -> Flow {
         let Some(relay) = self.state.engine.live().relay().cloned() else {
             return self.follow_database(None).await;
@@ -480,11 +502,7 @@ impl Follower {
         let mut checked = Instant::now();
         let mut wait = Duration::ZERO;
         loop {
-            if watched.is_none_or(|t| t.elapsed() >= WATCH_EVERY) {
-                // Tells a detached generation that someone reads it.
-                let _ = relay.watch(self.message).await;
-                watched = Some(Instant::now());
-            }
+            self.renew_watch(&relay, &mut watched).await;
             let read = tokio::select! {
                 r = follower.read(self.next - 1, wait) => r,
                 _ = self.tx.closed() => return Flow::Gone,
@@ -587,16 +605,6 @@ impl Follower {
         let relay = self.state.engine.live().relay().cloned();
         let mut watched: Option<Instant> = None;
         loop {
-            if let Some(relay) = &relay
-                && watched.is_none_or(|t| t.elapsed() >= WATCH_EVERY)
-            {
-                // This reader follows the saved text (the relay failed it,
-                // or its generation is elsewhere and not relayed yet): a
-                // detached generation on another instance must still see
-                // that someone reads it, or it is cancelled under them.
-                let _ = relay.watch(self.message).await;
-                watched = Some(Instant::now());
-            }
             let stored = match first.take() {
                 Some(stored) => stored,
                 None => match load(&self.state, self.org, self.chat, self.message).await {
@@ -615,6 +623,12 @@ impl Follower {
                 return self.follow_local(live).await;
             }
             self.replaying = false;
+            if let Some(relay) = &relay {
+                // Still generating elsewhere, and this reader follows the
+                // saved text (the relay failed it, or the generation is not
+                // relayed yet): it is a reader all the same.
+                self.renew_watch(relay, &mut watched).await;
+            }
             let mut every = self
                 .state
                 .config

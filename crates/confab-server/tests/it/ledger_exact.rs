@@ -1003,17 +1003,7 @@ async fn a_turn_that_settles_below_its_reservation_gives_the_difference_back(kin
     }
     let app = app_with_models(Db::Sqlite, &models, &env).await;
     let limit: i64 = 400;
-    app.state
-        .store
-        .set_org_token_limits(
-            ACME.parse().unwrap(),
-            confab_core::model::TokenLimits {
-                per_minute: 0,
-                per_day: limit as u64,
-            },
-        )
-        .await
-        .unwrap();
+    app.limit_acme_per_day(limit as u64).await;
     let turn = || async {
         let res = app
             .post_json(

@@ -325,17 +325,7 @@ async fn readme_metrics_reference_lists_exactly_the_families_metrics_exposes() {
     // traffic must reach every one (a new family the traffic misses fails
     // below as "not exposed": add what triggers it here). A token limit makes
     // the turns reserve and settle (token_budget_*).
-    app.state
-        .store
-        .set_org_token_limits(
-            ACME.parse().unwrap(),
-            confab_core::model::TokenLimits {
-                per_minute: 0,
-                per_day: 1_000_000,
-            },
-        )
-        .await
-        .unwrap();
+    app.limit_acme_per_day(1_000_000).await;
     app.chat(&As::alice(), "hello", None).await;
     let res = app
         .post_json("/chat/stream", &As::alice(), &json!({ "message": "hi" }))

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::Connection;
+use tokio::task::JoinHandle;
 
 use crate::per_store;
 use crate::support::sse::SseReader;
@@ -47,22 +48,11 @@ async fn an_idle_key_waits_for_its_lookup_at_most_the_bound_in_a_stall() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_pool_does_not_make_the_instance_unready() {
     crate::support::init();
-    let app = spawn_app_with(
-        Db::Postgres,
-        &[("DB_POOL_MAX", "1"), ("DB_ACQUIRE_TIMEOUT_MS", "300")],
-    )
-    .await;
-    let (status, _) = app.get_json("/chats", &As::alice()).await;
-    assert_eq!(status, 200);
     // The pool's only connection waits on a lock inside a turn, for longer
     // than the probe's interval and deadline: requests needing the pool are
     // refused (503), yet the database answers and the instance stays ready.
-    let blocker = Blocker::take(&app.db).await;
-    let req = app
-        .request(reqwest::Method::POST, "/chat", &As::alice())
-        .json(&json!({ "message": "waits for the lock" }));
-    let first = tokio::spawn(async move { req.send().await.unwrap() });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (app, blocker, first) = the_only_connection_held(Db::Postgres).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let (status, body) = app.get_json("/readyz", &As::Nobody).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["database"], "connected");
@@ -297,7 +287,10 @@ impl Blocker {
     }
 }
 
-async fn a_request_that_gets_no_connection_in_time_is_refused_quickly(db: Db) {
+/// An app with one pooled connection (`DB_ACQUIRE_TIMEOUT_MS` 300) and a
+/// turn that holds it, waiting on the blocker's lock; that turn's response
+/// comes once the blocker is released.
+async fn the_only_connection_held(db: Db) -> (TestApp, Blocker, JoinHandle<reqwest::Response>) {
     let app = spawn_app_with(
         db,
         &[("DB_POOL_MAX", "1"), ("DB_ACQUIRE_TIMEOUT_MS", "300")],
@@ -316,6 +309,11 @@ async fn a_request_that_gets_no_connection_in_time_is_refused_quickly(db: Db) {
         .json(&json!({ "message": "waits for the lock" }));
     let first = tokio::spawn(async move { req.send().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (app, blocker, first)
+}
+
+async fn a_request_that_gets_no_connection_in_time_is_refused_quickly(db: Db) {
+    let (app, blocker, first) = the_only_connection_held(db).await;
 
     let asked = Instant::now();
     let res = app

@@ -39,17 +39,7 @@ async fn an_answered_retry_is_replayed_whatever_the_budget_says_now(db: Db) {
     let first = send("spent-it").await.unwrap();
     assert_eq!(first.status(), 200);
     let first: Value = first.json().await.unwrap();
-    app.state
-        .store
-        .set_org_token_limits(
-            ACME.parse().unwrap(),
-            confab_core::model::TokenLimits {
-                per_minute: 0,
-                per_day: 1,
-            },
-        )
-        .await
-        .unwrap();
+    app.limit_acme_per_day(1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let refused = send("a-new-one").await.unwrap();
     assert_eq!(refused.status(), 429, "the budget refuses new turns now");
@@ -247,17 +237,7 @@ async fn a_token_budget_is_refused_before_any_upstream_call_and_never_exceeded(k
     }
     let app = app_with_models(Db::Sqlite, &models, &env).await;
     let limit = 3000u64;
-    app.state
-        .store
-        .set_org_token_limits(
-            ACME.parse().unwrap(),
-            confab_core::model::TokenLimits {
-                per_minute: 0,
-                per_day: limit,
-            },
-        )
-        .await
-        .unwrap();
+    app.limit_acme_per_day(limit).await;
     let (ok, refused) = concurrent_turns(std::slice::from_ref(&app.base), 60).await;
     check_budget(&mock, &app, limit, ok, &refused).await;
 }

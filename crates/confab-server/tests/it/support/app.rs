@@ -137,6 +137,22 @@ impl TestApp {
             .expect("request")
     }
 
+    /// Give the Acme org a daily token limit (SPEC §12; 0 = unlimited),
+    /// straight in the store.
+    pub async fn limit_acme_per_day(&self, tokens: u64) {
+        self.state
+            .store
+            .set_org_token_limits(
+                ACME.parse().unwrap(),
+                confab_core::model::TokenLimits {
+                    per_minute: 0,
+                    per_day: tokens,
+                },
+            )
+            .await
+            .unwrap();
+    }
+
     /// `POST /chat` and the JSON reply, asserting 200.
     pub async fn chat(&self, who: &As, message: &str, chat_id: Option<&str>) -> Value {
         let mut body = serde_json::json!({ "message": message });
