@@ -485,11 +485,7 @@ impl Follower {
         }
         *watched = Some(Instant::now());
         if let Err(err) = relay.watch(self.message).await {
-            self.state
-                .metrics
-                .stream_relay_errors
-                .get_or_create(&crate::metrics::OpLabels { op: "watch" })
-                .inc();
+            confab_core::turn::TurnMetrics::relay_error(self.state.metrics.as_ref(), "watch");
             tracing::warn!(error = %err, messageId = %self.message, "could not tell the stream relay that this reader follows");
         }
     }
@@ -511,11 +507,10 @@ impl Follower {
             let entries = match read {
                 Ok(entries) => entries,
                 Err(err) => {
-                    self.state
-                        .metrics
-                        .stream_relay_errors
-                        .get_or_create(&crate::metrics::OpLabels { op: "read" })
-                        .inc();
+                    confab_core::turn::TurnMetrics::relay_error(
+                        self.state.metrics.as_ref(),
+                        "read",
+                    );
                     tracing::warn!(error = %err, messageId = %self.message, "lost the stream relay; following the saved text instead");
                     return self.follow_database(None).await;
                 }
@@ -584,11 +579,7 @@ impl Follower {
                 return Flow::Continue;
             }
             if Instant::now() >= deadline {
-                self.state
-                    .metrics
-                    .stream_relay_errors
-                    .get_or_create(&crate::metrics::OpLabels { op: "read" })
-                    .inc();
+                confab_core::turn::TurnMetrics::relay_error(self.state.metrics.as_ref(), "read");
                 tracing::warn!(messageId = %self.message, missing_from = self.next, "events missing from the relay and the saved text; ending the resumed stream (resuming again continues it)");
                 return Flow::Gone;
             }
