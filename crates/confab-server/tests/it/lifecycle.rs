@@ -246,13 +246,14 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
     for i in 0..5 {
         streams.push(open_stream(&app, &format!("crash test {i}")).await);
     }
-    // Read for 2.5 s, remembering what each client had and when.
+    // Read for 3.5 s, remembering what each client had and when.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut chats = Vec::new();
+    let mut readers = Vec::new();
     for (i, (chat, mut reader)) in streams.into_iter().enumerate() {
         chats.push(chat);
         let tx = tx.clone();
-        tokio::spawn(async move {
+        readers.push(tokio::spawn(async move {
             let mut text = String::new();
             while let Some(ev) = reader.next_json().await {
                 if let Some(t) = ev["token"].as_str() {
@@ -260,10 +261,10 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
                     let _ = tx.send((i, Instant::now(), text.clone()));
                 }
             }
-        });
+        }));
     }
     drop(tx);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     app.signal("KILL");
     let killed_at = Instant::now();
     assert_eq!(
@@ -271,6 +272,11 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
         None,
         "killed by a signal"
     );
+    // Every reader has read what reached it before the connection dropped
+    // (a reader ends with the stream's error: the body was cut).
+    for reader in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    }
     let mut history: Vec<Vec<(Instant, String)>> = vec![Vec::new(); 5];
     while let Ok((i, at, text)) = rx.try_recv() {
         history[i].push((at, text));
@@ -299,21 +305,27 @@ async fn sigkill_then_restart_marks_streams_interrupted_with_saved_text(db: Db) 
             .last()
             .map(|(_, t)| t.clone())
             .unwrap_or_default();
+        // The saved text is what was streamed. It may run ahead of what
+        // the client got: tokens saved by the last flush can still have
+        // been waiting for their write window (SSE_COALESCE_MS) at the kill.
         assert!(
-            received.starts_with(&m.content),
-            "saved text is what was streamed"
+            received.starts_with(&m.content) || m.content.starts_with(&received),
+            "saved text is not what was streamed: saved {} bytes, received {}",
+            m.content.len(),
+            received.len()
         );
-        // Saved at least once a second: everything the client had 1.5 s
-        // before the kill must be in the database.
+        // Saved at least once a second: everything the client had 2 s
+        // before the kill must be in the database (a flush each second, and
+        // up to a second for its write on a loaded machine).
         let older = history[i]
             .iter()
             .rev()
-            .find(|(at, _)| killed_at.duration_since(*at) >= Duration::from_millis(1500))
+            .find(|(at, _)| killed_at.duration_since(*at) >= Duration::from_millis(2000))
             .map(|(_, t)| t.len())
             .unwrap_or(0);
         assert!(
             m.content.len() >= older,
-            "saved {} bytes, but the client had {older} bytes 1.5 s before the kill",
+            "saved {} bytes, but the client had {older} bytes 2 s before the kill",
             m.content.len()
         );
         assert!(!m.content.is_empty());
