@@ -269,12 +269,10 @@ impl PrincipalCache {
             // What this lookup finds replaces only an entry looked up before
             // it started: a request's own lookup may have stored a newer one
             // (or found the key gone) meanwhile.
-            let older = |entry: &Option<Arc<Cached>>| {
-                entry.as_ref().is_some_and(|e| e.looked_up <= started)
-            };
+            let older = |entry: &Cached| entry.looked_up <= started;
             let found = match fetch(store.as_ref(), &key, bound).await {
                 Ok(Some(principal)) => {
-                    if older(&entries.get(&key).await) {
+                    if entries.get(&key).await.is_some_and(|e| older(&e)) {
                         let fresh = Cached::new(principal.clone(), started, ttl, grace);
                         entries.insert(key, Arc::new(fresh)).await;
                     }
@@ -293,8 +291,8 @@ impl PrincipalCache {
                     );
                     // Served without waiting from now on, within its grace.
                     if let Some(old) = entries.get(&key).await
+                        && older(&old)
                         && !old.lookup_failed
-                        && old.looked_up <= started
                         && Instant::now() < old.expires
                     {
                         let failed = Cached {
