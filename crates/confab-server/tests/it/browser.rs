@@ -8,7 +8,6 @@
 //! never skips.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 use crate::per_store;
+use crate::support::process::free_port;
 use crate::support::{As, Db, TestApp, spawn_app_with, spawn_on};
 
 per_store!(playground_chat_stream_stop_and_tenancy);
@@ -160,13 +160,6 @@ impl Drop for ChromeDriver {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// `<repo>/out`, the ignored output folder.

@@ -184,11 +184,25 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A loopback port that is free now and that no other test in this process
+/// was given. The kernel may hand a released port out again at once, and a
+/// peer takes a second or more to bind the port it was given: two tests
+/// handed one port both saw "ready" from the one peer that bound it and
+/// shared its journal (CI, `llm::sqlite::*`). Other processes can still take
+/// the port first; callers retry on "address already in use".
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A fresh PostgreSQL database with the demo tenants, seeded by the CLI.
