@@ -887,6 +887,30 @@ impl TurnEngine {
     async fn release(&self, held: Option<&Held>) {
         self.settle_budget(held, 0).await;
     }
+
+    /// After a turn's final write: its reservation settled to what it used,
+    /// and the usage counted. The ledger row is written first: if this step
+    /// fails, the ledger is still the truth and the reservation expires.
+    async fn settle_usage(&self, model: &Model, held: Option<&Held>, usage: &Usage) {
+        let (prompt, completion) = (
+            u64::try_from(usage.prompt_tokens).unwrap_or(0),
+            u64::try_from(usage.completion_tokens).unwrap_or(0),
+        );
+        self.settle_budget(held, prompt.saturating_add(completion))
+            .await;
+        self.inner.metrics.usage(&model.name, prompt, completion);
+    }
+}
+
+/// What a turn's usage costs at its model's prices.
+fn cost_of(model: &Model, usage: &Usage) -> LedgerCost {
+    let prices = model.prices;
+    let cost = (usage.prompt_tokens as f64 * prices.input_per_mtok
+        + usage.completion_tokens as f64 * prices.output_per_mtok)
+        .round();
+    LedgerCost {
+        cost_micro_usd: if cost.is_finite() { cost as i64 } else { 0 },
+    }
 }
 
 /// A reservation outlives the longest possible turn by this much before it
@@ -992,8 +1016,6 @@ struct Run {
     call: Call,
     /// How the model said it finished.
     finish: FinishReason,
-    /// This turn's token reservation, settled with the final write.
-    held: Option<Held>,
 }
 
 /// A turn's model call: the request (every attempt sends it), confab's
@@ -1106,10 +1128,11 @@ impl Run {
             who: who.clone(),
             turn: turn.id,
             stored: turn.begun.as_ref().map(|b| b.chat_id),
-            model: model.name.clone(),
+            model: model.clone(),
             live: live.clone(),
             key: input.idempotency.as_ref().map(|c| c.key.clone()),
             interactive: input.interactive,
+            held,
         };
         Self {
             engine,
@@ -1128,7 +1151,6 @@ impl Run {
             disconnected_at: None,
             call,
             finish: FinishReason::Stop,
-            held,
         }
     }
 
@@ -1522,13 +1544,7 @@ impl Run {
                 }
                 _ => None,
             };
-        let prices = self.model.prices;
-        let cost = (usage.prompt_tokens as f64 * prices.input_per_mtok
-            + usage.completion_tokens as f64 * prices.output_per_mtok)
-            .round();
-        let cost = LedgerCost {
-            cost_micro_usd: if cost.is_finite() { cost as i64 } else { 0 },
-        };
+        let cost = cost_of(&self.model, &usage);
         let settlement = match &self.turn.begun {
             Some(begun) => Settlement::Message(FinishedMessage {
                 org: self.who.org_id,
@@ -1552,17 +1568,9 @@ impl Run {
             }),
         };
         let stored = self.guard.settle(&settlement, outcome).await;
-        // The ledger row is written; the budget follows it (if this step
-        // fails the ledger is still the truth and the reservation expires).
-        let total =
-            u64::try_from(usage.prompt_tokens.saturating_add(usage.completion_tokens)).unwrap_or(0);
-        self.engine.settle_budget(self.held.as_ref(), total).await;
-        let inner = &self.engine.inner;
-        let (prompt, completion) = (
-            u64::try_from(usage.prompt_tokens).unwrap_or(0),
-            u64::try_from(usage.completion_tokens).unwrap_or(0),
-        );
-        inner.metrics.usage(&self.model.name, prompt, completion);
+        self.engine
+            .settle_usage(&self.model, self.guard.held.as_ref(), &usage)
+            .await;
         match stored {
             Ok(()) => {
                 tracing::info!(
@@ -1675,10 +1683,12 @@ struct SettleGuard {
     turn: MessageId,
     /// The chat of a stored turn.
     stored: Option<ChatId>,
-    model: String,
+    model: Arc<Model>,
     live: Arc<LiveText>,
     key: Option<String>,
     interactive: bool,
+    /// The turn's token reservation, settled after the final write.
+    held: Option<Held>,
 }
 
 impl SettleGuard {
@@ -1719,20 +1729,25 @@ impl Drop for SettleGuard {
             .metrics
             .turn_finished(self.interactive, Outcome::Failed);
         tracing::error!(messageId = %self.turn, "turn task ended without settling; storing it as failed");
+        // What the turn used, as after a crash: the prompt if it reached the
+        // model, and the text so far, counted here (the model's own figures
+        // went with the task).
+        let text = self.live.text();
         let usage = Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
+            prompt_tokens: self.live.with(|t| t.prompt_tokens).unwrap_or(0),
+            completion_tokens: i64::try_from(self.model.tokenizer.count(&text)).unwrap_or(i64::MAX),
             source: UsageSource::Estimated,
         };
+        let cost = cost_of(&self.model, &usage);
         let settlement = match self.stored {
             Some(chat) => Settlement::Message(FinishedMessage {
                 org: self.who.org_id,
                 chat,
                 id: self.turn,
-                content: self.live.text(),
+                content: text,
                 status: MessageStatus::Failed,
                 usage,
-                cost: LedgerCost::default(),
+                cost,
                 idempotent_response: None,
                 event_lengths: self.live.lengths(),
             }),
@@ -1740,20 +1755,23 @@ impl Drop for SettleGuard {
                 turn: self.turn,
                 org: self.who.org_id,
                 user: self.who.user_id,
-                model: std::mem::take(&mut self.model),
+                model: self.model.name.clone(),
                 status: MessageStatus::Failed,
                 usage,
-                cost: LedgerCost::default(),
+                cost,
             }),
         };
         let who = self.who.clone();
         let key = self.key.take();
+        let held = self.held.take();
+        let model = self.model.clone();
         let tasks = inner.tasks.clone();
         tasks.spawn(async move {
-            let _ = settle_with_retries(inner.store.as_ref(), &settlement).await;
+            let _ = settle_with_retries(engine.inner.store.as_ref(), &settlement).await;
             if let Some(key) = key {
-                release_key(inner.store.as_ref(), &who, &key).await;
+                release_key(engine.inner.store.as_ref(), &who, &key).await;
             }
+            engine.settle_usage(&model, held.as_ref(), &usage).await;
         });
     }
 }

@@ -67,6 +67,7 @@ per_store!(
     concurrent_begins_of_every_kind_are_answered_each_on_its_own,
     concurrent_final_writes_are_answered_each_on_its_own,
     chat_service_lets_only_the_owner_write_and_admins_read,
+    a_turn_whose_task_panics_is_stored_failed_with_its_usage_and_frees_its_reservation,
     connecting_to_an_unreachable_database_is_unavailable,
 );
 
@@ -1748,13 +1749,17 @@ impl TokenCounter for Words {
 }
 
 fn echo_engine(store: &Arc<dyn Store>) -> TurnEngine {
+    engine_with(store, Arc::new(EchoProvider))
+}
+
+fn engine_with(store: &Arc<dyn Store>, provider: Arc<dyn ChatProvider>) -> TurnEngine {
     let model = Model {
         name: "echo".into(),
         upstream_model: "echo".into(),
         context_tokens: 10_000,
         max_output_tokens: 100,
         prices: Prices::default(),
-        provider: Arc::new(EchoProvider),
+        provider,
         tokenizer: Arc::new(Words),
     };
     TurnEngine::new(
@@ -1766,6 +1771,25 @@ fn echo_engine(store: &Arc<dyn Store>) -> TurnEngine {
         tokio_util::task::TaskTracker::new(),
         tokio_util::sync::CancellationToken::new(),
     )
+}
+
+/// A model with a bug: three words, then a panic in its stream.
+struct PanicsMidStream;
+
+#[async_trait]
+impl ChatProvider for PanicsMidStream {
+    fn kind(&self) -> &'static str {
+        "panics"
+    }
+
+    async fn stream(&self, _request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let words = futures::stream::iter(["one ", "two ", "three "])
+            .map(|w| Ok(Chunk::Delta(w.to_owned())));
+        let bug = futures::stream::poll_fn(|_| -> std::task::Poll<Option<_>> {
+            panic!("a bug in the provider adapter (on purpose, in a test)")
+        });
+        Ok(words.chain(bug).boxed())
+    }
 }
 
 fn input(text: &MessageText, chat: Option<ChatId>, key: Option<IdempotencyClaim>) -> TurnInput {
@@ -1797,6 +1821,94 @@ async fn run_turn(
                 }
             }
             panic!("no final event")
+        }
+    }
+}
+
+/// A bug that panics in a turn's task must not lose what the turn used:
+/// the reply is stored `failed` with its text so far, its usage is that
+/// text counted (estimated), and its token reservation is settled at once,
+/// not held until it expires (minutes later): the user's next turn is
+/// admitted although two reservations would not fit the limit.
+async fn a_turn_whose_task_panics_is_stored_failed_with_its_usage_and_frees_its_reservation(
+    db: Db,
+) {
+    let (_t, store) = open(db).await;
+    let engine = engine_with(&store, Arc::new(PanicsMidStream));
+    let acme = new_org(&*store, "acme").await;
+    let user = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+    let mut who = store.find_principal(user.id).await.unwrap().unwrap();
+    // One turn reserves its prompt plus the model's 100 output tokens: a
+    // second reservation next to a held first one does not fit.
+    who.user_tokens.per_minute = 150;
+    let text = MessageText::parse("Hello buggy model".into()).unwrap();
+    let started = engine
+        .start(
+            &who,
+            TurnInput::chat(text.clone(), true, tokio::time::Instant::now()),
+            None,
+        )
+        .await
+        .unwrap();
+    let Started::Turn(mut turn) = started else {
+        panic!("a turn without a key is never a replay")
+    };
+    let chat = turn.chat_id.unwrap();
+    let mut tokens = String::new();
+    while let Some(event) = turn.events.recv().await {
+        match event {
+            TurnEvent::Token(t) => tokens.push_str(&t),
+            other => panic!("a panicking turn sends no final event: {other:?}"),
+        }
+    }
+    assert_eq!(tokens, "one two three ");
+
+    // Stored as failed by the turn's guard, a moment after the panic.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let reply = loop {
+        let messages = all_messages(&*store, acme.id, chat).await;
+        let reply = messages.last().unwrap().clone();
+        if reply.status != MessageStatus::Streaming {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still streaming: {reply:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(reply.status, MessageStatus::Failed);
+    assert_eq!(reply.content, "one two three ");
+    let usage = reply.usage.expect("usage stored");
+    assert_eq!(usage.completion_tokens, 3, "{usage:?}");
+    assert!(
+        usage.prompt_tokens > 0,
+        "the prompt reached the model: {usage:?}"
+    );
+    assert_eq!(usage.source, UsageSource::Estimated);
+
+    // The reservation is settled to those few tokens: another turn fits.
+    loop {
+        let again = engine
+            .start(
+                &who,
+                TurnInput::chat(text.clone(), true, tokio::time::Instant::now()),
+                None,
+            )
+            .await;
+        match again {
+            Ok(Started::Turn(mut turn)) => {
+                while turn.events.recv().await.is_some() {}
+                break;
+            }
+            Err(ServiceError::TokenBudgetExceeded(state)) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the panicked turn's reservation is still held: {state:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected: {other:?}"),
         }
     }
 }
