@@ -1730,43 +1730,46 @@ impl Drop for SettleGuard {
             .turn_finished(self.interactive, Outcome::Failed);
         tracing::error!(messageId = %self.turn, "turn task ended without settling; storing it as failed");
         // What the turn used, as after a crash: the prompt if it reached the
-        // model, and the text so far, counted here (the model's own figures
-        // went with the task).
+        // model, and the text so far (the model's own figures went with the
+        // task). Counted in the task below, not here: this may run while a
+        // panic unwinds, where a second panic would abort the process.
         let text = self.live.text();
-        let usage = Usage {
-            prompt_tokens: self.live.with(|t| t.prompt_tokens).unwrap_or(0),
-            completion_tokens: i64::try_from(self.model.tokenizer.count(&text)).unwrap_or(i64::MAX),
-            source: UsageSource::Estimated,
-        };
-        let cost = cost_of(&self.model, &usage);
-        let settlement = match self.stored {
-            Some(chat) => Settlement::Message(FinishedMessage {
-                org: self.who.org_id,
-                chat,
-                id: self.turn,
-                content: text,
-                status: MessageStatus::Failed,
-                usage,
-                cost,
-                idempotent_response: None,
-                event_lengths: self.live.lengths(),
-            }),
-            None => Settlement::Ledger(LedgerEntry {
-                turn: self.turn,
-                org: self.who.org_id,
-                user: self.who.user_id,
-                model: self.model.name.clone(),
-                status: MessageStatus::Failed,
-                usage,
-                cost,
-            }),
-        };
-        let who = self.who.clone();
+        let prompt_tokens = self.live.with(|t| t.prompt_tokens).unwrap_or(0);
+        let event_lengths = self.live.lengths();
+        let (who, stored, turn) = (self.who.clone(), self.stored, self.turn);
         let key = self.key.take();
         let held = self.held.take();
         let model = self.model.clone();
         let tasks = inner.tasks.clone();
         tasks.spawn(async move {
+            let usage = Usage {
+                prompt_tokens,
+                completion_tokens: i64::try_from(model.tokenizer.count(&text)).unwrap_or(i64::MAX),
+                source: UsageSource::Estimated,
+            };
+            let cost = cost_of(&model, &usage);
+            let settlement = match stored {
+                Some(chat) => Settlement::Message(FinishedMessage {
+                    org: who.org_id,
+                    chat,
+                    id: turn,
+                    content: text,
+                    status: MessageStatus::Failed,
+                    usage,
+                    cost,
+                    idempotent_response: None,
+                    event_lengths,
+                }),
+                None => Settlement::Ledger(LedgerEntry {
+                    turn,
+                    org: who.org_id,
+                    user: who.user_id,
+                    model: model.name.clone(),
+                    status: MessageStatus::Failed,
+                    usage,
+                    cost,
+                }),
+            };
             let _ = settle_with_retries(engine.inner.store.as_ref(), &settlement).await;
             if let Some(key) = key {
                 release_key(engine.inner.store.as_ref(), &who, &key).await;
