@@ -1733,9 +1733,16 @@ impl Drop for SettleGuard {
         // model, and the text so far (the model's own figures went with the
         // task). Counted in the task below, not here: this may run while a
         // panic unwinds, where a second panic would abort the process.
-        let text = self.live.text();
-        let prompt_tokens = self.live.with(|t| t.prompt_tokens).unwrap_or(0);
-        let event_lengths = self.live.lengths();
+        let (text, event_lengths, prompt_tokens) = self
+            .live
+            .with(|t| {
+                (
+                    t.text.clone(),
+                    t.lengths.as_bytes().to_vec(),
+                    t.prompt_tokens,
+                )
+            })
+            .unwrap_or_default();
         let (who, stored, turn) = (self.who.clone(), self.stored, self.turn);
         let key = self.key.take();
         let held = self.held.take();
