@@ -1089,6 +1089,21 @@ fn chat_request(
     }
 }
 
+/// Remove U+0000 from a model's text before anything sees it: PostgreSQL
+/// refuses it in `text`, so one such character in one stream failed every
+/// save of every live stream batched with it (the partial-text flush, each
+/// second, until that turn ended: other tenants' streams then looked dead
+/// to crash recovery) and that turn's own final write. Users cannot send it
+/// (their messages are checked); a model can be asked to. Stripped here,
+/// where every provider's text passes, before event ids are counted, so the
+/// stream, the live text and the stored reply agree on every backend.
+fn strip_nul(text: &mut String, model: &str) {
+    if text.contains('\0') {
+        text.retain(|c| c != '\0');
+        tracing::debug!(model = %model, "removed NUL characters from the model's text");
+    }
+}
+
 impl Run {
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -1307,7 +1322,8 @@ impl Run {
                         tracing::debug!(model = %model_name, finish_reason = %reason, "model finished");
                         self.finish = FinishReason::from_provider(&reason);
                     }
-                    Some(Ok(Chunk::Delta(text))) => {
+                    Some(Ok(Chunk::Delta(mut text))) => {
+                        strip_nul(&mut text, &self.model.name);
                         if text.is_empty() {
                             continue;
                         }

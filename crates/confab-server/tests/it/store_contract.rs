@@ -68,6 +68,7 @@ per_store!(
     concurrent_final_writes_are_answered_each_on_its_own,
     chat_service_lets_only_the_owner_write_and_admins_read,
     a_turn_whose_task_panics_is_stored_failed_with_its_usage_and_frees_its_reservation,
+    nul_characters_from_the_model_are_dropped_before_the_stream_and_the_store,
     connecting_to_an_unreachable_database_is_unavailable,
 );
 
@@ -1911,6 +1912,59 @@ async fn a_turn_whose_task_panics_is_stored_failed_with_its_usage_and_frees_its_
             other => panic!("unexpected: {other:?}"),
         }
     }
+}
+
+/// A model whose reply holds U+0000 (PostgreSQL's `text` refuses it).
+struct EmitsNul;
+
+#[async_trait]
+impl ChatProvider for EmitsNul {
+    fn kind(&self) -> &'static str {
+        "nul"
+    }
+
+    async fn stream(&self, _request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let pieces =
+            futures::stream::iter(["Hi", "\0", " the\0re"]).map(|w| Ok(Chunk::Delta(w.to_owned())));
+        Ok(pieces.boxed())
+    }
+}
+
+async fn nul_characters_from_the_model_are_dropped_before_the_stream_and_the_store(db: Db) {
+    let (_t, store) = open(db).await;
+    let engine = engine_with(&store, Arc::new(EmitsNul));
+    let acme = new_org(&*store, "acme").await;
+    let user = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
+    let who = store.find_principal(user.id).await.unwrap().unwrap();
+    let text = MessageText::parse("Say something odd".into()).unwrap();
+    let started = engine
+        .start(
+            &who,
+            TurnInput::chat(text, true, tokio::time::Instant::now()),
+            None,
+        )
+        .await
+        .unwrap();
+    let Started::Turn(mut turn) = started else {
+        panic!("a turn without a key is never a replay")
+    };
+    let chat = turn.chat_id.unwrap();
+    let mut tokens = Vec::new();
+    let mut done = None;
+    while let Some(event) = turn.events.recv().await {
+        match event {
+            TurnEvent::Token(t) => tokens.push(t),
+            TurnEvent::Done(summary) => done = Some(summary),
+            other => panic!("the reply is stored and completes: {other:?}"),
+        }
+    }
+    // A piece that was only NUL is no event (ids stay 1, 2, … for what is sent).
+    assert_eq!(tokens, ["Hi", " there"]);
+    assert_eq!(done.expect("a final event").text, "Hi there");
+    let messages = all_messages(&*store, acme.id, chat).await;
+    let reply = messages.last().unwrap();
+    assert_eq!(reply.status, MessageStatus::Complete);
+    assert_eq!(reply.content, "Hi there");
 }
 
 async fn chat_service_lets_only_the_owner_write_and_admins_read(db: Db) {
