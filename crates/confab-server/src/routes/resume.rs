@@ -361,8 +361,23 @@ impl Follower {
         }
         self.next = id + 1;
         let stop = self.state.hard_stop.clone();
+        // A reader that takes nothing for STREAM_SEND_TIMEOUT_SECONDS (a
+        // half-open connection) is let go, like the original request's: it
+        // no longer counts as a reader, so a detached generation it held
+        // is cancelled after STREAM_DETACH_SECONDS rather than run to its
+        // end for nobody.
+        let patience = self.state.config.stream_send_timeout;
         tokio::select! {
-            sent = self.tx.send(event) => sent.is_ok(),
+            sent = tokio::time::timeout(patience, self.tx.send(event)) => match sent {
+                Ok(sent) => sent.is_ok(),
+                Err(_) => {
+                    tracing::info!(
+                        messageId = %self.message,
+                        "a resumed stream's reader took no event for STREAM_SEND_TIMEOUT_SECONDS; it is let go"
+                    );
+                    false
+                }
+            },
             _ = stop.cancelled() => false,
         }
     }
