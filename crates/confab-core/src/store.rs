@@ -230,6 +230,9 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// Forget a key whose request failed, so that a retry can run again.
+    /// A key that holds a response is kept: its request was answered (a
+    /// final write whose commit went through although its caller saw an
+    /// error), and a retry must get that answer, not run the turn twice.
     async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError>;
     /// Delete keys created before `older_than`. Returns how many.
     async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError>;

@@ -1578,10 +1578,12 @@ impl Store for PostgresStore {
 
     async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError> {
         self.retry(move || {
-            sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2")
-                .bind(uuid(user))
-                .bind(key)
-                .execute(&self.pool)
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND response IS NULL",
+            )
+            .bind(uuid(user))
+            .bind(key)
+            .execute(&self.pool)
         })
         .await
         .map(drop)

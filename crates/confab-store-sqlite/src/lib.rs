@@ -1056,13 +1056,15 @@ impl Store for SqliteStore {
     }
 
     async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = ?1 AND key = ?2")
-            .bind(uuid(user))
-            .bind(key)
-            .execute(&self.write)
-            .await
-            .map(drop)
-            .map_err(map_err)
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE user_id = ?1 AND key = ?2 AND response IS NULL",
+        )
+        .bind(uuid(user))
+        .bind(key)
+        .execute(&self.write)
+        .await
+        .map(drop)
+        .map_err(map_err)
     }
 
     async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {

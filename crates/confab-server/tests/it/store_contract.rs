@@ -54,7 +54,7 @@ per_store!(
     an_org_can_never_read_or_change_another_orgs_chats,
     deleted_chat_is_not_found,
     idempotency_key_is_claimed_once_and_a_loser_writes_nothing,
-    idempotent_response_is_stored_and_a_released_key_can_be_claimed_again,
+    idempotent_response_is_stored_and_kept_and_a_released_claim_can_be_claimed_again,
     expired_idempotency_key_is_replaced,
     an_abandoned_unanswered_claim_can_be_taken_over,
     purge_removes_only_old_idempotency_keys,
@@ -975,7 +975,7 @@ async fn idempotency_key_is_claimed_once_and_a_loser_writes_nothing(db: Db) {
     );
 }
 
-async fn idempotent_response_is_stored_and_a_released_key_can_be_claimed_again(db: Db) {
+async fn idempotent_response_is_stored_and_kept_and_a_released_claim_can_be_claimed_again(db: Db) {
     let (_t, store) = open(db).await;
     let acme = new_org(&*store, "acme").await;
     let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
@@ -989,19 +989,35 @@ async fn idempotent_response_is_stored_and_a_released_key_can_be_claimed_again(d
     store.finish_message(&done).await.unwrap();
 
     let record = store.get_idempotency(alice.id, "k").await.unwrap().unwrap();
-    assert_eq!(record.response, Some(response));
+    assert_eq!(record.response, Some(response.clone()));
     assert_eq!(record.request_hash, "h");
 
+    // An answered key is not released (a final write whose commit went
+    // through although its caller saw an error): a retry gets the answer
+    // instead of running the turn a second time.
     store.release_idempotency(alice.id, "k").await.unwrap();
-    assert_eq!(store.get_idempotency(alice.id, "k").await.unwrap(), None);
+    let record = store.get_idempotency(alice.id, "k").await.unwrap().unwrap();
+    assert_eq!(record.response, Some(response));
+
+    // A claim whose request failed (no response) is released, and a retry
+    // with the key runs again.
+    let mut failed = turn(&alice, TurnChat::Existing(begun.chat_id), "hi again");
+    failed.idempotency = claim("k2", "h");
+    store.begin_turn(&failed).await.unwrap();
+    store.release_idempotency(alice.id, "k2").await.unwrap();
+    assert_eq!(store.get_idempotency(alice.id, "k2").await.unwrap(), None);
     // Releasing an unknown key is fine.
-    store.release_idempotency(alice.id, "k").await.unwrap();
+    store.release_idempotency(alice.id, "k2").await.unwrap();
 
     let mut retry = turn(&alice, TurnChat::Existing(begun.chat_id), "hi again");
-    retry.idempotency = claim("k", "h2");
+    retry.idempotency = claim("k2", "h2");
     let again = store.begin_turn(&retry).await.unwrap();
-    assert_eq!(again.user_message.seq, 3);
-    let record = store.get_idempotency(alice.id, "k").await.unwrap().unwrap();
+    assert_eq!(again.user_message.seq, 5);
+    let record = store
+        .get_idempotency(alice.id, "k2")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (record.request_hash.as_str(), record.response),
         ("h2", None)
