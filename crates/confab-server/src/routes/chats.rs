@@ -211,7 +211,9 @@ pub async fn post_chat(
         }
     };
     // The reply arrives as events; the summary carries the whole text. If
-    // this request is dropped meanwhile, the engine sees it and cancels.
+    // this request is dropped meanwhile, the engine sees it and cancels
+    // (with STREAM_DETACH_SECONDS, after that long without a reader of the
+    // message's stream).
     while let Some(event) = turn.events.recv().await {
         match event {
             TurnEvent::Token(_) => {}
