@@ -157,6 +157,9 @@ pub trait TurnMetrics: Send + Sync + 'static {
     fn budget(&self, _event: &'static str, _kind: &'static str, _tokens: u64) {}
     fn flushed(&self, _rows: u64, _took: Duration) {}
     fn flush_failed(&self, _took: Duration) {}
+    /// A turn's final write failed for an outage and is written later:
+    /// `deferred` when that starts, then `saved` or `lost`.
+    fn final_write_deferred(&self, _outcome: &'static str) {}
     /// A generation lost its last reader and goes on waiting for one
     /// (`STREAM_DETACH_SECONDS`).
     fn generation_detached(&self) {}
@@ -1583,7 +1586,7 @@ impl Run {
                 cost,
             }),
         };
-        let stored = self.guard.settle(&settlement, outcome).await;
+        let stored = self.guard.settle(settlement, outcome).await;
         self.engine
             .settle_usage(&self.model, self.guard.held.as_ref(), &usage)
             .await;
@@ -1708,11 +1711,7 @@ struct SettleGuard {
 }
 
 impl SettleGuard {
-    async fn settle(
-        &mut self,
-        settlement: &Settlement,
-        outcome: Outcome,
-    ) -> Result<(), StoreError> {
+    async fn settle(&mut self, settlement: Settlement, outcome: Outcome) -> Result<(), StoreError> {
         let Some(engine) = self.engine.take() else {
             return Ok(());
         };
@@ -1721,9 +1720,26 @@ impl SettleGuard {
         // the final text.
         inner.flusher.unregister(self.turn);
         inner.metrics.turn_finished(self.interactive, outcome);
-        let stored = settle_with_retries(inner.store.as_ref(), settlement).await;
-        if let Err(err) = &stored {
-            tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.turn, "could not store the final reply");
+        let stored = settle_with_retries(inner.store.as_ref(), &settlement).await;
+        match &stored {
+            Ok(()) => {}
+            Err(StoreError::Unavailable(err)) => {
+                // The database is away for longer than the retries (a
+                // failover): the reply and its usage are kept and written
+                // when it is back, not lost. The key stays claimed until
+                // then (its answer is on the way), and is released only if
+                // the write is given up.
+                tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.turn, "could not store the final reply; it is kept and written once the database is back");
+                let key = if outcome == Outcome::Complete {
+                    self.key.take()
+                } else {
+                    None
+                };
+                settle_later(&engine, settlement, key, self.who.clone(), self.turn);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.turn, "could not store the final reply");
+            }
         }
         if (outcome != Outcome::Complete || stored.is_err())
             && let Some(key) = &self.key
@@ -1732,6 +1748,55 @@ impl SettleGuard {
         }
         stored
     }
+}
+
+/// The first wait of a final write deferred by an outage, and the longest
+/// (the wait doubles from one to the other).
+const DEFERRED_WRITE_FIRST_WAIT: Duration = Duration::from_secs(1);
+const DEFERRED_WRITE_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Write a turn's final write that failed for an outage once the database
+/// is back: tried again after a growing wait (1 s, doubling up to 10 s)
+/// until it is stored, or until the process stops (then once more, at
+/// once). Meanwhile the message reads `streaming`, or `interrupted` once
+/// crash recovery takes it for dead; the final write overwrites either. A
+/// tracked task: a graceful shutdown waits for it like for a stream.
+fn settle_later(
+    engine: &TurnEngine,
+    settlement: Settlement,
+    key: Option<String>,
+    who: Principal,
+    turn: MessageId,
+) {
+    let inner = engine.inner.clone();
+    inner.metrics.final_write_deferred("deferred");
+    let tasks = inner.tasks.clone();
+    tasks.spawn(async move {
+        let store = inner.store.as_ref();
+        let mut wait = DEFERRED_WRITE_FIRST_WAIT;
+        let outcome = loop {
+            let stopping = tokio::select! {
+                () = tokio::time::sleep(wait) => false,
+                () = inner.hard_stop.cancelled() => true,
+            };
+            match write_settlement(store, &settlement).await {
+                Ok(()) => break "saved",
+                Err(StoreError::Unavailable(_)) if !stopping => {
+                    wait = (wait * 2).min(DEFERRED_WRITE_MAX_WAIT);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, messageId = %turn, "a deferred final reply could not be stored; it is lost (crash recovery marks the message interrupted)");
+                    break "lost";
+                }
+            }
+        };
+        inner.metrics.final_write_deferred(outcome);
+        if outcome == "saved" {
+            tracing::info!(messageId = %turn, "a deferred final reply was stored");
+        } else if let Some(key) = key {
+            release_key(store, &who, &key).await;
+        }
+    });
 }
 
 impl Drop for SettleGuard {
@@ -1808,11 +1873,7 @@ async fn settle_with_retries(store: &dyn Store, settlement: &Settlement) -> Resu
     let mut backoff = FINAL_WRITE_BACKOFF;
     let mut attempts = 1;
     loop {
-        let written = match settlement {
-            Settlement::Message(finished) => store.finish_message(finished).await.map(drop),
-            Settlement::Ledger(entry) => store.record_usage(entry).await,
-        };
-        match written {
+        match write_settlement(store, settlement).await {
             Ok(()) => return Ok(()),
             Err(StoreError::Unavailable(err)) if attempts < FINAL_WRITE_ATTEMPTS => {
                 tracing::warn!(error = %err, attempts, "final write of a turn failed; retrying");
@@ -1822,6 +1883,14 @@ async fn settle_with_retries(store: &dyn Store, settlement: &Settlement) -> Resu
             }
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// One attempt at a turn's final write.
+async fn write_settlement(store: &dyn Store, settlement: &Settlement) -> Result<(), StoreError> {
+    match settlement {
+        Settlement::Message(finished) => store.finish_message(finished).await.map(drop),
+        Settlement::Ledger(entry) => store.record_usage(entry).await,
     }
 }
 

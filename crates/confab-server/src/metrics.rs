@@ -145,6 +145,7 @@ pub struct Metrics {
     pub turns_in_flight: Gauge,
     pub turns_max_concurrent: Gauge,
     pub turns_refused: Family<ReasonLabels, Counter>,
+    pub final_writes_deferred: Family<OutcomeLabels, Counter>,
 }
 
 fn http_histogram() -> Histogram {
@@ -387,6 +388,12 @@ impl Metrics {
             "Turns refused with 503 before they began: capacity (the concurrent-turn bound) or database (no connection within DB_ACQUIRE_TIMEOUT_MS, or down)",
             turns_refused.clone(),
         );
+        let final_writes_deferred = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "turn_final_writes_deferred",
+            "Final writes of turns (the reply, its usage and ledger row) that failed for a database outage and are written once it is back: deferred, then saved or lost",
+            final_writes_deferred.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
 
         Self {
@@ -428,6 +435,7 @@ impl Metrics {
             turns_in_flight,
             turns_max_concurrent,
             turns_refused,
+            final_writes_deferred,
         }
     }
 
@@ -553,6 +561,12 @@ impl confab_core::turn::TurnMetrics for Metrics {
     fn flush_failed(&self, took: std::time::Duration) {
         self.stream_flush_errors.inc();
         self.stream_flush_duration.observe(ms(took));
+    }
+
+    fn final_write_deferred(&self, outcome: &'static str) {
+        self.final_writes_deferred
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     fn turn_refused(&self, _interactive: bool, reason: &'static str) {

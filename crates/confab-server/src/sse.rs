@@ -439,6 +439,9 @@ fn failure_message(failure: &TurnFailure) -> String {
         TurnFailure::Interrupted => {
             "The server is shutting down; the partial reply was saved".to_owned()
         }
+        TurnFailure::NotSaved(confab_core::StoreError::Unavailable(_)) => {
+            "The database is unavailable; the reply is kept and saved once it is back".to_owned()
+        }
         TurnFailure::NotSaved(_) => {
             "The reply could not be saved; it will show as interrupted".to_owned()
         }

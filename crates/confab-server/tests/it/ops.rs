@@ -357,6 +357,8 @@ async fn readme_metrics_reference_lists_exactly_the_families_metrics_exposes() {
     );
     // A refusal at capacity (tests/it/overload.rs makes real ones).
     confab_core::turn::TurnMetrics::turn_refused(app.state.metrics.as_ref(), false, "capacity");
+    // A final write deferred by an outage (tests/it/store_faults.rs makes one).
+    confab_core::turn::TurnMetrics::final_write_deferred(app.state.metrics.as_ref(), "deferred");
     let _ = app.get("/nope", &As::Nobody).await;
     let _ = app
         .get("/chats", &As::Headers(ACME.into(), ACME.into()))

@@ -145,3 +145,89 @@ async fn a_full_disk_fails_cleanly_reports_degraded_and_recovers_without_restart
     assert_eq!(health["status"], "ok", "{health}");
     drop(app);
 }
+
+/// A turn whose final write meets a database that cannot write (a full
+/// disk here; a failover is the same to the turn) keeps its reply and its
+/// usage and writes them once the database can write again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_write_that_meets_a_full_disk_is_written_once_space_is_back() {
+    crate::support::init();
+    let fs = Tmpfs::mount("3m");
+    let app = spawn_on(
+        TestDb::sqlite_at(&fs.path("confab.db")),
+        &[
+            ("SIMULATED_MIN_WORDS", "2000"),
+            ("SIMULATED_TOKEN_DELAY_MS", "1"),
+        ],
+    )
+    .await;
+    // A stream begins; the disk fills while it runs, so its final write
+    // (≈ 12 KB of text) finds no room.
+    let mut deferred = None;
+    for attempt in 0..5 {
+        let res = app
+            .post_json(
+                "/chat/stream",
+                &As::alice(),
+                &json!({ "message": format!("A long story, please ({attempt})") }),
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        let chat = res.headers()["x-chat-id"].to_str().unwrap().to_owned();
+        let message = res.headers()["x-message-id"].to_str().unwrap().to_owned();
+        let mut reader = crate::support::sse::SseReader::new(res);
+        let (_, first) = reader.next_event().await.expect("a first token");
+        fill(&fs.path("filler"));
+        let mut events = vec![(1, first)];
+        events.extend(reader.rest().await);
+        let (_, last) = events.last().expect("a final event").clone();
+        if last["done"] == true {
+            // It found room after all: free the disk and try again.
+            std::fs::remove_file(fs.path("filler")).expect("remove filler");
+            continue;
+        }
+        assert_eq!(
+            last["message"],
+            "The database is unavailable; the reply is kept and saved once it is back",
+            "{last}"
+        );
+        let text: String = events
+            .iter()
+            .filter_map(|(_, e)| e["token"].as_str())
+            .collect();
+        deferred = Some((chat, message, text));
+        break;
+    }
+    let (chat, message, text) = deferred.expect("no final write ever met the full disk");
+
+    std::fs::remove_file(fs.path("filler")).expect("remove filler");
+    // Written once there is room again: the whole reply, complete, with
+    // the model's usage.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = app.get_json(&format!("/chat/{chat}"), &As::alice()).await;
+        if status == 200 {
+            let reply = body["messages"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["id"] == message.as_str()))
+                .cloned()
+                .unwrap_or(Value::Null);
+            if reply["status"] == "complete" {
+                assert_eq!(reply["content"].as_str(), Some(text.as_str()));
+                assert_eq!(reply["usage"]["source"], "provider", "{reply}");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deferred final write was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
+    assert!(
+        metrics.contains("turn_final_writes_deferred_total{outcome=\"saved\"} 1"),
+        "{metrics}"
+    );
+    drop(app);
+}
