@@ -454,8 +454,10 @@ fn failure_message(failure: &TurnFailure) -> String {
 /// other than `complete` (the stored status is all that is known then).
 pub fn ended_message(status: MessageStatus, saved: bool) -> &'static str {
     match (status, saved) {
+        // Not saved when it ended: a final write deferred by an outage is
+        // saved once the database is back; otherwise recovery marks it.
         (_, false) | (MessageStatus::Streaming, _) => {
-            "The reply could not be saved; it will show as interrupted"
+            "The reply was not saved when it ended; it shows as interrupted unless it is saved once the database is back"
         }
         (MessageStatus::Cancelled, _) => "The reply was cancelled; the partial reply was saved",
         (MessageStatus::Interrupted, _) => {
