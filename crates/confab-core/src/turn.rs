@@ -1724,18 +1724,15 @@ impl SettleGuard {
         match &stored {
             Ok(()) => {}
             Err(StoreError::Unavailable(err)) => {
-                // The database is away for longer than the retries (a
-                // failover): the reply and its usage are kept and written
-                // when it is back, not lost. The key stays claimed until
-                // then (its answer is on the way), and is released only if
-                // the write is given up.
-                tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.turn, "could not store the final reply; it is kept and written once the database is back");
+                // The key of a complete reply stays claimed until its
+                // deferred write (its answer is on the way), and is released
+                // only if that is given up.
                 let key = if outcome == Outcome::Complete {
                     self.key.take()
                 } else {
                     None
                 };
-                settle_later(&engine, settlement, key, self.who.clone(), self.turn);
+                settle_later(&engine, settlement, err, key, self.who.clone(), self.turn);
             }
             Err(err) => {
                 tracing::error!(error = %err, outcome = outcome.as_str(), messageId = %self.turn, "could not store the final reply");
@@ -1760,14 +1757,19 @@ const DEFERRED_WRITE_MAX_WAIT: Duration = Duration::from_secs(10);
 /// until it is stored, or until the process stops (then once more, at
 /// once). Meanwhile the message reads `streaming`, or `interrupted` once
 /// crash recovery takes it for dead; the final write overwrites either. A
-/// tracked task: a graceful shutdown waits for it like for a stream.
+/// tracked task: a graceful shutdown waits for it like for a stream. For
+/// every final write that failed for an outage (`err`): the normal path's
+/// and that of a turn whose task panicked. `key`: released if the write is
+/// given up.
 fn settle_later(
     engine: &TurnEngine,
     settlement: Settlement,
+    err: &str,
     key: Option<String>,
     who: Principal,
     turn: MessageId,
 ) {
+    tracing::error!(error = %err, messageId = %turn, "could not store the final reply; it is kept and written once the database is back");
     let inner = engine.inner.clone();
     inner.metrics.final_write_deferred("deferred");
     let tasks = inner.tasks.clone();
@@ -1858,7 +1860,11 @@ impl Drop for SettleGuard {
                     cost,
                 }),
             };
-            let _ = settle_with_retries(engine.inner.store.as_ref(), &settlement).await;
+            if let Err(StoreError::Unavailable(err)) =
+                settle_with_retries(engine.inner.store.as_ref(), &settlement).await
+            {
+                settle_later(&engine, settlement, &err, None, who.clone(), turn);
+            }
             if let Some(key) = key {
                 release_key(engine.inner.store.as_ref(), &who, &key).await;
             }

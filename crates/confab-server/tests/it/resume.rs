@@ -111,7 +111,7 @@ fn assert_exactly_once(before: &[(u64, Value)], after: &[(u64, Value)]) -> Strin
     text
 }
 
-async fn stored(client: &reqwest::Client, base: &str, chat: &str, msg: &str) -> Value {
+pub(crate) async fn stored(client: &reqwest::Client, base: &str, chat: &str, msg: &str) -> Value {
     let body: Value = alice(client.get(format!("{base}/chat/{chat}")))
         .send()
         .await
@@ -128,7 +128,7 @@ async fn stored(client: &reqwest::Client, base: &str, chat: &str, msg: &str) -> 
         .unwrap_or_else(|| panic!("message {msg} not in {body}"))
 }
 
-async fn wait_status(
+pub(crate) async fn wait_status(
     client: &reqwest::Client,
     base: &str,
     chat: &str,

@@ -1790,22 +1790,28 @@ fn engine_with(store: &Arc<dyn Store>, provider: Arc<dyn ChatProvider>) -> TurnE
     )
 }
 
-/// A model with a bug: three words, then a panic in its stream.
-struct PanicsMidStream;
+/// A model that streams fixed pieces of text and then ends, or — with
+/// `then_panic` — hits a bug in its stream (a panic in a provider adapter).
+struct Scripted {
+    pieces: &'static [&'static str],
+    then_panic: bool,
+}
 
 #[async_trait]
-impl ChatProvider for PanicsMidStream {
+impl ChatProvider for Scripted {
     fn kind(&self) -> &'static str {
-        "panics"
+        "scripted"
     }
 
     async fn stream(&self, _request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let words = futures::stream::iter(["one ", "two ", "three "])
-            .map(|w| Ok(Chunk::Delta(w.to_owned())));
+        let pieces = futures::stream::iter(self.pieces).map(|w| Ok(Chunk::Delta((*w).to_owned())));
+        if !self.then_panic {
+            return Ok(pieces.boxed());
+        }
         let bug = futures::stream::poll_fn(|_| -> std::task::Poll<Option<_>> {
             panic!("a bug in the provider adapter (on purpose, in a test)")
         });
-        Ok(words.chain(bug).boxed())
+        Ok(pieces.chain(bug).boxed())
     }
 }
 
@@ -1851,7 +1857,13 @@ async fn a_turn_whose_task_panics_is_stored_failed_with_its_usage_and_frees_its_
     db: Db,
 ) {
     let (_t, store) = open(db).await;
-    let engine = engine_with(&store, Arc::new(PanicsMidStream));
+    let engine = engine_with(
+        &store,
+        Arc::new(Scripted {
+            pieces: &["one ", "two ", "three "],
+            then_panic: true,
+        }),
+    );
     let acme = new_org(&*store, "acme").await;
     let user = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
     let mut who = store.find_principal(user.id).await.unwrap().unwrap();
@@ -1930,25 +1942,16 @@ async fn a_turn_whose_task_panics_is_stored_failed_with_its_usage_and_frees_its_
     }
 }
 
-/// A model whose reply holds U+0000 (PostgreSQL's `text` refuses it).
-struct EmitsNul;
-
-#[async_trait]
-impl ChatProvider for EmitsNul {
-    fn kind(&self) -> &'static str {
-        "nul"
-    }
-
-    async fn stream(&self, _request: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let pieces =
-            futures::stream::iter(["Hi", "\0", " the\0re"]).map(|w| Ok(Chunk::Delta(w.to_owned())));
-        Ok(pieces.boxed())
-    }
-}
-
 async fn nul_characters_from_the_model_are_dropped_before_the_stream_and_the_store(db: Db) {
     let (_t, store) = open(db).await;
-    let engine = engine_with(&store, Arc::new(EmitsNul));
+    let engine = engine_with(
+        &store,
+        // A reply holding U+0000 (PostgreSQL's `text` refuses it).
+        Arc::new(Scripted {
+            pieces: &["Hi", "\0", " the\0re"],
+            then_panic: false,
+        }),
+    );
     let acme = new_org(&*store, "acme").await;
     let user = new_user(&*store, acme.id, "bob@acme.com", Role::Member).await;
     let who = store.find_principal(user.id).await.unwrap().unwrap();

@@ -203,27 +203,10 @@ async fn a_final_write_that_meets_a_full_disk_is_written_once_space_is_back() {
     std::fs::remove_file(fs.path("filler")).expect("remove filler");
     // Written once there is room again: the whole reply, complete, with
     // the model's usage.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = app.get_json(&format!("/chat/{chat}"), &As::alice()).await;
-        if status == 200 {
-            let reply = body["messages"]
-                .as_array()
-                .and_then(|m| m.iter().find(|m| m["id"] == message.as_str()))
-                .cloned()
-                .unwrap_or(Value::Null);
-            if reply["status"] == "complete" {
-                assert_eq!(reply["content"].as_str(), Some(text.as_str()));
-                assert_eq!(reply["usage"]["source"], "provider", "{reply}");
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the deferred final write was never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let reply =
+        crate::resume::wait_status(&app.client, &app.base, &chat, &message, "complete").await;
+    assert_eq!(reply["content"].as_str(), Some(text.as_str()));
+    assert_eq!(reply["usage"]["source"], "provider", "{reply}");
     let metrics = app.get("/metrics", &As::Nobody).await.text().await.unwrap();
     assert!(
         metrics.contains("turn_final_writes_deferred_total{outcome=\"saved\"} 1"),
