@@ -182,8 +182,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Message>, StoreError>;
 
     /// In ONE transaction: drop the user's expired (> 24 h) or abandoned
-    /// (unanswered for [`crate::model::ABANDONED_CLAIM_SECS`]) idempotency key
-    /// of the same name, claim the new key if any (`Conflict { constraint:
+    /// (unanswered for [`crate::model::ABANDONED_CLAIM_SECS`] and its reply
+    /// no longer alive: not `streaming`, or not saved for that long)
+    /// idempotency key of the same name, claim the new key if any (for this
+    /// turn's assistant message) (`Conflict { constraint:
     /// "idempotency_keys" }` and nothing written when it is taken), create the
     /// chat if new (`NotFound` if an existing one is gone) with its `system`
     /// message first when given, append the user message (`complete`) and the
@@ -193,7 +195,9 @@ pub trait Store: Send + Sync + 'static {
     /// Set an assistant message's final content, status and usage
     /// (`token_count` = completion tokens), write (or rewrite) its usage-ledger
     /// row with the same figures, bump the chat's `updated_at`, and store the
-    /// idempotent response if given, in one transaction.
+    /// idempotent response if given (only into a claim this message holds: a
+    /// retry that took an abandoned key over keeps its own), in one
+    /// transaction.
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError>;
     /// Write the ledger row of a turn stored in no chat; a second write of
     /// the same turn changes nothing (a turn is counted once).
@@ -229,11 +233,17 @@ pub trait Store: Send + Sync + 'static {
         user: UserId,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
-    /// Forget a key whose request failed, so that a retry can run again.
-    /// A key that holds a response is kept: its request was answered (a
-    /// final write whose commit went through although its caller saw an
-    /// error), and a retry must get that answer, not run the turn twice.
-    async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError>;
+    /// Forget a key whose request (the turn of assistant message `message`)
+    /// failed, so that a retry can run again. A key that holds a response is
+    /// kept: its request was answered (a final write whose commit went
+    /// through although its caller saw an error), and a retry must get that
+    /// answer, not run the turn twice. So is a key another turn claimed since.
+    async fn release_idempotency(
+        &self,
+        user: UserId,
+        key: &str,
+        message: MessageId,
+    ) -> Result<(), StoreError>;
     /// Delete keys created before `older_than`. Returns how many.
     async fn purge_idempotency(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError>;
 }

@@ -1741,7 +1741,7 @@ impl SettleGuard {
         if (outcome != Outcome::Complete || stored.is_err())
             && let Some(key) = &self.key
         {
-            release_key(inner.store.as_ref(), &self.who, key).await;
+            release_key(inner.store.as_ref(), &self.who, key, self.turn).await;
         }
         stored
     }
@@ -1796,7 +1796,7 @@ fn settle_later(
         if outcome == "saved" {
             tracing::info!(messageId = %turn, "a deferred final reply was stored");
         } else if let Some(key) = key {
-            release_key(store, &who, &key).await;
+            release_key(store, &who, &key, turn).await;
         }
     });
 }
@@ -1866,7 +1866,7 @@ impl Drop for SettleGuard {
                 settle_later(&engine, settlement, &err, None, who.clone(), turn);
             }
             if let Some(key) = key {
-                release_key(engine.inner.store.as_ref(), &who, &key).await;
+                release_key(engine.inner.store.as_ref(), &who, &key, turn).await;
             }
             engine.settle_usage(&model, held.as_ref(), &usage).await;
         });
@@ -1902,8 +1902,8 @@ async fn write_settlement(store: &dyn Store, settlement: &Settlement) -> Result<
 
 /// A turn that did not complete releases its idempotency key, so that a retry
 /// runs again instead of waiting for a response that will never come.
-async fn release_key(store: &dyn Store, who: &Principal, key: &str) {
-    if let Err(err) = store.release_idempotency(who.user_id, key).await {
+async fn release_key(store: &dyn Store, who: &Principal, key: &str, message: MessageId) {
+    if let Err(err) = store.release_idempotency(who.user_id, key, message).await {
         tracing::error!(error = %err, "could not release an idempotency key; retries wait until it is abandoned");
     }
 }

@@ -338,11 +338,14 @@ fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
 // for one chat would apply one of them); the group commit runs further
 // turns of a chat as further statements of its transaction.
 
-/// The turns, then the idempotency keys they claim. "Drop the user's
-/// expired key of that name, then claim it" is one upsert: a live key is
-/// left untouched and yields no row; an expired one is replaced. The unique
-/// index makes concurrent claims of one key wait for each other, so exactly
-/// one wins.
+/// The turns, then the idempotency keys they claim (each for its turn's
+/// assistant message). "Drop the user's expired or abandoned key of that
+/// name, then claim it" is one upsert: a live key is left untouched and
+/// yields no row; an expired one is replaced, and so is an unanswered one
+/// whose reply is no longer alive (`ABANDONED_CLAIM_SECS`: not `streaming`,
+/// or not saved for that long; a claim without a message, from before
+/// migration 0007, by its age alone). The unique index makes concurrent
+/// claims of one key wait for each other, so exactly one wins.
 macro_rules! input_and_claim {
     () => {
         "WITH input AS ( \
@@ -352,14 +355,17 @@ macro_rules! input_and_claim {
                 AS i (chat_id, org_id, user_id, user_msg, assistant_msg, content, key, hash, \
                       model, title, system, system_msg) \
         ), claim AS ( \
-            INSERT INTO idempotency_keys (user_id, key, request_hash, created_at) \
-            SELECT user_id, key, hash, now() FROM input WHERE key IS NOT NULL \
+            INSERT INTO idempotency_keys (user_id, key, request_hash, created_at, message_id) \
+            SELECT user_id, key, hash, now(), assistant_msg FROM input WHERE key IS NOT NULL \
             ON CONFLICT (user_id, key) DO UPDATE \
                SET request_hash = EXCLUDED.request_hash, response = NULL, \
-                   created_at = EXCLUDED.created_at \
+                   created_at = EXCLUDED.created_at, message_id = EXCLUDED.message_id \
              WHERE idempotency_keys.created_at < now() - interval '24 hours' \
                 OR (idempotency_keys.response IS NULL \
-                    AND idempotency_keys.created_at < now() - interval '120 seconds') \
+                    AND idempotency_keys.created_at < now() - interval '120 seconds' \
+                    AND NOT EXISTS (SELECT 1 FROM messages r \
+                        WHERE r.id = idempotency_keys.message_id AND r.status = 'streaming' \
+                          AND r.updated_at >= now() - interval '120 seconds')) \
             RETURNING user_id, key \
         ), "
     };
@@ -624,6 +630,7 @@ impl Finish {
             " ), k AS ( \
                 UPDATE idempotency_keys SET response = $9 \
                  WHERE user_id = $7 AND key = $8 AND EXISTS (SELECT 1 FROM m) \
+                   AND (message_id = $1 OR message_id IS NULL) \
             ) \
             SELECT * FROM m"
         ))
@@ -1576,13 +1583,20 @@ impl Store for PostgresStore {
         row.as_ref().map(rows::idempotency).transpose()
     }
 
-    async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError> {
+    async fn release_idempotency(
+        &self,
+        user: UserId,
+        key: &str,
+        message: MessageId,
+    ) -> Result<(), StoreError> {
         self.retry(move || {
             sqlx::query(
-                "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND response IS NULL",
+                "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 \
+                   AND response IS NULL AND (message_id = $3 OR message_id IS NULL)",
             )
             .bind(uuid(user))
             .bind(key)
+            .bind(uuid(message))
             .execute(&self.pool)
         })
         .await

@@ -24,6 +24,11 @@ const MIGRATIONS: &EmbeddedMigrations = &[
         "hot_partial_saves",
         include_str!("../migrations/0006_hot_partial_saves.sql"),
     ),
+    (
+        7,
+        "idempotency_claim_reply",
+        include_str!("../migrations/0007_idempotency_claim_reply.sql"),
+    ),
 ];
 
 /// The migrator for this backend's schema.

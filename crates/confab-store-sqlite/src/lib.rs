@@ -718,15 +718,22 @@ impl Store for SqliteStore {
         if let Some(claim) = &turn.idempotency {
             // "Drop the expired (or abandoned) key, then claim" as one
             // upsert: a live key is left alone (0 rows → Conflict), an expired
-            // or abandoned one is replaced.
+            // one is replaced, and so is an unanswered one whose reply is no
+            // longer alive (not `streaming`, or not saved for
+            // ABANDONED_CLAIM_SECS; a claim from before migration 0007, with
+            // no message, by its age alone).
             let claimed = sqlx::query(
-                "INSERT INTO idempotency_keys (user_id, key, request_hash, response, created_at) \
-                 VALUES (?1, ?2, ?3, NULL, ?4) \
+                "INSERT INTO idempotency_keys \
+                    (user_id, key, request_hash, response, created_at, message_id) \
+                 VALUES (?1, ?2, ?3, NULL, ?4, ?7) \
                  ON CONFLICT (user_id, key) DO UPDATE \
                     SET request_hash = excluded.request_hash, response = NULL, \
-                        created_at = excluded.created_at \
+                        created_at = excluded.created_at, message_id = excluded.message_id \
                   WHERE idempotency_keys.created_at < ?5 \
-                     OR (idempotency_keys.response IS NULL AND idempotency_keys.created_at < ?6)",
+                     OR (idempotency_keys.response IS NULL AND idempotency_keys.created_at < ?6 \
+                         AND NOT EXISTS (SELECT 1 FROM messages r \
+                             WHERE r.id = idempotency_keys.message_id \
+                               AND r.status = 'streaming' AND r.updated_at >= ?6))",
             )
             .bind(uuid(turn.user))
             .bind(&claim.key)
@@ -734,6 +741,7 @@ impl Store for SqliteStore {
             .bind(now)
             .bind(now - IDEMPOTENCY_TTL_MICROS)
             .bind(now - ABANDONED_CLAIM_MICROS)
+            .bind(uuid(turn.assistant_message_id))
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -896,12 +904,17 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         if let Some((user, key, response)) = &msg.idempotent_response {
+            // Only into the claim this message holds (or one from before
+            // migration 0007): a retry that took an abandoned key over keeps
+            // its own.
             sqlx::query(
-                "UPDATE idempotency_keys SET response = ?3 WHERE user_id = ?1 AND key = ?2",
+                "UPDATE idempotency_keys SET response = ?3 WHERE user_id = ?1 AND key = ?2 \
+                   AND (message_id = ?4 OR message_id IS NULL)",
             )
             .bind(uuid(*user))
             .bind(key)
             .bind(json_text(response))
+            .bind(uuid(msg.id))
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -1055,12 +1068,19 @@ impl Store for SqliteStore {
         row.as_ref().map(rows::idempotency).transpose()
     }
 
-    async fn release_idempotency(&self, user: UserId, key: &str) -> Result<(), StoreError> {
+    async fn release_idempotency(
+        &self,
+        user: UserId,
+        key: &str,
+        message: MessageId,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE user_id = ?1 AND key = ?2 AND response IS NULL",
+            "DELETE FROM idempotency_keys WHERE user_id = ?1 AND key = ?2 \
+               AND response IS NULL AND (message_id = ?3 OR message_id IS NULL)",
         )
         .bind(uuid(user))
         .bind(key)
+        .bind(uuid(message))
         .execute(&self.write)
         .await
         .map(drop)

@@ -333,11 +333,11 @@ async fn migrating_twice_is_a_no_op(db: Db) {
         }
     );
     // The first migration ran on the fresh database (the original skipped it).
-    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4, 5, 6, 7]);
     let org = new_org(&*store, "acme").await;
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied_migrations(&t).await, vec![1, 2, 3, 4, 5, 6, 7]);
     // Data survives, and a second store on the same database sees it.
     assert_eq!(store.find_org("acme").await.unwrap(), org);
     store.ping().await.unwrap();
@@ -995,7 +995,10 @@ async fn idempotent_response_is_stored_and_kept_and_a_released_claim_can_be_clai
     // An answered key is not released (a final write whose commit went
     // through although its caller saw an error): a retry gets the answer
     // instead of running the turn a second time.
-    store.release_idempotency(alice.id, "k").await.unwrap();
+    store
+        .release_idempotency(alice.id, "k", begun.assistant_message.id)
+        .await
+        .unwrap();
     let record = store.get_idempotency(alice.id, "k").await.unwrap().unwrap();
     assert_eq!(record.response, Some(response));
 
@@ -1003,11 +1006,22 @@ async fn idempotent_response_is_stored_and_kept_and_a_released_claim_can_be_clai
     // with the key runs again.
     let mut failed = turn(&alice, TurnChat::Existing(begun.chat_id), "hi again");
     failed.idempotency = claim("k2", "h");
-    store.begin_turn(&failed).await.unwrap();
-    store.release_idempotency(alice.id, "k2").await.unwrap();
+    let failed_reply = store
+        .begin_turn(&failed)
+        .await
+        .unwrap()
+        .assistant_message
+        .id;
+    store
+        .release_idempotency(alice.id, "k2", failed_reply)
+        .await
+        .unwrap();
     assert_eq!(store.get_idempotency(alice.id, "k2").await.unwrap(), None);
     // Releasing an unknown key is fine.
-    store.release_idempotency(alice.id, "k2").await.unwrap();
+    store
+        .release_idempotency(alice.id, "k2", failed_reply)
+        .await
+        .unwrap();
 
     let mut retry = turn(&alice, TurnChat::Existing(begun.chat_id), "hi again");
     retry.idempotency = claim("k2", "h2");
@@ -1070,10 +1084,10 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
     let (t, store) = open(db).await;
     let acme = new_org(&*store, "acme").await;
     let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
-    // A claim whose request died: no response was ever stored.
     let mut first = turn(&alice, new_chat("hi"), "hi");
     first.idempotency = claim("dead", "hash-1");
-    store.begin_turn(&first).await.unwrap();
+    let first_begun = store.begin_turn(&first).await.unwrap();
+    let first_reply = first_begun.assistant_message.id;
     let mut retry = turn(&alice, new_chat("hi"), "hi");
     retry.idempotency = claim("dead", "hash-1");
     assert_eq!(
@@ -1081,9 +1095,70 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
         "idempotency_keys",
         "fresh claims are live"
     );
-    // An hour later (well past ABANDONED_CLAIM_SECS) a retry takes it over.
+    // An hour later (well past ABANDONED_CLAIM_SECS) with its reply still
+    // being saved: a long turn, alive. A retry must not run it a second time.
     age_idempotency_key(&t, alice.id, "dead", 1).await;
-    store.begin_turn(&retry).await.unwrap();
+    store
+        .save_partials(&[partial(first_reply, "still going")])
+        .await
+        .unwrap();
+    assert_eq!(
+        conflict_on(store.begin_turn(&retry).await),
+        "idempotency_keys",
+        "a claim whose reply is still being saved is live, however old"
+    );
+    // Its reply not saved for an hour: the request's process died, and a
+    // retry takes the key over.
+    age_message(&t, first_reply, 1).await;
+    let retry_begun = store.begin_turn(&retry).await.unwrap();
+    // The first turn's final write arriving late (deferred by an outage)
+    // does not answer the retry's claim, nor does its release free it.
+    let mut late = finished(&alice, &first_begun, "late", MessageStatus::Complete);
+    late.idempotent_response = Some((alice.id, "dead".into(), serde_json::json!({ "n": 0 })));
+    store.finish_message(&late).await.unwrap();
+    store
+        .release_idempotency(alice.id, "dead", first_reply)
+        .await
+        .unwrap();
+    let record = store
+        .get_idempotency(alice.id, "dead")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.response, None, "the late answer is not the retry's");
+    // The retry's own final write answers it.
+    let mut done = finished(&alice, &retry_begun, "hello", MessageStatus::Complete);
+    done.idempotent_response = Some((alice.id, "dead".into(), serde_json::json!({ "n": 1 })));
+    store.finish_message(&done).await.unwrap();
+    let record = store
+        .get_idempotency(alice.id, "dead")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.response, Some(serde_json::json!({ "n": 1 })));
+    // A claim whose reply ended (recovery marked it interrupted, or its
+    // turn failed without releasing the key) is abandoned once old enough.
+    let mut ended = turn(&alice, new_chat("hi"), "hi");
+    ended.idempotency = claim("ended", "hash-3");
+    let ended_begun = store.begin_turn(&ended).await.unwrap();
+    store
+        .finish_message(&finished(
+            &alice,
+            &ended_begun,
+            "",
+            MessageStatus::Interrupted,
+        ))
+        .await
+        .unwrap();
+    let mut ended_retry = turn(&alice, new_chat("hi"), "hi");
+    ended_retry.idempotency = claim("ended", "hash-3");
+    assert_eq!(
+        conflict_on(store.begin_turn(&ended_retry).await),
+        "idempotency_keys",
+        "an unanswered claim is live for ABANDONED_CLAIM_SECS"
+    );
+    age_idempotency_key(&t, alice.id, "ended", 1).await;
+    store.begin_turn(&ended_retry).await.unwrap();
     // An answered key of the same age is not abandoned: it replays.
     let mut answered = turn(&alice, new_chat("hi"), "hi");
     answered.idempotency = claim("answered", "hash-2");
@@ -1092,6 +1167,7 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
     done.idempotent_response = Some((alice.id, "answered".into(), serde_json::json!({ "n": 1 })));
     store.finish_message(&done).await.unwrap();
     age_idempotency_key(&t, alice.id, "answered", 1).await;
+    age_message(&t, begun.assistant_message.id, 1).await;
     assert_eq!(
         conflict_on(store.begin_turn(&answered).await),
         "idempotency_keys"
