@@ -481,6 +481,40 @@ pub struct BegunTurn {
     pub assistant_message: Message,
 }
 
+impl NewTurn {
+    /// The chat the turn is written to.
+    pub fn chat_id(&self) -> ChatId {
+        match &self.chat {
+            TurnChat::New { id, .. } | TurnChat::Existing(id) => *id,
+        }
+    }
+
+    /// This turn as begun, from messages read back (a store's answer to a
+    /// begin): its user and assistant messages, by their ids, in its chat,
+    /// the reply still `streaming`. `None` unless both are there so.
+    pub fn begun_from(&self, messages: impl IntoIterator<Item = Message>) -> Option<BegunTurn> {
+        let (mut user_message, mut assistant_message) = (None, None);
+        for message in messages {
+            if message.chat_id != self.chat_id() {
+                continue;
+            }
+            if message.id == self.user_message_id && message.role == MessageRole::User {
+                user_message = Some(message);
+            } else if message.id == self.assistant_message_id
+                && message.role == MessageRole::Assistant
+                && message.status == MessageStatus::Streaming
+            {
+                assistant_message = Some(message);
+            }
+        }
+        Some(BegunTurn {
+            chat_id: self.chat_id(),
+            user_message: user_message?,
+            assistant_message: assistant_message?,
+        })
+    }
+}
+
 /// The final state of an assistant message.
 #[derive(Clone, Debug)]
 pub struct FinishedMessage {

@@ -57,6 +57,7 @@ per_store!(
     idempotent_response_is_stored_and_kept_and_a_released_claim_can_be_claimed_again,
     expired_idempotency_key_is_replaced,
     an_abandoned_unanswered_claim_can_be_taken_over,
+    a_begin_written_again_returns_the_turn_it_wrote,
     purge_removes_only_old_idempotency_keys,
     save_partials_updates_streaming_messages_only,
     stream_state_keeps_event_boundaries_with_the_text,
@@ -1168,10 +1169,89 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
     store.finish_message(&done).await.unwrap();
     age_idempotency_key(&t, alice.id, "answered", 1).await;
     age_message(&t, begun.assistant_message.id, 1).await;
+    let mut answered_retry = turn(&alice, new_chat("hi"), "hi");
+    answered_retry.idempotency = claim("answered", "hash-2");
     assert_eq!(
-        conflict_on(store.begin_turn(&answered).await),
+        conflict_on(store.begin_turn(&answered_retry).await),
         "idempotency_keys"
     );
+}
+
+/// A begin replayed after its commit went through but its answer was lost
+/// (the connection died during COMMIT; `PostgresStore`'s retry runs it
+/// again) finds the rows it wrote: the same turn, nothing written twice, no
+/// conflict — the turn goes on instead of failing with an orphaned reply.
+async fn a_begin_written_again_returns_the_turn_it_wrote(db: Db) {
+    let (_t, store) = open(db).await;
+    let acme = new_org(&*store, "acme").await;
+    let alice = new_user(&*store, acme.id, "alice@acme.com", Role::Member).await;
+    let same = |a: &BegunTurn, b: &BegunTurn| {
+        assert_eq!(a.chat_id, b.chat_id);
+        for (x, y) in [
+            (&a.user_message, &b.user_message),
+            (&a.assistant_message, &b.assistant_message),
+        ] {
+            assert_eq!(
+                (x.id, x.seq, x.role, x.status),
+                (y.id, y.seq, y.role, y.status)
+            );
+        }
+    };
+    let mut first = turn(&alice, new_chat("hi"), "hi");
+    first.system = Some("Be brief.".into());
+    let begun = store.begin_turn(&first).await.unwrap();
+    same(&begun, &store.begin_turn(&first).await.unwrap());
+    // On an existing chat, with an idempotency key it claimed.
+    let mut next = turn(&alice, TurnChat::Existing(begun.chat_id), "more");
+    next.idempotency = claim("k", "h");
+    let next_begun = store.begin_turn(&next).await.unwrap();
+    same(&next_begun, &store.begin_turn(&next).await.unwrap());
+    let messages = store
+        .list_messages(acme.id, begun.chat_id, None, 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        messages.len(),
+        5,
+        "system, then two turns, each written once"
+    );
+    assert_eq!(
+        store
+            .get_chat(acme.id, begun.chat_id)
+            .await
+            .unwrap()
+            .message_count,
+        5
+    );
+    // Once the reply is final, the same begin is no longer this turn's
+    // own replay: it conflicts.
+    store
+        .finish_message(&finished(&alice, &begun, "done", MessageStatus::Complete))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.begin_turn(&first).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    // Another turn is still refused what this one holds.
+    let mut other = turn(&alice, TurnChat::Existing(begun.chat_id), "more");
+    other.idempotency = claim("k", "h");
+    assert_eq!(
+        conflict_on(store.begin_turn(&other).await),
+        "idempotency_keys"
+    );
+    let clash = turn(
+        &alice,
+        TurnChat::New {
+            id: begun.chat_id,
+            title: "hi".into(),
+        },
+        "hi",
+    );
+    assert!(matches!(
+        store.begin_turn(&clash).await,
+        Err(StoreError::Conflict { .. })
+    ));
 }
 
 async fn purge_removes_only_old_idempotency_keys(db: Db) {
