@@ -14,11 +14,11 @@ pub const MAX_MESSAGE_CHARS: usize = 10_000;
 /// A new chat is titled with this many characters of its first message.
 pub const TITLE_FROM_MESSAGE_CHARS: usize = 50;
 /// A claimed `Idempotency-Key` with no stored response after this many
-/// seconds, whose reply has not been saved for as long either (a live turn's
-/// reply is saved at least every few seconds, however long it runs), belongs
-/// to a request whose process died; a retry may take it over. (Failures of a
-/// live process release their key at once.) The PostgreSQL store spells this
-/// value in its SQL.
+/// seconds, whose reply is no longer `streaming` (crash recovery marks the
+/// reply of a dead process `interrupted`; a live turn's stays `streaming`
+/// however long it runs), belongs to a request whose process died; a retry
+/// may take it over. (Failures of a live process release their key at once.)
+/// The PostgreSQL store spells this value in its SQL.
 pub const ABANDONED_CLAIM_SECS: i64 = 120;
 /// How long a stored answer to an `Idempotency-Key` is replayed; after it
 /// the key may be used for a new request (and it is purged). The PostgreSQL

@@ -183,7 +183,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// In ONE transaction: drop the user's expired (> 24 h) or abandoned
     /// (unanswered for [`crate::model::ABANDONED_CLAIM_SECS`] and its reply
-    /// no longer alive: not `streaming`, or not saved for that long)
+    /// no longer `streaming`: finished, or marked `interrupted` by crash
+    /// recovery)
     /// idempotency key of the same name, claim the new key if any (for this
     /// turn's assistant message) (`Conflict { constraint:
     /// "idempotency_keys" }` and nothing written when it is taken), create the

@@ -342,9 +342,9 @@ fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
 /// assistant message). "Drop the user's expired or abandoned key of that
 /// name, then claim it" is one upsert: a live key is left untouched and
 /// yields no row; an expired one is replaced, and so is an unanswered one
-/// whose reply is no longer alive (`ABANDONED_CLAIM_SECS`: not `streaming`,
-/// or not saved for that long; a claim without a message, from before
-/// migration 0007, by its age alone). The unique index makes concurrent
+/// older than `ABANDONED_CLAIM_SECS` whose reply is no longer `streaming`
+/// (a claim without a message, from before migration 0007, by its age
+/// alone). The unique index makes concurrent
 /// claims of one key wait for each other, so exactly one wins.
 macro_rules! input_and_claim {
     () => {
@@ -364,8 +364,7 @@ macro_rules! input_and_claim {
                 OR (idempotency_keys.response IS NULL \
                     AND idempotency_keys.created_at < now() - interval '120 seconds' \
                     AND NOT EXISTS (SELECT 1 FROM messages r \
-                        WHERE r.id = idempotency_keys.message_id AND r.status = 'streaming' \
-                          AND r.updated_at >= now() - interval '120 seconds')) \
+                        WHERE r.id = idempotency_keys.message_id AND r.status = 'streaming')) \
             RETURNING user_id, key \
         ), "
     };

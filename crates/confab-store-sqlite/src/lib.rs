@@ -198,10 +198,10 @@ impl SqliteStore {
         if let Some(claim) = &turn.idempotency {
             // "Drop the expired (or abandoned) key, then claim" as one
             // upsert: a live key is left alone (0 rows → Conflict), an expired
-            // one is replaced, and so is an unanswered one whose reply is no
-            // longer alive (not `streaming`, or not saved for
-            // ABANDONED_CLAIM_SECS; a claim from before migration 0007, with
-            // no message, by its age alone).
+            // one is replaced, and so is an unanswered one older than
+            // ABANDONED_CLAIM_SECS whose reply is no longer `streaming` (a
+            // claim from before migration 0007, with no message, by its age
+            // alone).
             let claimed = sqlx::query(
                 "INSERT INTO idempotency_keys \
                     (user_id, key, request_hash, response, created_at, message_id) \
@@ -213,7 +213,7 @@ impl SqliteStore {
                      OR (idempotency_keys.response IS NULL AND idempotency_keys.created_at < ?6 \
                          AND NOT EXISTS (SELECT 1 FROM messages r \
                              WHERE r.id = idempotency_keys.message_id \
-                               AND r.status = 'streaming' AND r.updated_at >= ?6))",
+                               AND r.status = 'streaming'))",
             )
             .bind(uuid(turn.user))
             .bind(&claim.key)

@@ -1097,7 +1097,7 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
         "fresh claims are live"
     );
     // An hour later (well past ABANDONED_CLAIM_SECS) with its reply still
-    // being saved: a long turn, alive. A retry must not run it a second time.
+    // `streaming`: a long turn, alive. A retry must not run it a second time.
     age_idempotency_key(&t, alice.id, "dead", 1).await;
     store
         .save_partials(&[partial(first_reply, "still going")])
@@ -1106,11 +1106,18 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
     assert_eq!(
         conflict_on(store.begin_turn(&retry).await),
         "idempotency_keys",
-        "a claim whose reply is still being saved is live, however old"
+        "a claim whose reply is still streaming is live, however old"
     );
-    // Its reply not saved for an hour: the request's process died, and a
-    // retry takes the key over.
+    // Its process died: crash recovery marks the reply `interrupted` once it
+    // has not been saved for a while, and then a retry takes the key over.
     age_message(&t, first_reply, 1).await;
+    assert_eq!(
+        store
+            .interrupt_stale_streams(std::time::Duration::from_secs(60))
+            .await
+            .unwrap(),
+        1
+    );
     let retry_begun = store.begin_turn(&retry).await.unwrap();
     // The first turn's final write arriving late (deferred by an outage)
     // does not answer the retry's claim, nor does its release free it.
@@ -1181,6 +1188,7 @@ async fn an_abandoned_unanswered_claim_can_be_taken_over(db: Db) {
 /// (the connection died during COMMIT; `PostgresStore`'s retry runs it
 /// again) finds the rows it wrote: the same turn, nothing written twice, no
 /// conflict — the turn goes on instead of failing with an orphaned reply.
+/// The replay is simulated by calling `begin_turn` twice with one turn.
 async fn a_begin_written_again_returns_the_turn_it_wrote(db: Db) {
     let (_t, store) = open(db).await;
     let acme = new_org(&*store, "acme").await;
