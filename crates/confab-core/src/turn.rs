@@ -37,8 +37,8 @@ use crate::flusher::{Flusher, LiveText};
 use crate::ids::{ChatId, MessageId};
 use crate::live::{LiveHub, Publication};
 use crate::model::{
-    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, LedgerCost, LedgerEntry, MessageRole,
-    MessageStatus, MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
+    BegunTurn, Chat, FinishedMessage, IdempotencyClaim, IdempotencyRecord, LedgerCost, LedgerEntry,
+    MessageRole, MessageStatus, MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
 };
 use crate::models::{Model, ModelRegistry};
 use crate::provider::{
@@ -525,13 +525,11 @@ impl TurnEngine {
         if let Some(claim) = &input.idempotency
             && !budget_windows(who).is_empty()
             && let Some(record) = inner.store.get_idempotency(who.user_id, &claim.key).await?
-            && let Some(response) = record.response
+            && record.response.is_some()
             && Utc::now() - record.created_at
                 < chrono::Duration::hours(crate::model::IDEMPOTENCY_TTL_HOURS)
+            && let Some(response) = stored_answer(record, claim)?
         {
-            if record.request_hash != claim.request_hash {
-                return Err(ServiceError::IdempotencyMismatch);
-            }
             return Ok(Started::Replay(response));
         }
         let model = self.resolve_model(who, input.model.as_deref(), existing.as_ref())?;
@@ -797,13 +795,10 @@ impl TurnEngine {
                     "idempotency conflict without a key".into(),
                 )));
             };
-            if let Some(record) = store.get_idempotency(who.user_id, &claim.key).await? {
-                if record.request_hash != claim.request_hash {
-                    return Err(ServiceError::IdempotencyMismatch);
-                }
-                if let Some(response) = record.response {
-                    return Ok(Begun::Replay(response));
-                }
+            if let Some(record) = store.get_idempotency(who.user_id, &claim.key).await?
+                && let Some(response) = stored_answer(record, claim)?
+            {
+                return Ok(Begun::Replay(response));
             }
             // Still in progress (or released by a failed winner: claim it again).
             if Instant::now() >= deadline {
@@ -962,6 +957,20 @@ fn budget_windows(who: &Principal) -> Vec<BudgetWindow> {
 enum Begun {
     Turn(Box<BegunTurn>),
     Replay(serde_json::Value),
+}
+
+/// What a stored key says to a request that carries it: its answer to
+/// replay (`Some`), no answer yet (`None`), or that it is another request's
+/// key (`IdempotencyMismatch`). One home for the rule, asked before the
+/// budget (answered, unexpired keys only) and after a claim was refused.
+fn stored_answer(
+    record: IdempotencyRecord,
+    claim: &IdempotencyClaim,
+) -> Result<Option<serde_json::Value>, ServiceError> {
+    if record.request_hash != claim.request_hash {
+        return Err(ServiceError::IdempotencyMismatch);
+    }
+    Ok(record.response)
 }
 
 /// Tokens that are always sent: the system prompt and the new message.
