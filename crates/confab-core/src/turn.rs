@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
 use crate::flusher::{Flusher, LiveText};
-use crate::ids::{ChatId, MessageId};
+use crate::ids::{ChatId, MessageId, UserId};
 use crate::live::{LiveHub, Publication};
 use crate::model::{
     BegunTurn, Chat, FinishedMessage, IdempotencyClaim, IdempotencyRecord, LedgerCost, LedgerEntry,
@@ -1572,29 +1572,24 @@ impl Run {
                 }
                 _ => None,
             };
-        let cost = cost_of(&self.model, &usage);
-        let settlement = match &self.turn.begun {
-            Some(begun) => Settlement::Message(FinishedMessage {
-                org: self.who.org_id,
-                chat: begun.chat_id,
-                id: begun.assistant_message.id,
-                content: text,
-                status: outcome.status(),
-                usage,
-                cost,
-                idempotent_response,
-                event_lengths: self.live.lengths(),
-            }),
-            None => Settlement::Ledger(LedgerEntry {
+        let chat = self.turn.begun.as_ref().map(|begun| begun.chat_id);
+        let settlement = Settlement::of(
+            &self.who,
+            &self.model,
+            Ending {
+                chat,
                 turn: self.turn.id,
-                org: self.who.org_id,
-                user: self.who.user_id,
-                model: self.model.name.clone(),
                 status: outcome.status(),
+                text,
+                event_lengths: if chat.is_some() {
+                    self.live.lengths()
+                } else {
+                    Vec::new()
+                },
                 usage,
-                cost,
-            }),
-        };
+                idempotent_response,
+            },
+        );
         let stored = self.guard.settle(settlement, outcome).await;
         self.engine
             .settle_usage(&self.model, self.guard.held.as_ref(), &usage)
@@ -1699,6 +1694,51 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 enum Settlement {
     Message(FinishedMessage),
     Ledger(LedgerEntry),
+}
+
+/// What a turn's settlement is made of, from whichever path settles it.
+struct Ending {
+    /// The chat the reply is stored in; `None`: a turn stored in no chat.
+    chat: Option<ChatId>,
+    /// The turn (its assistant message's id).
+    turn: MessageId,
+    status: MessageStatus,
+    text: String,
+    event_lengths: Vec<u8>,
+    usage: Usage,
+    idempotent_response: Option<(UserId, String, serde_json::Value)>,
+}
+
+impl Settlement {
+    /// The one write that ends a turn: its reply with its usage and ledger
+    /// row, or the ledger row alone for a turn stored in no chat; the cost
+    /// from the model's prices. Built here for the normal path and for a
+    /// turn whose task died.
+    fn of(who: &Principal, model: &Model, ending: Ending) -> Settlement {
+        let cost = cost_of(model, &ending.usage);
+        match ending.chat {
+            Some(chat) => Settlement::Message(FinishedMessage {
+                org: who.org_id,
+                chat,
+                id: ending.turn,
+                content: ending.text,
+                status: ending.status,
+                usage: ending.usage,
+                cost,
+                idempotent_response: ending.idempotent_response,
+                event_lengths: ending.event_lengths,
+            }),
+            None => Settlement::Ledger(LedgerEntry {
+                turn: ending.turn,
+                org: who.org_id,
+                user: who.user_id,
+                model: model.name.clone(),
+                status: ending.status,
+                usage: ending.usage,
+                cost,
+            }),
+        }
+    }
 }
 
 /// Owns the settlement: [`SettleGuard::settle`] on the normal path; if the
@@ -1846,29 +1886,19 @@ impl Drop for SettleGuard {
                 completion_tokens: i64::try_from(model.tokenizer.count(&text)).unwrap_or(i64::MAX),
                 source: UsageSource::Estimated,
             };
-            let cost = cost_of(&model, &usage);
-            let settlement = match stored {
-                Some(chat) => Settlement::Message(FinishedMessage {
-                    org: who.org_id,
-                    chat,
-                    id: turn,
-                    content: text,
-                    status: MessageStatus::Failed,
-                    usage,
-                    cost,
-                    idempotent_response: None,
-                    event_lengths,
-                }),
-                None => Settlement::Ledger(LedgerEntry {
+            let settlement = Settlement::of(
+                &who,
+                &model,
+                Ending {
+                    chat: stored,
                     turn,
-                    org: who.org_id,
-                    user: who.user_id,
-                    model: model.name.clone(),
                     status: MessageStatus::Failed,
+                    text,
+                    event_lengths,
                     usage,
-                    cost,
-                }),
-            };
+                    idempotent_response: None,
+                },
+            );
             if let Err(StoreError::Unavailable(err)) =
                 settle_with_retries(engine.inner.store.as_ref(), &settlement).await
             {
