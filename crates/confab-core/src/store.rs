@@ -181,6 +181,24 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError>;
 
+    /// Write a turn's beginning ([`Store::insert_turn`]). A turn written
+    /// before — a replay after a COMMIT whose answer was lost — conflicts
+    /// with its own rows; then its two messages are read back by their ids
+    /// (fresh per turn, so finding them means this very turn was written,
+    /// once) and, the reply still `streaming`, are the answer. The one home
+    /// of that rule for every backend.
+    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+        match self.insert_turn(turn).await {
+            Err(StoreError::Conflict { constraint }) => {
+                let ids = [turn.user_message_id, turn.assistant_message_id];
+                match turn.begun_from(self.find_messages(turn.org, &ids).await?) {
+                    Some(begun) => Ok(begun),
+                    None => Err(StoreError::Conflict { constraint }),
+                }
+            }
+            other => other,
+        }
+    }
     /// In ONE transaction: drop the user's expired (> 24 h) or abandoned
     /// (unanswered for [`crate::model::ABANDONED_CLAIM_SECS`] and its reply
     /// no longer `streaming`: finished, or marked `interrupted` by crash
@@ -192,7 +210,14 @@ pub trait Store: Send + Sync + 'static {
     /// message first when given, append the user message (`complete`) and the
     /// assistant message (`streaming`, empty, with the turn's model), record
     /// the turn's model on the chat, and bump the chat's `updated_at`.
-    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
+    /// Callers use [`Store::begin_turn`].
+    async fn insert_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
+    /// The org's messages with these ids (those that exist, in no order).
+    async fn find_messages(
+        &self,
+        org: OrgId,
+        ids: &[MessageId],
+    ) -> Result<Vec<Message>, StoreError>;
     /// Set an assistant message's final content, status and usage
     /// (`token_count` = completion tokens), write (or rewrite) its usage-ledger
     /// row with the same figures, bump the chat's `updated_at`, and store the

@@ -747,72 +747,6 @@ fn last_per_id<K: Copy + Eq + std::hash::Hash, V>(items: &[(K, V)]) -> Vec<(K, &
     out
 }
 
-impl PostgresStore {
-    /// One begin as `Store::begin_turn` describes it.
-    async fn write_begin(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        if turn.idempotency.is_none() {
-            // The hot path: one self-contained statement, one round trip.
-            let begin = Begin::of(turn);
-            let chat = begin.chat;
-            let rows = self
-                .write_turn(
-                    || Begin::of(turn).alone(),
-                    Some(Write::Begin(begin)),
-                    chat,
-                    true,
-                )
-                .await
-                .map_err(map_err)?;
-            return begun_turn(turn, &rows);
-        }
-        // Boxed, like `write_turn`'s statement: every turn of a burst waits
-        // in this future while its begin commits, so it is sized for the hot
-        // path (≈ 7.9 KB each with this transaction's futures inline).
-        Box::pin(self.retry(|| async {
-            let mut tx = self.pool.begin().await?;
-            let rows = Begin::of(turn).alone().fetch_all(&mut *tx).await?;
-            match begun_turn(turn, &rows) {
-                Ok(begun) => {
-                    tx.commit().await?;
-                    Ok(Ok(begun))
-                }
-                Err(err) => {
-                    // Undo the claim when the chat was gone; nothing else was written.
-                    tx.rollback().await?;
-                    Ok(Err(err))
-                }
-            }
-        }))
-        .await
-        .map_err(map_err)?
-    }
-
-    /// The turn's own messages when this very turn was written before (its
-    /// ids are chosen fresh per turn, so finding both means it was, once):
-    /// what a begin that conflicted answers instead of the conflict.
-    async fn begun_before(&self, turn: &NewTurn) -> Result<Option<BegunTurn>, StoreError> {
-        let ids = [uuid(turn.user_message_id), uuid(turn.assistant_message_id)];
-        let rows = self
-            .retry(|| {
-                sqlx::query(concat!(
-                    "SELECT ",
-                    message_columns!(),
-                    " FROM messages WHERE id = ANY($1) AND org_id = $2"
-                ))
-                .bind(&ids[..])
-                .bind(uuid(turn.org))
-                .fetch_all(&self.pool)
-            })
-            .await
-            .map_err(map_err)?;
-        let messages = rows
-            .iter()
-            .map(rows::message)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(turn.begun_from(messages))
-    }
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
@@ -1398,22 +1332,68 @@ impl Store for PostgresStore {
         Ok(messages)
     }
 
-    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+    async fn insert_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
         // Retried like every statement here: the messages' primary keys
         // (ids chosen by the caller) make a turn apply at most once, so a
         // replay after a commit whose answer was lost conflicts instead of
-        // writing the turn twice — and then finds the turn it wrote.
-        match self.write_begin(turn).await {
-            // Boxed: kept out of every begin's future (a burst's turns all
-            // wait in one), for the rare conflict.
-            Err(StoreError::Conflict { constraint }) => {
-                match Box::pin(self.begun_before(turn)).await? {
-                    Some(begun) => Ok(begun),
-                    None => Err(StoreError::Conflict { constraint }),
+        // writing the turn twice (and `begin_turn` finds the turn it wrote).
+        if turn.idempotency.is_none() {
+            // The hot path: one self-contained statement, one round trip.
+            let begin = Begin::of(turn);
+            let chat = begin.chat;
+            let rows = self
+                .write_turn(
+                    || Begin::of(turn).alone(),
+                    Some(Write::Begin(begin)),
+                    chat,
+                    true,
+                )
+                .await
+                .map_err(map_err)?;
+            return begun_turn(turn, &rows);
+        }
+        // Boxed, like `write_turn`'s statement: every turn of a burst waits
+        // in this future while its begin commits, so it is sized for the hot
+        // path (≈ 7.9 KB each with this transaction's futures inline).
+        Box::pin(self.retry(|| async {
+            let mut tx = self.pool.begin().await?;
+            let rows = Begin::of(turn).alone().fetch_all(&mut *tx).await?;
+            match begun_turn(turn, &rows) {
+                Ok(begun) => {
+                    tx.commit().await?;
+                    Ok(Ok(begun))
+                }
+                Err(err) => {
+                    // Undo the claim when the chat was gone; nothing else was written.
+                    tx.rollback().await?;
+                    Ok(Err(err))
                 }
             }
-            other => other,
-        }
+        }))
+        .await
+        .map_err(map_err)?
+    }
+
+    async fn find_messages(
+        &self,
+        org: OrgId,
+        ids: &[MessageId],
+    ) -> Result<Vec<Message>, StoreError> {
+        let ids: Vec<Uuid> = ids.iter().map(|id| uuid(*id)).collect();
+        let rows = self
+            .retry(|| {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE id = ANY($1) AND org_id = $2"
+                ))
+                .bind(&ids)
+                .bind(uuid(org))
+                .fetch_all(&self.pool)
+            })
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(rows::message).collect()
     }
 
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {

@@ -188,170 +188,6 @@ fn uuid<T: Into<Uuid>>(id: T) -> Uuid {
     id.into()
 }
 
-impl SqliteStore {
-    /// One begin as `Store::begin_turn` describes it.
-    async fn write_begin(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        let now = now_micros();
-        // Dropping `tx` on an early return rolls everything back.
-        let mut tx = self.begin_write().await?;
-
-        if let Some(claim) = &turn.idempotency {
-            // "Drop the expired (or abandoned) key, then claim" as one
-            // upsert: a live key is left alone (0 rows → Conflict), an expired
-            // one is replaced, and so is an unanswered one older than
-            // ABANDONED_CLAIM_SECS whose reply is no longer `streaming` (a
-            // claim from before migration 0007, with no message, by its age
-            // alone).
-            let claimed = sqlx::query(
-                "INSERT INTO idempotency_keys \
-                    (user_id, key, request_hash, response, created_at, message_id) \
-                 VALUES (?1, ?2, ?3, NULL, ?4, ?7) \
-                 ON CONFLICT (user_id, key) DO UPDATE \
-                    SET request_hash = excluded.request_hash, response = NULL, \
-                        created_at = excluded.created_at, message_id = excluded.message_id \
-                  WHERE idempotency_keys.created_at < ?5 \
-                     OR (idempotency_keys.response IS NULL AND idempotency_keys.created_at < ?6 \
-                         AND NOT EXISTS (SELECT 1 FROM messages r \
-                             WHERE r.id = idempotency_keys.message_id \
-                               AND r.status = 'streaming'))",
-            )
-            .bind(uuid(turn.user))
-            .bind(&claim.key)
-            .bind(&claim.request_hash)
-            .bind(now)
-            .bind(now - IDEMPOTENCY_TTL_MICROS)
-            .bind(now - ABANDONED_CLAIM_MICROS)
-            .bind(uuid(turn.assistant_message_id))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if claimed.rows_affected() == 0 {
-                tx.rollback().await.map_err(map_err)?;
-                return Err(StoreError::Conflict {
-                    constraint: "idempotency_keys".into(),
-                });
-            }
-        }
-
-        // The chat's message_count is the sequence: the turn takes the two
-        // numbers after it.
-        let (chat_id, count) = match &turn.chat {
-            TurnChat::New { id, title } => {
-                // From the live user row, so a chat can only be created for a
-                // user of `turn.org`.
-                let count = if turn.system.is_some() { 3_i64 } else { 2 };
-                let done = sqlx::query(
-                    "INSERT INTO chats \
-                        (id, org_id, user_id, title, message_count, model, created_at, updated_at) \
-                     SELECT ?1, u.org_id, u.id, ?4, ?6, ?7, ?5, ?5 FROM users u \
-                     WHERE u.id = ?3 AND u.org_id = ?2 AND u.deleted_at IS NULL",
-                )
-                .bind(uuid(*id))
-                .bind(uuid(turn.org))
-                .bind(uuid(turn.user))
-                .bind(title)
-                .bind(now)
-                .bind(count)
-                .bind(&turn.model)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                if done.rows_affected() == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                if let Some(system) = &turn.system {
-                    sqlx::query(
-                        "INSERT INTO messages \
-                            (id, chat_id, org_id, role, content, status, token_count, seq, \
-                             created_at, updated_at) \
-                         VALUES (?1, ?2, ?3, 'system', ?4, 'complete', NULL, 1, ?5, ?5)",
-                    )
-                    .bind(Uuid::new_v4())
-                    .bind(uuid(*id))
-                    .bind(uuid(turn.org))
-                    .bind(system)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                }
-                (*id, count)
-            }
-            TurnChat::Existing(id) => {
-                let row = sqlx::query(
-                    "UPDATE chats SET message_count = message_count + 2, updated_at = ?3, \
-                        model = ?4 \
-                     WHERE id = ?1 AND org_id = ?2 AND deleted_at IS NULL \
-                     RETURNING message_count",
-                )
-                .bind(uuid(*id))
-                .bind(uuid(turn.org))
-                .bind(now)
-                .bind(&turn.model)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-                let Some(row) = row else {
-                    return Err(StoreError::NotFound);
-                };
-                (*id, row.try_get::<i64, _>(0).map_err(map_err)?)
-            }
-        };
-
-        let rows = sqlx::query(concat!(
-            "INSERT INTO messages \
-                (id, chat_id, org_id, role, content, status, token_count, seq, model, \
-                 created_at, updated_at) \
-             VALUES (?1, ?3, ?4, 'user', ?5, 'complete', NULL, ?6, NULL, ?8, ?8), \
-                    (?2, ?3, ?4, 'assistant', '', 'streaming', NULL, ?7, ?9, ?8, ?8) \
-             RETURNING ",
-            message_columns!()
-        ))
-        .bind(uuid(turn.user_message_id))
-        .bind(uuid(turn.assistant_message_id))
-        .bind(uuid(chat_id))
-        .bind(uuid(turn.org))
-        .bind(&turn.content)
-        .bind(count - 1)
-        .bind(count)
-        .bind(now)
-        .bind(&turn.model)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let messages = rows
-            .iter()
-            .map(rows::message)
-            .collect::<Result<Vec<_>, _>>()?;
-        tx.commit().await.map_err(map_err)?;
-        debug_assert_eq!(chat_id, turn.chat_id());
-        turn.begun_from(messages)
-            .ok_or_else(|| StoreError::Other("a turn did not insert its two messages".into()))
-    }
-
-    /// The turn's own messages when this very turn was written before (its
-    /// ids are chosen fresh per turn, so finding both means it was, once):
-    /// what a begin that conflicted answers instead of the conflict.
-    async fn begun_before(&self, turn: &NewTurn) -> Result<Option<BegunTurn>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE id IN (?1, ?2) AND org_id = ?3"
-        ))
-        .bind(uuid(turn.user_message_id))
-        .bind(uuid(turn.assistant_message_id))
-        .bind(uuid(turn.org))
-        .fetch_all(&self.read)
-        .await
-        .map_err(map_err)?;
-        let messages = rows
-            .iter()
-            .map(rows::message)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(turn.begun_from(messages))
-    }
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -872,18 +708,166 @@ impl Store for SqliteStore {
         Ok(messages)
     }
 
-    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        match self.write_begin(turn).await {
-            // Boxed: kept out of every begin's future (a burst's turns all
-            // wait in one), for the rare conflict.
-            Err(StoreError::Conflict { constraint }) => {
-                match Box::pin(self.begun_before(turn)).await? {
-                    Some(begun) => Ok(begun),
-                    None => Err(StoreError::Conflict { constraint }),
-                }
+    async fn insert_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+        let now = now_micros();
+        // Dropping `tx` on an early return rolls everything back.
+        let mut tx = self.begin_write().await?;
+
+        if let Some(claim) = &turn.idempotency {
+            // "Drop the expired (or abandoned) key, then claim" as one
+            // upsert: a live key is left alone (0 rows → Conflict), an expired
+            // one is replaced, and so is an unanswered one older than
+            // ABANDONED_CLAIM_SECS whose reply is no longer `streaming` (a
+            // claim from before migration 0007, with no message, by its age
+            // alone).
+            let claimed = sqlx::query(
+                "INSERT INTO idempotency_keys \
+                    (user_id, key, request_hash, response, created_at, message_id) \
+                 VALUES (?1, ?2, ?3, NULL, ?4, ?7) \
+                 ON CONFLICT (user_id, key) DO UPDATE \
+                    SET request_hash = excluded.request_hash, response = NULL, \
+                        created_at = excluded.created_at, message_id = excluded.message_id \
+                  WHERE idempotency_keys.created_at < ?5 \
+                     OR (idempotency_keys.response IS NULL AND idempotency_keys.created_at < ?6 \
+                         AND NOT EXISTS (SELECT 1 FROM messages r \
+                             WHERE r.id = idempotency_keys.message_id \
+                               AND r.status = 'streaming'))",
+            )
+            .bind(uuid(turn.user))
+            .bind(&claim.key)
+            .bind(&claim.request_hash)
+            .bind(now)
+            .bind(now - IDEMPOTENCY_TTL_MICROS)
+            .bind(now - ABANDONED_CLAIM_MICROS)
+            .bind(uuid(turn.assistant_message_id))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if claimed.rows_affected() == 0 {
+                tx.rollback().await.map_err(map_err)?;
+                return Err(StoreError::Conflict {
+                    constraint: "idempotency_keys".into(),
+                });
             }
-            other => other,
         }
+
+        // The chat's message_count is the sequence: the turn takes the two
+        // numbers after it.
+        let (chat_id, count) = match &turn.chat {
+            TurnChat::New { id, title } => {
+                // From the live user row, so a chat can only be created for a
+                // user of `turn.org`.
+                let count = if turn.system.is_some() { 3_i64 } else { 2 };
+                let done = sqlx::query(
+                    "INSERT INTO chats \
+                        (id, org_id, user_id, title, message_count, model, created_at, updated_at) \
+                     SELECT ?1, u.org_id, u.id, ?4, ?6, ?7, ?5, ?5 FROM users u \
+                     WHERE u.id = ?3 AND u.org_id = ?2 AND u.deleted_at IS NULL",
+                )
+                .bind(uuid(*id))
+                .bind(uuid(turn.org))
+                .bind(uuid(turn.user))
+                .bind(title)
+                .bind(now)
+                .bind(count)
+                .bind(&turn.model)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                if let Some(system) = &turn.system {
+                    sqlx::query(
+                        "INSERT INTO messages \
+                            (id, chat_id, org_id, role, content, status, token_count, seq, \
+                             created_at, updated_at) \
+                         VALUES (?1, ?2, ?3, 'system', ?4, 'complete', NULL, 1, ?5, ?5)",
+                    )
+                    .bind(Uuid::new_v4())
+                    .bind(uuid(*id))
+                    .bind(uuid(turn.org))
+                    .bind(system)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                }
+                (*id, count)
+            }
+            TurnChat::Existing(id) => {
+                let row = sqlx::query(
+                    "UPDATE chats SET message_count = message_count + 2, updated_at = ?3, \
+                        model = ?4 \
+                     WHERE id = ?1 AND org_id = ?2 AND deleted_at IS NULL \
+                     RETURNING message_count",
+                )
+                .bind(uuid(*id))
+                .bind(uuid(turn.org))
+                .bind(now)
+                .bind(&turn.model)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                let Some(row) = row else {
+                    return Err(StoreError::NotFound);
+                };
+                (*id, row.try_get::<i64, _>(0).map_err(map_err)?)
+            }
+        };
+
+        let rows = sqlx::query(concat!(
+            "INSERT INTO messages \
+                (id, chat_id, org_id, role, content, status, token_count, seq, model, \
+                 created_at, updated_at) \
+             VALUES (?1, ?3, ?4, 'user', ?5, 'complete', NULL, ?6, NULL, ?8, ?8), \
+                    (?2, ?3, ?4, 'assistant', '', 'streaming', NULL, ?7, ?9, ?8, ?8) \
+             RETURNING ",
+            message_columns!()
+        ))
+        .bind(uuid(turn.user_message_id))
+        .bind(uuid(turn.assistant_message_id))
+        .bind(uuid(chat_id))
+        .bind(uuid(turn.org))
+        .bind(&turn.content)
+        .bind(count - 1)
+        .bind(count)
+        .bind(now)
+        .bind(&turn.model)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let messages = rows
+            .iter()
+            .map(rows::message)
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await.map_err(map_err)?;
+        debug_assert_eq!(chat_id, turn.chat_id());
+        turn.begun_from(messages)
+            .ok_or_else(|| StoreError::Other("a turn did not insert its two messages".into()))
+    }
+
+    async fn find_messages(
+        &self,
+        org: OrgId,
+        ids: &[MessageId],
+    ) -> Result<Vec<Message>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE org_id = "
+        ));
+        query.push_bind(uuid(org)).push(" AND id IN (");
+        let mut each = query.separated(", ");
+        for id in ids {
+            each.push_bind(uuid(*id));
+        }
+        each.push_unseparated(")");
+        let rows = query.build().fetch_all(&self.read).await.map_err(map_err)?;
+        rows.iter().map(rows::message).collect()
     }
 
     async fn finish_message(&self, msg: &FinishedMessage) -> Result<Message, StoreError> {
