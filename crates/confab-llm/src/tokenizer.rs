@@ -128,10 +128,48 @@ impl TokenCounter for Bpe {
         match self.get() {
             // Ordinary: text that looks like `<|endoftext|>` is text here,
             // as the API counts a user's message.
-            Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+            Some(bpe) => pieces(text)
+                .map(|piece| bpe.encode_ordinary(piece).len() as u64)
+                .sum(),
             None => estimate(text),
         }
     }
+}
+
+/// The longest whitespace run the BPE is given in one piece.
+///
+/// tiktoken's pre-tokenizer regex has a lookahead (`\s+(?!\S)`), so
+/// `fancy-regex` runs it on its backtracking machine, which keeps one stack
+/// entry per character of a whitespace run and fails at a million; tiktoken-rs
+/// unwraps that failure. Client text is up to 1 MiB, so a message of spaces
+/// would panic the request (the connection closes without an answer). Runs
+/// are cut into pieces of this many characters and each piece is encoded on
+/// its own: the count of text without such runs is exactly tiktoken's, and
+/// a cut run counts within a token or two per cut of its whole.
+const WHITESPACE_RUN: usize = 4096;
+
+/// `text` in the pieces the BPE encodes one by one: cut only inside
+/// whitespace runs longer than [`WHITESPACE_RUN`] characters.
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut run = 0;
+        for (at, c) in rest.char_indices() {
+            if !c.is_whitespace() {
+                run = 0;
+            } else if run == WHITESPACE_RUN {
+                let (piece, tail) = rest.split_at(at);
+                rest = tail;
+                return Some(piece);
+            } else {
+                run += 1;
+            }
+        }
+        Some(std::mem::take(&mut rest))
+    })
 }
 
 /// The estimate for families without a tokenizer here.
@@ -227,6 +265,45 @@ mod tests {
         // Special-token text counts as ordinary text, never as one token.
         assert!(o200k.count("<|endoftext|>") > 1);
         assert!(cl100k.count("<|endoftext|>") > 1);
+    }
+
+    /// Client text can be anything up to the body limit (1 MiB on `/v1`).
+    /// The BPE's pre-tokenizer regex backtracks once per character of a
+    /// whitespace run and gives up near a million; tiktoken-rs then panics
+    /// inside the request. Every shape here must count, and close to what
+    /// the same text in small pieces counts.
+    #[test]
+    fn pathological_text_counts_without_panicking() {
+        let big = 1_000_100;
+        let texts = [
+            format!("{}x", " ".repeat(big)),
+            format!("a{}b", "\n".repeat(big)),
+            format!("{}x", "\t \r\n".repeat(big / 4)),
+            format!("{}\u{3000}x", "\u{3000}".repeat(big / 3)),
+            "!".repeat(big),
+            "a".repeat(big),
+            "9".repeat(big),
+            format!("{}x", " ".repeat(WHITESPACE_RUN + 1)),
+        ];
+        for model in ["gpt-4o", "gpt-4"] {
+            let counter = tokenizer_for("openai", model);
+            for text in &texts {
+                let tokens = counter.count(text);
+                let head: String = text.chars().take(3).collect();
+                assert!(tokens > 0, "{model}: {head:?}… counted nothing");
+                assert!(
+                    tokens <= text.len() as u64,
+                    "{model}: {head:?}… {tokens} tokens for {} bytes",
+                    text.len()
+                );
+            }
+        }
+        // Ordinary text is never cut: the count is tiktoken's own.
+        let spaced = format!("a{}b", " ".repeat(WHITESPACE_RUN));
+        let whole = Bpe::O200k
+            .get()
+            .map(|bpe| bpe.encode_ordinary(&spaced).len() as u64);
+        assert_eq!(Some(Bpe::O200k.count(&spaced)), whole);
     }
 
     /// Figures for the report: run with `--nocapture` to see them.
