@@ -113,13 +113,32 @@ async fn edge(
     let path = req.uri().path().to_owned();
     let response = match oversized(&state, &req) {
         Some(refused) => refused,
-        None => read_body(&state, req, next).await,
+        None => answer_even_if_panicking(read_body(&state, req, next)).await,
     };
     let response = json_errors(&method, &path, response);
     if path.starts_with("/v1/") {
         openai::openai_errors(response).await
     } else {
         response
+    }
+}
+
+/// The route's answer, or a plain 500 if it panicked. A panic is a bug, but
+/// without this the connection task would die with it: the client would get
+/// no answer at all (its SDK retries a dropped connection), the request would
+/// be logged as abandoned by the client (499), and the panic's text would go
+/// to stderr only. Here it is one `internal error` log line with the request
+/// id, a 500 in the HTTP metrics, and SPEC's JSON error (OpenAI's under
+/// `/v1/`). A turn's own task is not covered by this: its panic is settled
+/// by the turn engine (the reply stored `failed`).
+async fn answer_even_if_panicking(
+    route: impl std::future::Future<Output = axum::response::Response>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(route).catch_unwind().await {
+        Ok(response) => response,
+        Err(_) => ApiError::Internal("the request's handler panicked".into()).into_response(),
     }
 }
 
@@ -193,4 +212,29 @@ fn cors() -> CorsLayer {
             HeaderName::from_static(openai::CHAT_HEADER),
         ])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_route_answers_a_plain_500() {
+        let panicking = async {
+            if std::hint::black_box(true) {
+                std::panic::resume_unwind(Box::new("not a number"));
+            }
+            axum::response::IntoResponse::into_response("unreachable")
+        };
+        let response = answer_even_if_panicking(panicking).await;
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await;
+        let body: serde_json::Value =
+            serde_json::from_slice(&body.unwrap_or_default()).unwrap_or(serde_json::Value::Null);
+        assert_eq!(body["message"], "Internal server error", "{body}");
+        assert!(!body.to_string().contains("not a number"), "{body}");
+    }
 }
