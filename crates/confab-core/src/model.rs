@@ -261,16 +261,23 @@ pub struct MessageText(String);
 
 impl MessageText {
     pub fn parse(s: String) -> Result<Self, Invalid> {
+        let s = Self::parse_unstored(s)?;
+        if s.0.chars().count() > MAX_MESSAGE_CHARS {
+            return Err(Invalid(format!(
+                "message must be at most {MAX_MESSAGE_CHARS} characters"
+            )));
+        }
+        Ok(s)
+    }
+    /// As [`parse`](Self::parse) without its length limit: for a message
+    /// sent to the model and stored nowhere (a stateless `/v1` turn), which
+    /// the request body's limit and the model's context bound instead.
+    pub fn parse_unstored(s: String) -> Result<Self, Invalid> {
         if s.trim().is_empty() {
             return Err(Invalid::new("message must not be empty"));
         }
         if s.contains('\0') {
             return Err(Invalid::new("message must not contain NUL characters"));
-        }
-        if s.chars().count() > MAX_MESSAGE_CHARS {
-            return Err(Invalid(format!(
-                "message must be at most {MAX_MESSAGE_CHARS} characters"
-            )));
         }
         Ok(Self(s))
     }

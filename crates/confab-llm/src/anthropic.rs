@@ -28,10 +28,9 @@ use crate::http::{
     parse_data,
 };
 
-/// The version header sent. `2023-06-01` is the one every Messages API
-/// server (Anthropic, LiteLLM, llmock) accepts; the newer `2026-10-21` refuses
-/// `temperature` and `top_p` together, which OpenAI clients send, and buys nothing
-/// for plain text.
+/// The version header sent: `2023-06-01`, the one every Messages API server
+/// (Anthropic, LiteLLM, llmock) accepts; newer ones buy nothing for plain
+/// text.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// `base_url` when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -140,8 +139,16 @@ fn body(request: &ChatRequest) -> MessagesBody<'_> {
                 .map(|m| (m.role, m.content.as_str())),
         ),
         stream: true,
-        temperature: request.sampling.temperature,
-        top_p: request.sampling.top_p,
+        // OpenAI's scale is 0–2, the Messages API's 0–1: past 1 asks for
+        // the most random there is, which is 1 here (sent as is, 400).
+        temperature: request.sampling.temperature.map(|t| t.min(1.0)),
+        // Claude models since Sonnet 4.5 refuse `temperature` and `top_p`
+        // together (400, whatever the version header), and OpenAI clients
+        // often send both. Anthropic's advice is to set one: the temperature.
+        top_p: request
+            .sampling
+            .top_p
+            .filter(|_| request.sampling.temperature.is_none()),
         stop_sequences: &request.sampling.stop,
     }
 }
@@ -579,6 +586,35 @@ mod tests {
         };
         let body = serde_json::to_value(super::body(&bare)).unwrap();
         assert!(body.get("system").is_none());
+    }
+
+    /// OpenAI clients' sampling, as the Messages API takes it: temperature
+    /// on its 0–1 scale, and never with `top_p` (newer Claude models refuse
+    /// the pair with a 400).
+    #[test]
+    fn openai_sampling_is_sent_as_anthropic_accepts_it() {
+        let sampled = |temperature: Option<f64>, top_p: Option<f64>| {
+            let request = ChatRequest {
+                upstream_model: "claude-sonnet-4-5".into(),
+                system: None,
+                messages: vec![msg(MessageRole::User, "hi")],
+                max_output_tokens: 10,
+                interactive: false,
+                sampling: confab_core::provider::Sampling {
+                    temperature,
+                    top_p,
+                    stop: Vec::new(),
+                },
+            };
+            let body = serde_json::to_value(body(&request)).unwrap();
+            (body.get("temperature").cloned(), body.get("top_p").cloned())
+        };
+        let json = |v: f64| Some(serde_json::json!(v));
+        assert_eq!(sampled(Some(1.7), None), (json(1.0), None));
+        assert_eq!(sampled(Some(0.3), None), (json(0.3), None));
+        assert_eq!(sampled(Some(0.7), Some(0.9)), (json(0.7), None));
+        assert_eq!(sampled(None, Some(0.9)), (None, json(0.9)));
+        assert_eq!(sampled(None, None), (None, None));
     }
 
     #[test]

@@ -188,8 +188,13 @@ pub async fn list_models(State(state): State<AppState>, Auth(principal): Auth) -
 pub async fn get_model(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    axum::extract::Path(name): axum::extract::Path<String>,
+    name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
+    // A name that is not UTF-8 once percent-decoded names no model: 404 as
+    // for any other (not the framework's 400).
+    let Ok(axum::extract::Path(name)) = name else {
+        return OpenAiError::model_not_found("(not UTF-8)").into_response();
+    };
     let model = state
         .engine
         .models()
@@ -283,13 +288,23 @@ fn check(
             Some("messages"),
         ));
     };
-    let text = MessageText::parse(last_user.content.clone())
-        .map_err(|e| OpenAiError::invalid(format!("the last user {}", e.0), Some("messages")))?;
-    let system = if system.is_empty() {
-        None
+    // A turn stored into a chat follows the native rules (its message and
+    // system prompt are stored there); a stateless one is the client's own
+    // conversation, stored nowhere, bounded by the body limit and the
+    // model's context like every earlier message (agent frameworks send
+    // system prompts and documents far over 10,000 characters).
+    let stored = store.is_some();
+    let text = if stored {
+        MessageText::parse(last_user.content.clone())
     } else {
-        parse_system_prompt(&system.join("\n\n"))
-            .map_err(|e| OpenAiError::invalid(e.0, Some("messages")))?
+        MessageText::parse_unstored(last_user.content.clone())
+    }
+    .map_err(|e| OpenAiError::invalid(format!("the last user {}", e.0), Some("messages")))?;
+    let system = match system.join("\n\n") {
+        joined if stored => {
+            parse_system_prompt(&joined).map_err(|e| OpenAiError::invalid(e.0, Some("messages")))?
+        }
+        joined => (!joined.trim().is_empty()).then_some(joined),
     };
     let max_output_tokens = match req.max_completion_tokens.or(req.max_tokens) {
         Some(0) => {
@@ -386,12 +401,28 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<CompletionRequest, 
         }
     })?;
     serde_json::from_slice(&bytes).map_err(|err| {
-        // serde's message names the field and the position, never a value.
         OpenAiError::invalid(
-            format!("the request body is not a valid chat completion request: {err}"),
+            format!(
+                "the request body is not a valid chat completion request: {}",
+                without_client_text(&err)
+            ),
             None,
         )
     })
+}
+
+/// serde's message (what was expected, where), without the client's own
+/// text: its `invalid type` and `invalid value` messages quote a string the
+/// client sent (`invalid type: string "…", expected a sequence`), which may
+/// be a message's content.
+fn without_client_text(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    match (text.find(": string \""), text.rfind("\", expected")) {
+        (Some(start), Some(end)) if start < end => {
+            format!("{}: string{}", &text[..start], &text[end + 1..])
+        }
+        _ => text,
+    }
 }
 
 /// `POST /v1/chat/completions`, streamed (`"stream": true`) or not.

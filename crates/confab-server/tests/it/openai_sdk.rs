@@ -20,6 +20,7 @@ per_store!(
     the_official_openai_sdk_works_against_confab,
     v1_errors_are_in_openai_shape_with_their_status,
     litellm_streams_a_confab_reply_as_a_gateway_in_front_of_confab,
+    v1_stateless_turns_are_bounded_by_the_model_not_the_native_limits,
 );
 
 /// One row of the usage ledger, read straight from the database.
@@ -386,6 +387,20 @@ async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
             None,
         ),
         (
+            json!({"model": "mock-openai", "messages": "my private text"}),
+            None,
+            400,
+            None,
+            None,
+        ),
+        (
+            json!({"model": "mock-openai", "messages": "a\", expected private"}),
+            None,
+            400,
+            None,
+            None,
+        ),
+        (
             json!({"model": "mock-openai", "messages": user("x"), "temperature": 3}),
             None,
             400,
@@ -464,6 +479,8 @@ async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
         let err: Value = res.json().await.unwrap();
         let e = &err["error"];
         assert!(e["message"].is_string(), "{err}");
+        // The client's own text is never echoed back (it may be a message).
+        assert!(!err.to_string().contains("private"), "{body} → {err}");
         assert!(e["type"].is_string(), "{err}");
         assert_eq!(e["param"].as_str(), param, "{body} → {err}");
         assert_eq!(e["code"].as_str(), code, "{body} → {err}");
@@ -480,6 +497,17 @@ async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
     assert_eq!(res.status(), 404);
     let err: Value = res.json().await.unwrap();
     assert_eq!(err["error"]["code"], "not_found");
+    // A model name that is not UTF-8 is no model of the org: 404.
+    let res = app
+        .client
+        .get(app.url("/v1/models/%FF"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "model_not_found", "{err}");
     let res = app
         .client
         .get(app.url("/v1/chat/completions"))
@@ -496,4 +524,48 @@ async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
         1,
         "only Bob's native turn"
     );
+}
+
+/// A stateless turn is the client's conversation, stored nowhere: its system
+/// prompt and last user message are bounded by the body limit and the
+/// model's context, not by the native API's 10,000 characters. Stored into a
+/// chat, the native rules hold.
+async fn v1_stateless_turns_are_bounded_by_the_model_not_the_native_limits(db: Db) {
+    let app = crate::support::spawn_app(db).await;
+    let long = "word ".repeat(2_500);
+    let body = json!({"model": "simulated", "messages": [
+        {"role": "system", "content": long},
+        {"role": "user", "content": long},
+    ]});
+    let res = app
+        .post_json("/v1/chat/completions", &As::alice(), &body)
+        .await;
+    assert_eq!(res.status(), 200);
+    let reply: Value = res.json().await.unwrap();
+    let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty(), "{reply}");
+    assert!(
+        reply["usage"]["prompt_tokens"].as_u64().unwrap() >= 2_500,
+        "{reply}"
+    );
+    for (system, user) in [(long.as_str(), "hi"), ("be brief", long.as_str())] {
+        let body = json!({"model": "simulated", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+        ]});
+        let res = app
+            .request(reqwest::Method::POST, "/v1/chat/completions", &As::alice())
+            .header("x-confab-chat-id", "new")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400);
+        let err: Value = res.json().await.unwrap();
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains("at most 10000 characters"), "{err}");
+        assert_eq!(err["error"]["param"], "messages", "{err}");
+    }
+    let (_, chats) = app.get_json("/chats", &As::alice()).await;
+    assert_eq!(chats["chats"], json!([]), "{chats}");
 }
