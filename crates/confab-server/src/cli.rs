@@ -15,6 +15,7 @@ use confab_core::model::{
 };
 use confab_core::models::valid_model_name;
 use confab_core::{ApiKeyId, OrgId, Store, StoreError, UserId};
+use confab_llm::catalog::Catalog;
 use tokio::net::TcpListener;
 
 use crate::app::{App, open_store, shutdown_signal};
@@ -250,7 +251,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
-        Command::Org(cmd) => with_store(&config, |s| org(s, cmd)).await,
+        Command::Org(cmd) => with_store(&config, |s| org(s, cmd, &config.catalog)).await,
         Command::User(cmd) => with_store(&config, |s| user(s, cmd)).await,
         Command::Key(cmd) => with_store(&config, |s| key(s, cmd)).await,
         Command::Usage {
@@ -396,6 +397,42 @@ fn conflict_message(err: StoreError, what: &str) -> anyhow::Error {
     }
 }
 
+/// An allowlist naming none of the configured models leaves the org no
+/// model at all (every turn and `GET /models` would answer `Unknown model`):
+/// refused, a typo most likely. Names this configuration lacks but others
+/// may have (instances with different models files) only get a warning.
+fn check_configured(names: &[String], catalog: &Catalog) -> anyhow::Result<()> {
+    let configured = |name: &String| catalog.models.iter().any(|m| &m.name == name);
+    let known = || {
+        catalog
+            .models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let unknown: Vec<&str> = names
+        .iter()
+        .filter(|n| !configured(n))
+        .map(String::as_str)
+        .collect();
+    if unknown.len() == names.len() {
+        bail!(
+            "none of {} is a configured model (this configuration has: {}); the org could use no model",
+            names.join(","),
+            known()
+        );
+    }
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} not among this configuration's models ({}); requests naming them get 400 where they are not configured",
+            unknown.join(","),
+            known()
+        );
+    }
+    Ok(())
+}
+
 async fn find_org(store: &dyn Store, id_or_slug: &str) -> anyhow::Result<confab_core::Org> {
     match store.find_org(id_or_slug.trim()).await {
         Ok(org) => Ok(org),
@@ -404,7 +441,7 @@ async fn find_org(store: &dyn Store, id_or_slug: &str) -> anyhow::Result<confab_
     }
 }
 
-async fn org(store: Arc<dyn Store>, cmd: OrgCommand) -> anyhow::Result<()> {
+async fn org(store: Arc<dyn Store>, cmd: OrgCommand, catalog: &Catalog) -> anyhow::Result<()> {
     match cmd {
         OrgCommand::Create { name, slug, id } => {
             let slug = Slug::parse(&slug).map_err(|e| anyhow!(e.0))?;
@@ -493,6 +530,7 @@ async fn org(store: Arc<dyn Store>, cmd: OrgCommand) -> anyhow::Result<()> {
                 if let Some(bad) = names.iter().find(|n| !valid_model_name(n)) {
                     bail!("{bad:?} is not a model name (1-64 of A-Z a-z 0-9 . _ : -)");
                 }
+                check_configured(&names, catalog)?;
                 Some(names)
             };
             let policy = OrgPolicy {

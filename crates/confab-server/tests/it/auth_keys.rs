@@ -361,7 +361,12 @@ async fn cli_rejects_bad_input_with_clear_errors(db: Db) {
     }
     let missing_key = uuid::Uuid::new_v4().to_string();
     // (arguments, a phrase the one-line error must contain)
-    let refused: [(&[&str], &str); 9] = [
+    let refused: [(&[&str], &str); 10] = [
+        // A typo: no configured model (here only `simulated`) would be left.
+        (
+            &["org", "models", "initech", "--allow", "simulatd"],
+            "none of simulatd is a configured model",
+        ),
         (
             &["org", "create", "--name", "Bad", "--slug", "Bad Slug!"],
             "slug",
@@ -441,6 +446,15 @@ async fn cli_rejects_bad_input_with_clear_errors(db: Db) {
             "{args:?}: {err:?} does not mention {phrase:?}"
         );
     }
+    // One configured model among unknown ones: set, with a warning.
+    let (code, out, err) = cli(
+        &db,
+        &["org", "models", "initech", "--allow", "simulated,elsewhere"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("simulated,elsewhere"), "{out}");
+    assert!(err.contains("warning: elsewhere not among"), "{err}");
 }
 
 async fn the_database_never_holds_a_plaintext_key(db: Db) {
