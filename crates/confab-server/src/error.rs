@@ -195,7 +195,10 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::NotFound => ApiError::NotFound("Not found".into()),
             StoreError::Conflict { constraint } => {
-                ApiError::Conflict(format!("Conflicts with existing data ({constraint})"))
+                // The constraint's name is the schema's, not the client's
+                // business: in the log line (with the request id) only.
+                tracing::info!(constraint = %constraint, "write refused: conflicts with existing data");
+                ApiError::Conflict("Conflicts with existing data".into())
             }
             StoreError::Unavailable(e) => ApiError::StoreUnavailable(e),
             StoreError::Other(e) => ApiError::Internal(format!("database: {e}")),
@@ -289,5 +292,26 @@ impl ApiError {
                 ApiError::Conflict("The reply was cancelled; the partial reply was saved".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_conflict_does_not_name_the_schema() {
+        let err: ApiError = StoreError::Conflict {
+            constraint: "chats_pkey".into(),
+        }
+        .into();
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("Conflicts with existing data"), "{body}");
+        assert!(!body.contains("chats_pkey"), "{body}");
     }
 }
