@@ -253,9 +253,11 @@ impl Email {
     }
 }
 
-/// A chat message as a client may send it: non-blank, at most
-/// [`MAX_MESSAGE_CHARS`] characters, no NUL (PostgreSQL cannot store it, and
-/// the original answered 500).
+/// A chat message as a client may send it: non-blank, no NUL (PostgreSQL
+/// cannot store it, and the original answered 500), and at most
+/// [`MAX_MESSAGE_CHARS`] characters when built by [`MessageText::parse`] —
+/// every message that is stored. [`MessageText::parse_unstored`] (a
+/// stateless `/v1` turn, never stored) has no length limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageText(String);
 

@@ -113,6 +113,11 @@ enum OrgCommand {
         /// Every configured model.
         #[arg(long, conflicts_with = "allow")]
         all: bool,
+        /// Set the list even when it names none of the models this shell's
+        /// configuration has (MODELS_FILE, provider keys) — for servers
+        /// configured differently.
+        #[arg(long, conflicts_with = "all")]
+        force: bool,
     },
     /// Set (or clear) the system prompt of chats that have none of their own.
     SystemPrompt {
@@ -399,9 +404,10 @@ fn conflict_message(err: StoreError, what: &str) -> anyhow::Error {
 
 /// An allowlist naming none of the configured models leaves the org no
 /// model at all (every turn and `GET /models` would answer `Unknown model`):
-/// refused, a typo most likely. Names this configuration lacks but others
-/// may have (instances with different models files) only get a warning.
-fn check_configured(names: &[String], catalog: &Catalog) -> anyhow::Result<()> {
+/// refused, a typo most likely, unless `force` (the check can only use this
+/// shell's configuration, which may not be the servers'). Names this
+/// configuration lacks among ones it has only get a warning.
+fn check_configured(names: &[String], catalog: &Catalog, force: bool) -> anyhow::Result<()> {
     let configured = |name: &String| catalog.models.iter().any(|m| &m.name == name);
     let known = || {
         catalog
@@ -416,9 +422,10 @@ fn check_configured(names: &[String], catalog: &Catalog) -> anyhow::Result<()> {
         .filter(|n| !configured(n))
         .map(String::as_str)
         .collect();
-    if unknown.len() == names.len() {
+    if unknown.len() == names.len() && !force {
         bail!(
-            "none of {} is a configured model (this configuration has: {}); the org could use no model",
+            "none of {} is a configured model (this configuration has: {}); the org could use no model. \
+             If the servers are configured differently (MODELS_FILE, provider keys), add --force",
             names.join(","),
             known()
         );
@@ -514,7 +521,12 @@ async fn org(store: Arc<dyn Store>, cmd: OrgCommand, catalog: &Catalog) -> anyho
                 limit_text(per_day)
             );
         }
-        OrgCommand::Models { org, allow, all } => {
+        OrgCommand::Models {
+            org,
+            allow,
+            all,
+            force,
+        } => {
             let org = find_org(store.as_ref(), &org).await?;
             let allowed_models = if all {
                 None
@@ -530,7 +542,7 @@ async fn org(store: Arc<dyn Store>, cmd: OrgCommand, catalog: &Catalog) -> anyho
                 if let Some(bad) = names.iter().find(|n| !valid_model_name(n)) {
                     bail!("{bad:?} is not a model name (1-64 of A-Z a-z 0-9 . _ : -)");
                 }
-                check_configured(&names, catalog)?;
+                check_configured(&names, catalog, force)?;
                 Some(names)
             };
             let policy = OrgPolicy {

@@ -17,7 +17,8 @@ pub struct CompletionRequest {
     #[schema(schema_with = sch::openai_model_name)]
     pub model: String,
     /// The conversation; the last `user` message is the turn's message
-    /// (not blank, at most 10,000 characters). No NUL anywhere.
+    /// (not blank; at most 10,000 characters when the turn is stored into a
+    /// chat with `X-Confab-Chat-Id`, as the system prompt). No NUL anywhere.
     #[schema(min_items = 1)]
     pub messages: Vec<InMessage>,
     #[serde(default)]

@@ -126,11 +126,13 @@ async fn edge(
 /// The route's answer, or a plain 500 if it panicked. A panic is a bug, but
 /// without this the connection task would die with it: the client would get
 /// no answer at all (its SDK retries a dropped connection), the request would
-/// be logged as abandoned by the client (499), and the panic's text would go
-/// to stderr only. Here it is one `internal error` log line with the request
-/// id, a 500 in the HTTP metrics, and SPEC's JSON error (OpenAI's under
-/// `/v1/`). A turn's own task is not covered by this: its panic is settled
-/// by the turn engine (the reply stored `failed`).
+/// be logged as abandoned by the client (499). Here it is one `internal
+/// error` log line with the request id, a 500 in the HTTP metrics, and SPEC's
+/// JSON error (OpenAI's under `/v1/`). The panic's own text and location
+/// still go to stderr only (Rust's panic hook), not into the JSON log: a
+/// panic message may quote the data it failed on, a user's text included.
+/// A turn's own task is not covered by this: its panic is settled by the
+/// turn engine (the reply stored `failed`).
 async fn answer_even_if_panicking(
     route: impl std::future::Future<Output = axum::response::Response>,
 ) -> axum::response::Response {

@@ -455,6 +455,14 @@ async fn cli_rejects_bad_input_with_clear_errors(db: Db) {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("simulated,elsewhere"), "{out}");
     assert!(err.contains("warning: elsewhere not among"), "{err}");
+    // For servers configured otherwise, --force sets it anyway (warned).
+    let (code, _, err) = cli(
+        &db,
+        &["org", "models", "initech", "--allow", "fast", "--force"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: fast not among"), "{err}");
 }
 
 async fn the_database_never_holds_a_plaintext_key(db: Db) {
