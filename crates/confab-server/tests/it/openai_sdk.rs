@@ -485,39 +485,25 @@ async fn v1_errors_are_in_openai_shape_with_their_status(db: Db) {
         assert_eq!(e["param"].as_str(), param, "{body} → {err}");
         assert_eq!(e["code"].as_str(), code, "{body} → {err}");
     }
-    // Unknown paths and methods under /v1 too; and nothing above reached
-    // the model or the ledger.
-    let res = app
-        .client
-        .get(app.url("/v1/embeddings"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
-    let err: Value = res.json().await.unwrap();
-    assert_eq!(err["error"]["code"], "not_found");
-    // A model name that is not UTF-8 is no model of the org: 404.
-    let res = app
-        .client
-        .get(app.url("/v1/models/%FF"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
-    let err: Value = res.json().await.unwrap();
-    assert_eq!(err["error"]["code"], "model_not_found", "{err}");
-    let res = app
-        .client
-        .get(app.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 405);
-    let err: Value = res.json().await.unwrap();
-    assert_eq!(err["error"]["type"], "invalid_request_error");
+    // Unknown paths and methods under /v1 too, and a model name that is not
+    // UTF-8 (no model of the org); and nothing above reached the model or
+    // the ledger. (path, status, error field, its value)
+    for (path, status, field, value) in [
+        ("/v1/embeddings", 404, "code", "not_found"),
+        ("/v1/models/%FF", 404, "code", "model_not_found"),
+        ("/v1/chat/completions", 405, "type", "invalid_request_error"),
+    ] {
+        let res = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{path}");
+        let err: Value = res.json().await.unwrap();
+        assert_eq!(err["error"][field], value, "{path}: {err}");
+    }
     assert!(mock.journal().await.iter().all(|r| r.method != "POST"));
     assert_eq!(
         ledger_rows(&app.db).await.len(),
