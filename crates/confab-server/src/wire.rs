@@ -235,7 +235,10 @@ pub struct ModelJson<'a> {
 #[derive(Serialize, ToSchema)]
 pub struct ModelListJson<'a> {
     pub models: Vec<ModelJson<'a>>,
-    pub default: &'a str,
+    /// The model a turn uses when it names none; `null` only when the org
+    /// may use none of this server's models (its allowlist names only
+    /// models the models file no longer has).
+    pub default: Option<&'a str>,
 }
 
 /// Ledger totals as `GET /usage` and `confab usage` print them.

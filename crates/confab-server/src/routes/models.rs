@@ -5,6 +5,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
+use confab_core::service::ServiceError;
+
 use crate::error::ApiError;
 use crate::middleware::Auth;
 use crate::state::AppState;
@@ -20,7 +22,22 @@ pub async fn list_models(
     Auth(principal): Auth,
 ) -> Result<Response, ApiError> {
     let registry = state.engine.models();
-    let default = state.engine.resolve_model(&principal, None, None)?;
+    // An allowlist naming only models this server lacks (the models file
+    // changed after `confab org models`) leaves the org no model: its turns
+    // are refused `Unknown model`, and this lists nothing, with no default.
+    // The client's request was good: an empty list, not a 400; the operator
+    // learns of it from the log.
+    let default = match state.engine.resolve_model(&principal, None, None) {
+        Ok(model) => Some(model),
+        Err(ServiceError::UnknownModel(_)) => {
+            tracing::warn!(
+                org_id = %principal.org_id,
+                "the org's model allowlist names none of the configured models: it can use no model"
+            );
+            None
+        }
+        Err(other) => return Err(other.into()),
+    };
     let models = registry
         .allowed(&principal.policy)
         .map(|m| ModelJson {
@@ -32,7 +49,7 @@ pub async fn list_models(
         .collect();
     Ok(Json(ModelListJson {
         models,
-        default: &default.name,
+        default: default.as_ref().map(|m| m.name.as_str()),
     })
     .into_response())
 }

@@ -24,6 +24,7 @@ per_store!(
     key_use_is_recorded_in_batches,
     cli_creates_org_user_and_key_that_work_over_http,
     cli_rejects_bad_input_with_clear_errors,
+    an_org_left_with_no_configured_model_lists_none,
     the_database_never_holds_a_plaintext_key,
 );
 
@@ -463,6 +464,44 @@ async fn cli_rejects_bad_input_with_clear_errors(db: Db) {
     .await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("warning: fast not among"), "{err}");
+}
+
+/// An allowlist set (with `--force`) for models this server lacks: the
+/// org's requests were good, so `GET /models` answers 200 with nothing to
+/// offer (not a 400 naming a model the client never asked for), and a turn
+/// is refused as SPEC says for a model the org may not use.
+async fn an_org_left_with_no_configured_model_lists_none(db: Db) {
+    let app = spawn_app(db).await;
+    let (code, _, err) = cli(
+        &app.db,
+        &[
+            "org",
+            "models",
+            "tech-startup",
+            "--allow",
+            "gone",
+            "--force",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+
+    let (status, listed) = app.get_json("/models", &As::charlie()).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed, json!({ "models": [], "default": null }));
+    let (status, listed) = app.get_json("/v1/models", &As::charlie()).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["data"], json!([]));
+    let res = app
+        .post_json("/chat", &As::charlie(), &json!({ "message": "hi" }))
+        .await;
+    let message = assert_error(res, 400, "Bad Request").await;
+    assert!(message.starts_with("Unknown model"), "{message}");
+
+    // Another org is untouched.
+    let (status, listed) = app.get_json("/models", &As::alice()).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["default"], "simulated");
 }
 
 async fn the_database_never_holds_a_plaintext_key(db: Db) {
