@@ -270,6 +270,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let _log_guard = crate::telemetry::init(&config.log_level, config.log_format);
+    crate::telemetry::install_panic_hook();
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let app = App::build(config).await?;
     let listener =

@@ -676,6 +676,13 @@ impl Collector for ProcessCollector {
             None,
             rss.metric_type(),
         )?)?;
+        let panics = ConstCounter::new(crate::telemetry::panics());
+        panics.encode(encoder.encode_descriptor(
+            "panics",
+            "Panics of this process (each also logged at error, with its location)",
+            None,
+            panics.metric_type(),
+        )?)?;
         let thr = ConstGauge::new(threads as i64);
         thr.encode(encoder.encode_descriptor(
             "process_threads",

@@ -225,6 +225,56 @@ pub fn init(level: &str, format: LogFormat) -> LogGuard {
     guard
 }
 
+/// Panics seen by this process, on any thread: `panics_total` on
+/// `/metrics`. A panic is a bug; the request or turn it hit is answered
+/// (a 500, a reply stored `failed`), so without this count and the hook's
+/// line it would look like any other error.
+static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many panics this process has seen.
+pub fn panics() -> u64 {
+    PANICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Replace Rust's panic hook, which writes the panic's message to stderr,
+/// with [`report_panic`]: one log line like every other, with the request
+/// id of the request it hit.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        report_panic(info.location(), info.payload());
+    }));
+}
+
+/// Count a panic and log it at `error`, in the spans it happened in (so
+/// with its request id): where it happened, on which thread, the backtrace
+/// when `RUST_BACKTRACE` asks for one, and its message only when the message
+/// is a literal of the code (`panic!("…")`, `unreachable!()`). A formatted
+/// message may quote the data the code failed on, a user's text or a key
+/// among them: it is withheld, and the location says where to look.
+fn report_panic(location: Option<&std::panic::Location<'_>>, payload: &dyn std::any::Any) {
+    PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let message = payload
+        .downcast_ref::<&'static str>()
+        .copied()
+        .unwrap_or("(formatted message withheld: it may quote request data)");
+    let location = location
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = match backtrace.status() {
+        std::backtrace::BacktraceStatus::Captured => Some(backtrace.to_string()),
+        _ => None,
+    };
+    tracing::error!(
+        panic = message,
+        location,
+        thread = thread.name().unwrap_or("unnamed"),
+        backtrace,
+        "panic"
+    );
+}
+
 /// Writes each event as a JSON line: `timestamp`, `level`, `message`, then
 /// the fields of the enclosing spans (outermost first), then the event's own,
 /// then `target`. A field named twice keeps its first place and its last
@@ -505,6 +555,44 @@ mod tests {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    #[test]
+    fn a_panic_is_logged_in_its_request_with_its_place_but_not_its_data() {
+        let before = panics();
+        let here = std::panic::Location::caller();
+        let formatted: Box<dyn std::any::Any> =
+            Box::new(format!("cannot parse {}", "SECRET user text"));
+        let literal: Box<dyn std::any::Any> = Box::new("internal error: entered unreachable code");
+        let raw = raw_lines_of(|| {
+            let span = tracing::info_span!("request", requestId = "r-7");
+            let _entered = span.enter();
+            report_panic(Some(here), formatted.as_ref());
+            report_panic(None, literal.as_ref());
+        });
+        assert_eq!(panics() - before, 2);
+        assert_eq!(raw.len(), 2, "{raw:?}");
+        assert!(raw.iter().all(|l| !l.contains("SECRET")), "{raw:?}");
+        let lines: Vec<serde_json::Map<String, serde_json::Value>> = raw
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["level"], "error");
+        assert_eq!(lines[0]["message"], "panic");
+        assert_eq!(lines[0]["requestId"], "r-7");
+        assert_eq!(
+            lines[0]["panic"],
+            "(formatted message withheld: it may quote request data)"
+        );
+        assert_eq!(
+            lines[0]["location"],
+            format!("{}:{}:{}", here.file(), here.line(), here.column())
+        );
+        assert_eq!(
+            lines[1]["panic"],
+            "internal error: entered unreachable code"
+        );
+        assert_eq!(lines[1]["requestId"], "r-7");
     }
 
     #[test]

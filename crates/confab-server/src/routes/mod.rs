@@ -128,9 +128,9 @@ async fn edge(
 /// no answer at all (its SDK retries a dropped connection), the request would
 /// be logged as abandoned by the client (499). Here it is one `internal
 /// error` log line with the request id, a 500 in the HTTP metrics, and SPEC's
-/// JSON error (OpenAI's under `/v1/`). The panic's own text and location
-/// still go to stderr only (Rust's panic hook), not into the JSON log: a
-/// panic message may quote the data it failed on, a user's text included.
+/// JSON error (OpenAI's under `/v1/`). Where it panicked is logged by the
+/// process's panic hook ([`crate::telemetry::install_panic_hook`]), with
+/// the request id and without a formatted message's data.
 /// A turn's own task is not covered by this: its panic is settled by the
 /// turn engine (the reply stored `failed`).
 async fn answer_even_if_panicking(
