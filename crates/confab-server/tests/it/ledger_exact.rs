@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::llm::{ModelsFile, app_with_models, llmock_models};
 use crate::support::app::{ACME, ALICE, BOB};
-use crate::support::peers::{Llmock, LlmockOpts, LlmockRequest};
+use crate::support::peers::{Llmock, LlmockOpts, LlmockRequest, peer_client};
 use crate::support::process::{Confab, PrivateRedis};
 use crate::support::sse::SseReader;
 use crate::support::{As, Db, Limiter, TestDb};
@@ -703,7 +703,8 @@ async fn a_thousand_mixed_turns_and_a_crash_leave_an_exact_ledger(db: Db) {
     for p in plans.iter().filter(|p| p.kind == Kind::Busy) {
         *busy.entry(p.provider).or_default() += 1;
     }
-    let client = reqwest::Client::new();
+    // It also calls llmock (scenarios, usage probes): a peer's client.
+    let client = peer_client();
 
     // Phase 1: half the mixed turns.
     let mut server = Confab::start(&env).await;

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::peers::{Litellm, LitellmOpts, Llmock, LlmockOpts};
+use crate::support::peers::{Litellm, LitellmOpts, Llmock, LlmockOpts, peer_client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llmock_and_litellm_answer_a_chat_completion() {
@@ -14,7 +14,7 @@ async fn llmock_and_litellm_answer_a_chat_completion() {
         chunk_delay_ms: 0,
     })
     .await;
-    let http = reqwest::Client::new();
+    let http = peer_client();
 
     let direct: Value = http
         .post(format!("{}/chat/completions", llmock.openai_base_url()))

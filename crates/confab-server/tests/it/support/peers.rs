@@ -225,6 +225,19 @@ pub struct LlmockRequest {
     pub body: Value,
 }
 
+/// A client for the peers' own endpoints (llmock's control API, its chat
+/// endpoints called directly). The peers are uvicorn servers, which close a
+/// connection idle for 5 s (`timeout_keep_alive`); a request sent on a pooled
+/// connection just as uvicorn closes it fails with `IncompleteMessage` (seen
+/// in CI: `ledger_exact`, a scenario call after a pause). This client drops
+/// its idle connections after 2 s, well before uvicorn does.
+pub fn peer_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .expect("reqwest client")
+}
+
 impl Llmock {
     pub async fn start(opts: LlmockOpts) -> Llmock {
         let bin = peer_bin("llmock");
@@ -251,7 +264,7 @@ impl Llmock {
         Llmock {
             peer,
             port,
-            http: reqwest::Client::new(),
+            http: peer_client(),
         }
     }
 
