@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::per_store;
 use crate::support::process::Confab;
@@ -12,6 +12,7 @@ use crate::support::{Db, TestDb};
 per_store!(
     database_failures_answer_plain_words_and_retry_after,
     failed_authentications_are_cached_and_limited_per_address,
+    message_text_never_reaches_the_log,
 );
 
 /// The `request completed` log line whose `status` is `status`, waiting for it.
@@ -369,4 +370,114 @@ async fn an_oversized_content_length_is_refused_before_the_body_is_read() {
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("Payload Too Large"), "{answer}");
+}
+
+/// Non-negotiable: message text never appears in the logs. The deployed
+/// binary at `info`, with the text a user and a model write (messages,
+/// system prompts, titles, the replies that echo them) sent through every
+/// route that takes it, accepted and refused, streamed and not; then no
+/// line of its stdout or stderr holds any of it.
+async fn message_text_never_reaches_the_log(db: Db) {
+    let db = TestDb::new(db).await;
+    let mut env = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("SIMULATED_TOKEN_DELAY_MS", "0".to_owned()),
+        ("LOG_LEVEL", "info".to_owned()),
+    ];
+    if db.kind == Db::Postgres {
+        env.push(("REDIS_URL", crate::support::redis_url()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = Confab::start(&env).await;
+    const TEXT: &str = "Zq7-private-words";
+    let client = reqwest::Client::new();
+    let send = |path: &str, body: String| {
+        client
+            .post(app.url(path))
+            .header("x-org-id", crate::support::app::ACME)
+            .header("x-user-id", crate::support::app::ALICE)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let long = TEXT.repeat(1_000);
+    let mut expected = Vec::new();
+    let res = send(
+        "/chat",
+        json!({ "message": TEXT, "system": TEXT }).to_string(),
+    )
+    .await
+    .unwrap();
+    expected.push((res.status().as_u16(), 200));
+    let reply: Value = res.json().await.unwrap();
+    let chat = reply["chat_id"].as_str().unwrap().to_owned();
+    assert!(reply["reply"].as_str().unwrap().contains(TEXT), "{reply}");
+    let stream = send(
+        "/chat/stream",
+        json!({ "message": TEXT, "chat_id": chat }).to_string(),
+    )
+    .await
+    .unwrap();
+    expected.push((stream.status().as_u16(), 200));
+    assert!(stream.text().await.unwrap().contains(TEXT));
+    let renamed = client
+        .patch(app.url(&format!("/chat/{chat}")))
+        .header("x-org-id", crate::support::app::ACME)
+        .header("x-user-id", crate::support::app::ALICE)
+        .json(&json!({ "title": TEXT }))
+        .send()
+        .await
+        .unwrap();
+    expected.push((renamed.status().as_u16(), 200));
+    let v1 = json!({ "model": "simulated", "messages": [
+        { "role": "system", "content": TEXT }, { "role": "user", "content": TEXT },
+    ] });
+    for stream in [false, true] {
+        let mut body = v1.clone();
+        body["stream"] = Value::from(stream);
+        let res = send("/v1/chat/completions", body.to_string())
+            .await
+            .unwrap();
+        expected.push((res.status().as_u16(), 200));
+        assert!(res.text().await.unwrap().contains(TEXT));
+    }
+    for (path, body, status) in [
+        ("/chat", json!({ "message": long }).to_string(), 400),
+        ("/chat", json!({ "message": TEXT, "chat_id": TEXT }).to_string(), 400),
+        ("/chat", json!({ "message": [TEXT] }).to_string(), 400),
+        ("/chat", format!("{{\"message\": \"{TEXT}"), 400),
+        ("/chat", json!({ "message": TEXT, "model": "nope" }).to_string(), 400),
+        ("/v1/chat/completions", json!({ "model": "simulated", "messages": [{ "role": TEXT, "content": TEXT }] }).to_string(), 400),
+        ("/v1/chat/completions", json!({ "model": "simulated", "temperature": TEXT, "messages": [{ "role": "user", "content": TEXT }] }).to_string(), 400),
+    ] {
+        let res = send(path, body).await.unwrap();
+        expected.push((res.status().as_u16(), status));
+    }
+    for (i, (got, want)) in expected.iter().enumerate() {
+        assert_eq!(got, want, "request {i}");
+    }
+    // Every request has its line (the log is written, not empty) ...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let completed = app
+            .log_lines()
+            .iter()
+            .filter(|l| l["message"] == "request completed")
+            .count();
+        if completed >= expected.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{completed} request lines for {} requests",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and none of the text.
+    let stdout = app.logs.lock().unwrap().clone();
+    let stderr = app.stderr.lock().unwrap().clone();
+    for line in stdout.iter().chain(&stderr) {
+        assert!(!line.contains(TEXT), "message text in the log: {line}");
+    }
 }
