@@ -28,7 +28,9 @@ fn venv_bin(name: &str) -> PathBuf {
     path
 }
 
-async fn start(db: &TestDb) -> Confab {
+/// The binary as deployed at `info` (Redis beside PostgreSQL), with limits
+/// that never refuse.
+pub(crate) async fn start(db: &TestDb) -> Confab {
     let mut env = vec![
         ("DATABASE_URL", db.url.clone()),
         ("SIMULATED_TOKEN_DELAY_MS", "0".to_owned()),

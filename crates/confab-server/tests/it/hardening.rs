@@ -379,82 +379,55 @@ async fn an_oversized_content_length_is_refused_before_the_body_is_read() {
 /// line of its stdout or stderr holds any of it.
 async fn message_text_never_reaches_the_log(db: Db) {
     let db = TestDb::new(db).await;
-    let mut env = vec![
-        ("DATABASE_URL", db.url.clone()),
-        ("SIMULATED_TOKEN_DELAY_MS", "0".to_owned()),
-        ("LOG_LEVEL", "info".to_owned()),
-    ];
-    if db.kind == Db::Postgres {
-        env.push(("REDIS_URL", crate::support::redis_url()));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = Confab::start(&env).await;
+    let app = crate::contract::start(&db).await;
     const TEXT: &str = "Zq7-private-words";
     let client = reqwest::Client::new();
-    let send = |path: &str, body: String| {
-        client
-            .post(app.url(path))
+    let mut sent = 0;
+    // Send `body` as Alice, expect `status`, return the answer's text.
+    let mut call = async |method: reqwest::Method, path: &str, body: String, status: u16| {
+        sent += 1;
+        let res = client
+            .request(method, app.url(path))
             .header("x-org-id", crate::support::app::ACME)
             .header("x-user-id", crate::support::app::ALICE)
             .header("content-type", "application/json")
             .body(body)
             .send()
-    };
-    let long = TEXT.repeat(1_000);
-    let mut expected = Vec::new();
-    let res = send(
-        "/chat",
-        json!({ "message": TEXT, "system": TEXT }).to_string(),
-    )
-    .await
-    .unwrap();
-    expected.push((res.status().as_u16(), 200));
-    let reply: Value = res.json().await.unwrap();
-    let chat = reply["chat_id"].as_str().unwrap().to_owned();
-    assert!(reply["reply"].as_str().unwrap().contains(TEXT), "{reply}");
-    let stream = send(
-        "/chat/stream",
-        json!({ "message": TEXT, "chat_id": chat }).to_string(),
-    )
-    .await
-    .unwrap();
-    expected.push((stream.status().as_u16(), 200));
-    assert!(stream.text().await.unwrap().contains(TEXT));
-    let renamed = client
-        .patch(app.url(&format!("/chat/{chat}")))
-        .header("x-org-id", crate::support::app::ACME)
-        .header("x-user-id", crate::support::app::ALICE)
-        .json(&json!({ "title": TEXT }))
-        .send()
-        .await
-        .unwrap();
-    expected.push((renamed.status().as_u16(), 200));
-    let v1 = json!({ "model": "simulated", "messages": [
-        { "role": "system", "content": TEXT }, { "role": "user", "content": TEXT },
-    ] });
-    for stream in [false, true] {
-        let mut body = v1.clone();
-        body["stream"] = Value::from(stream);
-        let res = send("/v1/chat/completions", body.to_string())
             .await
             .unwrap();
-        expected.push((res.status().as_u16(), 200));
-        assert!(res.text().await.unwrap().contains(TEXT));
+        assert_eq!(res.status().as_u16(), status, "{path}");
+        res.text().await.unwrap()
+    };
+    use reqwest::Method;
+    let body = json!({ "message": TEXT, "system": TEXT }).to_string();
+    let reply: Value = serde_json::from_str(&call(Method::POST, "/chat", body, 200).await).unwrap();
+    assert!(reply["reply"].as_str().unwrap().contains(TEXT), "{reply}");
+    let chat = reply["chat_id"].as_str().unwrap().to_owned();
+    let body = json!({ "message": TEXT, "chat_id": chat }).to_string();
+    assert!(
+        call(Method::POST, "/chat/stream", body, 200)
+            .await
+            .contains(TEXT)
+    );
+    let body = json!({ "title": TEXT }).to_string();
+    call(Method::PATCH, &format!("/chat/{chat}"), body, 200).await;
+    for stream in [false, true] {
+        let body = json!({ "model": "simulated", "stream": stream, "messages": [
+            { "role": "system", "content": TEXT }, { "role": "user", "content": TEXT },
+        ] });
+        let answer = call(Method::POST, "/v1/chat/completions", body.to_string(), 200).await;
+        assert!(answer.contains(TEXT));
     }
-    for (path, body, status) in [
-        ("/chat", json!({ "message": long }).to_string(), 400),
-        ("/chat", json!({ "message": TEXT, "chat_id": TEXT }).to_string(), 400),
-        ("/chat", json!({ "message": [TEXT] }).to_string(), 400),
-        ("/chat", format!("{{\"message\": \"{TEXT}"), 400),
-        ("/chat", json!({ "message": TEXT, "model": "nope" }).to_string(), 400),
-        ("/v1/chat/completions", json!({ "model": "simulated", "messages": [{ "role": TEXT, "content": TEXT }] }).to_string(), 400),
-        ("/v1/chat/completions", json!({ "model": "simulated", "temperature": TEXT, "messages": [{ "role": "user", "content": TEXT }] }).to_string(), 400),
+    for (path, body) in [
+        ("/chat", json!({ "message": TEXT.repeat(1_000) }).to_string()),
+        ("/chat", json!({ "message": TEXT, "chat_id": TEXT }).to_string()),
+        ("/chat", json!({ "message": [TEXT] }).to_string()),
+        ("/chat", format!("{{\"message\": \"{TEXT}")),
+        ("/chat", json!({ "message": TEXT, "model": "nope" }).to_string()),
+        ("/v1/chat/completions", json!({ "model": "simulated", "messages": [{ "role": TEXT, "content": TEXT }] }).to_string()),
+        ("/v1/chat/completions", json!({ "model": "simulated", "temperature": TEXT, "messages": [{ "role": "user", "content": TEXT }] }).to_string()),
     ] {
-        let res = send(path, body).await.unwrap();
-        expected.push((res.status().as_u16(), status));
-    }
-    for (i, (got, want)) in expected.iter().enumerate() {
-        assert_eq!(got, want, "request {i}");
+        call(Method::POST, path, body, 400).await;
     }
     // Every request has its line (the log is written, not empty) ...
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -464,13 +437,12 @@ async fn message_text_never_reaches_the_log(db: Db) {
             .iter()
             .filter(|l| l["message"] == "request completed")
             .count();
-        if completed >= expected.len() {
+        if completed >= sent {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{completed} request lines for {} requests",
-            expected.len()
+            "{completed} request lines for {sent} requests"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
