@@ -3,8 +3,8 @@
 //! - [`MemoryRateLimiter`]: token buckets in this process (single instance,
 //!   tests, development);
 //! - [`RedisRateLimiter`]: token buckets in Redis, one atomic Lua script per
-//!   call (a call carries the takes of one key that queued behind the
-//!   previous one), shared by every instance pointed at the same server.
+//!   call (a call carries the takes of one key that queued while its
+//!   lanes were busy), shared by every instance pointed at the same server.
 //!
 //! Both implement one arithmetic (module `bucket`), so a deployment can move
 //! from one to the other without its rate-limit headers changing meaning:

@@ -3,8 +3,8 @@
 -- src/bucket.rs; the Rust side derives remaining/reset/retry from the reply
 -- with the same code the in-process limiter uses.
 --
--- One call carries every take that queued for the key while the previous
--- call ran (see `Buckets` in src/redis_limiter.rs): the takes are applied
+-- One call carries every take that queued for the key while its calls in
+-- flight ran (see `Buckets` in src/redis_limiter.rs): the takes are applied
 -- in order, each as if it were alone, so a batch decides exactly what the
 -- same takes one call each would have.
 --

@@ -747,8 +747,29 @@ fn spawn_acquire(
     tokio::spawn(async move { limiter.acquire(&key, limit, 1).await })
 }
 
+/// [`RedisRateLimiter::LANES`] takes of `key`, each in a task of its own,
+/// sent while the proxy holds every answer: returns once all have gone out.
+async fn fill_the_lanes(
+    proxy: &GatedRedis,
+    limiter: &Arc<RedisRateLimiter>,
+    key: &str,
+    limit: Limit,
+) -> Vec<JoinHandle<Result<Decision, RateLimitError>>> {
+    let before = proxy.evalshas();
+    proxy.gate.send_replace(false);
+    let in_flight: Vec<_> = (0..RedisRateLimiter::LANES)
+        .map(|_| spawn_acquire(limiter, key, limit))
+        .collect();
+    // Each went out without waiting for the others' answers.
+    proxy
+        .until_evalshas(before + RedisRateLimiter::LANES as i64)
+        .await;
+    in_flight
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_answer() {
+async fn takes_go_at_once_while_a_lane_is_free_then_queue_and_go_as_one_call_each_with_its_own_answer()
+ {
     let proxy = GatedRedis::start().await;
     let key = unique_key();
     let limit = Limit {
@@ -756,12 +777,12 @@ async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_ans
         per_second: 0.001,
     };
     let limiter = gated_limiter(&proxy, &key, limit).await;
+    let lanes = RedisRateLimiter::LANES as u32;
     let before = proxy.evalshas();
 
-    // One call in flight, held at the proxy; 50 more takes of the key meanwhile.
-    proxy.gate.send_replace(false);
-    let first = spawn_acquire(&limiter, &key, limit);
-    proxy.until_evalshas(before + 1).await;
+    // Every lane's call in flight, held at the proxy; 50 more takes of the
+    // key meanwhile.
+    let in_flight = fill_the_lanes(&proxy, &limiter, &key, limit).await;
     // Polled here, not spawned: once the first poll returns, every take
     // has queued (none waits for a worker to get to it).
     let mut queued = Box::pin(futures::future::join_all(
@@ -771,18 +792,23 @@ async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_ans
         tokio::time::timeout(Duration::from_millis(200), &mut queued)
             .await
             .is_err(),
-        "queued takes were answered while the call before them was held"
+        "queued takes were answered while every call before them was held"
     );
     assert_eq!(
         proxy.evalshas(),
-        before + 1,
-        "takes of a key with a call in flight must wait for it"
+        before + i64::from(lanes),
+        "takes of a key whose lanes are all busy must wait for one"
     );
     proxy.gate.send_replace(true);
 
-    let first = first.await.expect("task").expect("acquire");
-    assert!(first.allowed);
-    assert_eq!(first.remaining, 98);
+    let mut first = Vec::new();
+    for take in in_flight {
+        let decision = take.await.expect("task").expect("acquire");
+        assert!(decision.allowed, "{decision:?}");
+        first.push(decision.remaining);
+    }
+    first.sort_unstable();
+    assert_eq!(first, (99 - lanes..=98).collect::<Vec<u32>>());
     let mut remaining = Vec::new();
     for take in queued.await {
         let decision = take.expect("acquire");
@@ -792,14 +818,14 @@ async fn takes_queued_behind_a_running_call_go_as_one_call_each_with_its_own_ans
     remaining.sort_unstable();
     // Applied one after the other: each take sees the bucket the one
     // before it left.
-    assert_eq!(remaining, (48..=97).collect::<Vec<u32>>());
+    assert_eq!(remaining, (49 - lanes..=98 - lanes).collect::<Vec<u32>>());
     assert_eq!(
         proxy.evalshas(),
-        before + 2,
+        before + i64::from(lanes) + 1,
         "the 50 queued takes must go as one script call"
     );
     // What one call each would have left.
-    assert_eq!(acquire(&*limiter, &key, limit).await.remaining, 47);
+    assert_eq!(acquire(&*limiter, &key, limit).await.remaining, 48 - lanes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -811,19 +837,18 @@ async fn a_caller_leaving_mid_call_does_not_strand_the_takes_queued_behind_it() 
         per_second: 0.001,
     };
     let limiter = gated_limiter(&proxy, &key, limit).await;
-    let before = proxy.evalshas();
+    let lanes = RedisRateLimiter::LANES as u32;
 
-    proxy.gate.send_replace(false);
-    let leaving = spawn_acquire(&limiter, &key, limit);
-    proxy.until_evalshas(before + 1).await;
-    // Polled here, so it has queued behind the call in flight.
+    let mut in_flight = fill_the_lanes(&proxy, &limiter, &key, limit).await;
+    // Polled here, so it has queued behind the calls in flight.
     let mut queued = limiter.acquire(&key, limit, 1);
     assert!(
         tokio::time::timeout(Duration::from_millis(100), &mut queued)
             .await
             .is_err()
     );
-    // The client of the request whose take is in flight goes away.
+    // The client of a request whose take is in flight goes away.
+    let leaving = in_flight.remove(0);
     leaving.abort();
     let _ = leaving.await;
     proxy.gate.send_replace(true);
@@ -831,8 +856,9 @@ async fn a_caller_leaving_mid_call_does_not_strand_the_takes_queued_behind_it() 
     let start = Instant::now();
     let decision = queued.await.expect("the queued take is answered");
     assert!(decision.allowed);
-    // The call in flight reached Redis, so its token is gone too.
-    assert_eq!(decision.remaining, 7);
+    // The calls in flight reached Redis, the leaving one's too, so their
+    // tokens are gone.
+    assert_eq!(decision.remaining, 8 - lanes);
     assert!(
         start.elapsed() < CALL_TIMEOUT / 2,
         "answered after {:?}",
