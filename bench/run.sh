@@ -390,6 +390,9 @@ if want sse-10k; then
     --spread-s $LONG_RAMP --token-delay $LONG_DELAY --min-words $LONG_MIN_WORDS \
     --url "$SERVER_URL" --server-pid "$SERVER_PID" "${PROBE_PG[@]}" \
     --scenario sse-10k --label "$LONG_STREAMS streams" --out "$FRAG"
+  # The server's own view of the row (its time to each 503, by route), to
+  # set beside the client's send → refusal times.
+  curl -sf "$SERVER_URL/metrics" >"$OUT/$RUN_ID-sse-10k.metrics.txt" || true
   stop_server
 fi
 
