@@ -160,10 +160,7 @@ impl Buckets {
     /// its own (the caller then starts that lane's task).
     fn admit(&self, key: &str, take: Take) -> Option<Take> {
         let mut keys = self.keys();
-        if !keys.contains_key(key) {
-            keys.insert(key.to_owned(), Lanes::default());
-        }
-        let lanes = keys.get_mut(key)?;
+        let lanes = keys.entry(key.to_owned()).or_default();
         if lanes.running < RedisRateLimiter::LANES && lanes.waiting.is_empty() {
             lanes.running += 1;
             Some(take)
