@@ -318,6 +318,8 @@ if want_any post-chat db-ceiling list-chats get-chat sse-1k sse-burst footprint;
         --url "$SERVER_URL" "${probe[@]}" --scenario sse-burst --label "$n" \
         --out "$FRAG"
       profile_report
+      # The server's own view of the burst (cumulative over the bursts so far).
+      curl -sf "$SERVER_URL/metrics" >"$OUT/$RUN_ID-sse-burst-$n.metrics.txt" || true
     done
   fi
   stop_server
