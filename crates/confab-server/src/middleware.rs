@@ -375,25 +375,6 @@ pub async fn require_auth(State(state): State<AppState>, mut req: Request, next:
     response
 }
 
-/// The outermost layer of the routes that run a turn: at capacity the turn
-/// is refused here, before authentication and the rate limit (README
-/// "Overload"). A client is not charged a token for the server's overload,
-/// and in a burst the refusals do not queue behind the limiter's round
-/// trips (5,000 streams at once: refusals p99 ≈ 0.8 s when they did).
-pub async fn refuse_at_capacity(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    // A guess, before the body is parsed: every route but `/chat` streams,
-    // or may (`/v1` decides by its body). No metric splits by it today.
-    let interactive = req.uri().path() != "/chat";
-    if let Err(err) = state.engine.refuse_if_full(interactive) {
-        return ApiError::from(err).into_response();
-    }
-    next.run(req).await
-}
-
 /// `Ok(Some)` when a token was taken, `Ok(None)` when the limiter is down and
 /// we fail open, `Err(response)` for 429 or (failing closed) 503.
 async fn take_token(state: &AppState, principal: &Principal) -> Result<Option<Decision>, Response> {

@@ -7,15 +7,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::per_store;
+use crate::support::app::{ACME, ALICE};
 use crate::support::sse::SseReader;
 use crate::support::{As, Db, TestApp, TestDb, assert_error, spawn_app_with};
 
 per_store!(
     past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish,
     a_turn_refused_at_capacity_costs_no_rate_limit_token,
+    a_turn_refused_at_capacity_is_refused_before_its_body_arrives,
     a_request_that_gets_no_connection_in_time_is_refused_quickly,
     with_one_pooled_connection_reads_work_after_turns,
 );
@@ -243,6 +247,65 @@ async fn a_turn_refused_at_capacity_costs_no_rate_limit_token(db: Db) {
     let res = app.get("/chats", &As::alice()).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-ratelimit-remaining"], "2");
+}
+
+/// At capacity a turn is refused from its head: the server does not wait for
+/// its body first (a body that never comes would hold the refusal for
+/// `HTTP_BODY_TIMEOUT_MS` and then get 408; a body that comes in a later
+/// packet cost the refusal another trip through the runtime's queue).
+async fn a_turn_refused_at_capacity_is_refused_before_its_body_arrives(db: Db) {
+    let app = spawn_app_with(
+        db,
+        &[
+            ("MAX_CONCURRENT_STREAMS", "1"),
+            ("SIMULATED_TOKEN_DELAY_MS", "100"),
+            ("SIMULATED_MIN_WORDS", "30"),
+            ("HTTP_BODY_TIMEOUT_MS", "20000"),
+        ],
+    )
+    .await;
+    let res = app
+        .post_json(
+            "/chat/stream",
+            &As::alice(),
+            &json!({ "message": "hold the place" }),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let reader = SseReader::new(res);
+    for path in ["/chat", "/chat/stream", "/v1/chat/completions"] {
+        let mut tcp = TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\nx-org-id: {ACME}\r\nx-user-id: {ALICE}\r\n\
+             content-type: application/json\r\ncontent-length: 40\r\n\r\n",
+            app.addr
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let asked = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("at capacity") {
+            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: no refusal within 5 s"))
+                .unwrap();
+            assert!(n > 0, "{path}: closed without a refusal: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let raw = String::from_utf8_lossy(&got);
+        assert!(raw.starts_with("HTTP/1.1 503"), "{path}: {raw}");
+        assert!(
+            raw.to_ascii_lowercase().contains("retry-after: 1"),
+            "{path}: {raw}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{path}: refused after {:?}",
+            asked.elapsed()
+        );
+    }
+    let (events, _) = reader.all().await;
+    assert_eq!(events.last().expect("events")["done"], true);
 }
 
 /// Holds the database's only pooled connection busy: PostgreSQL, a lock on
