@@ -344,7 +344,8 @@ pub fn document(models: &[String]) -> Value {
 mod tests {
     use super::*;
 
-    /// Every `.route("…")` of the router is in the document and the other
+    /// Every `.route("…")` (or `.route(CONST, …)` of a `const CONST: &str`
+    /// in the same sources) of the router is in the document and the other
     /// way round: a route added without its `#[utoipa::path]` (or listed
     /// here without a route) fails.
     #[test]
@@ -353,11 +354,24 @@ mod tests {
             include_str!("routes/mod.rs"),
             include_str!("routes/playground.rs"),
         ];
+        let consts: std::collections::HashMap<&str, &str> = sources
+            .iter()
+            .flat_map(|s| s.split("const ").skip(1))
+            .filter_map(|rest| {
+                let (name, rest) = rest.split_once(": &str = \"")?;
+                Some((name.trim(), rest.split('"').next()?))
+            })
+            .collect();
         let mut routed: Vec<String> = sources
             .iter()
             .flat_map(|s| s.split(".route(").skip(1))
-            .filter_map(|rest| rest.trim_start().strip_prefix('"'))
-            .filter_map(|rest| rest.split('"').next())
+            .filter_map(|rest| {
+                let rest = rest.trim_start();
+                match rest.strip_prefix('"') {
+                    Some(literal) => literal.split('"').next(),
+                    None => consts.get(rest.split(',').next()?.trim()).copied(),
+                }
+            })
             .map(str::to_owned)
             .collect();
         routed.sort();
