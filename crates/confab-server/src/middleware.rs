@@ -373,9 +373,9 @@ pub async fn require_auth(State(state): State<AppState>, req: Request, next: Nex
 
     // Together: hyper reads a body only once it is asked for, and the ask
     // costs the connection's task another turn in the runtime's queue (in a
-    // burst of thousands of streams, tens of milliseconds); the limiter's
-    // round trip takes at least as long. The first refusal (429, or a body
-    // refused) answers at once.
+    // burst of thousands of streams, that turn is a large part of each
+    // one's wait); the limiter's round trip takes at least as long. The
+    // first refusal (429, or a body refused) answers at once.
     let (decision, mut req) =
         match futures::future::try_join(take_token(&state, &principal), read_body(&state, req))
             .await
