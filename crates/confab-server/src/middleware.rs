@@ -230,36 +230,29 @@ pub fn json_errors(method: &Method, path: &str, response: Response) -> Response 
     fresh
 }
 
-/// The request with its body read into memory, within `HTTP_BODY_TIMEOUT_MS`
-/// and at most the path's body limit of it, for the route to read from
-/// memory; or the refusal. A body that does not arrive in time (sent
-/// slowly, or declared and never sent) is answered 408 and a body that
-/// cannot be read 400, both with `Connection: close`; a body larger than
-/// the limit 413.
-///
-/// Read in [`require_auth`], once the caller is known: every route that
-/// takes a body is behind it (the public routes are `GET`s), so a client
-/// without credentials never has a body read.
-async fn read_body(state: &AppState, req: Request) -> Result<Request, Response> {
+/// Reads the request body within `HTTP_BODY_TIMEOUT_MS` of the end of its
+/// head, and at most the path's body limit of it, before the route runs. A body
+/// that does not arrive in time (sent slowly, or declared and never sent) is
+/// answered 408 and a body that cannot be read 400, both with
+/// `Connection: close`; a body larger than the limit 413. The route then
+/// reads the body from memory.
+pub async fn read_body(state: &AppState, req: Request, next: Next) -> Response {
     use axum::body::{Body, HttpBody};
     use http_body_util::{BodyExt, LengthLimitError, Limited};
 
     let (parts, body) = req.into_parts();
     if body.is_end_stream() {
-        return Ok(Request::from_parts(parts, body));
+        return next.run(Request::from_parts(parts, body)).await;
     }
     let limited = Limited::new(body, state.config.body_limit(parts.uri.path()));
     let refused =
         match tokio::time::timeout(state.config.http_body_timeout, limited.collect()).await {
             Ok(Ok(collected)) => {
                 let body = Body::from(collected.to_bytes());
-                return Ok(Request::from_parts(parts, body));
+                return next.run(Request::from_parts(parts, body)).await;
             }
             Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
-                return Err(error_body(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Request body is too large",
-                ));
+                return error_body(StatusCode::PAYLOAD_TOO_LARGE, "Request body is too large");
             }
             Ok(Err(err)) => {
                 tracing::info!(error = %err, "request body could not be read");
@@ -284,7 +277,7 @@ async fn read_body(state: &AppState, req: Request) -> Result<Request, Response> 
         axum::http::header::CONNECTION,
         HeaderValue::from_static("close"),
     );
-    Err(response)
+    response
 }
 
 /// The authenticated caller, for handlers behind [`require_auth`].
@@ -350,10 +343,9 @@ pub fn rate_limit_key(p: &Principal) -> String {
     format!("org:{}", p.org_id)
 }
 
-/// Protected routes: authenticate, take one rate-limit token for the org
-/// while the body is read ([`read_body`]), and put the rate-limit headers on
-/// whatever the route answers.
-pub async fn require_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Protected routes: authenticate, take one rate-limit token for the org,
+/// and put the rate-limit headers on whatever the route answers.
+pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let client = client_ip(req.extensions());
     // Boxed: what authenticating needs (≈ 2.2 KB: the cache, the key
     // lookup) is not kept in this future while the route runs.
@@ -371,18 +363,10 @@ pub async fn require_auth(State(state): State<AppState>, req: Request, next: Nex
     };
     record_principal(&principal);
 
-    // Together: hyper reads a body only once it is asked for, and the ask
-    // costs the connection's task another turn in the runtime's queue (in a
-    // burst of thousands of streams, that turn is a large part of each
-    // one's wait); the limiter's round trip takes at least as long. The
-    // first refusal (429, or a body refused) answers at once.
-    let (decision, mut req) =
-        match futures::future::try_join(take_token(&state, &principal), read_body(&state, req))
-            .await
-        {
-            Ok(both) => both,
-            Err(response) => return response,
-        };
+    let decision = match take_token(&state, &principal).await {
+        Ok(decision) => decision,
+        Err(response) => return response,
+    };
     req.extensions_mut().insert(principal);
     let mut response = next.run(req).await;
     if let Some(decision) = decision {

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{Any, CorsLayer};
 
 use crate::error::ApiError;
-use crate::middleware::{json_errors, observe, require_auth};
+use crate::middleware::{json_errors, observe, read_body, require_auth};
 use crate::state::AppState;
 
 pub mod chats;
@@ -94,7 +94,9 @@ pub fn router(state: AppState) -> Router {
 ///
 /// 1. a declared body over the path's limit is refused ([`oversized`]);
 /// 2. a turn the server has no room for is refused ([`at_capacity`]);
-/// 3. the route runs (behind [`require_auth`], which reads the body);
+/// 3. the body is read within its deadline ([`read_body`]), then the route
+///    runs (authentication and the rate limit first, on the routes behind
+///    them);
 /// 4. the framework's own errors get SPEC's JSON shape ([`json_errors`]);
 /// 5. under `/v1/`, every error then gets OpenAI's
 ///    ([`openai::openai_errors`]).
@@ -110,7 +112,7 @@ async fn edge(
     } else if let Some(refused) = at_capacity(&state, &req) {
         refused
     } else {
-        answer_even_if_panicking(next.run(req)).await
+        answer_even_if_panicking(read_body(&state, req, next)).await
     };
     let response = json_errors(&method, &path, response);
     if path.starts_with("/v1/") {
