@@ -202,25 +202,14 @@ async fn past_the_bound_turns_are_refused_at_once_and_admitted_streams_finish(db
 /// is not charged for the server's overload), and without the limiter's
 /// round trip (in a burst, refusals would otherwise queue behind it).
 async fn a_turn_refused_at_capacity_costs_no_rate_limit_token(db: Db) {
-    let app = spawn_app_with(
+    let (app, res) = holding_the_only_place(
         db,
         &[
-            ("MAX_CONCURRENT_STREAMS", "1"),
-            ("SIMULATED_TOKEN_DELAY_MS", "100"),
-            ("SIMULATED_MIN_WORDS", "30"),
             ("RATE_LIMIT_BURST", "4"),
             ("RATE_LIMIT_PER_SECOND", "0.001"),
         ],
     )
     .await;
-    let res = app
-        .post_json(
-            "/chat/stream",
-            &As::alice(),
-            &json!({ "message": "hold the place" }),
-        )
-        .await;
-    assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-ratelimit-remaining"], "3");
     let reader = SseReader::new(res);
     // More refusals than the org has tokens left, by every route that runs a
@@ -249,21 +238,19 @@ async fn a_turn_refused_at_capacity_costs_no_rate_limit_token(db: Db) {
     assert_eq!(res.headers()["x-ratelimit-remaining"], "2");
 }
 
-/// At capacity a turn is refused from its head: the server does not wait for
-/// its body first (a body that never comes would hold the refusal for
-/// `HTTP_BODY_TIMEOUT_MS` and then get 408; a body that comes in a later
-/// packet cost the refusal another trip through the runtime's queue).
-async fn a_turn_refused_at_capacity_is_refused_before_its_body_arrives(db: Db) {
-    let app = spawn_app_with(
-        db,
-        &[
-            ("MAX_CONCURRENT_STREAMS", "1"),
-            ("SIMULATED_TOKEN_DELAY_MS", "100"),
-            ("SIMULATED_MIN_WORDS", "30"),
-            ("HTTP_BODY_TIMEOUT_MS", "20000"),
-        ],
-    )
-    .await;
+/// A server with room for one turn, and a stream of ≈ 3 s (30 words at
+/// 100 ms) holding it: the answer to that stream, already 200.
+async fn holding_the_only_place(
+    db: Db,
+    extra: &[(&'static str, &'static str)],
+) -> (TestApp, reqwest::Response) {
+    let mut env = vec![
+        ("MAX_CONCURRENT_STREAMS", "1"),
+        ("SIMULATED_TOKEN_DELAY_MS", "100"),
+        ("SIMULATED_MIN_WORDS", "30"),
+    ];
+    env.extend_from_slice(extra);
+    let app = spawn_app_with(db, &env).await;
     let res = app
         .post_json(
             "/chat/stream",
@@ -272,6 +259,14 @@ async fn a_turn_refused_at_capacity_is_refused_before_its_body_arrives(db: Db) {
         )
         .await;
     assert_eq!(res.status(), 200);
+    (app, res)
+}
+
+/// At capacity a turn is refused from its head: the server does not wait for
+/// its body first (a body that never comes would hold the refusal for
+/// `HTTP_BODY_TIMEOUT_MS` and then get 408).
+async fn a_turn_refused_at_capacity_is_refused_before_its_body_arrives(db: Db) {
+    let (app, res) = holding_the_only_place(db, &[("HTTP_BODY_TIMEOUT_MS", "20000")]).await;
     let reader = SseReader::new(res);
     for path in ["/chat", "/chat/stream", "/v1/chat/completions"] {
         let mut tcp = TcpStream::connect(app.addr).await.unwrap();
