@@ -130,4 +130,113 @@ pub trait TokenBudget: Send + Sync + 'static {
     /// window it was made in (0 releases it). Idempotent per reservation id
     /// only in that the reservation is dropped once; call it once.
     async fn settle(&self, held: &Held, actual: u64) -> Result<(), RateLimitError>;
+
+    /// A turn's two admission steps at once: take one token from rate-limit
+    /// bucket `bucket` (as [`RateLimiter::acquire`] with cost 1) and, only
+    /// if that was allowed, reserve as [`TokenBudget::reserve`] does. Where
+    /// the budgets and the buckets live in one backend (Redis, opened as one
+    /// for both), this is one atomic step and one round trip instead of two
+    /// in a row before the model is called. `None` where there is nothing to
+    /// save (in process): the caller takes the token, then reserves.
+    async fn take_and_reserve(
+        &self,
+        _bucket: &str,
+        _limit: Limit,
+        _request: &ReserveRequest,
+    ) -> Option<Result<TakeAndReserve, RateLimitError>> {
+        None
+    }
+}
+
+/// What [`TokenBudget::take_and_reserve`] decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TakeAndReserve {
+    pub decision: Decision,
+    /// `None` when the take was refused (nothing was reserved).
+    pub reservation: Option<Reservation>,
+}
+
+/// A request's rate-limit token, to be taken once: by the edge before the
+/// route runs, or by the turn engine, which can take it in the same backend
+/// call as the turn's token reservation ([`TokenBudget::take_and_reserve`]).
+/// Whoever takes it records what was decided here, for the edge to report
+/// (headers, metrics) and to take it after all if nobody did.
+pub struct RateTake {
+    limiter: std::sync::Arc<dyn RateLimiter>,
+    pub key: String,
+    pub limit: Limit,
+    /// The backend unreachable: admit (and count) or refuse.
+    pub fail_open: bool,
+    taken: std::sync::OnceLock<Taken>,
+}
+
+/// The outcome of a [`RateTake`] and how long the call took.
+#[derive(Clone, Debug)]
+pub struct Taken {
+    pub result: Result<Decision, RateLimitError>,
+    pub elapsed: Duration,
+}
+
+impl Taken {
+    /// Whether the request may go on: allowed, or the backend down and the
+    /// policy fail-open.
+    pub fn admits(&self, fail_open: bool) -> bool {
+        match &self.result {
+            Ok(decision) => decision.allowed,
+            Err(_) => fail_open,
+        }
+    }
+}
+
+impl RateTake {
+    pub fn new(
+        limiter: std::sync::Arc<dyn RateLimiter>,
+        key: String,
+        limit: Limit,
+        fail_open: bool,
+    ) -> Self {
+        Self {
+            limiter,
+            key,
+            limit,
+            fail_open,
+            taken: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The limiter's backend name (`memory`, `redis`), for metrics.
+    pub fn backend(&self) -> &'static str {
+        self.limiter.backend()
+    }
+
+    /// What was decided, if the token was taken (or tried).
+    pub fn taken(&self) -> Option<&Taken> {
+        self.taken.get()
+    }
+
+    /// Record the outcome of a take made elsewhere (with a reservation).
+    /// The first record stands.
+    pub fn record(&self, result: Result<Decision, RateLimitError>, elapsed: Duration) -> &Taken {
+        self.taken.get_or_init(|| Taken { result, elapsed })
+    }
+
+    /// Take the token now, unless it was taken already; what was decided.
+    pub async fn take(&self) -> &Taken {
+        if let Some(taken) = self.taken.get() {
+            return taken;
+        }
+        let started = std::time::Instant::now();
+        let result = self.limiter.acquire(&self.key, self.limit, 1).await;
+        self.record(result, started.elapsed())
+    }
+}
+
+impl std::fmt::Debug for RateTake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateTake")
+            .field("limit", &self.limit)
+            .field("fail_open", &self.fail_open)
+            .field("taken", &self.taken.get())
+            .finish_non_exhaustive()
+    }
 }

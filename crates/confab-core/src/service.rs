@@ -29,6 +29,13 @@ pub enum ServiceError {
     /// The turn's reservation does not fit in a token limit (SPEC §12).
     #[error("Token budget exceeded")]
     TokenBudgetExceeded(crate::ratelimit::BudgetState),
+    /// The request's rate-limit token was refused (SPEC §4), where the turn
+    /// engine took it (with the turn's reservation).
+    #[error("Rate limit exceeded")]
+    RateLimited(crate::ratelimit::Decision),
+    /// The rate limiter is unreachable and the policy is fail-closed.
+    #[error("Rate limiting is temporarily unavailable; try again shortly")]
+    RateLimitUnavailable,
     /// The token budget backend is unreachable and the policy is fail-closed.
     #[error("Token budgets are unavailable; try again shortly")]
     BudgetUnavailable,

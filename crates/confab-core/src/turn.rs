@@ -45,7 +45,10 @@ use crate::provider::{
     ChatProvider, ChatRequest, Chunk, ChunkStream, PromptMessage, ProviderError, ReportedUsage,
     Sampling, TimeoutPhase,
 };
-use crate::ratelimit::{BudgetState, BudgetWindow, Held, Reservation, ReserveRequest, TokenBudget};
+use crate::ratelimit::{
+    BudgetState, BudgetWindow, Held, RateLimitError, RateTake, Reservation, ReserveRequest,
+    TokenBudget,
+};
 use crate::service::{Access, ChatService, ServiceError};
 use crate::store::{Store, StoreError};
 
@@ -210,6 +213,10 @@ pub struct TurnInput {
     /// (`STREAM_DETACH_SECONDS`, SPEC §14). The OpenAI-compatible API's
     /// clients cannot resume: closing their stream always cancels.
     pub detachable: bool,
+    /// The request's rate-limit token, when the edge left it to the turn
+    /// (a caller with a token budget): taken with the reservation in one
+    /// backend call where nothing is read before it, else first thing.
+    pub rate: Option<Arc<RateTake>>,
 }
 
 impl TurnInput {
@@ -228,6 +235,7 @@ impl TurnInput {
             max_output_tokens: None,
             sampling: Sampling::default(),
             detachable: true,
+            rate: None,
         }
     }
 }
@@ -485,9 +493,11 @@ impl TurnEngine {
     pub async fn start(
         &self,
         who: &Principal,
-        input: TurnInput,
+        mut input: TurnInput,
         replay: Option<ReplayEncoder>,
     ) -> Result<Started, ServiceError> {
+        // Not kept in the input, which the run holds for the stream's life.
+        let rate = input.rate.take();
         let inner = &self.inner;
         let interactive = input.interactive;
         let Some(admitted) = inner.admission.try_admit() else {
@@ -498,7 +508,7 @@ impl TurnEngine {
             _admitted: admitted,
             metrics: inner.metrics.clone(),
         };
-        let started = self.start_admitted(who, input, replay, place).await;
+        let started = self.start_admitted(who, input, rate, replay, place).await;
         if let Err(ServiceError::Store(StoreError::Unavailable(_))) = &started {
             inner.metrics.turn_refused(interactive, "database");
         }
@@ -509,10 +519,28 @@ impl TurnEngine {
         &self,
         who: &Principal,
         input: TurnInput,
+        rate: Option<Arc<RateTake>>,
         replay: Option<ReplayEncoder>,
         place: Place,
     ) -> Result<Started, ServiceError> {
         let inner = &self.inner;
+        // The rate-limit token goes with the reservation (one round trip)
+        // when nothing is read before the reservation: a new chat without an
+        // idempotency key. Otherwise it is taken now, so that a rate-limited
+        // request never costs a read of its chat or its key.
+        let (now, with_reservation) = match rate {
+            Some(rate)
+                if input.chat_id.is_none()
+                    && input.idempotency.is_none()
+                    && reserves_tokens(who) =>
+            {
+                (None, Some(rate))
+            }
+            other => (other, None),
+        };
+        if let Some(rate) = &now {
+            admitted_by(rate, rate.take().await)?;
+        }
         let existing = match input.chat_id {
             Some(id) => Some(inner.service.chat_for(who, id, Access::Write).await?),
             None => None,
@@ -523,7 +551,7 @@ impl TurnEngine {
         // the budget up would be refused (a 429 instead of the reply).
         // Anything else (no answer yet, an expired key) is `begin`'s.
         if let Some(claim) = &input.idempotency
-            && !budget_windows(who).is_empty()
+            && reserves_tokens(who)
             && let Some(record) = inner.store.get_idempotency(who.user_id, &claim.key).await?
             && record.response.is_some()
             && Utc::now() - record.created_at
@@ -578,7 +606,9 @@ impl TurnEngine {
         };
         let assistant_id = MessageId::new();
         let need = counted + u64::from(max_output);
-        let (held, budget) = self.reserve(who, assistant_id, need).await?;
+        let (held, budget) = self
+            .reserve(who, assistant_id, need, with_reservation.as_deref())
+            .await?;
 
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let end = Arc::new(AtomicWaker::new());
@@ -814,15 +844,22 @@ impl TurnEngine {
     /// Reserve `need` tokens in every window of the caller's limits, before
     /// anything is stored or sent upstream. `Ok((None, None))` when the caller
     /// has no limit (or the backend is down and the policy is to fail open).
+    ///
+    /// With `rate`, the request's rate-limit token is taken first, in the
+    /// same backend call where the backend allows.
     async fn reserve(
         &self,
         who: &Principal,
         id: MessageId,
         need: u64,
+        rate: Option<&RateTake>,
     ) -> Result<(Option<Held>, Option<BudgetState>), ServiceError> {
         let inner = &self.inner;
         let windows = budget_windows(who);
         if windows.is_empty() {
+            if let Some(rate) = rate {
+                admitted_by(rate, rate.take().await)?;
+            }
             return Ok((None, None));
         }
         let request = ReserveRequest {
@@ -831,7 +868,11 @@ impl TurnEngine {
             need,
             ttl: inner.config.total_timeout + RESERVATION_SLACK,
         };
-        match inner.budget.reserve(&request).await {
+        let reserved = match rate {
+            None => inner.budget.reserve(&request).await,
+            Some(rate) => self.take_and_reserve(rate, &request).await?,
+        };
+        match reserved {
             Ok(Reservation::Granted { state, windows }) => {
                 inner.metrics.budget("reserved", "granted", need);
                 let held = Held {
@@ -863,6 +904,43 @@ impl TurnEngine {
                 } else {
                     Err(ServiceError::BudgetUnavailable)
                 }
+            }
+        }
+    }
+
+    /// The rate-limit token and then the reservation, in one call where the
+    /// budget backend keeps the buckets too. `Err` when the token is refused
+    /// (or its backend is down and the policy fail-closed); the reservation's
+    /// own outcome is the caller's to judge.
+    async fn take_and_reserve(
+        &self,
+        rate: &RateTake,
+        request: &ReserveRequest,
+    ) -> Result<Result<Reservation, RateLimitError>, ServiceError> {
+        let budget = &self.inner.budget;
+        let started = std::time::Instant::now();
+        let Some(both) = budget
+            .take_and_reserve(&rate.key, rate.limit, request)
+            .await
+        else {
+            admitted_by(rate, rate.take().await)?;
+            return Ok(budget.reserve(request).await);
+        };
+        let elapsed = started.elapsed();
+        match both {
+            Ok(both) => {
+                admitted_by(rate, rate.record(Ok(both.decision), elapsed))?;
+                Ok(both.reservation.ok_or_else(|| {
+                    RateLimitError::Unavailable(
+                        "an allowed take came back without its reservation".into(),
+                    )
+                }))
+            }
+            // Neither step is known to have happened: the token's policy,
+            // then the budget's.
+            Err(err) => {
+                admitted_by(rate, rate.record(Err(err.clone()), elapsed))?;
+                Ok(Err(err))
             }
         }
     }
@@ -914,6 +992,24 @@ fn cost_of(model: &Model, usage: &Usage) -> LedgerCost {
 /// A reservation outlives the longest possible turn by this much before it
 /// is taken for the reservation of a dead process.
 const RESERVATION_SLACK: Duration = Duration::from_secs(60);
+
+/// Whether the caller's turns reserve tokens (it has a token limit): the
+/// rule for where its rate-limit token is taken.
+pub fn reserves_tokens(who: &Principal) -> bool {
+    !budget_windows(who).is_empty()
+}
+
+/// `Ok` when `taken` lets the request go on (see [`crate::ratelimit::Taken::admits`]),
+/// else the refusal. The edge reports it (headers, metrics, log line).
+fn admitted_by(rate: &RateTake, taken: &crate::ratelimit::Taken) -> Result<(), ServiceError> {
+    if taken.admits(rate.fail_open) {
+        return Ok(());
+    }
+    Err(match &taken.result {
+        Ok(decision) => ServiceError::RateLimited(*decision),
+        Err(_) => ServiceError::RateLimitUnavailable,
+    })
+}
 
 /// The windows of the caller's token limits (SPEC §12): the org's and the
 /// user's, per minute and per UTC day; 0 = no window.

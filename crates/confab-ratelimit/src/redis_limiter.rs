@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use confab_core::ratelimit::{
     BudgetState, Decision, Held, Limit, RateLimitError, RateLimiter, Reservation, ReserveRequest,
-    TokenBudget,
+    TakeAndReserve, TokenBudget,
 };
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::TcpSettings;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisResult, Script};
+use redis::{
+    AsyncConnectionConfig, Client, IntoConnectionInfo, RedisResult, Script, ScriptInvocation,
+};
 use tokio::sync::oneshot;
 
 use crate::bucket;
@@ -34,6 +36,16 @@ pub const KEY_PREFIX: &str = "confab:rl:";
 /// The script; see the file for its contract.
 const TOKEN_BUCKET_LUA: &str = include_str!("lua/token_bucket.lua");
 const TOKEN_BUDGET_LUA: &str = include_str!("lua/token_budget.lua");
+/// A turn's take and reservation in one call: the two scripts above as
+/// functions, and the part that calls them (see that file).
+const TAKE_AND_RESERVE_LUA: &str = concat!(
+    "local function bucket(KEYS, ARGV)\n",
+    include_str!("lua/token_bucket.lua"),
+    "\nend\n\nlocal function budget(KEYS, ARGV)\n",
+    include_str!("lua/token_budget.lua"),
+    "\nend\n\n",
+    include_str!("lua/take_and_reserve.lua"),
+);
 /// Namespace of the token-budget windows.
 pub const BUDGET_PREFIX: &str = "confab:tb:";
 
@@ -82,6 +94,7 @@ pub struct RedisRateLimiter {
     link: Arc<Link>,
     buckets: Arc<Buckets>,
     budget_script: Script,
+    both_script: Script,
 }
 
 /// The connection to Redis and the rules for using it: every call within
@@ -236,12 +249,7 @@ impl Buckets {
     ) -> Result<Vec<(bool, f64)>, RateLimitError> {
         let what = if costs == [0] { "peek" } else { "acquire" };
         let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(format!("{KEY_PREFIX}{key}"))
-            .arg(limit.burst)
-            .arg(bucket::rate(limit))
-            .arg(bucket::epsilon(limit))
-            .arg(u64::try_from(bucket::MAX_WAIT.as_millis()).unwrap_or(u64::MAX));
+        bucket_args(&mut invocation, key, limit);
         for cost in costs {
             invocation.arg(*cost);
         }
@@ -260,6 +268,68 @@ impl Buckets {
             link.warnings.warn(what, &message);
             RateLimitError::Unavailable(message)
         })
+    }
+}
+
+/// The token-bucket script's key and its arguments before the costs.
+fn bucket_args(invocation: &mut ScriptInvocation<'_>, key: &str, limit: Limit) {
+    invocation
+        .key(format!("{KEY_PREFIX}{key}"))
+        .arg(limit.burst)
+        .arg(bucket::rate(limit))
+        .arg(bucket::epsilon(limit))
+        .arg(u64::try_from(bucket::MAX_WAIT.as_millis()).unwrap_or(u64::MAX));
+}
+
+/// The token-budget script's keys and arguments for a reservation.
+fn reserve_args(invocation: &mut ScriptInvocation<'_>, request: &ReserveRequest) {
+    invocation
+        .arg("reserve")
+        .arg(request.need)
+        .arg(&request.id)
+        .arg(u64::try_from(request.ttl.as_millis()).unwrap_or(u64::MAX));
+    for window in &request.windows {
+        invocation
+            .key(format!("{BUDGET_PREFIX}{}", window.key))
+            .arg(window.limit)
+            .arg(window.window_secs);
+    }
+}
+
+/// The token-budget script's reply to a reservation.
+fn parse_reservation(
+    reply: &[i64],
+    request: &ReserveRequest,
+) -> Result<Reservation, RateLimitError> {
+    let n = |i: usize| reply.get(i).copied().map(|v| u64::try_from(v).unwrap_or(0));
+    let bad = || RateLimitError::Unavailable("unexpected token-budget reply from Redis".into());
+    let state = |at: usize| -> Option<BudgetState> {
+        Some(BudgetState {
+            limit: n(at)?,
+            remaining: n(at + 1)?,
+            reset_after: Duration::from_millis(n(at + 2)?),
+        })
+    };
+    match reply.first() {
+        Some(1) => Ok(Reservation::Granted {
+            state: state(1).ok_or_else(bad)?,
+            windows: reply
+                .iter()
+                .skip(4)
+                .map(|v| u64::try_from(*v).unwrap_or(0))
+                .collect(),
+        }),
+        Some(0) => {
+            let refused = n(1)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| request.windows.get(i.checked_sub(1)?))
+                .ok_or_else(bad)?;
+            Ok(Reservation::Refused {
+                kind: refused.kind,
+                state: state(2).ok_or_else(bad)?,
+            })
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -321,6 +391,7 @@ impl RedisRateLimiter {
                 keys: Mutex::new(HashMap::new()),
             }),
             budget_script: Script::new(TOKEN_BUDGET_LUA),
+            both_script: Script::new(TAKE_AND_RESERVE_LUA),
         })
     }
 
@@ -544,53 +615,57 @@ impl RateLimiter for RedisRateLimiter {
 impl TokenBudget for RedisRateLimiter {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Reservation, RateLimitError> {
         let mut invocation = self.budget_script.prepare_invoke();
-        invocation
-            .arg("reserve")
-            .arg(request.need)
-            .arg(&request.id)
-            .arg(u64::try_from(request.ttl.as_millis()).unwrap_or(u64::MAX));
-        for window in &request.windows {
-            invocation
-                .key(format!("{BUDGET_PREFIX}{}", window.key))
-                .arg(window.limit)
-                .arg(window.window_secs);
-        }
+        reserve_args(&mut invocation, request);
         let reply: Vec<i64> = self
             .link
             .run("reserve tokens", |mut conn| async move {
                 invocation.invoke_async(&mut conn).await
             })
             .await?;
-        let n = |i: usize| reply.get(i).copied().map(|v| u64::try_from(v).unwrap_or(0));
-        let bad = || RateLimitError::Unavailable("unexpected token-budget reply from Redis".into());
-        let state = |at: usize| -> Option<BudgetState> {
-            Some(BudgetState {
-                limit: n(at)?,
-                remaining: n(at + 1)?,
-                reset_after: Duration::from_millis(n(at + 2)?),
+        parse_reservation(&reply, request)
+    }
+
+    /// One script call (`lua/take_and_reserve.lua`): the bucket is the one
+    /// [`RateLimiter::acquire`] takes from, so this counts with the takes
+    /// of the lanes, exactly, as every script call is atomic.
+    async fn take_and_reserve(
+        &self,
+        bucket_key: &str,
+        limit: Limit,
+        request: &ReserveRequest,
+    ) -> Option<Result<TakeAndReserve, RateLimitError>> {
+        let mut invocation = self.both_script.prepare_invoke();
+        bucket_args(&mut invocation, bucket_key, limit);
+        invocation.arg(1);
+        reserve_args(&mut invocation, request);
+        let reply = self
+            .link
+            .run("take and reserve", |mut conn| async move {
+                invocation.invoke_async::<Vec<String>>(&mut conn).await
             })
-        };
-        match reply.first() {
-            Some(1) => Ok(Reservation::Granted {
-                state: state(1).ok_or_else(bad)?,
-                windows: reply
+            .await;
+        Some(reply.and_then(|reply| {
+            let bad = || {
+                RateLimitError::Unavailable("unexpected take-and-reserve reply from Redis".into())
+            };
+            let (took, reserved) = reply.split_at_checked(2).ok_or_else(bad)?;
+            let &[(allowed, tokens)] = parse_steps(took).ok_or_else(bad)?.as_slice() else {
+                return Err(bad());
+            };
+            let reservation = if allowed {
+                let numbers: Vec<i64> = reserved
                     .iter()
-                    .skip(4)
-                    .map(|v| u64::try_from(*v).unwrap_or(0))
-                    .collect(),
-            }),
-            Some(0) => {
-                let refused = n(1)
-                    .and_then(|i| usize::try_from(i).ok())
-                    .and_then(|i| request.windows.get(i.checked_sub(1)?))
-                    .ok_or_else(bad)?;
-                Ok(Reservation::Refused {
-                    kind: refused.kind,
-                    state: state(2).ok_or_else(bad)?,
-                })
-            }
-            _ => Err(bad()),
-        }
+                    .map(|v| v.parse().map_err(|_| bad()))
+                    .collect::<Result<_, _>>()?;
+                Some(parse_reservation(&numbers, request)?)
+            } else {
+                None
+            };
+            Ok(TakeAndReserve {
+                decision: bucket::decision(limit, 1, allowed, tokens),
+                reservation,
+            })
+        }))
     }
 
     async fn settle(&self, held: &Held, actual: u64) -> Result<(), RateLimitError> {

@@ -63,6 +63,9 @@ pub enum ApiError {
     /// 429: the turn's tokens do not fit in a token limit (SPEC §12).
     #[error("Token budget exceeded")]
     TokenBudget(BudgetState),
+    /// 429: the org's rate limit (SPEC §4), with its headers.
+    #[error("Rate limit exceeded")]
+    RateLimited(confab_core::ratelimit::Decision),
     /// 504: the model did not answer in time.
     #[error("{0}")]
     GatewayTimeout(String),
@@ -89,7 +92,7 @@ impl ApiError {
             | ApiError::StoreUnavailable(_)
             | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::TokenBudget(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TokenBudget(_) | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -150,6 +153,7 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = %detail, status = status.as_u16(), "dependency failure");
                 error_body(status, detail)
             }
+            ApiError::RateLimited(decision) => crate::middleware::too_many_requests(decision),
             ApiError::TokenBudget(budget) => {
                 let body = LimitErrorJson {
                     error: "Too Many Requests",
@@ -214,6 +218,8 @@ impl From<ServiceError> for ApiError {
             ServiceError::IdempotencyMismatch => ApiError::Unprocessable(err.to_string()),
             ServiceError::IdempotencyInProgress => ApiError::Conflict(err.to_string()),
             ServiceError::TokenBudgetExceeded(state) => ApiError::TokenBudget(state),
+            ServiceError::RateLimited(decision) => ApiError::RateLimited(decision),
+            ServiceError::RateLimitUnavailable => ApiError::Unavailable(err.to_string()),
             ServiceError::BudgetUnavailable => ApiError::Overloaded {
                 message: err.to_string(),
                 retry_after: 1,

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use confab_core::Principal;
 use confab_core::model::rfc3339_millis;
-use confab_core::ratelimit::{Decision, Limit};
+use confab_core::ratelimit::{Decision, Limit, RateTake, Taken};
 use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
@@ -295,6 +295,23 @@ impl<S: Send + Sync> FromRequestParts<S> for Auth {
     }
 }
 
+/// The request's rate-limit token when [`require_auth`] left it to the turn
+/// engine (a turn of a caller with a token budget), for the route to hand on
+/// in its `TurnInput`.
+#[derive(Clone)]
+pub struct DeferredRate(pub Option<Arc<RateTake>>);
+
+impl<S: Send + Sync> FromRequestParts<S> for DeferredRate {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<DeferredRate>()
+            .cloned()
+            .unwrap_or(DeferredRate(None)))
+    }
+}
+
 /// Credentials are optional (`/`, `/health`), but when sent they are checked
 /// like anywhere else. Takes no rate-limit token.
 pub struct MaybeAuth(pub Option<Principal>);
@@ -345,6 +362,13 @@ pub fn rate_limit_key(p: &Principal) -> String {
 
 /// Protected routes: authenticate, take one rate-limit token for the org,
 /// and put the rate-limit headers on whatever the route answers.
+///
+/// A turn of a caller with a token budget leaves its token to the turn
+/// engine, which takes it in the same backend call as the reservation (one
+/// Redis round trip before the model is called instead of two); a route that
+/// answers without the engine taking it (a bad body, say) has it taken here
+/// after all, and a refusal replaces that answer. Every such request still
+/// takes exactly one token.
 pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let client = client_ip(req.extensions());
     // Boxed: what authenticating needs (≈ 2.2 KB: the cache, the key
@@ -363,62 +387,77 @@ pub async fn require_auth(State(state): State<AppState>, mut req: Request, next:
     };
     record_principal(&principal);
 
-    let decision = match take_token(&state, &principal).await {
-        Ok(decision) => decision,
-        Err(response) => return response,
-    };
+    let rate = Arc::new(RateTake::new(
+        state.limiter.clone(),
+        rate_limit_key(&principal),
+        limit_for(&state, &principal),
+        state.config.rate_limit_fail_open,
+    ));
+    let deferred = crate::routes::is_turn(&req) && confab_core::turn::reserves_tokens(&principal);
     req.extensions_mut().insert(principal);
+    if !deferred {
+        let decision = match judge(&state, &rate, rate.take().await) {
+            Ok(decision) => decision,
+            Err(refusal) => return refusal.into_response(),
+        };
+        let mut response = next.run(req).await;
+        if let Some(decision) = decision {
+            set_rate_limit_headers(response.headers_mut(), &decision);
+        }
+        return response;
+    }
+    req.extensions_mut()
+        .insert(DeferredRate(Some(rate.clone())));
     let mut response = next.run(req).await;
-    if let Some(decision) = decision {
-        set_rate_limit_headers(response.headers_mut(), &decision);
+    match judge(&state, &rate, rate.take().await) {
+        Ok(Some(decision)) => set_rate_limit_headers(response.headers_mut(), &decision),
+        Ok(None) => {}
+        // The engine's refusal is this very answer; a token taken only now
+        // refuses what the route answered without it.
+        Err(refusal) => response = refusal.into_response(),
     }
     response
 }
 
-/// `Ok(Some)` when a token was taken, `Ok(None)` when the limiter is down and
-/// we fail open, `Err(response)` for 429 or (failing closed) 503.
-async fn take_token(state: &AppState, principal: &Principal) -> Result<Option<Decision>, Response> {
-    let limiter = &state.limiter;
-    let started = Instant::now();
-    let result = limiter
-        .acquire(&rate_limit_key(principal), limit_for(state, principal), 1)
-        .await;
+/// Report a take (its metrics and log line) and judge it: `Ok(Some)` when a
+/// token was taken, `Ok(None)` when the limiter is down and we fail open,
+/// `Err` for 429 or (failing closed) 503. Once per request.
+fn judge(state: &AppState, rate: &RateTake, taken: &Taken) -> Result<Option<Decision>, ApiError> {
     state
         .metrics
         .ratelimit_duration
-        .observe(started.elapsed().as_secs_f64() * 1000.0);
+        .observe(taken.elapsed.as_secs_f64() * 1000.0);
     let outcome = |outcome: &'static str| {
         state
             .metrics
             .ratelimit_decisions
             .get_or_create(&RateLimitLabels {
-                backend: limiter.backend(),
+                backend: rate.backend(),
                 outcome,
             })
             .inc();
     };
-    match result {
+    match &taken.result {
         Ok(decision) if decision.allowed => {
             outcome("allowed");
-            Ok(Some(decision))
+            Ok(Some(*decision))
         }
         Ok(decision) => {
             outcome("limited");
             tracing::info!(remaining = decision.remaining, "rate limit exceeded");
-            Err(too_many_requests(&decision))
+            Err(ApiError::RateLimited(*decision))
         }
         Err(err) => {
             outcome("error");
-            if state.config.rate_limit_fail_open {
+            if rate.fail_open {
                 tracing::warn!(error = %err, policy = "fail-open", "rate limiter unavailable; request allowed");
                 Ok(None)
             } else {
                 tracing::error!(error = %err, policy = "fail-closed", "rate limiter unavailable; request refused");
                 // ApiError::Unavailable carries Retry-After itself.
-                Err(ApiError::Unavailable(
-                    "Rate limiting is temporarily unavailable; try again shortly".into(),
-                )
-                .into_response())
+                Err(ApiError::from(
+                    confab_core::service::ServiceError::RateLimitUnavailable,
+                ))
             }
         }
     }
@@ -438,9 +477,9 @@ pub fn set_rate_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
     }
 }
 
-/// The SPEC §4 429: `Retry-After` is the whole seconds until one token is
-/// available, rounded up, at least 1.
-fn too_many_requests(decision: &Decision) -> Response {
+/// The SPEC §4 429 ([`ApiError::RateLimited`]): `Retry-After` is the whole
+/// seconds until one token is available, rounded up, at least 1.
+pub(crate) fn too_many_requests(decision: &Decision) -> Response {
     let retry_secs = decision
         .retry_after
         .map(|d| d.as_secs_f64().ceil() as u64)

@@ -22,7 +22,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::middleware::Auth;
+use crate::middleware::{Auth, DeferredRate};
 use crate::state::AppState;
 use crate::wire::{ChatJson, ChatListJson, ChatSummary, HistoryJson, MessageJson, TurnReply};
 
@@ -186,6 +186,7 @@ fn idempotency_claim(
 pub async fn post_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
+    DeferredRate(rate): DeferredRate,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -196,7 +197,8 @@ pub async fn post_chat(
     let replay: ReplayEncoder = Box::new(|meta, summary| {
         serde_json::to_value(TurnReply::new(meta, summary)).unwrap_or(Value::Null)
     });
-    let input = req.into_input(claim, false, received);
+    let mut input = req.into_input(claim, false, received);
+    input.rate = rate;
     let mut turn = match state.engine.start(&principal, input, Some(replay)).await? {
         Started::Turn(turn) => turn,
         Started::Replay(stored) => {

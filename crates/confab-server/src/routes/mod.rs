@@ -22,7 +22,9 @@ pub mod usage;
 
 /// The routes that run a turn on the engine (`POST`). While the server has
 /// no room for another turn, [`edge`] refuses them before anything else is
-/// done with them (README "Overload").
+/// done with them (README "Overload"); for a caller with a token budget,
+/// their rate-limit token is taken by the engine, with the reservation
+/// ([`crate::middleware::require_auth`]).
 const CHAT: &str = "/chat";
 const CHAT_STREAM: &str = "/chat/stream";
 const COMPLETIONS: &str = "/v1/chat/completions";
@@ -180,18 +182,26 @@ fn oversized(state: &AppState, req: &axum::extract::Request) -> Option<axum::res
 /// for another read of the connection).
 fn at_capacity(state: &AppState, req: &axum::extract::Request) -> Option<axum::response::Response> {
     use axum::response::IntoResponse;
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()?
-        .as_str();
-    if req.method() != Method::POST || !TURN_ROUTES.contains(&route) {
-        return None;
-    }
+    let route = turn_route(req)?;
     // A guess, before the body is parsed: every route but `/chat` streams,
     // or may (`/v1` decides by its body). No metric splits by it today.
     let interactive = route != CHAT;
     let refused = state.engine.refuse_if_full(interactive).err()?;
     Some(ApiError::from(refused).into_response())
+}
+
+/// The turn route `req` is a `POST` to, if it is one.
+fn turn_route(req: &axum::extract::Request) -> Option<&str> {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()?
+        .as_str();
+    (req.method() == Method::POST && TURN_ROUTES.contains(&route)).then_some(route)
+}
+
+/// Whether `req` runs a turn (a `POST` to one of [`TURN_ROUTES`]).
+pub(crate) fn is_turn(req: &axum::extract::Request) -> bool {
+    turn_route(req).is_some()
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

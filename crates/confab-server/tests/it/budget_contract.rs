@@ -234,3 +234,145 @@ async fn a_reservation_is_given_back_once_however_it_ends(kind: Limiter) {
         other => panic!("{other:?}"),
     }
 }
+
+/// A Redis budget and limiter, as the server opens them: one for both.
+async fn redis_both() -> Arc<RedisRateLimiter> {
+    let redis =
+        RedisRateLimiter::connect(&redis_url(), Duration::from_secs(3)).expect("valid Redis URL");
+    if let Err(e) = redis.ping().await {
+        panic!("Redis is required for these tests (CONFAB_TEST_REDIS_URL): {e}");
+    }
+    Arc::new(redis)
+}
+
+fn bucket_key() -> String {
+    format!("test-both:{}", Uuid::new_v4())
+}
+
+/// The tokens of `windows` a fresh reservation of 1 finds left.
+async fn room(budget: &dyn TokenBudget, windows: &[BudgetWindow]) -> u64 {
+    let probe = request(windows, 1, Duration::from_secs(30));
+    let reservation = budget.reserve(&probe).await.expect("reserve");
+    let Reservation::Granted { state, .. } = &reservation else {
+        panic!("expected a grant, got {reservation:?}")
+    };
+    budget
+        .settle(&held(&probe, &reservation), 0)
+        .await
+        .expect("settle");
+    state.remaining + 1
+}
+
+/// `take_and_reserve` on Redis: one script call that takes the bucket's token
+/// as `acquire` does and reserves only when the token was allowed; the
+/// in-process budget has no buckets of its own and says so (`None`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_take_reserves_nothing_and_an_allowed_one_reserves_as_reserve_does() {
+    let both = redis_both().await;
+    let limit = confab_core::ratelimit::Limit {
+        burst: 2,
+        per_second: 0.001,
+    };
+    let key = bucket_key();
+    let windows = vec![window(100, 86_400, "org_day")];
+
+    let first = request(&windows, 30, Duration::from_secs(30));
+    let took = both
+        .take_and_reserve(&key, limit, &first)
+        .await
+        .expect("Redis does both at once")
+        .expect("take and reserve");
+    assert!(took.decision.allowed);
+    assert_eq!(took.decision.remaining, 1);
+    assert!(
+        matches!(&took.reservation, Some(Reservation::Granted { state, .. }) if state.remaining == 70),
+        "{took:?}"
+    );
+
+    // Allowed, but the reservation does not fit: the token is still taken.
+    let too_big = request(&windows, 500, Duration::from_secs(30));
+    let took = both
+        .take_and_reserve(&key, limit, &too_big)
+        .await
+        .expect("Redis does both at once")
+        .expect("take and reserve");
+    assert!(took.decision.allowed);
+    assert_eq!(took.decision.remaining, 0);
+    assert!(
+        matches!(
+            &took.reservation,
+            Some(Reservation::Refused {
+                kind: "org_day",
+                ..
+            })
+        ),
+        "{took:?}"
+    );
+
+    // The bucket is empty: refused, and nothing reserved.
+    let refused = request(&windows, 10, Duration::from_secs(30));
+    let took = both
+        .take_and_reserve(&key, limit, &refused)
+        .await
+        .expect("Redis does both at once")
+        .expect("take and reserve");
+    assert!(!took.decision.allowed);
+    assert!(took.decision.retry_after.is_some());
+    assert_eq!(took.reservation, None);
+    assert_eq!(room(both.as_ref(), &windows).await, 70);
+    // The bucket is the limiter's own.
+    assert!(!both.acquire(&key, limit, 1).await.expect("acquire").allowed);
+
+    let memory = MemoryTokenBudget::new();
+    assert!(memory.take_and_reserve(&key, limit, &first).await.is_none());
+}
+
+/// Takes through `take_and_reserve` and through `acquire`, all at once on
+/// one bucket, admit exactly its burst; every admitted take reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_and_plain_takes_together_admit_exactly_the_burst() {
+    let both = redis_both().await;
+    let limit = confab_core::ratelimit::Limit {
+        burst: 40,
+        per_second: 0.001,
+    };
+    let key = bucket_key();
+    let windows = vec![window(1_000_000, 86_400, "org_day")];
+    let n = 120;
+    let barrier = Arc::new(Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (both, key, windows, barrier) =
+            (both.clone(), key.clone(), windows.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            if i % 2 == 0 {
+                let took = both
+                    .take_and_reserve(&key, limit, &request(&windows, 7, Duration::from_secs(30)))
+                    .await
+                    .expect("Redis does both at once")
+                    .expect("take and reserve");
+                assert_eq!(
+                    took.decision.allowed,
+                    took.reservation.is_some(),
+                    "{took:?}"
+                );
+                (took.decision.allowed, took.decision.allowed)
+            } else {
+                let decision = both.acquire(&key, limit, 1).await.expect("acquire");
+                (decision.allowed, false)
+            }
+        }));
+    }
+    let (mut admitted, mut reserved) = (0, 0u64);
+    for task in tasks {
+        let (allowed, with_reservation) = task.await.expect("task");
+        admitted += u32::from(allowed);
+        reserved += u64::from(with_reservation);
+    }
+    assert_eq!(admitted, limit.burst);
+    assert_eq!(
+        room(both.as_ref(), &windows).await,
+        1_000_000 - 7 * reserved
+    );
+}

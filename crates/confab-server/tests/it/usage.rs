@@ -22,7 +22,10 @@ per_store!(
     the_cli_sets_token_limits_and_prints_the_usage_report,
     an_answered_retry_is_replayed_whatever_the_budget_says_now,
 );
-per_limiter!(a_token_budget_is_refused_before_any_upstream_call_and_never_exceeded,);
+per_limiter!(
+    a_token_budget_is_refused_before_any_upstream_call_and_never_exceeded,
+    under_a_token_budget_every_turn_request_takes_exactly_one_rate_limit_token,
+);
 
 async fn an_answered_retry_is_replayed_whatever_the_budget_says_now(db: Db) {
     // The first request uses the org's budget up (here: the limit drops to
@@ -477,4 +480,182 @@ async fn the_cli_sets_token_limits_and_prints_the_usage_report(db: Db) {
         .post_json("/chat", &As::bob(), &json!({ "message": "too big for 5" }))
         .await;
     assert_eq!(res.status(), 429);
+}
+
+/// With a token budget, a turn's rate-limit token is taken by the turn
+/// engine (with the reservation, for a new chat): whatever the route and
+/// however the request ends, it takes exactly one token, carries the
+/// `X-RateLimit-*` headers, and a refusal is SPEC §4's 429, which reserves
+/// nothing.
+async fn under_a_token_budget_every_turn_request_takes_exactly_one_rate_limit_token(kind: Limiter) {
+    let redis = (kind == Limiter::Redis).then(PrivateRedis::start);
+    let url = redis.as_ref().map(|r| r.url());
+    let mut env = vec![
+        ("RATE_LIMIT_BURST", "4"),
+        ("RATE_LIMIT_PER_SECOND", "0.001"),
+        ("REDIS_TIMEOUT_MS", "3000"),
+    ];
+    if let Some(url) = &url {
+        env.push(("REDIS_URL", url.as_str()));
+    }
+    let app = spawn_app_with(Db::Sqlite, &env).await;
+    app.limit_acme_per_day(1_000_000).await;
+    let alice = As::alice();
+    let remaining = |res: &reqwest::Response| {
+        res.headers()
+            .get("x-ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+
+    // Refused before the engine (no message): the token is taken after all.
+    let res = app.post_json("/chat", &alice, &json!({})).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(remaining(&res), Some(3), "{:?}", res.headers());
+
+    // A new chat: the token with the reservation.
+    let res = app
+        .post_json("/chat", &alice, &json!({ "message": "a new chat" }))
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(remaining(&res), Some(2), "{:?}", res.headers());
+    assert!(res.headers().contains_key("x-tokenlimit-remaining"));
+    let chat: Value = res.json().await.expect("json");
+    let chat_id = chat["chat_id"].as_str().expect("chat_id").to_owned();
+
+    // A turn on that chat: the token first, before the chat is read.
+    let res = app
+        .post_json(
+            "/chat/stream",
+            &alice,
+            &json!({ "message": "more", "chat_id": chat_id }),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(remaining(&res), Some(1), "{:?}", res.headers());
+    let _ = res.text().await;
+
+    // The OpenAI-compatible route, stateless: with the reservation.
+    let completion =
+        json!({ "model": "simulated", "messages": [{ "role": "user", "content": "hi" }] });
+    let res = app
+        .post_json("/v1/chat/completions", &alice, &completion)
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(remaining(&res), Some(0), "{:?}", res.headers());
+    let _ = res.text().await;
+
+    // The bucket is empty: each route refuses with SPEC §4's 429, in its
+    // own shape, before any reservation (no token-limit headers).
+    let res = app
+        .post_json("/chat", &alice, &json!({ "message": "refused" }))
+        .await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(remaining(&res), Some(0));
+    assert!(!res.headers().contains_key("x-tokenlimit-remaining"));
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(
+        body["message"],
+        "Rate limit exceeded. Please try again later."
+    );
+    let res = app
+        .post_json("/v1/chat/completions", &alice, &completion)
+        .await;
+    assert_eq!(res.status(), 429);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "requests", "{body}");
+    let res = app.post_json("/chat", &alice, &json!({})).await;
+    assert_eq!(
+        res.status(),
+        429,
+        "a bad body past the limit is refused too"
+    );
+}
+
+/// Script calls `redis` has run (`EVALSHA`), from `INFO commandstats`.
+async fn evalshas(redis: &PrivateRedis) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .expect("connect to Redis");
+    stream
+        .write_all(b"INFO commandstats\r\n")
+        .await
+        .expect("write");
+    // One bulk string: `$<len>\r\n<text>\r\n`.
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "Redis closed the connection");
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some((head, rest)) = text.split_once("\r\n")
+            && let Ok(len) = head.trim_start_matches('$').parse::<usize>()
+            && rest.len() >= len
+        {
+            return rest
+                .lines()
+                .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+}
+
+/// Script calls made for one turn, counted once they stop coming (the
+/// settlement follows the reply).
+async fn script_calls_for(
+    redis: &PrivateRedis,
+    turn: impl std::future::Future<Output = Value>,
+) -> u64 {
+    let before = evalshas(redis).await;
+    turn.await;
+    let mut seen = evalshas(redis).await;
+    let mut quiet = 0;
+    while quiet < 10 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let now = evalshas(redis).await;
+        quiet = if now == seen { quiet + 1 } else { 0 };
+        seen = now;
+    }
+    seen - before
+}
+
+/// A turn on a new chat under a token budget makes one Redis call before
+/// the model for its rate-limit token and its reservation (then one to
+/// settle); a turn on a chat takes its token first, alone, so that a
+/// rate-limited request never costs a read of the chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_token_budget_a_new_chats_turn_takes_its_token_and_reservation_in_one_redis_call() {
+    crate::support::init();
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[("REDIS_URL", url.as_str()), ("REDIS_TIMEOUT_MS", "3000")],
+    )
+    .await;
+    app.limit_acme_per_day(1_000_000).await;
+    let alice = As::alice();
+    // Each script is loaded once first (a load retries its call).
+    let first = app.chat(&alice, "warm up", None).await;
+    let chat_id = first["chat_id"].as_str().expect("chat_id").to_owned();
+    app.chat(&alice, "warm up a chat's turn", Some(&chat_id))
+        .await;
+    wait_until_settled(&app).await;
+
+    let new_chat = script_calls_for(&redis, app.chat(&alice, "a new chat", None)).await;
+    assert_eq!(
+        new_chat, 2,
+        "a new chat's turn: its token and reservation in one call, then the settlement"
+    );
+    let on_a_chat = script_calls_for(&redis, app.chat(&alice, "on the chat", Some(&chat_id))).await;
+    assert_eq!(
+        on_a_chat, 3,
+        "a turn on a chat: the token, the reservation, the settlement"
+    );
 }
