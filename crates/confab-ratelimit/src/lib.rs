@@ -17,7 +17,9 @@
 //! Token budgets (SPEC §12) follow the same split: [`MemoryTokenBudget`] in
 //! process, and [`RedisRateLimiter`] also implements
 //! [`confab_core::ratelimit::TokenBudget`] with one script step per
-//! reservation or settlement (`lua/token_budget.lua`).
+//! reservation or settlement (`lua/token_budget.lua`), and per turn that
+//! takes its rate-limit token with its reservation
+//! (`lua/take_and_reserve.lua`, the two scripts as functions of one).
 //!
 //! The same Redis carries live streams between instances (SPEC §14):
 //! [`RedisLiveRelay`].
