@@ -209,11 +209,6 @@ impl RateTake {
         self.limiter.backend()
     }
 
-    /// What was decided, if the token was taken (or tried).
-    pub fn taken(&self) -> Option<&Taken> {
-        self.taken.get()
-    }
-
     /// Record the outcome of a take made elsewhere (with a reservation).
     /// The first record stands.
     pub fn record(&self, result: Result<Decision, RateLimitError>, elapsed: Duration) -> &Taken {

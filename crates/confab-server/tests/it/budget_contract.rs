@@ -26,14 +26,7 @@ per_limiter!(
 async fn budget(kind: Limiter) -> Arc<dyn TokenBudget> {
     match kind {
         Limiter::Memory => Arc::new(MemoryTokenBudget::new()),
-        Limiter::Redis => {
-            let redis = RedisRateLimiter::connect(&redis_url(), Duration::from_secs(3))
-                .expect("valid Redis URL");
-            if let Err(e) = redis.ping().await {
-                panic!("Redis is required for these tests (CONFAB_TEST_REDIS_URL): {e}");
-            }
-            Arc::new(redis)
-        }
+        Limiter::Redis => redis_both().await,
     }
 }
 
@@ -245,6 +238,19 @@ async fn redis_both() -> Arc<RedisRateLimiter> {
     Arc::new(redis)
 }
 
+/// `take_and_reserve` on Redis, which does both in one call (never `None`).
+async fn take_and_reserve(
+    both: &RedisRateLimiter,
+    key: &str,
+    limit: confab_core::ratelimit::Limit,
+    request: &ReserveRequest,
+) -> confab_core::ratelimit::TakeAndReserve {
+    both.take_and_reserve(key, limit, request)
+        .await
+        .expect("Redis does both at once")
+        .expect("take and reserve")
+}
+
 fn bucket_key() -> String {
     format!("test-both:{}", Uuid::new_v4())
 }
@@ -277,11 +283,7 @@ async fn a_refused_take_reserves_nothing_and_an_allowed_one_reserves_as_reserve_
     let windows = vec![window(100, 86_400, "org_day")];
 
     let first = request(&windows, 30, Duration::from_secs(30));
-    let took = both
-        .take_and_reserve(&key, limit, &first)
-        .await
-        .expect("Redis does both at once")
-        .expect("take and reserve");
+    let took = take_and_reserve(&both, &key, limit, &first).await;
     assert!(took.decision.allowed);
     assert_eq!(took.decision.remaining, 1);
     assert!(
@@ -291,11 +293,7 @@ async fn a_refused_take_reserves_nothing_and_an_allowed_one_reserves_as_reserve_
 
     // Allowed, but the reservation does not fit: the token is still taken.
     let too_big = request(&windows, 500, Duration::from_secs(30));
-    let took = both
-        .take_and_reserve(&key, limit, &too_big)
-        .await
-        .expect("Redis does both at once")
-        .expect("take and reserve");
+    let took = take_and_reserve(&both, &key, limit, &too_big).await;
     assert!(took.decision.allowed);
     assert_eq!(took.decision.remaining, 0);
     assert!(
@@ -311,11 +309,7 @@ async fn a_refused_take_reserves_nothing_and_an_allowed_one_reserves_as_reserve_
 
     // The bucket is empty: refused, and nothing reserved.
     let refused = request(&windows, 10, Duration::from_secs(30));
-    let took = both
-        .take_and_reserve(&key, limit, &refused)
-        .await
-        .expect("Redis does both at once")
-        .expect("take and reserve");
+    let took = take_and_reserve(&both, &key, limit, &refused).await;
     assert!(!took.decision.allowed);
     assert!(took.decision.retry_after.is_some());
     assert_eq!(took.reservation, None);
@@ -347,11 +341,8 @@ async fn combined_and_plain_takes_together_admit_exactly_the_burst() {
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             if i % 2 == 0 {
-                let took = both
-                    .take_and_reserve(&key, limit, &request(&windows, 7, Duration::from_secs(30)))
-                    .await
-                    .expect("Redis does both at once")
-                    .expect("take and reserve");
+                let reserve = request(&windows, 7, Duration::from_secs(30));
+                let took = take_and_reserve(&both, &key, limit, &reserve).await;
                 assert_eq!(
                     took.decision.allowed,
                     took.reservation.is_some(),
