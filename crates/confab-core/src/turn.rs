@@ -184,7 +184,7 @@ pub struct NoMetrics;
 impl TurnMetrics for NoMetrics {}
 
 /// A validated request for a turn.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TurnInput {
     /// The new user message (stored, when the turn is stored).
     pub text: MessageText,
@@ -217,6 +217,9 @@ pub struct TurnInput {
     /// (a caller with a token budget): taken with the reservation in one
     /// backend call where nothing is read before it, else first thing.
     pub rate: Option<Arc<RateTake>>,
+    /// The turn's admission place, when the edge took it already
+    /// ([`TurnEngine::admit`]); else `start` takes one.
+    pub place: Option<Admitted>,
 }
 
 impl TurnInput {
@@ -236,6 +239,7 @@ impl TurnInput {
             sampling: Sampling::default(),
             detachable: true,
             rate: None,
+            place: None,
         }
     }
 }
@@ -477,6 +481,20 @@ impl TurnEngine {
         ServiceError::AtCapacity
     }
 
+    /// A place for one turn, taken ahead of [`TurnEngine::start`] (which
+    /// then uses it: [`TurnInput::place`]), or [`ServiceError::AtCapacity`],
+    /// counted like `start`'s refusal. For a caller that would otherwise
+    /// do work between its look ([`TurnEngine::refuse_if_full`]) and the
+    /// turn's start, during which the last places can go: without it, a
+    /// request let in by the look was refused only at `start`, after that
+    /// work (the rate limit's round trip and token).
+    pub fn admit(&self, interactive: bool) -> Result<Admitted, ServiceError> {
+        self.inner
+            .admission
+            .try_admit()
+            .ok_or_else(|| self.at_capacity(interactive))
+    }
+
     /// Check the request, begin the turn and start generating. Errors are
     /// what the client must hear before any byte of a reply (404, 403, 400,
     /// idempotency); everything after the begin arrives as events.
@@ -489,7 +507,7 @@ impl TurnEngine {
     ///
     /// Admission comes first: past `max_concurrent_turns` the turn is
     /// refused with [`ServiceError::AtCapacity`] before anything is read or
-    /// written.
+    /// written (unless its place was taken already: [`TurnInput::place`]).
     pub async fn start(
         &self,
         who: &Principal,
@@ -500,8 +518,9 @@ impl TurnEngine {
         let rate = input.rate.take();
         let inner = &self.inner;
         let interactive = input.interactive;
-        let Some(admitted) = inner.admission.try_admit() else {
-            return Err(self.at_capacity(interactive));
+        let admitted = match input.place.take() {
+            Some(admitted) => admitted,
+            None => self.admit(interactive)?,
         };
         inner.metrics.admission(true);
         let place = Place {

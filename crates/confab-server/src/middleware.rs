@@ -13,8 +13,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use confab_core::Principal;
+use confab_core::admission::Admitted;
 use confab_core::model::rfc3339_millis;
 use confab_core::ratelimit::{Decision, Limit, RateTake, Taken};
+use confab_core::turn::TurnInput;
 use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
@@ -234,25 +236,28 @@ pub fn json_errors(method: &Method, path: &str, response: Response) -> Response 
 /// head, and at most the path's body limit of it, before the route runs. A body
 /// that does not arrive in time (sent slowly, or declared and never sent) is
 /// answered 408 and a body that cannot be read 400, both with
-/// `Connection: close`; a body larger than the limit 413. The route then
-/// reads the body from memory.
-pub async fn read_body(state: &AppState, req: Request, next: Next) -> Response {
+/// `Connection: close`; a body larger than the limit 413 (each the `Err`).
+/// The route then reads the body from memory.
+pub async fn read_body(state: &AppState, req: Request) -> Result<Request, Response> {
     use axum::body::{Body, HttpBody};
     use http_body_util::{BodyExt, LengthLimitError, Limited};
 
     let (parts, body) = req.into_parts();
     if body.is_end_stream() {
-        return next.run(Request::from_parts(parts, body)).await;
+        return Ok(Request::from_parts(parts, body));
     }
     let limited = Limited::new(body, state.config.body_limit(parts.uri.path()));
     let refused =
         match tokio::time::timeout(state.config.http_body_timeout, limited.collect()).await {
             Ok(Ok(collected)) => {
                 let body = Body::from(collected.to_bytes());
-                return next.run(Request::from_parts(parts, body)).await;
+                return Ok(Request::from_parts(parts, body));
             }
             Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
-                return error_body(StatusCode::PAYLOAD_TOO_LARGE, "Request body is too large");
+                return Err(error_body(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body is too large",
+                ));
             }
             Ok(Err(err)) => {
                 tracing::info!(error = %err, "request body could not be read");
@@ -277,7 +282,7 @@ pub async fn read_body(state: &AppState, req: Request, next: Next) -> Response {
         axum::http::header::CONNECTION,
         HeaderValue::from_static("close"),
     );
-    response
+    Err(response)
 }
 
 /// The authenticated caller, for handlers behind [`require_auth`].
@@ -296,19 +301,57 @@ impl<S: Send + Sync> FromRequestParts<S> for Auth {
 }
 
 /// The request's rate-limit token when [`require_auth`] left it to the turn
-/// engine (a turn of a caller with a token budget), for the route to hand on
-/// in its `TurnInput`.
+/// engine (a turn of a caller with a token budget).
 #[derive(Clone)]
-pub struct DeferredRate(pub Option<Arc<RateTake>>);
+struct DeferredRate(Arc<RateTake>);
 
-impl<S: Send + Sync> FromRequestParts<S> for DeferredRate {
+/// A turn's admission place, taken by the edge once the body was read
+/// (`routes::hold_place`). An extension must be `Clone`; the place
+/// is taken out once, by [`TurnTicket`].
+#[derive(Clone)]
+pub struct HeldPlace(Arc<std::sync::Mutex<Option<Admitted>>>);
+
+impl HeldPlace {
+    pub fn new(place: Admitted) -> Self {
+        HeldPlace(Arc::new(std::sync::Mutex::new(Some(place))))
+    }
+
+    fn take(&self) -> Option<Admitted> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+/// What the edge prepared for a turn, for the route to hand on in its
+/// `TurnInput` ([`TurnTicket::hand_on`]): its admission place and, under a
+/// token budget, its rate-limit token.
+pub struct TurnTicket {
+    rate: Option<Arc<RateTake>>,
+    place: Option<Admitted>,
+}
+
+impl TurnTicket {
+    pub fn hand_on(self, input: &mut TurnInput) {
+        input.rate = self.rate;
+        input.place = self.place;
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for TurnTicket {
     type Rejection = std::convert::Infallible;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts
-            .extensions
-            .get::<DeferredRate>()
-            .cloned()
-            .unwrap_or(DeferredRate(None)))
+        Ok(TurnTicket {
+            rate: parts
+                .extensions
+                .get::<DeferredRate>()
+                .map(|deferred| deferred.0.clone()),
+            place: parts
+                .extensions
+                .get::<HeldPlace>()
+                .and_then(HeldPlace::take),
+        })
     }
 }
 
@@ -406,8 +449,7 @@ pub async fn require_auth(State(state): State<AppState>, mut req: Request, next:
         }
         return response;
     }
-    req.extensions_mut()
-        .insert(DeferredRate(Some(rate.clone())));
+    req.extensions_mut().insert(DeferredRate(rate.clone()));
     let mut response = next.run(req).await;
     match judge(&state, &rate, rate.take().await) {
         Ok(Some(decision)) => set_rate_limit_headers(response.headers_mut(), &decision),

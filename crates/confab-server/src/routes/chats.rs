@@ -22,7 +22,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::middleware::{Auth, DeferredRate};
+use crate::middleware::{Auth, TurnTicket};
 use crate::state::AppState;
 use crate::wire::{ChatJson, ChatListJson, ChatSummary, HistoryJson, MessageJson, TurnReply};
 
@@ -186,7 +186,7 @@ fn idempotency_claim(
 pub async fn post_chat(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    DeferredRate(rate): DeferredRate,
+    ticket: TurnTicket,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -198,7 +198,7 @@ pub async fn post_chat(
         serde_json::to_value(TurnReply::new(meta, summary)).unwrap_or(Value::Null)
     });
     let mut input = req.into_input(claim, false, received);
-    input.rate = rate;
+    ticket.hand_on(&mut input);
     let mut turn = match state.engine.start(&principal, input, Some(replay)).await? {
         Started::Turn(turn) => turn,
         Started::Replay(stored) => {

@@ -28,7 +28,7 @@ use confab_core::turn::{
 use confab_core::{ChatId, MessageId};
 
 use crate::error::{ApiError, set_token_limit_headers};
-use crate::middleware::{Auth, DeferredRate};
+use crate::middleware::{Auth, TurnTicket};
 use crate::openai_wire::{
     Choice, ChunkChoice, Completion, CompletionChunk, CompletionRequest, Content, Delta, ErrorBody,
     ErrorObject, ModelList, ModelOut, OutMessage, Stop, UsageOut, UsageSlot,
@@ -439,7 +439,7 @@ fn without_client_text(err: &serde_json::Error) -> String {
 pub async fn chat_completions(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    DeferredRate(rate): DeferredRate,
+    ticket: TurnTicket,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Response> {
@@ -451,7 +451,7 @@ pub async fn chat_completions(
         stream,
         include_usage,
     } = check(req, store, received).map_err(IntoResponse::into_response)?;
-    input.rate = rate;
+    ticket.hand_on(&mut input);
     let asked = input.model.clone().unwrap_or_default();
     let started = state
         .engine

@@ -16,7 +16,7 @@ use axum::response::Response;
 use confab_core::turn::{Started, TurnEvent};
 
 use crate::error::{ApiError, set_token_limit_headers};
-use crate::middleware::{Auth, DeferredRate};
+use crate::middleware::{Auth, TurnTicket};
 use crate::routes::chats::parse_turn_request;
 use crate::sse::{EventBody, Pacing};
 use crate::state::AppState;
@@ -34,14 +34,14 @@ use crate::state::AppState;
 pub async fn post_chat_stream(
     State(state): State<AppState>,
     Auth(principal): Auth,
-    DeferredRate(rate): DeferredRate,
+    ticket: TurnTicket,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let received = tokio::time::Instant::now();
     let req = parse_turn_request(body, state.config.max_body_bytes)?;
     // Idempotency-Key is a `POST /chat` feature; a stream ignores it.
     let mut input = req.into_input(None, true, received);
-    input.rate = rate;
+    ticket.hand_on(&mut input);
     let Started::Turn(mut turn) = state.engine.start(&principal, input, None).await? else {
         return Err(ApiError::Internal(
             "a stream turn was answered as a replay".into(),
