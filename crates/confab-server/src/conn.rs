@@ -19,6 +19,9 @@
 //!   complete request still gets its answer, while one that closed its
 //!   socket is still noticed (and its request dropped, status 499): see
 //!   [`GuardedIo::poll_after_eof`].
+//! - A lingering close: after its last byte the server reads and drops what
+//!   the client still sends for a while, so that a refusal made before the
+//!   body was read is not lost to a reset ([`LINGER_FOR`]).
 //! - The peer address as `ConnectInfo` (the failed-auth budget is keyed by
 //!   it), `TCP_NODELAY`, and graceful shutdown: stop accepting, let every
 //!   connection finish its request in progress, close idle ones at once.
@@ -367,7 +370,28 @@ struct GuardedIo {
     /// When the next end-of-stream probe is due, and how many were sent.
     probe_at: Option<Instant>,
     probes: u32,
+    /// The lingering close in progress ([`GuardedIo::poll_linger`]).
+    linger: Option<Linger>,
 }
+
+/// What a lingering close may still read and drop: until when, and how many
+/// bytes.
+struct Linger {
+    until: Instant,
+    left: usize,
+}
+
+/// After its last byte the server closes its side, then reads and drops
+/// what the client still sends, for at most this long and this many bytes,
+/// before it closes the socket. A socket closed with bytes unread, or that
+/// gets bytes after it closed, answers them with a reset: a client still
+/// sending a body the server refused without reading (at capacity, over the
+/// size limit, too slow) would see its write fail, and many clients then
+/// report the reset instead of reading the refusal. Enough for the largest
+/// body a route accepts (`OPENAI_MAX_BODY_BYTES`, 1 MiB by default) and a
+/// client on a slow link; a client that sends more, or longer, gets the reset.
+const LINGER_FOR: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 2 * 1024 * 1024;
 
 impl GuardedIo {
     fn new(
@@ -391,6 +415,7 @@ impl GuardedIo {
             responding_to: 0,
             probe_at: None,
             probes: 0,
+            linger: None,
         }
     }
 
@@ -416,6 +441,43 @@ impl GuardedIo {
         if let Poll::Ready(Err(err)) = self.poll_send_own(cx) {
             tracing::debug!(error = %err, "could not send a rejection");
         }
+    }
+}
+
+impl GuardedIo {
+    /// Read and drop what the client still sends until it ends its stream,
+    /// [`LINGER_BYTES`] were dropped, or [`LINGER_FOR`] passed (see there).
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let GuardedIo {
+            tcp,
+            timer,
+            armed_for,
+            linger,
+            ..
+        } = self;
+        let Some(linger) = linger else {
+            return Poll::Ready(());
+        };
+        let mut scratch = [0u8; 8192];
+        while linger.left > 0 {
+            let mut dropped = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *tcp).poll_read(cx, &mut dropped) {
+                Poll::Ready(Ok(())) if dropped.filled().is_empty() => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {
+                    linger.left = linger.left.saturating_sub(dropped.filled().len());
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {
+                    if *armed_for != Some(linger.until) {
+                        timer.as_mut().reset(linger.until);
+                        *armed_for = Some(linger.until);
+                    }
+                    return timer.as_mut().poll(cx);
+                }
+            }
+        }
+        tracing::debug!("closing a connection whose client is still sending");
+        Poll::Ready(())
     }
 }
 
@@ -612,9 +674,23 @@ impl AsyncWrite for GuardedIo {
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
+    /// Our side first (the client reads the whole answer, then the end of
+    /// stream), then the lingering close ([`GuardedIo::poll_linger`]).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_send_own(cx))?;
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
+            if this.peer_eof {
+                // The client already ended its stream: nothing can follow.
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Linger {
+                until: Instant::now() + LINGER_FOR,
+                left: LINGER_BYTES,
+            });
+        }
+        this.poll_linger(cx).map(Ok)
     }
 }
 

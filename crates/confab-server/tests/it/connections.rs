@@ -366,6 +366,62 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     );
 }
 
+/// A refusal made before the body is read — a turn at capacity, a declared
+/// body over the limit — reaches a client that is still sending its body.
+/// Closing at once would make the kernel answer the body's next bytes with
+/// a reset: the client's write fails, and many clients then report the reset
+/// and never read the 503 or 413 (nor its `Retry-After`). The server
+/// closes its side and reads what still comes for a while instead (a
+/// lingering close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_its_body_gets_the_refusal_not_a_reset() {
+    crate::support::init();
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("MAX_CONCURRENT_STREAMS", "1"),
+            ("SIMULATED_TOKEN_DELAY_MS", "100"),
+            ("SIMULATED_MIN_WORDS", "30"),
+            ("HTTP_BODY_TIMEOUT_MS", LONG),
+        ],
+    )
+    .await;
+    let hold = app
+        .post_json(
+            "/chat/stream",
+            &crate::support::As::alice(),
+            &serde_json::json!({ "message": "hold the place" }),
+        )
+        .await;
+    assert_eq!(hold.status(), 200);
+    // At capacity (60,000 bytes is within MAX_BODY_BYTES), and over the
+    // limit (200,000 bytes declared).
+    for (path, declared, status) in [("/chat/stream", 60_000, 503), ("/chat", 200_000, 413)] {
+        let head =
+            chat_head(app.addr, declared).replacen("POST /chat ", &format!("POST {path} "), 1);
+        let mut tcp = TcpStream::connect(app.addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        // The refusal is on its way by now; the body follows in pieces.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let piece = [b' '; 4096];
+        let mut sent = 0;
+        while sent < declared {
+            let n = piece.len().min(declared - sent);
+            if let Err(err) = tcp.write_all(&piece[..n]).await {
+                panic!("{path}: the body's write failed after {sent} of {declared} bytes: {err}");
+            }
+            sent += n;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (raw, _) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+        let (got, headers, _) = parse_response(&raw);
+        assert_eq!(got, status, "{path}: {raw}");
+        if status == 503 {
+            assert_eq!(header(&headers, "retry-after"), Some("1"), "{raw}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_hyper_cannot_parse_get_json_errors_a_request_id_a_log_line_and_a_metric() {
     crate::support::init();
