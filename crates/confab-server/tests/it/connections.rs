@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::app::{ACME, ALICE};
+use crate::support::app::raw_post_head;
 use crate::support::process::Confab;
 use crate::support::{Db, TestDb, spawn_app_with};
 
@@ -113,10 +113,7 @@ fn assert_json_error(raw: &str, status: u16, reason: &str) -> String {
 }
 
 fn chat_head(addr: SocketAddr, content_length: usize) -> String {
-    format!(
-        "POST /chat HTTP/1.1\r\nhost: {addr}\r\nx-org-id: {ACME}\r\nx-user-id: {ALICE}\r\n\
-         content-type: application/json\r\ncontent-length: {content_length}\r\n\r\n"
-    )
+    raw_post_head(addr, "/chat", content_length)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,29 +373,13 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_still_sending_its_body_gets_the_refusal_not_a_reset() {
     crate::support::init();
-    let app = spawn_app_with(
-        Db::Sqlite,
-        &[
-            ("MAX_CONCURRENT_STREAMS", "1"),
-            ("SIMULATED_TOKEN_DELAY_MS", "100"),
-            ("SIMULATED_MIN_WORDS", "30"),
-            ("HTTP_BODY_TIMEOUT_MS", LONG),
-        ],
-    )
-    .await;
-    let hold = app
-        .post_json(
-            "/chat/stream",
-            &crate::support::As::alice(),
-            &serde_json::json!({ "message": "hold the place" }),
-        )
-        .await;
-    assert_eq!(hold.status(), 200);
+    let (app, _hold) =
+        crate::overload::holding_the_only_place(Db::Sqlite, &[("HTTP_BODY_TIMEOUT_MS", LONG)])
+            .await;
     // At capacity (60,000 bytes is within MAX_BODY_BYTES), and over the
     // limit (200,000 bytes declared).
     for (path, declared, status) in [("/chat/stream", 60_000, 503), ("/chat", 200_000, 413)] {
-        let head =
-            chat_head(app.addr, declared).replacen("POST /chat ", &format!("POST {path} "), 1);
+        let head = raw_post_head(app.addr, path, declared);
         let mut tcp = TcpStream::connect(app.addr).await.unwrap();
         tcp.write_all(head.as_bytes()).await.unwrap();
         // The refusal is on its way by now; the body follows in pieces.

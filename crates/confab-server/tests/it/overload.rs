@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::per_store;
-use crate::support::app::{ACME, ALICE};
+use crate::support::app::raw_post_head;
 use crate::support::sse::SseReader;
 use crate::support::{As, Db, TestApp, TestDb, assert_error, spawn_app_with};
 
@@ -241,17 +241,28 @@ async fn a_turn_refused_at_capacity_costs_no_rate_limit_token(db: Db) {
 
 /// A server with room for one turn, and a stream of ≈ 3 s (30 words at
 /// 100 ms) holding it: the answer to that stream, already 200.
-async fn holding_the_only_place(
+pub(crate) async fn holding_the_only_place(
     db: Db,
     extra: &[(&'static str, &'static str)],
 ) -> (TestApp, reqwest::Response) {
+    let app = with_one_place(db, extra).await;
+    let res = hold_the_place(&app).await;
+    (app, res)
+}
+
+/// A server with room for one turn, whose replies take ≈ 3 s.
+async fn with_one_place(db: Db, extra: &[(&'static str, &'static str)]) -> TestApp {
     let mut env = vec![
         ("MAX_CONCURRENT_STREAMS", "1"),
         ("SIMULATED_TOKEN_DELAY_MS", "100"),
         ("SIMULATED_MIN_WORDS", "30"),
     ];
     env.extend_from_slice(extra);
-    let app = spawn_app_with(db, &env).await;
+    spawn_app_with(db, &env).await
+}
+
+/// A stream of Alice's that takes the only place: its answer, already 200.
+async fn hold_the_place(app: &TestApp) -> reqwest::Response {
     let res = app
         .post_json(
             "/chat/stream",
@@ -260,7 +271,23 @@ async fn holding_the_only_place(
         )
         .await;
     assert_eq!(res.status(), 200);
-    (app, res)
+    res
+}
+
+/// What the server sent on `tcp` until `until` is in it; panics after 5 s
+/// or if the connection closes first.
+async fn read_until(tcp: &mut TcpStream, until: &str, what: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(until) {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer within 5 s"))
+            .unwrap();
+        assert!(n > 0, "{what}: closed without an answer: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// At capacity a turn is refused from its head: the server does not wait for
@@ -271,24 +298,10 @@ async fn a_turn_refused_at_capacity_is_refused_before_its_body_arrives(db: Db) {
     let reader = SseReader::new(res);
     for path in ["/chat", "/chat/stream", "/v1/chat/completions"] {
         let mut tcp = TcpStream::connect(app.addr).await.unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: {}\r\nx-org-id: {ACME}\r\nx-user-id: {ALICE}\r\n\
-             content-type: application/json\r\ncontent-length: 40\r\n\r\n",
-            app.addr
-        );
+        let head = raw_post_head(app.addr, path, 40);
         tcp.write_all(head.as_bytes()).await.unwrap();
         let asked = Instant::now();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("at capacity") {
-            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("{path}: no refusal within 5 s"))
-                .unwrap();
-            assert!(n > 0, "{path}: closed without a refusal: {got:?}");
-            got.extend_from_slice(&buf[..n]);
-        }
-        let raw = String::from_utf8_lossy(&got);
+        let raw = read_until(&mut tcp, "at capacity", path).await;
         assert!(raw.starts_with("HTTP/1.1 503"), "{path}: {raw}");
         assert!(
             raw.to_ascii_lowercase().contains("retry-after: 1"),
@@ -314,12 +327,9 @@ async fn a_turn_refused_at_capacity_is_refused_before_its_body_arrives(db: Db) {
 async fn a_turn_whose_body_comes_after_the_last_place_went_is_refused_before_its_rate_limit(
     db: Db,
 ) {
-    let app = spawn_app_with(
+    let app = with_one_place(
         db,
         &[
-            ("MAX_CONCURRENT_STREAMS", "1"),
-            ("SIMULATED_TOKEN_DELAY_MS", "100"),
-            ("SIMULATED_MIN_WORDS", "30"),
             ("RATE_LIMIT_BURST", "4"),
             ("RATE_LIMIT_PER_SECOND", "0.001"),
             ("HTTP_BODY_TIMEOUT_MS", "20000"),
@@ -330,40 +340,20 @@ async fn a_turn_whose_body_comes_after_the_last_place_went_is_refused_before_its
     // The head alone, while the server has room: it is let in and waits for
     // the body.
     let mut late = TcpStream::connect(app.addr).await.unwrap();
-    let head = format!(
-        "POST /chat/stream HTTP/1.1\r\nhost: {}\r\nx-org-id: {ACME}\r\nx-user-id: {ALICE}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        app.addr,
-        body.len()
-    );
+    let head = raw_post_head(app.addr, "/chat/stream", body.len());
     late.write_all(head.as_bytes()).await.unwrap();
     // The server must have read that head before the stream below takes
     // the place. Nothing outside tells when it has; a head on loopback is
     // read within a millisecond, so half a second orders the two.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let res = app
-        .post_json(
-            "/chat/stream",
-            &As::alice(),
-            &json!({ "message": "hold the place" }),
-        )
-        .await;
-    assert_eq!(res.status(), 200);
+    let res = hold_the_place(&app).await;
     assert_eq!(res.headers()["x-ratelimit-remaining"], "3");
     let reader = SseReader::new(res);
     // Now the body: no place is left.
     late.write_all(body.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("\r\n\r\n{") {
-        let n = tokio::time::timeout(Duration::from_secs(5), late.read(&mut buf))
-            .await
-            .expect("no answer within 5 s")
-            .unwrap();
-        assert!(n > 0, "closed without an answer: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
-    let raw = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let raw = read_until(&mut late, "\r\n\r\n{", "the late body")
+        .await
+        .to_ascii_lowercase();
     assert!(raw.starts_with("http/1.1 503"), "{raw}");
     assert!(raw.contains("retry-after: 1"), "{raw}");
     // It took no token: the next request still has 3 − 1 left.

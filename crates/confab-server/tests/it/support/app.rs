@@ -67,6 +67,15 @@ const TEST_DEFAULTS: &[(&str, &str)] = &[
     ("DB_ACQUIRE_TIMEOUT_MS", "10000"),
 ];
 
+/// The head of Alice's `POST {path}` with a JSON body of `content_length`
+/// bytes (header auth), for tests that write to the socket themselves.
+pub fn raw_post_head(addr: SocketAddr, path: &str, content_length: usize) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nx-org-id: {ACME}\r\nx-user-id: {ALICE}\r\n\
+         content-type: application/json\r\ncontent-length: {content_length}\r\n\r\n"
+    )
+}
+
 pub async fn spawn_app(db: Db) -> TestApp {
     spawn_app_with(db, &[]).await
 }
