@@ -446,37 +446,52 @@ impl GuardedIo {
 
 impl GuardedIo {
     /// Read and drop what the client still sends until it ends its stream,
-    /// [`LINGER_BYTES`] were dropped, or [`LINGER_FOR`] passed (see there).
+    /// [`LINGER_BYTES`] were dropped, or [`LINGER_FOR`] passed (see there);
+    /// then count how it ended (`http_lingering_closes_total`).
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let GuardedIo {
             tcp,
             timer,
             armed_for,
             linger,
+            metrics,
             ..
         } = self;
         let Some(linger) = linger else {
             return Poll::Ready(());
         };
         let mut scratch = [0u8; 8192];
-        while linger.left > 0 {
+        let ended = loop {
+            if linger.left == 0 {
+                break "bytes";
+            }
             let mut dropped = ReadBuf::new(&mut scratch);
             match Pin::new(&mut *tcp).poll_read(cx, &mut dropped) {
-                Poll::Ready(Ok(())) if dropped.filled().is_empty() => return Poll::Ready(()),
+                Poll::Ready(Ok(())) if dropped.filled().is_empty() => break "client",
                 Poll::Ready(Ok(())) => {
                     linger.left = linger.left.saturating_sub(dropped.filled().len());
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Err(_)) => break "error",
                 Poll::Pending => {
                     if *armed_for != Some(linger.until) {
                         timer.as_mut().reset(linger.until);
                         *armed_for = Some(linger.until);
                     }
-                    return timer.as_mut().poll(cx);
+                    ready!(timer.as_mut().poll(cx));
+                    break "time";
                 }
             }
+        };
+        if ended != "client" {
+            tracing::debug!(
+                ended,
+                "closing a connection whose client may still be sending"
+            );
         }
-        tracing::debug!("closing a connection whose client is still sending");
+        metrics
+            .lingering_closes
+            .get_or_create(&crate::metrics::ReasonLabels { reason: ended })
+            .inc();
         Poll::Ready(())
     }
 }

@@ -130,6 +130,7 @@ pub struct Metrics {
     pub ratelimit_decisions: Family<RateLimitLabels, Counter>,
     pub ratelimit_duration: Histogram,
     pub auth_failures: Family<ReasonLabels, Counter>,
+    pub lingering_closes: Family<ReasonLabels, Counter>,
     pub auth_cache_hits: Counter,
     pub auth_cache_misses: Counter,
     pub auth_cache_stale: Counter,
@@ -297,6 +298,12 @@ impl Metrics {
             "Refused authentications by reason",
             auth_failures.clone(),
         );
+        let lingering_closes = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "http_lingering_closes",
+            "Connections closed after a lingering close, by how it ended: client (the client closed), bytes or time (the bound was reached: the client may see a reset), error",
+            lingering_closes.clone(),
+        );
         let auth_cache_hits = Counter::default();
         registry.register(
             "auth_cache_hits",
@@ -420,6 +427,7 @@ impl Metrics {
             ratelimit_decisions,
             ratelimit_duration,
             auth_failures,
+            lingering_closes,
             auth_cache_hits,
             auth_cache_misses,
             auth_cache_stale,

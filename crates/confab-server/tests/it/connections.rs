@@ -401,6 +401,13 @@ async fn a_client_still_sending_its_body_gets_the_refusal_not_a_reset() {
             assert_eq!(header(&headers, "retry-after"), Some("1"), "{raw}");
         }
     }
+    // Both ended with the client closing, and were counted.
+    let closed = r#"http_lingering_closes_total{reason="client"}"#;
+    let metrics = crate::overload::metrics(&app).await;
+    assert!(
+        crate::overload::sample(&metrics, closed) >= 2.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -359,6 +359,12 @@ async fn readme_metrics_reference_lists_exactly_the_families_metrics_exposes() {
     confab_core::turn::TurnMetrics::turn_refused(app.state.metrics.as_ref(), false, "capacity");
     // A final write deferred by an outage (tests/it/store_faults.rs makes one).
     confab_core::turn::TurnMetrics::final_write_deferred(app.state.metrics.as_ref(), "deferred");
+    // A lingering close (tests/it/connections.rs makes real ones).
+    app.state
+        .metrics
+        .lingering_closes
+        .get_or_create(&confab_server::metrics::ReasonLabels { reason: "client" })
+        .inc();
     let _ = app.get("/nope", &As::Nobody).await;
     let _ = app
         .get("/chats", &As::Headers(ACME.into(), ACME.into()))

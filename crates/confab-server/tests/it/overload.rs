@@ -65,7 +65,7 @@ async fn a_busy_pool_does_not_make_the_instance_unready() {
     assert_eq!(first.await.unwrap().status(), 200);
 }
 
-fn sample(metrics: &str, series: &str) -> f64 {
+pub(crate) fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -74,7 +74,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in metrics:\n{metrics}"))
 }
 
-async fn metrics(app: &TestApp) -> String {
+pub(crate) async fn metrics(app: &TestApp) -> String {
     app.get("/metrics", &As::Nobody).await.text().await.unwrap()
 }
 
