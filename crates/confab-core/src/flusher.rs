@@ -1,11 +1,13 @@
 //! Saves the growing text of live turns, batched (SPEC §6: "saved at least
-//! once a second"): one `save_partials` call per tick carries every turn
-//! whose text grew since the last one, plus a heartbeat for turns that have
-//! been quiet a while, so that a sibling instance's crash recovery never
-//! mistakes a live turn for a dead one. One UPDATE per stream per second
-//! would not survive 10,000 streams.
+//! once a second"): each tick, `save_partials` calls of up to
+//! [`FLUSH_CHUNK`] turns each carry every turn whose text grew since the
+//! last one, plus a heartbeat for turns that have been quiet a while, so
+//! that a sibling instance's crash recovery never mistakes a live turn for
+//! a dead one. One UPDATE per stream per second would not survive 10,000
+//! streams.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,8 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ids::MessageId;
 use crate::model::PartialText;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::turn::TurnMetrics;
+
+/// The most live texts one `save_partials` call carries: at 5,000 live
+/// streams a tick makes ten calls, each encoded in well under a millisecond.
+pub const FLUSH_CHUNK: usize = 500;
 
 /// The text of one live stream, shared between its generator, the flusher
 /// and the stream's readers: the text and where each token event ends in it
@@ -79,6 +85,38 @@ impl LiveText {
         self.dirty.store(true, Ordering::Release);
     }
 
+    /// Its text to save, when it changed since the last save or its last
+    /// save is `heartbeat` old (marked saved at `now`).
+    fn take_partial(
+        &self,
+        id: MessageId,
+        now: Instant,
+        heartbeat: Duration,
+    ) -> Option<PartialText> {
+        let stale = self
+            .last_saved
+            .lock()
+            .map(|t| t.is_none_or(|t| now.duration_since(t) >= heartbeat))
+            .unwrap_or(true);
+        if !(self.dirty.swap(false, Ordering::AcqRel) || stale) {
+            return None;
+        }
+        let partial = self
+            .text
+            .lock()
+            .map(|t| PartialText {
+                id,
+                content: t.text.clone(),
+                event_lengths: t.lengths.as_bytes().to_vec(),
+                prompt_tokens: t.prompt_tokens,
+            })
+            .ok()?;
+        if let Ok(mut saved) = self.last_saved.lock() {
+            *saved = Some(now);
+        }
+        Some(partial)
+    }
+
     pub(crate) fn text(&self) -> String {
         self.text.lock().map(|t| t.text.clone()).unwrap_or_default()
     }
@@ -126,58 +164,66 @@ impl Flusher {
         self.len() == 0
     }
 
-    /// One flush: the batch of dirty texts (and heartbeats older than
-    /// `heartbeat`), written at once.
+    /// One flush: the dirty texts (and heartbeats older than `heartbeat`),
+    /// written [`FLUSH_CHUNK`] at a time.
     pub async fn flush(&self, store: &dyn Store, metrics: &dyn TurnMetrics, heartbeat: Duration) {
-        let now = Instant::now();
-        let batch: Vec<PartialText> = {
-            let Ok(live) = self.live.lock() else { return };
-            live.iter()
-                .filter_map(|(id, entry)| {
-                    let stale = entry
-                        .last_saved
-                        .lock()
-                        .map(|t| t.is_none_or(|t| now.duration_since(t) >= heartbeat))
-                        .unwrap_or(true);
-                    if !(entry.dirty.swap(false, Ordering::AcqRel) || stale) {
-                        return None;
-                    }
-                    let partial = entry
-                        .text
-                        .lock()
-                        .map(|t| PartialText {
-                            id: *id,
-                            content: t.text.clone(),
-                            event_lengths: t.lengths.as_bytes().to_vec(),
-                            prompt_tokens: t.prompt_tokens,
-                        })
-                        .ok()?;
-                    if let Ok(mut saved) = entry.last_saved.lock() {
-                        *saved = Some(now);
-                    }
-                    Some(partial)
-                })
-                .collect()
-        };
-        if batch.is_empty() {
-            return;
-        }
         let started = Instant::now();
-        match store.save_partials(&batch).await {
-            Ok(()) => metrics.flushed(batch.len() as u64, started.elapsed()),
-            Err(err) => {
-                metrics.flush_failed(started.elapsed());
-                tracing::error!(error = %err, streams = batch.len(), "could not save partial replies");
-                // Mark them dirty again so the next tick retries.
-                if let Ok(live) = self.live.lock() {
-                    for partial in &batch {
-                        if let Some(entry) = live.get(&partial.id) {
-                            entry.dirty.store(true, Ordering::Release);
-                        }
-                    }
-                }
-            }
+        let (saved, failed) = self
+            .flush_with(heartbeat, |batch| async move {
+                store.save_partials(&batch).await
+            })
+            .await;
+        if failed {
+            metrics.flush_failed(started.elapsed());
+        } else if saved > 0 {
+            metrics.flushed(saved as u64, started.elapsed());
         }
+    }
+
+    /// [`Self::flush`] with `save` for the store: how many texts were
+    /// saved, and whether a save failed (what it held, and what was not
+    /// tried after it, is saved on the next tick).
+    ///
+    /// At 5,000 live streams a flush copies and sends megabytes of text. In
+    /// one piece, under the registry's lock, that stalled the whole server
+    /// for 40–60 ms every second (sse-10k, BENCHMARKS.md): every turn that
+    /// started or ended meanwhile blocked its worker thread on the lock, and
+    /// the batch was encoded in one poll. The registry is now locked only
+    /// to copy out its entries, and the texts are taken, saved and yielded
+    /// between [`FLUSH_CHUNK`] at a time.
+    pub(crate) async fn flush_with<F, Fut>(&self, heartbeat: Duration, mut save: F) -> (usize, bool)
+    where
+        F: FnMut(Vec<PartialText>) -> Fut,
+        Fut: Future<Output = Result<(), StoreError>>,
+    {
+        let now = Instant::now();
+        let entries: Vec<(MessageId, Arc<LiveText>)> = match self.live.lock() {
+            Ok(live) => live.iter().map(|(id, e)| (*id, e.clone())).collect(),
+            Err(_) => return (0, false),
+        };
+        let mut saved = 0;
+        for chunk in entries.chunks(FLUSH_CHUNK) {
+            let (taken, batch): (Vec<&Arc<LiveText>>, Vec<PartialText>) = chunk
+                .iter()
+                .filter_map(|(id, entry)| Some((entry, entry.take_partial(*id, now, heartbeat)?)))
+                .unzip();
+            if batch.is_empty() {
+                continue;
+            }
+            let count = batch.len();
+            if let Err(err) = save(batch).await {
+                tracing::error!(error = %err, streams = count, "could not save partial replies");
+                // Dirty again, so that the next tick retries them.
+                for entry in taken {
+                    entry.dirty.store(true, Ordering::Release);
+                }
+                return (saved, true);
+            }
+            saved += count;
+            // Let the tasks queued behind this one run between chunks.
+            tokio::task::yield_now().await;
+        }
+        (saved, false)
     }
 
     /// Flush every `interval` until `stop` is cancelled. Quiet streams are
@@ -202,5 +248,71 @@ impl Flusher {
                 _ = ticker.tick() => self.flush(store.as_ref(), metrics.as_ref(), heartbeat).await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// A flusher with `count` live texts, each with a token not yet saved.
+    fn with_dirty_texts(count: usize) -> Flusher {
+        let flusher = Flusher::default();
+        for _ in 0..count {
+            flusher.register(MessageId::new()).push("token ");
+        }
+        flusher
+    }
+
+    #[tokio::test]
+    async fn a_flush_saves_in_chunks_and_lets_other_tasks_run_between_them() {
+        let flusher = with_dirty_texts(2 * FLUSH_CHUNK + 1);
+        // A task that counts how often it gets to run (this runtime has
+        // one thread: only when the flush yields).
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counting = tokio::spawn({
+            let runs = runs.clone();
+            async move {
+                loop {
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut calls = Vec::new();
+        let (saved, failed) = flusher
+            .flush_with(LONG, |batch| {
+                calls.push((batch.len(), runs.load(Ordering::Relaxed)));
+                async { Ok(()) }
+            })
+            .await;
+        counting.abort();
+        assert_eq!((saved, failed), (2 * FLUSH_CHUNK + 1, false));
+        let sizes: Vec<usize> = calls.iter().map(|(n, _)| *n).collect();
+        assert_eq!(sizes, [FLUSH_CHUNK, FLUSH_CHUNK, 1]);
+        assert!(
+            calls.windows(2).all(|w| w[1].1 > w[0].1),
+            "other tasks ran between the chunks: {calls:?}"
+        );
+        // Saved: nothing is due on the next tick.
+        let (again, _) = flusher.flush_with(LONG, |_| async { Ok(()) }).await;
+        assert_eq!(again, 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_leaves_its_texts_and_the_rest_to_the_next_tick() {
+        let flusher = with_dirty_texts(2 * FLUSH_CHUNK);
+        let (saved, failed) = flusher
+            .flush_with(LONG, |_| async {
+                Err(StoreError::Unavailable("the database is down".into()))
+            })
+            .await;
+        assert_eq!((saved, failed), (0, true));
+        let (saved, failed) = flusher.flush_with(LONG, |_| async { Ok(()) }).await;
+        assert_eq!((saved, failed), (2 * FLUSH_CHUNK, false));
     }
 }
