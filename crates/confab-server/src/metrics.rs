@@ -215,7 +215,7 @@ impl Metrics {
         let stream_flush_duration = Histogram::new(FAST_BUCKETS_MS);
         registry.register(
             "sse_flush_duration_ms",
-            "Time to save one batch of partial replies, in milliseconds",
+            "Time to save the partial replies of one flush (all its batches), in milliseconds",
             stream_flush_duration.clone(),
         );
         let stream_flush_rows = Counter::default();
@@ -227,7 +227,7 @@ impl Metrics {
         let stream_flush_errors = Counter::default();
         registry.register(
             "sse_flush_errors",
-            "Failed batches of partial-reply saves",
+            "Flushes of partial replies that failed (the rest is saved on the next tick)",
             stream_flush_errors.clone(),
         );
         let streams_recovered = Counter::default();
