@@ -174,7 +174,7 @@ impl Flusher {
             })
             .await;
         if failed {
-            metrics.flush_failed(started.elapsed());
+            metrics.flush_failed(saved as u64, started.elapsed());
         } else if saved > 0 {
             metrics.flushed(saved as u64, started.elapsed());
         }

@@ -159,7 +159,9 @@ pub trait TurnMetrics: Send + Sync + 'static {
     /// `error`; `kind` the limit that refused (`org_day`, …) or `granted`.
     fn budget(&self, _event: &'static str, _kind: &'static str, _tokens: u64) {}
     fn flushed(&self, _rows: u64, _took: Duration) {}
-    fn flush_failed(&self, _took: Duration) {}
+    /// A flush failed after saving `rows` of its texts (the rest wait for
+    /// the next tick).
+    fn flush_failed(&self, _rows: u64, _took: Duration) {}
     /// A turn's final write failed for an outage and is written later:
     /// `deferred` when that starts, then `saved` or `lost`.
     fn final_write_deferred(&self, _outcome: &'static str) {}

@@ -566,7 +566,8 @@ impl confab_core::turn::TurnMetrics for Metrics {
         self.stream_flush_duration.observe(ms(took));
     }
 
-    fn flush_failed(&self, took: std::time::Duration) {
+    fn flush_failed(&self, rows: u64, took: std::time::Duration) {
+        self.stream_flush_rows.inc_by(rows);
         self.stream_flush_errors.inc();
         self.stream_flush_duration.observe(ms(took));
     }
