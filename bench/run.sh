@@ -171,9 +171,47 @@ run_scenario() { # name, command…
   fi
 }
 
+# Before each measurement, PostgreSQL is brought to rest: a CHECKPOINT
+# writes out now what the scenarios before left dirty in its buffers, and
+# autovacuum workers they woke are waited out (at most BENCH_SETTLE_S, 30 s).
+# Without it a scenario paid for its predecessors' work: on a slow machine
+# the WAL of eight minutes of scenarios (sse-10k's flush rewrites 5,000
+# replies' text every second) forced checkpoints whose writes landed in
+# the rows after it, and the gateway row's p99 was 6-7 ms in the full run
+# against 3.1 ms alone. A scenario's own checkpoints still count.
+settle_db() {
+  [ "$DB_CREATED" = 1 ] || return 0
+  local t0=$EPOCHREALTIME busy
+  if psql "$PG_ADMIN" -qAt -c "CHECKPOINT" >/dev/null 2>&1; then
+    SETTLES=$((SETTLES + 1))
+  else
+    log "settle: CHECKPOINT failed"
+  fi
+  for _ in $(seq 1 "${BENCH_SETTLE_S:-30}"); do
+    busy=$(psql "$PG_ADMIN" -qAt -c \
+      "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'" 2>/dev/null) || busy=0
+    [ "${busy:-0}" = 0 ] && break
+    sleep 1
+  done
+  [ "${busy:-0}" = 0 ] || log "settle: $busy autovacuum worker(s) still running; going on"
+  SETTLE_S=$(awk -v s="$SETTLE_S" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", s + b - a }')
+}
+SETTLE_S=0
+SETTLES=0
+# Checkpoints PostgreSQL started because WAL reached max_wal_size (or a
+# CHECKPOINT command: the report subtracts settle_db's own).
+checkpoints_requested() {
+  psql "$PG_ADMIN" -qAt -c "SELECT num_requested FROM pg_stat_checkpointer" 2>/dev/null \
+    || psql "$PG_ADMIN" -qAt -c "SELECT checkpoints_req FROM pg_stat_bgwriter" 2>/dev/null || echo 0
+}
+CHECKPOINTS_AT_START=$(checkpoints_requested)
+
 # Fragments are numbered in the order the scenarios ran (the report keeps it).
 seq_no=0
-fragment() { seq_no=$((seq_no + 1)); FRAG=$(printf '%s/%02d-%s.json' "$FRAGMENTS" "$seq_no" "$1"); }
+fragment() { # name (a server's footprint is settled before the server starts)
+  [[ $1 == footprint-* ]] || settle_db
+  seq_no=$((seq_no + 1)); FRAG=$(printf '%s/%02d-%s.json' "$FRAGMENTS" "$seq_no" "$1")
+}
 
 # Start confab serve with the given environment; sets SERVER_PID/SERVER_URL
 # and records how long it took from exec to the first /health 200.
@@ -183,6 +221,7 @@ start_server() { # name, env assignments…
   port=$("$BENCH" free-port)
   dir=$WORK/$name
   mkdir -p "$dir"
+  settle_db
   local t0=$EPOCHREALTIME
   # Its own directory: no stray .env is read, and SQLite's default file lands there.
   ( cd "$dir" && exec env -i PATH="$PATH" HOME="$dir" \
@@ -550,6 +589,9 @@ if want embedded; then
 fi
 
 # ---- report ------------------------------------------------------------------
+if [ "$DB_CREATED" = 1 ]; then
+  log "PostgreSQL: $(( $(checkpoints_requested) - CHECKPOINTS_AT_START - SETTLES )) checkpoints forced by WAL volume during the run; $SETTLES settles between measurements took ${SETTLE_S} s in all"
+fi
 pg_version=$(psql "$PG_ADMIN" -qAt -c "SHOW server_version" 2>/dev/null || echo unknown)
 redis_version=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
 "$BENCH" report --dir "$FRAGMENTS" --json-out "$OUT/$RUN_ID.json" --latest "$OUT/latest.json" \
@@ -557,7 +599,7 @@ redis_version=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
   --meta "commit=$commit" --meta "postgresql=$pg_version" --meta "redis=$redis_version" \
   --meta "open_files=$OPEN_FILES" --meta "scenarios=${SELECTED[*]}" \
   --meta "loadavg_at_start=$LOADAVG_AT_START" --meta "failed=${FAILED[*]}" \
-  --meta "seconds_after_build=$(( $(date +%s) - build_done ))"
+  --meta "seconds_after_build=$(( $(date +%s) - build_done ))" --meta "settle_seconds=$SETTLE_S"
 log "wrote out/bench/$RUN_ID.json and out/bench/latest.json ($(( $(date +%s) - build_done )) s after the build)"
 if [ ${#FAILED[@]} -gt 0 ]; then
   log "failed scenarios: ${FAILED[*]}"
