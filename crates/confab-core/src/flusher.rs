@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -58,15 +58,13 @@ impl LiveText {
     /// does is ordered with whatever [`Self::with`] does (the relay's
     /// backfill, [`crate::live::LiveHub::relay_on_demand`]).
     pub(crate) fn push_then(&self, token: &str, then: impl FnOnce(u64)) -> u64 {
-        let id = match self.text.lock() {
-            Ok(mut t) => {
-                t.text.push_str(token);
-                t.lengths.push(token.len());
-                let id = t.lengths.count();
-                then(id);
-                id
-            }
-            Err(_) => 0,
+        let id = {
+            let mut t = locked(&self.text);
+            t.text.push_str(token);
+            t.lengths.push(token.len());
+            let id = t.lengths.count();
+            then(id);
+            id
         };
         self.dirty.store(true, Ordering::Release);
         id
@@ -75,7 +73,8 @@ impl LiveText {
     /// The prompt reached the model (`tokens`: its count), saved with the
     /// next flush.
     pub(crate) fn set_prompt(&self, tokens: u64) {
-        if let Ok(mut t) = self.text.lock() {
+        {
+            let mut t = locked(&self.text);
             let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
             if t.prompt_tokens == tokens {
                 return;
@@ -93,46 +92,45 @@ impl LiveText {
         now: Instant,
         heartbeat: Duration,
     ) -> Option<PartialText> {
-        let stale = self
-            .last_saved
-            .lock()
-            .map(|t| t.is_none_or(|t| now.duration_since(t) >= heartbeat))
-            .unwrap_or(true);
+        let stale = locked(&self.last_saved).is_none_or(|t| now.duration_since(t) >= heartbeat);
         if !(self.dirty.swap(false, Ordering::AcqRel) || stale) {
             return None;
         }
-        let partial = self
-            .text
-            .lock()
-            .map(|t| PartialText {
+        let partial = {
+            let t = locked(&self.text);
+            PartialText {
                 id,
                 content: t.text.clone(),
                 event_lengths: t.lengths.as_bytes().to_vec(),
                 prompt_tokens: t.prompt_tokens,
-            })
-            .ok()?;
-        if let Ok(mut saved) = self.last_saved.lock() {
-            *saved = Some(now);
-        }
+            }
+        };
+        *locked(&self.last_saved) = Some(now);
         Some(partial)
     }
 
     pub(crate) fn text(&self) -> String {
-        self.text.lock().map(|t| t.text.clone()).unwrap_or_default()
+        locked(&self.text).text.clone()
     }
 
     /// The encoded event boundaries of the text so far.
     pub(crate) fn lengths(&self) -> Vec<u8> {
-        self.text
-            .lock()
-            .map(|t| t.lengths.as_bytes().to_vec())
-            .unwrap_or_default()
+        locked(&self.text).lengths.as_bytes().to_vec()
     }
 
     /// Run `f` on the text and its events under the lock.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&TextAndEvents) -> T) -> Option<T> {
-        self.text.lock().ok().map(|t| f(&t))
+        Some(f(&locked(&self.text)))
     }
+}
+
+/// Lock `mutex`, past a panic that poisoned it. What these locks guard stays
+/// whole through a panic (an append, an insert, a copy: none leaves a value
+/// half-changed that a later reader could trip on), whereas giving up on a
+/// poisoned lock stopped every later flush without a word, and crash
+/// recovery then took the live replies for dead.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Flusher {
@@ -143,21 +141,17 @@ impl Flusher {
             last_saved: Mutex::new(Some(Instant::now())),
             ..LiveText::default()
         });
-        if let Ok(mut live) = self.live.lock() {
-            live.insert(id, entry.clone());
-        }
+        locked(&self.live).insert(id, entry.clone());
         entry
     }
 
     pub(crate) fn unregister(&self, id: MessageId) {
-        if let Ok(mut live) = self.live.lock() {
-            live.remove(&id);
-        }
+        locked(&self.live).remove(&id);
     }
 
     /// How many streams are registered (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.live.lock().map(|l| l.len()).unwrap_or(0)
+        locked(&self.live).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -197,10 +191,10 @@ impl Flusher {
         Fut: Future<Output = Result<(), StoreError>>,
     {
         let now = Instant::now();
-        let entries: Vec<(MessageId, Arc<LiveText>)> = match self.live.lock() {
-            Ok(live) => live.iter().map(|(id, e)| (*id, e.clone())).collect(),
-            Err(_) => return (0, false),
-        };
+        let entries: Vec<(MessageId, Arc<LiveText>)> = locked(&self.live)
+            .iter()
+            .map(|(id, e)| (*id, e.clone()))
+            .collect();
         let mut saved = 0;
         for chunk in entries.chunks(FLUSH_CHUNK) {
             let (taken, batch): (Vec<&Arc<LiveText>>, Vec<PartialText>) = chunk
@@ -314,5 +308,39 @@ mod tests {
         assert_eq!((saved, failed), (0, true));
         let (saved, failed) = flusher.flush_with(LONG, |_| async { Ok(()) }).await;
         assert_eq!((saved, failed), (2 * FLUSH_CHUNK, false));
+    }
+
+    #[tokio::test]
+    async fn a_panic_under_the_locks_does_not_stop_later_flushes() {
+        let flusher = with_dirty_texts(1);
+        let id = MessageId::new();
+        let text = flusher.register(id);
+        // Poison the registry's lock and one text's, as a panic while
+        // holding them would.
+        let (live, poisoned) = (flusher.live.clone(), text.clone());
+        let panicked = std::thread::spawn(move || {
+            let _registry = live.lock();
+            let _text = poisoned.text.lock();
+            panic!("a panic while holding the flusher's locks");
+        })
+        .join();
+        assert!(panicked.is_err() && flusher.live.is_poisoned() && text.text.is_poisoned());
+
+        assert_eq!(text.push("still "), 1);
+        assert_eq!(text.push("here"), 2);
+        let mut contents = Vec::new();
+        let (saved, failed) = flusher
+            .flush_with(LONG, |batch| {
+                contents.extend(batch.into_iter().map(|p| (p.id, p.content)));
+                async { Ok(()) }
+            })
+            .await;
+        assert_eq!((saved, failed), (2, false));
+        assert!(
+            contents.contains(&(id, "still here".to_owned())),
+            "{contents:?}"
+        );
+        flusher.unregister(id);
+        assert_eq!(flusher.len(), 1);
     }
 }
