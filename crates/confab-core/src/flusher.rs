@@ -92,7 +92,8 @@ impl LiveText {
         now: Instant,
         heartbeat: Duration,
     ) -> Option<PartialText> {
-        let stale = locked(&self.last_saved).is_none_or(|t| now.duration_since(t) >= heartbeat);
+        let mut last_saved = locked(&self.last_saved);
+        let stale = last_saved.is_none_or(|t| now.duration_since(t) >= heartbeat);
         if !(self.dirty.swap(false, Ordering::AcqRel) || stale) {
             return None;
         }
@@ -105,7 +106,7 @@ impl LiveText {
                 prompt_tokens: t.prompt_tokens,
             }
         };
-        *locked(&self.last_saved) = Some(now);
+        *last_saved = Some(now);
         Some(partial)
     }
 
@@ -119,8 +120,8 @@ impl LiveText {
     }
 
     /// Run `f` on the text and its events under the lock.
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&TextAndEvents) -> T) -> Option<T> {
-        Some(f(&locked(&self.text)))
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&TextAndEvents) -> T) -> T {
+        f(&locked(&self.text))
     }
 }
 

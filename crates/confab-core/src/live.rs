@@ -258,7 +258,6 @@ impl LiveHub {
             }
             true
         });
-        let started = started.unwrap_or(false);
         if started {
             self.inner.metrics.relay_started();
         }
@@ -424,32 +423,29 @@ impl LiveStream {
         // The end is read first: it is set only after the last token, so
         // if it is set now, every token is already in the text.
         let end = self.end.get().copied();
-        let tokens = self
-            .text
-            .with(|t| {
-                let bytes = t.lengths.as_bytes();
-                let (mut byte, mut at) = cursor.at.unwrap_or((0, 0));
-                let mut out = Vec::new();
-                while out.len() < max {
-                    let mark = at;
-                    let Some(len) = next_length(bytes, &mut at) else {
-                        at = mark;
-                        break;
-                    };
-                    let Some(piece) = t.text.get(byte..byte + len) else {
-                        at = mark;
-                        break;
-                    };
-                    byte += len;
-                    cursor.after += 1;
-                    if cursor.after > cursor.skip {
-                        out.push((cursor.after, piece.to_owned()));
-                    }
+        let tokens = self.text.with(|t| {
+            let bytes = t.lengths.as_bytes();
+            let (mut byte, mut at) = cursor.at.unwrap_or((0, 0));
+            let mut out = Vec::new();
+            while out.len() < max {
+                let mark = at;
+                let Some(len) = next_length(bytes, &mut at) else {
+                    at = mark;
+                    break;
+                };
+                let Some(piece) = t.text.get(byte..byte + len) else {
+                    at = mark;
+                    break;
+                };
+                byte += len;
+                cursor.after += 1;
+                if cursor.after > cursor.skip {
+                    out.push((cursor.after, piece.to_owned()));
                 }
-                cursor.at = Some((byte, at));
-                out
-            })
-            .unwrap_or_default();
+            }
+            cursor.at = Some((byte, at));
+            out
+        });
         let end = end.filter(|end| cursor.last() + 1 >= end.id);
         (tokens, end)
     }
@@ -623,7 +619,7 @@ impl Publication {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let id = self.stream.text.with(|t| t.lengths.count()).unwrap_or(0) + 1;
+        let id = self.stream.text.with(|t| t.lengths.count()) + 1;
         let end = StreamEnd { id, status, saved };
         let _ = self.stream.end.set(end);
         self.stream.version.send_modify(|v| *v += 1);

@@ -1982,16 +1982,13 @@ impl Drop for SettleGuard {
         // model, and the text so far (the model's own figures went with the
         // task). Counted in the task below, not here: this may run while a
         // panic unwinds, where a second panic would abort the process.
-        let (text, event_lengths, prompt_tokens) = self
-            .live
-            .with(|t| {
-                (
-                    t.text.clone(),
-                    t.lengths.as_bytes().to_vec(),
-                    t.prompt_tokens,
-                )
-            })
-            .unwrap_or_default();
+        let (text, event_lengths, prompt_tokens) = self.live.with(|t| {
+            (
+                t.text.clone(),
+                t.lengths.as_bytes().to_vec(),
+                t.prompt_tokens,
+            )
+        });
         let (who, stored, turn) = (self.who.clone(), self.stored, self.turn);
         let key = self.key.take();
         let held = self.held.take();
