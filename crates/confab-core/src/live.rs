@@ -297,6 +297,7 @@ impl LiveHub {
             chat,
             text,
             version: watch::Sender::new(0),
+            watched: AtomicBool::new(false),
             end: OnceLock::new(),
             cancel: CancellationToken::new(),
             original_gone: CancellationToken::new(),
@@ -331,6 +332,7 @@ impl LiveHub {
             chat: ChatId::new(),
             text,
             version: watch::Sender::new(0),
+            watched: AtomicBool::new(false),
             end: OnceLock::new(),
             cancel: CancellationToken::new(),
             original_gone: CancellationToken::new(),
@@ -366,6 +368,11 @@ pub struct LiveStream {
     text: Arc<LiveText>,
     /// Bumped at every event, so readers wake up.
     version: watch::Sender<u64>,
+    /// Someone subscribed to `version` (set for good by [`Self::changes`]).
+    /// The token path reads this flag, on a line of this struct it touches
+    /// anyway, rather than the watch's receiver count, which lives in the
+    /// watch's own allocation: a cache miss per token of every live stream.
+    watched: AtomicBool,
     end: OnceLock<StreamEnd>,
     cancel: CancellationToken,
     /// The request that started the stream stopped reading (detach mode).
@@ -414,6 +421,7 @@ impl LiveStream {
 
     /// Changes whenever an event is added.
     pub fn changes(&self) -> watch::Receiver<u64> {
+        self.watched.store(true, Ordering::Release);
         self.version.subscribe()
     }
 
@@ -509,10 +517,10 @@ impl Publication {
         };
         // Readers are rare (a resumed stream); waking nobody still costs the
         // watch's locks, once per token of every stream. Skipping is safe: a
-        // reader subscribes before it first reads the text, and the text's
-        // lock orders that read with this push, so a reader this count
-        // misses reads the token itself.
-        if stream.version.receiver_count() > 0 {
+        // reader is marked and subscribes before it first reads the text,
+        // and the text's lock orders that read with this push, so a reader
+        // this flag misses reads the token itself.
+        if stream.watched.load(Ordering::Acquire) {
             stream.version.send_modify(|v| *v += 1);
         }
         id

@@ -255,15 +255,23 @@ pub struct GivenConversation {
 }
 
 /// One thing that happened in a turn, in order: tokens, then one final event.
+///
+/// The last two are boxed: this is the channel's slot type, and a token
+/// event is all but every event sent; unboxed, their size made each slot 56
+/// bytes instead of 24, so every token touched more of the channel's memory
+/// on both sides.
 #[derive(Debug)]
 pub enum TurnEvent {
     Token(String),
     /// The reply is stored `complete`.
-    Done(TurnSummary),
+    Done(Box<TurnSummary>),
     /// The turn ended otherwise; the partial text is stored. Not sent when the
     /// client went away (nobody is listening).
-    Failed(TurnFailure),
+    Failed(Box<TurnFailure>),
 }
+
+// A token event is a `String` and no more (see above).
+const _: () = assert!(std::mem::size_of::<TurnEvent>() == std::mem::size_of::<String>());
 
 /// A completed turn, as stored.
 #[derive(Clone, Debug)]
@@ -1226,10 +1234,13 @@ fn chat_request(
 /// (their messages are checked); a model can be asked to. Stripped here,
 /// where every provider's text passes, before event ids are counted, so the
 /// stream, the live text and the stored reply agree on every backend.
-fn strip_nul(text: &mut String, model: &str) {
+/// `model` by reference, not its name: the name is read only when a NUL is
+/// found (this runs once per token of every live stream, and the model's
+/// memory is cold by then: loading the name up front was a cache miss each).
+fn strip_nul(text: &mut String, model: &Model) {
     if text.contains('\0') {
         text.retain(|c| c != '\0');
-        tracing::debug!(model = %model, "removed NUL characters from the model's text");
+        tracing::debug!(model = %model.name, "removed NUL characters from the model's text");
     }
 }
 
@@ -1324,10 +1335,12 @@ impl Run {
             (Outcome::Cancelled { .. }, _) => self
                 .publication
                 .cancel_requested()
-                .then_some(TurnEvent::Failed(TurnFailure::Cancelled)),
-            (Outcome::Complete, Ok(summary)) => Some(TurnEvent::Done(summary)),
-            (Outcome::Complete, Err(err)) => Some(TurnEvent::Failed(TurnFailure::NotSaved(err))),
-            (_, _) => failure.map(TurnEvent::Failed),
+                .then(|| TurnEvent::Failed(Box::new(TurnFailure::Cancelled))),
+            (Outcome::Complete, Ok(summary)) => Some(TurnEvent::Done(Box::new(summary))),
+            (Outcome::Complete, Err(err)) => {
+                Some(TurnEvent::Failed(Box::new(TurnFailure::NotSaved(err))))
+            }
+            (_, _) => failure.map(|failure| TurnEvent::Failed(Box::new(failure))),
         };
         if let Some(event) = last {
             let inner = &self.engine.inner;
@@ -1452,7 +1465,7 @@ impl Run {
                         self.finish = FinishReason::from_provider(&reason);
                     }
                     Some(Ok(Chunk::Delta(mut text))) => {
-                        strip_nul(&mut text, &self.model.name);
+                        strip_nul(&mut text, &self.model);
                         if text.is_empty() {
                             continue;
                         }

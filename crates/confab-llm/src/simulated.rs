@@ -147,23 +147,22 @@ impl SimulatedModel {
 /// first token).
 pub fn tokenize(text: &str) -> Vec<String> {
     let mut tokens = Vec::new();
-    let mut current = String::new();
-    let mut in_space = false;
-    for c in text.chars() {
-        if c.is_whitespace() {
-            in_space = true;
-        } else if in_space && !current.trim().is_empty() {
-            tokens.push(std::mem::take(&mut current));
-            in_space = false;
-        } else {
-            in_space = false;
-        }
-        current.push(c);
-    }
-    if !current.is_empty() {
-        tokens.push(current);
+    let mut at = 0;
+    while let Some(end) = token_end(text, at) {
+        tokens.push(text[at..end].to_owned());
+        at = end;
     }
     tokens
+}
+
+/// Where the token starting at byte `from` of `text` ends (the rule of
+/// [`tokenize`]: whitespace, a word, whitespace); `None` past the end.
+fn token_end(text: &str, from: usize) -> Option<usize> {
+    let rest = text.get(from..).filter(|rest| !rest.is_empty())?;
+    let word = rest.trim_start();
+    let after_word = word.trim_start_matches(|c: char| !c.is_whitespace());
+    let next = after_word.trim_start();
+    Some(text.len() - next.len())
 }
 
 fn seed_of(message: &str) -> u64 {
@@ -244,11 +243,15 @@ impl ChatProvider for SimulatedModel {
             return Ok(futures::stream::iter(chunks).boxed());
         }
         let rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
-        let tokens = tokenize(&reply);
-        let total = tokens.len();
+        let fail_at = fail.then(|| {
+            let total = std::iter::successors(Some(0), |&at| token_end(&reply, at)).count() - 1;
+            TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1))
+        });
         Ok(Paced {
-            tokens: tokens.into_iter().enumerate(),
-            fail_at: fail.then(|| TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1))),
+            reply,
+            at: 0,
+            index: 0,
+            fail_at,
             model: self.clone(),
             rng,
             due: None,
@@ -265,17 +268,23 @@ impl ChatProvider for SimulatedModel {
 /// rounding does not pile up over a long reply. Lazy: a token's delay runs
 /// only while the consumer polls, so dropping the stream stops the
 /// "generation" at once. One timer per reply, reset per token (this runs
-/// once per token of every simulated stream).
+/// once per token of every simulated stream). Each token is cut from the
+/// reply when it is due, into a fresh allocation: tokens split up front
+/// (one `String` each) were cold by their time, a cache miss or two per
+/// token for the engine that reads them.
 struct Paced {
-    tokens: std::iter::Enumerate<std::vec::IntoIter<String>>,
+    reply: String,
+    /// Where the next token starts in `reply`, and its index.
+    at: usize,
+    index: usize,
     /// The index of the token at which a `/fail` message errors.
     fail_at: Option<usize>,
     model: SimulatedModel,
     rng: SplitMix64,
     due: Option<tokio::time::Instant>,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// The token waiting for its time.
-    next: Option<(usize, String)>,
+    /// The token waiting for its time: its index and bytes in `reply`.
+    next: Option<(usize, std::ops::Range<usize>)>,
     /// Sent after the last token, then the end.
     usage: Option<Chunk>,
 }
@@ -290,9 +299,12 @@ impl futures::Stream for Paced {
         use std::task::Poll;
         let this = &mut *self;
         if this.next.is_none() {
-            let Some((i, token)) = this.tokens.next() else {
+            let Some(end) = token_end(&this.reply, this.at) else {
                 return Poll::Ready(this.usage.take().map(Ok));
             };
+            let (i, token) = (this.index, this.at..end);
+            this.at = end;
+            this.index += 1;
             let delay = this.model.delay_for(&mut this.rng);
             let at = this.due.unwrap_or_else(tokio::time::Instant::now) + delay;
             this.due = Some(at);
@@ -316,10 +328,11 @@ impl futures::Stream for Paced {
         };
         if this.fail_at == Some(i) {
             this.usage = None;
-            this.tokens = Vec::new().into_iter().enumerate();
+            this.at = this.reply.len();
             return Poll::Ready(Some(Err(simulated_failure())));
         }
-        Poll::Ready(Some(Ok(Chunk::Delta(token))))
+        let text = this.reply.get(token).unwrap_or_default().to_owned();
+        Poll::Ready(Some(Ok(Chunk::Delta(text))))
     }
 }
 
@@ -371,6 +384,26 @@ mod tests {
             assert_eq!(tokenize(text).concat(), text);
         }
         assert_eq!(tokenize("a b c").len(), 3);
+        // A word with the whitespace after it; leading whitespace joins the
+        // first word; text of whitespace only is one token.
+        assert_eq!(tokenize("  lead  a\tb\n"), ["  lead  ", "a\t", "b\n"]);
+        assert_eq!(tokenize("x, y."), ["x, ", "y."]);
+        assert_eq!(tokenize(" \n "), [" \n "]);
+        assert!(tokenize("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_stream_yields_the_tokens_of_the_reply() {
+        let model = SimulatedModel::new(TokenDelay::ZERO, 0);
+        let request = prompt("what are tokens?");
+        let mut stream = model.stream(&request).await.expect("stream");
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            if let Ok(Chunk::Delta(text)) = chunk {
+                got.push(text);
+            }
+        }
+        assert_eq!(got, tokenize(&model.reply_to("what are tokens?")));
     }
 
     #[test]

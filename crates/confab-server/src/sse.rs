@@ -613,7 +613,7 @@ mod tests {
     }
 
     fn done(text: &str) -> TurnEvent {
-        TurnEvent::Done(TurnSummary {
+        TurnEvent::Done(Box::new(TurnSummary {
             text: text.into(),
             usage: Usage {
                 prompt_tokens: 1,
@@ -621,7 +621,7 @@ mod tests {
                 source: UsageSource::Provider,
             },
             finish: confab_core::turn::FinishReason::Stop,
-        })
+        }))
     }
 
     /// A body paced by `window` that has just written its first token, so

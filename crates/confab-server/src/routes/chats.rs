@@ -236,7 +236,7 @@ pub async fn post_chat(
                 return Ok(response);
             }
             TurnEvent::Failed(failure) => {
-                return Err(ApiError::from_turn_failure(&turn.model, failure));
+                return Err(ApiError::from_turn_failure(&turn.model, *failure));
             }
         }
     }

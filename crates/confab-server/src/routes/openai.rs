@@ -493,7 +493,7 @@ pub async fn chat_completions(
     let pacing = Pacing::of(&state);
     let first = match tokio::time::timeout(pacing.keepalive, turn.events.recv()).await {
         Ok(Some(TurnEvent::Failed(failure))) => {
-            return Err(ApiError::from_turn_failure(&turn.model, failure).into_response());
+            return Err(ApiError::from_turn_failure(&turn.model, *failure).into_response());
         }
         Ok(Some(event)) => Some(event),
         Ok(None) => {
@@ -586,7 +586,7 @@ async fn complete(mut turn: StartedTurn, head: ResponseHead) -> Result<Response,
                 return Ok(response);
             }
             TurnEvent::Failed(failure) => {
-                return Err(ApiError::from_turn_failure(&turn.model, failure).into_response());
+                return Err(ApiError::from_turn_failure(&turn.model, *failure).into_response());
             }
         }
     }
@@ -711,7 +711,7 @@ impl Encoder for ChunkStream {
                 true
             }
             TurnEvent::Failed(failure) => {
-                self.failed(out, failure);
+                self.failed(out, *failure);
                 true
             }
         }

@@ -50,7 +50,7 @@ pub async fn post_chat_stream(
     let pacing = Pacing::of(&state);
     let first = match tokio::time::timeout(pacing.keepalive, turn.events.recv()).await {
         Ok(Some(TurnEvent::Failed(failure))) => {
-            return Err(ApiError::from_turn_failure(&turn.model, failure));
+            return Err(ApiError::from_turn_failure(&turn.model, *failure));
         }
         Ok(Some(event)) => Some(event),
         Ok(None) => {
