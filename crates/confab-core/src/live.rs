@@ -770,6 +770,22 @@ mod tests {
         assert!(relayed(&recorder).is_empty());
     }
 
+    #[test]
+    fn a_subscribed_reader_is_told_of_every_token() {
+        let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
+        let text = Arc::new(LiveText::default());
+        let publication = hub.open(MessageId::new(), ChatId::new(), text, false, true);
+        publication.push("before");
+        let stream = hub.get(publication.stream.id).unwrap();
+        let mut changes = stream.changes();
+        assert!(!changes.has_changed().unwrap());
+        for (n, t) in ["a", "bb"].into_iter().enumerate() {
+            publication.push(t);
+            assert!(changes.has_changed().unwrap(), "token {n} woke nobody");
+            changes.borrow_and_update();
+        }
+    }
+
     #[tokio::test]
     async fn readers_start_anywhere_and_see_the_end_after_the_last_token() {
         let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));

@@ -1234,6 +1234,7 @@ fn chat_request(
 /// (their messages are checked); a model can be asked to. Stripped here,
 /// where every provider's text passes, before event ids are counted, so the
 /// stream, the live text and the stored reply agree on every backend.
+///
 /// `model` by reference, not its name: the name is read only when a NUL is
 /// found (this runs once per token of every live stream, and the model's
 /// memory is cold by then: loading the name up front was a cache miss each).

@@ -127,7 +127,7 @@ impl SimulatedModel {
     /// measured stream durations with their sum).
     pub fn planned_delays(&self, message: &str) -> Vec<Duration> {
         let mut rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
-        let tokens = tokenize(&self.reply_to(message)).len();
+        let tokens = token_count(&self.reply_to(message));
         (0..tokens).map(|_| self.delay_for(&mut rng)).collect()
     }
 
@@ -153,6 +153,11 @@ pub fn tokenize(text: &str) -> Vec<String> {
         at = end;
     }
     tokens
+}
+
+/// How many tokens [`tokenize`] makes of `text`, without making them.
+fn token_count(text: &str) -> usize {
+    std::iter::successors(token_end(text, 0), |&at| token_end(text, at)).count()
 }
 
 /// Where the token starting at byte `from` of `text` ends (the rule of
@@ -243,10 +248,8 @@ impl ChatProvider for SimulatedModel {
             return Ok(futures::stream::iter(chunks).boxed());
         }
         let rng = SplitMix64(seed_of(message) ^ DELAY_SEED);
-        let fail_at = fail.then(|| {
-            let total = std::iter::successors(Some(0), |&at| token_end(&reply, at)).count() - 1;
-            TOKENS_BEFORE_FAILURE.min(total.saturating_sub(1))
-        });
+        let fail_at =
+            fail.then(|| TOKENS_BEFORE_FAILURE.min(token_count(&reply).saturating_sub(1)));
         Ok(Paced {
             reply,
             at: 0,
@@ -384,6 +387,9 @@ mod tests {
             assert_eq!(tokenize(text).concat(), text);
         }
         assert_eq!(tokenize("a b c").len(), 3);
+        for text in ["a b  c", "  lead", "", " ", "multi\nline\n\nend"] {
+            assert_eq!(token_count(text), tokenize(text).len(), "{text:?}");
+        }
         // A word with the whitespace after it; leading whitespace joins the
         // first word; text of whitespace only is one token.
         assert_eq!(tokenize("  lead  a\tb\n"), ["  lead  ", "a\t", "b\n"]);
