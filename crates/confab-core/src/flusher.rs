@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::MessageId;
+use crate::live::LiveStream;
 use crate::model::PartialText;
 use crate::store::{Store, StoreError};
 use crate::turn::TurnMetrics;
@@ -42,10 +43,11 @@ pub(crate) struct TextAndEvents {
     pub(crate) prompt_tokens: i64,
 }
 
-/// The registry of live turns and the task that saves them.
+/// The registry of live turns and the task that saves them (their text
+/// lives in their [`LiveStream`]).
 #[derive(Clone, Default)]
 pub struct Flusher {
-    live: Arc<Mutex<HashMap<MessageId, Arc<LiveText>>>>,
+    live: Arc<Mutex<HashMap<MessageId, Arc<LiveStream>>>>,
 }
 
 impl LiveText {
@@ -135,15 +137,12 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Flusher {
-    pub(crate) fn register(&self, id: MessageId) -> Arc<LiveText> {
+    /// Save the text of `stream` (message `id`) from now on.
+    pub(crate) fn register(&self, id: MessageId, stream: Arc<LiveStream>) {
         // The row was just written (begin_turn): the first heartbeat is due
         // one heartbeat interval from now, not on the next tick.
-        let entry = Arc::new(LiveText {
-            last_saved: Mutex::new(Some(Instant::now())),
-            ..LiveText::default()
-        });
-        locked(&self.live).insert(id, entry.clone());
-        entry
+        *locked(&stream.text().last_saved) = Some(Instant::now());
+        locked(&self.live).insert(id, stream);
     }
 
     pub(crate) fn unregister(&self, id: MessageId) {
@@ -192,15 +191,18 @@ impl Flusher {
         Fut: Future<Output = Result<(), StoreError>>,
     {
         let now = Instant::now();
-        let entries: Vec<(MessageId, Arc<LiveText>)> = locked(&self.live)
+        let entries: Vec<(MessageId, Arc<LiveStream>)> = locked(&self.live)
             .iter()
             .map(|(id, e)| (*id, e.clone()))
             .collect();
         let mut saved = 0;
         for chunk in entries.chunks(FLUSH_CHUNK) {
-            let (taken, batch): (Vec<&Arc<LiveText>>, Vec<PartialText>) = chunk
+            let (taken, batch): (Vec<&LiveText>, Vec<PartialText>) = chunk
                 .iter()
-                .filter_map(|(id, entry)| Some((entry, entry.take_partial(*id, now, heartbeat)?)))
+                .filter_map(|(id, stream)| {
+                    let text = stream.text();
+                    Some((text, text.take_partial(*id, now, heartbeat)?))
+                })
                 .unzip();
             if batch.is_empty() {
                 continue;
@@ -254,11 +256,18 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(3600);
 
+    /// A live stream of message `id`, registered with `flusher`.
+    fn register(flusher: &Flusher, id: MessageId) -> Arc<LiveStream> {
+        let stream = Arc::new(LiveStream::new(id, crate::ids::ChatId::new(), false));
+        flusher.register(id, stream.clone());
+        stream
+    }
+
     /// A flusher with `count` live texts, each with a token not yet saved.
     fn with_dirty_texts(count: usize) -> Flusher {
         let flusher = Flusher::default();
         for _ in 0..count {
-            flusher.register(MessageId::new()).push("token ");
+            register(&flusher, MessageId::new()).text().push("token ");
         }
         flusher
     }
@@ -315,13 +324,14 @@ mod tests {
     async fn a_panic_under_the_locks_does_not_stop_later_flushes() {
         let flusher = with_dirty_texts(1);
         let id = MessageId::new();
-        let text = flusher.register(id);
+        let stream = register(&flusher, id);
+        let text = stream.text();
         // Poison the registry's lock and one text's, as a panic while
         // holding them would.
-        let (live, poisoned) = (flusher.live.clone(), text.clone());
+        let (live, poisoned) = (flusher.live.clone(), stream.clone());
         let panicked = std::thread::spawn(move || {
             let _registry = live.lock();
-            let _text = poisoned.text.lock();
+            let _text = poisoned.text().text.lock();
             panic!("a panic while holding the flusher's locks");
         })
         .join();

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::flusher::LiveText;
 use crate::ids::{ChatId, MessageId};
 use crate::model::MessageStatus;
-use crate::turn::{TurnEvent, TurnMetrics};
+use crate::turn::{StopState, TurnEvent, TurnMetrics};
 
 /// The byte lengths of a text's token events, LEB128-encoded one after the
 /// other (one byte for a token shorter than 128 bytes): the boundaries a
@@ -288,23 +288,10 @@ impl LiveHub {
         &self,
         message: MessageId,
         chat: ChatId,
-        text: Arc<LiveText>,
         relayed: bool,
         detachable: bool,
     ) -> Publication {
-        let stream = Arc::new(LiveStream {
-            id: message,
-            chat,
-            text,
-            version: watch::Sender::new(0),
-            watched: AtomicBool::new(false),
-            end: OnceLock::new(),
-            cancel: CancellationToken::new(),
-            original_gone: CancellationToken::new(),
-            readers: AtomicUsize::new(0),
-            relayable: relayed,
-            relaying: AtomicBool::new(false),
-        });
+        let stream = Arc::new(LiveStream::new(message, chat, relayed));
         if let Ok(mut streams) = self.inner.streams.lock() {
             streams.insert(message, stream.clone());
         }
@@ -325,21 +312,9 @@ impl LiveHub {
     /// A generation nobody can resume or cancel by id: a turn stored in no
     /// chat (the OpenAI-compatible API's stateless turns). Not registered,
     /// not relayed, never detached: its reader leaving cancels it.
-    pub(crate) fn private(&self, text: Arc<LiveText>) -> Publication {
-        let stream = Arc::new(LiveStream {
-            id: MessageId::new(),
-            // Never registered, so never looked up by its chat.
-            chat: ChatId::new(),
-            text,
-            version: watch::Sender::new(0),
-            watched: AtomicBool::new(false),
-            end: OnceLock::new(),
-            cancel: CancellationToken::new(),
-            original_gone: CancellationToken::new(),
-            readers: AtomicUsize::new(0),
-            relayable: false,
-            relaying: AtomicBool::new(false),
-        });
+    pub(crate) fn private(&self) -> Publication {
+        // Never registered, so never looked up by its ids.
+        let stream = Arc::new(LiveStream::new(MessageId::new(), ChatId::new(), false));
         Publication {
             hub: self.clone(),
             relay: None,
@@ -362,26 +337,35 @@ impl LiveHub {
 }
 
 /// One generation of this process, as its readers see it.
+///
+/// One allocation holds everything a token touches — the text and its lock,
+/// the flags the token path reads, the turn's stop flag — first and in this
+/// order (`repr(C)`): a live stream's memory is cold by its next token (tens
+/// of milliseconds and a thousand streams later), and each further
+/// allocation touched per token was a cache miss of its own (three of them,
+/// a quarter of the token loop's samples in the sse-1k profile).
+#[repr(C)]
 pub struct LiveStream {
+    text: LiveText,
+    /// Someone subscribed to `version` (set for good by [`Self::changes`]).
+    /// The token path reads this flag rather than the watch's receiver
+    /// count, which lives in the watch's own allocation.
+    watched: AtomicBool,
+    /// Its events go to the relay, since a reader on another instance
+    /// followed it (a turn stored in a chat only: `relayable`).
+    relaying: AtomicBool,
+    /// Raised to stop the generation ([`crate::turn`]'s stop flag).
+    pub(crate) stop: StopState,
     id: MessageId,
     chat: ChatId,
-    text: Arc<LiveText>,
     /// Bumped at every event, so readers wake up.
     version: watch::Sender<u64>,
-    /// Someone subscribed to `version` (set for good by [`Self::changes`]).
-    /// The token path reads this flag, on a line of this struct it touches
-    /// anyway, rather than the watch's receiver count, which lives in the
-    /// watch's own allocation: a cache miss per token of every live stream.
-    watched: AtomicBool,
     end: OnceLock<StreamEnd>,
     cancel: CancellationToken,
     /// The request that started the stream stopped reading (detach mode).
     original_gone: CancellationToken,
     readers: AtomicUsize,
-    /// Its events may go to the relay (a turn stored in a chat)…
     relayable: bool,
-    /// …and do, since a reader on another instance followed it.
-    relaying: AtomicBool,
 }
 
 /// Where a reader is in a [`LiveStream`].
@@ -411,6 +395,28 @@ impl Cursor {
 }
 
 impl LiveStream {
+    pub(crate) fn new(id: MessageId, chat: ChatId, relayable: bool) -> Self {
+        Self {
+            text: LiveText::default(),
+            watched: AtomicBool::new(false),
+            relaying: AtomicBool::new(false),
+            stop: StopState::default(),
+            id,
+            chat,
+            version: watch::Sender::new(0),
+            end: OnceLock::new(),
+            cancel: CancellationToken::new(),
+            original_gone: CancellationToken::new(),
+            readers: AtomicUsize::new(0),
+            relayable,
+        }
+    }
+
+    /// Its text and the boundaries of its token events.
+    pub(crate) fn text(&self) -> &LiveText {
+        &self.text
+    }
+
     pub fn message_id(&self) -> MessageId {
         self.id
     }
@@ -498,6 +504,11 @@ pub(crate) struct Publication {
 }
 
 impl Publication {
+    /// The stream it publishes to.
+    pub(crate) fn stream(&self) -> &Arc<LiveStream> {
+        &self.stream
+    }
+
     /// Append a token event; its id.
     pub(crate) fn push(&self, token: &str) -> u64 {
         let stream = &self.stream;
@@ -699,7 +710,7 @@ mod tests {
         let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
         let relay = Arc::new(Recorder::default());
         hub.configure(Some(relay.clone()), Duration::from_millis(1500));
-        let publication = hub.open(MessageId::new(), ChatId::new(), Arc::default(), true, true);
+        let publication = hub.open(MessageId::new(), ChatId::new(), true, true);
         // The request that started it is gone at once.
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
@@ -733,7 +744,7 @@ mod tests {
         };
 
         // Nobody follows: only the end is relayed.
-        let mut quiet = hub.open(MessageId::new(), ChatId::new(), Arc::default(), true, false);
+        let mut quiet = hub.open(MessageId::new(), ChatId::new(), true, false);
         quiet.push("a");
         quiet.push("b");
         quiet.finish(MessageStatus::Complete, true);
@@ -742,7 +753,7 @@ mod tests {
 
         // Followed after two tokens: those two first, then the rest, once.
         let message = MessageId::new();
-        let mut followed = hub.open(message, ChatId::new(), Arc::default(), true, false);
+        let mut followed = hub.open(message, ChatId::new(), true, false);
         followed.push("a");
         followed.push("bb");
         assert!(relayed(&recorder).is_empty());
@@ -763,7 +774,7 @@ mod tests {
 
         // A turn stored in no chat is never relayed.
         recorder.0.lock().unwrap().clear();
-        let private = hub.private(Arc::default());
+        let private = hub.private();
         private.push("x");
         assert!(!hub.relay_on_demand(private.stream.id));
         drop(private);
@@ -773,8 +784,7 @@ mod tests {
     #[test]
     fn a_subscribed_reader_is_told_of_every_token() {
         let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
-        let text = Arc::new(LiveText::default());
-        let publication = hub.open(MessageId::new(), ChatId::new(), text, false, true);
+        let publication = hub.open(MessageId::new(), ChatId::new(), false, true);
         publication.push("before");
         let stream = hub.get(publication.stream.id).unwrap();
         let mut changes = stream.changes();
@@ -789,8 +799,7 @@ mod tests {
     #[tokio::test]
     async fn readers_start_anywhere_and_see_the_end_after_the_last_token() {
         let hub = LiveHub::new(Arc::new(crate::turn::NoMetrics));
-        let text = Arc::new(LiveText::default());
-        let mut publication = hub.open(MessageId::new(), ChatId::new(), text, false, true);
+        let mut publication = hub.open(MessageId::new(), ChatId::new(), false, true);
         let stream = hub.get(publication.stream.id).unwrap();
         for t in ["a", "bb", "ccc"] {
             publication.push(t);

@@ -33,9 +33,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
-use crate::flusher::{Flusher, LiveText};
+use crate::flusher::Flusher;
 use crate::ids::{ChatId, MessageId, UserId};
-use crate::live::{LiveHub, Publication};
+use crate::live::{LiveHub, LiveStream, Publication};
 use crate::model::{
     BegunTurn, Chat, FinishedMessage, IdempotencyClaim, IdempotencyRecord, LedgerCost, LedgerEntry,
     MessageRole, MessageStatus, MessageText, NewTurn, Principal, TurnChat, Usage, UsageSource,
@@ -1139,8 +1139,7 @@ struct Run {
     turn: Turn,
     tx: mpsc::Sender<TurnEvent>,
     replay: Option<ReplayEncoder>,
-    live: Arc<LiveText>,
-    /// The stream's events for its readers, and its cancel.
+    /// The stream's events for its readers (and its text), and its cancel.
     publication: Publication,
     guard: SettleGuard,
     /// Usage as the model reported it, latest figures.
@@ -1261,22 +1260,20 @@ impl Run {
         let inner = &engine.inner;
         // Only a stored turn has a row for the flusher to save into, and
         // a message to resume or cancel (SPEC §14).
-        let (live, publication) = match &turn.begun {
+        let publication = match &turn.begun {
             Some(begun) => {
-                let live = inner.flusher.register(begun.assistant_message.id);
                 let publication = inner.live.open(
                     begun.assistant_message.id,
                     begun.chat_id,
-                    live.clone(),
                     input.interactive,
                     input.detachable,
                 );
-                (live, publication)
+                inner
+                    .flusher
+                    .register(begun.assistant_message.id, publication.stream().clone());
+                publication
             }
-            None => {
-                let live = Arc::new(LiveText::default());
-                (live.clone(), inner.live.private(live))
-            }
+            None => inner.live.private(),
         };
         inner.metrics.turn_started(input.interactive);
         let guard = SettleGuard {
@@ -1285,7 +1282,7 @@ impl Run {
             turn: turn.id,
             stored: turn.begun.as_ref().map(|b| b.chat_id),
             model: model.clone(),
-            live: live.clone(),
+            live: publication.stream().clone(),
             key: input.idempotency.as_ref().map(|c| c.key.clone()),
             interactive: input.interactive,
             held,
@@ -1298,7 +1295,6 @@ impl Run {
             turn,
             tx,
             replay,
-            live,
             publication,
             guard,
             reported: None,
@@ -1367,6 +1363,7 @@ impl Run {
         // stalled reader go (`forward`), dropping `self.tx` must end that
         // reader's stream.
         let stop = StopFlag::watch(
+            self.publication.stream().clone(),
             inner.hard_stop.child_token(),
             self.publication.stop_signal(self.tx.clone()),
         );
@@ -1411,7 +1408,7 @@ impl Run {
                     // The model has the prompt: from here on it counts
                     // (saved with the partial text, for crash recovery).
                     self.prompt_counted = counted;
-                    self.live.set_prompt(counted);
+                    self.publication.stream().text().set_prompt(counted);
                     chunks
                 }
                 Err(err) => match self.retry_or_fail(err, attempt, attempt_started).await {
@@ -1457,7 +1454,10 @@ impl Run {
                     }
                     Some(Ok(Chunk::Usage(usage))) => {
                         if usage.prompt_tokens > 0 {
-                            self.live.set_prompt(usage.prompt_tokens);
+                            self.publication
+                                .stream()
+                                .text()
+                                .set_prompt(usage.prompt_tokens);
                         }
                         self.reported = Some(usage);
                     }
@@ -1689,7 +1689,7 @@ impl Run {
     /// an idempotent request, the response to replay) in one write; the
     /// idempotency key released when the turn did not complete.
     async fn settle(&mut self, outcome: Outcome) -> Result<TurnSummary, StoreError> {
-        let text = self.live.text();
+        let text = self.publication.stream().text().text();
         let usage = self.usage(&text, outcome);
         let summary = TurnSummary {
             text: text.clone(),
@@ -1713,7 +1713,7 @@ impl Run {
                 status: outcome.status(),
                 text,
                 event_lengths: if chat.is_some() {
-                    self.live.lengths()
+                    self.publication.stream().text().lengths()
                 } else {
                     Vec::new()
                 },
@@ -1759,12 +1759,15 @@ impl Run {
 /// stream (≈ 4 % of the server's samples in the sse-1k profile); a small
 /// task per turn waits on them instead, and raises the flag.
 struct StopFlag {
-    state: Arc<StopState>,
+    /// The flag lives in the stream (see [`LiveStream`]'s layout).
+    stream: Arc<LiveStream>,
     _watcher: tokio_util::task::AbortOnDropHandle<()>,
 }
 
+/// A turn's stop flag: why it was raised (0 while it is not), and the turn
+/// task to wake.
 #[derive(Default)]
-struct StopState {
+pub(crate) struct StopState {
     why: std::sync::atomic::AtomicU8,
     waker: futures::task::AtomicWaker,
 }
@@ -1773,33 +1776,37 @@ impl StopFlag {
     const HARD: u8 = 1;
     const CLOSED: u8 = 2;
 
-    fn watch(hard: CancellationToken, closed: impl Future<Output = ()> + Send + 'static) -> Self {
-        let state = Arc::new(StopState::default());
-        let raise = state.clone();
+    fn watch(
+        stream: Arc<LiveStream>,
+        hard: CancellationToken,
+        closed: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        let raise = stream.clone();
         let watcher = tokio::spawn(async move {
             let why = tokio::select! {
                 biased;
                 _ = hard.cancelled() => StopFlag::HARD,
                 _ = closed => StopFlag::CLOSED,
             };
-            raise.why.store(why, Ordering::Release);
-            raise.waker.wake();
+            raise.stop.why.store(why, Ordering::Release);
+            raise.stop.waker.wake();
         });
         Self {
-            state,
+            stream,
             _watcher: tokio_util::task::AbortOnDropHandle::new(watcher),
         }
     }
 
     /// Resolves with the reason once the flag is raised.
     fn raised(&self) -> impl Future<Output = u8> + '_ {
+        let state = &self.stream.stop;
         std::future::poll_fn(move |cx| {
-            let why = self.state.why.load(Ordering::Acquire);
+            let why = state.why.load(Ordering::Acquire);
             if why != 0 {
                 return std::task::Poll::Ready(why);
             }
-            self.state.waker.register(cx.waker());
-            match self.state.why.load(Ordering::Acquire) {
+            state.waker.register(cx.waker());
+            match state.why.load(Ordering::Acquire) {
                 0 => std::task::Poll::Pending,
                 why => std::task::Poll::Ready(why),
             }
@@ -1883,7 +1890,7 @@ struct SettleGuard {
     /// The chat of a stored turn.
     stored: Option<ChatId>,
     model: Arc<Model>,
-    live: Arc<LiveText>,
+    live: Arc<LiveStream>,
     key: Option<String>,
     interactive: bool,
     /// The turn's token reservation, settled after the final write.
@@ -1996,7 +2003,7 @@ impl Drop for SettleGuard {
         // model, and the text so far (the model's own figures went with the
         // task). Counted in the task below, not here: this may run while a
         // panic unwinds, where a second panic would abort the process.
-        let (text, event_lengths, prompt_tokens) = self.live.with(|t| {
+        let (text, event_lengths, prompt_tokens) = self.live.text().with(|t| {
             (
                 t.text.clone(),
                 t.lengths.as_bytes().to_vec(),

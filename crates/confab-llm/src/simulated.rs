@@ -266,72 +266,80 @@ impl ChatProvider for SimulatedModel {
     }
 }
 
-/// A streamed reply: each token is due on a schedule (start + the sum of
-/// the delays so far) rather than after a fresh sleep each, so timer
-/// rounding does not pile up over a long reply. Lazy: a token's delay runs
-/// only while the consumer polls, so dropping the stream stops the
-/// "generation" at once. One timer per reply, reset per token (this runs
-/// once per token of every simulated stream). Each token is cut from the
-/// reply when it is due, into a fresh allocation: tokens split up front
-/// (one `String` each) were cold by their time, a cache miss or two per
-/// token for the engine that reads them.
-struct Paced {
-    reply: String,
-    /// Where the next token starts in `reply`, and its index.
-    at: usize,
-    index: usize,
-    /// The index of the token at which a `/fail` message errors.
-    fail_at: Option<usize>,
-    model: SimulatedModel,
-    rng: SplitMix64,
-    due: Option<tokio::time::Instant>,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// The token waiting for its time: its index and bytes in `reply`.
-    next: Option<(usize, std::ops::Range<usize>)>,
-    /// Sent after the last token, then the end.
-    usage: Option<Chunk>,
+pin_project_lite::pin_project! {
+    /// A streamed reply: each token is due on a schedule (start + the sum of
+    /// the delays so far) rather than after a fresh sleep each, so timer
+    /// rounding does not pile up over a long reply. Lazy: a token's delay runs
+    /// only while the consumer polls, so dropping the stream stops the
+    /// "generation" at once. One timer per reply, reset per token (this runs
+    /// once per token of every simulated stream). Each token is cut from the
+    /// reply when it is due, into a fresh allocation: tokens split up front
+    /// (one `String` each) were cold by their time, a cache miss or two per
+    /// token for the engine that reads them.
+    ///
+    /// The timer is held in the stream itself, not boxed beside it: the timer
+    /// wheel and this stream touch it at every token, and a separate allocation
+    /// was one more cold cache line each time.
+    struct Paced {
+        reply: String,
+        // Where the next token starts in `reply`, and its index.
+        at: usize,
+        index: usize,
+        // The index of the token at which a `/fail` message errors.
+        fail_at: Option<usize>,
+        model: SimulatedModel,
+        rng: SplitMix64,
+        due: Option<tokio::time::Instant>,
+        // Created on the first delayed token.
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        // The token waiting for its time: its index and bytes in `reply`.
+        next: Option<(usize, std::ops::Range<usize>)>,
+        // Sent after the last token, then the end.
+        usage: Option<Chunk>,
+    }
 }
 
 impl futures::Stream for Paced {
     type Item = Result<Chunk, ProviderError>;
 
     fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
-        let this = &mut *self;
+        let mut this = self.project();
         if this.next.is_none() {
-            let Some(end) = token_end(&this.reply, this.at) else {
+            let Some(end) = token_end(this.reply, *this.at) else {
                 return Poll::Ready(this.usage.take().map(Ok));
             };
-            let (i, token) = (this.index, this.at..end);
-            this.at = end;
-            this.index += 1;
-            let delay = this.model.delay_for(&mut this.rng);
+            let (i, token) = (*this.index, *this.at..end);
+            *this.at = end;
+            *this.index += 1;
+            let delay = this.model.delay_for(this.rng);
             let at = this.due.unwrap_or_else(tokio::time::Instant::now) + delay;
-            this.due = Some(at);
+            *this.due = Some(at);
             if !delay.is_zero() {
-                match &mut this.timer {
-                    Some(timer) => timer.as_mut().reset(at),
-                    None => this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                match this.timer.as_mut().as_pin_mut() {
+                    Some(timer) => timer.reset(at),
+                    None => this.timer.set(Some(tokio::time::sleep_until(at))),
                 }
             }
-            this.next = Some((i, token));
+            *this.next = Some((i, token));
         }
         // A timer left from an earlier token (this one had no delay) has
         // elapsed already: it does not wait.
-        if let Some(timer) = &mut this.timer
-            && timer.as_mut().poll(cx).is_pending()
+        if let Some(timer) = this.timer.as_pin_mut()
+            && timer.poll(cx).is_pending()
         {
             return Poll::Pending;
         }
         let Some((i, token)) = this.next.take() else {
             return Poll::Ready(None);
         };
-        if this.fail_at == Some(i) {
-            this.usage = None;
-            this.at = this.reply.len();
+        if *this.fail_at == Some(i) {
+            *this.usage = None;
+            *this.at = this.reply.len();
             return Poll::Ready(Some(Err(simulated_failure())));
         }
         let text = this.reply.get(token).unwrap_or_default().to_owned();
